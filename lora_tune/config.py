@@ -1,0 +1,183 @@
+"""Typed, frozen recipe objects: the single source of truth of a run.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently ignored setting. Field
+descriptions are the documentation of each option (`lora-tune validate --explain` and the README table read them).
+This module must not import torch or any training library: `lora-tune validate` runs on it alone.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class FieldError(ValueError):
+    """A cross-field check failed; `key` is the path (relative to the section) the message is about.
+
+    The recipe loader reads `key` to point at the right line of the YAML file.
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+class StrictModel(BaseModel):
+    """Base of every recipe section: unknown keys are refused and objects cannot change after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(StrictModel):
+    name: str = Field(description="Base model: a local folder or a hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder or hub id, when it differs from `name`.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Dtype of the unquantized weights and of 4-bit compute; auto = bfloat16 on GPUs that support it, "
+        "else float16 on GPUs, float32 on the CPU.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model repository. Off unless you trust its author."
+    )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template that replaces the tokenizer's own (inline text or a .jinja file path)."
+    )
+
+
+class QuantizationConfig(StrictModel):
+    bits: Literal[4, 8] | None = Field(
+        None, description="Load the frozen base in 4-bit (QLoRA) or 8-bit with bitsandbytes; null = unquantized."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (saves ~0.4 bit).")
+    compute_dtype: Dtype = Field("auto", description="Dtype of 4-bit matmuls; auto = the model dtype.")
+
+    @model_validator(mode="after")
+    def _four_bit_options_need_four_bits(self) -> QuantizationConfig:
+        four_bit_only = {"quant_type", "double_quant", "compute_dtype"} & self.model_fields_set
+        if four_bit_only and self.bits != 4:
+            key = sorted(four_bit_only)[0]
+            raise FieldError(key, f"applies to 4-bit quantization only, but bits is {self.bits}; set bits: 4")
+        return self
+
+
+class AdapterConfig(StrictModel):
+    method: Literal["lora"] = Field("lora", description="Adapter type. QLoRA is lora + quantization.bits: 4.")
+    r: PositiveInt = Field(16, description="LoRA rank.")
+    alpha: PositiveFloat = Field(32, description="LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Modules that get an adapter: 'all-linear', a list of names (q_proj, v_proj...) or a regex.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling: alpha / sqrt(r) instead of alpha / r.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Extra modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+
+    @model_validator(mode="after")
+    def _targets_not_empty(self) -> AdapterConfig:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise FieldError("target_modules", "is empty; name modules, give a regex, or use 'all-linear'")
+        return self
+
+
+class DatasetConfig(StrictModel):
+    path: str = Field(description="A local .json/.jsonl file (or a hub dataset name when online).")
+    format: Literal["auto", "messages", "alpaca"] = Field(
+        "auto",
+        description="messages: OpenAI-style {role, content} lists; alpaca: instruction/input/output; "
+        "auto: detected from the columns.",
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    limit: PositiveInt | None = Field(None, description="Use at most this many rows (the first ones).")
+    system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+
+
+LrScheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+]
+Optimizer = Literal[
+    "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
+]
+
+
+class TrainingConfig(StrictModel):
+    learning_rate: PositiveFloat = Field(2e-4, description="Peak learning rate.")
+    num_epochs: PositiveFloat = Field(1.0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
+    batch_size: PositiveInt = Field(4, description="Examples per device per forward pass.")
+    eval_batch_size: PositiveInt | None = Field(None, description="Examples per device when evaluating; default batch_size.")
+    gradient_accumulation_steps: PositiveInt = Field(1, description="Forward passes per optimizer step.")
+    max_length: PositiveInt | None = Field(1024, description="Longest tokenized example; longer ones are truncated.")
+    packing: bool = Field(False, description="Pack several examples into each max_length row (needs max_length).")
+    lr_scheduler: LrScheduler = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: float = Field(
+        0.03, ge=0, description="Warmup length: a step count when >= 1, else a fraction of all steps."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Optimizer = Field("adamw_torch", description="Optimizer (paged_adamw_8bit saves GPU memory for QLoRA).")
+    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    logging_steps: PositiveInt = Field(10, description="Log loss and learning rate every N steps.")
+    eval_strategy: Literal["no", "steps", "epoch"] = Field(
+        "no", description="When to evaluate on the validation data."
+    )
+    eval_steps: PositiveInt | None = Field(None, description="Evaluate every N steps (eval_strategy: steps).")
+    save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="When to write a checkpoint.")
+    save_steps: PositiveInt = Field(500, description="Write a checkpoint every N steps (save_strategy: steps).")
+    save_total_limit: PositiveInt | None = Field(2, description="Keep at most this many checkpoints.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers to log to besides metrics.jsonl."
+    )
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="Autocast precision; auto = bf16 or fp16 on a GPU by the model dtype, none on the CPU."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.packing and self.max_length is None:
+            raise FieldError("packing", "needs max_length: set training.max_length, or packing: false")
+        if self.eval_steps is not None and self.eval_strategy != "steps":
+            raise FieldError("eval_steps", f"is set but eval_strategy is '{self.eval_strategy}'; set eval_strategy: steps")
+        return self
+
+
+class Recipe(StrictModel):
+    """A whole run: what to load, how to adapt it, on what data, how to train, and where to write."""
+
+    model: ModelConfig
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    datasets: list[DatasetConfig] = Field(min_length=1, description="Training data: one or more sources, mixed.")
+    eval_datasets: list[DatasetConfig] = Field(default_factory=list, description="Validation data.")
+    val_size: float = Field(
+        0.0, ge=0, lt=1, description="Fraction of the training rows held out for validation (when no eval_datasets)."
+    )
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics, checkpoints.")
+
+    @model_validator(mode="after")
+    def _evaluation_needs_data(self) -> Recipe:
+        if self.training.eval_strategy != "no" and not self.has_validation:
+            raise FieldError(
+                "training.eval_strategy",
+                f"is '{self.training.eval_strategy}' but there is no validation data; add eval_datasets or val_size > 0",
+            )
+        if self.eval_datasets and self.val_size > 0:
+            raise FieldError("val_size", "give validation data once: either eval_datasets or val_size, not both")
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.eval_datasets) or self.val_size > 0

@@ -1,0 +1,46 @@
+"""User-facing errors: each renders as one line that names where the problem is and what was expected."""
+
+from __future__ import annotations
+
+
+class LoraTuneError(Exception):
+    """Base class of errors that the CLI prints as one line (exit code 2), without a traceback."""
+
+    exit_code = 2
+
+
+class RecipeError(LoraTuneError):
+    """A recipe is invalid: names the file, the line when known, the key path and what was expected."""
+
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, key: str | None = None):
+        self.message = message
+        self.file = file
+        self.line = line
+        self.key = key
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = self.file or "<recipe>"
+        if self.line is not None:
+            where += f":{self.line}"
+        key = f" {self.key}:" if self.key else ""
+        return f"{where}:{key} {self.message}"
+
+
+class DataError(LoraTuneError):
+    """A dataset row is unusable: names the file, the row (1-based) and the field."""
+
+    def __init__(self, message: str, *, file: str, row: int | None = None, field: str | None = None):
+        self.message = message
+        self.file = file
+        self.row = row
+        self.field = field
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = self.file
+        if self.row is not None:
+            where += f": row {self.row}"
+        if self.field:
+            where += f": field '{self.field}'"
+        return f"{where}: {self.message}"
