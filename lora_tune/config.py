@@ -113,10 +113,14 @@ Optimizer = Literal[
 
 class TrainingConfig(StrictModel):
     learning_rate: PositiveFloat = Field(2e-4, description="Peak learning rate.")
-    num_epochs: PositiveFloat = Field(1.0, description="Passes over the training data (ignored when max_steps is set).")
+    num_epochs: PositiveFloat = Field(
+        1.0, description="Passes over the training data (ignored when max_steps is set)."
+    )
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
     batch_size: PositiveInt = Field(4, description="Examples per device per forward pass.")
-    eval_batch_size: PositiveInt | None = Field(None, description="Examples per device when evaluating; default batch_size.")
+    eval_batch_size: PositiveInt | None = Field(
+        None, description="Examples per device when evaluating; default batch_size."
+    )
     gradient_accumulation_steps: PositiveInt = Field(1, description="Forward passes per optimizer step.")
     max_length: PositiveInt | None = Field(1024, description="Longest tokenized example; longer ones are truncated.")
     packing: bool = Field(False, description="Pack several examples into each max_length row (needs max_length).")
@@ -149,7 +153,9 @@ class TrainingConfig(StrictModel):
         if self.packing and self.max_length is None:
             raise FieldError("packing", "needs max_length: set training.max_length, or packing: false")
         if self.eval_steps is not None and self.eval_strategy != "steps":
-            raise FieldError("eval_steps", f"is set but eval_strategy is '{self.eval_strategy}'; set eval_strategy: steps")
+            raise FieldError(
+                "eval_steps", f"is set but eval_strategy is '{self.eval_strategy}'; set eval_strategy: steps"
+            )
         return self
 
 
@@ -172,7 +178,8 @@ class Recipe(StrictModel):
         if self.training.eval_strategy != "no" and not self.has_validation:
             raise FieldError(
                 "training.eval_strategy",
-                f"is '{self.training.eval_strategy}' but there is no validation data; add eval_datasets or val_size > 0",
+                f"is '{self.training.eval_strategy}' but there is no validation data; "
+                "add eval_datasets or set val_size > 0",
             )
         if self.eval_datasets and self.val_size > 0:
             raise FieldError("val_size", "give validation data once: either eval_datasets or val_size, not both")

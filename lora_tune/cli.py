@@ -1,0 +1,164 @@
+"""The `lora-tune` command: a thin layer over the library. Heavy imports happen inside the verbs that need them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lora_tune import __version__
+from lora_tune.errors import LoraTuneError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USER_ERROR
+    return run_verb(args.handler, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-tune",
+        description="Recipe-driven LoRA / QLoRA fine-tuning of causal language models.",
+        epilog="Exit codes: 0 ok, 2 recipe or data error, 1 anything else. See README.md for the recipe format.",
+    )
+    parser.add_argument("--version", action="version", version=f"lora-tune {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
+    verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = verbs.add_parser("train", help="train the adapter a recipe describes")
+    _recipe_arguments(train)
+    train.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
+    train.set_defaults(handler=cmd_train)
+
+    validate = verbs.add_parser("validate", help="check a recipe without loading any model")
+    _recipe_arguments(validate)
+    validate.add_argument("--print", action="store_true", dest="print_resolved", help="print the resolved recipe")
+    validate.set_defaults(handler=cmd_validate)
+
+    evaluate = verbs.add_parser("eval", help="exact-match accuracy of a run's adapter (and the base) on held-out data")
+    evaluate.add_argument("run_dir", help="run directory written by `lora-tune train`")
+    evaluate.add_argument("--data", required=True, help="a .jsonl file in alpaca or messages form")
+    evaluate.add_argument("--base", action="store_true", help="also evaluate the base model, side by side")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    for sub in (train, validate, evaluate):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _recipe_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("recipe", help="recipe YAML file")
+    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.max_steps=50")
+
+
+def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a verb; user errors become one line on stderr (exit 2), other failures one line (exit 1)."""
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("LORA_TUNE_DEBUG") == "1"
+    if not debug:
+        _quiet_libraries()
+    try:
+        return handler(args)
+    except LoraTuneError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _quiet_libraries() -> None:
+    """Keep the console for progress bars and our summary; library warnings show with --debug."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"(transformers|peft|trl|bitsandbytes|torch|accelerate)\b.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from lora_tune.recipe import dump_resolved, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_resolved:
+        print(dump_resolved(recipe), end="")
+        return EXIT_OK
+    print(f"ok: {args.recipe}: {describe(recipe)}")
+    return EXIT_OK
+
+
+def describe(recipe) -> str:  # noqa: ANN001 - Recipe, imported lazily by callers
+    quant = recipe.quantization
+    method = recipe.adapter.method
+    if quant.bits == 4 and method == "lora":
+        method = f"QLoRA (4-bit {quant.quant_type})"
+    elif quant.bits == 8:
+        method = f"{method} on an 8-bit base"
+    extras = [name for name, on in (("DoRA", recipe.adapter.use_dora), ("rsLoRA", recipe.adapter.use_rslora)) if on]
+    method += "".join(f" + {e}" for e in extras)
+    sources = ", ".join(d.path for d in recipe.datasets)
+    return f"{method} r={recipe.adapter.r} on {recipe.model.name}; data: {sources}; output: {recipe.output_dir}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lora_tune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"lora-tune: {describe(recipe)}", flush=True)
+    from lora_tune.train import train
+
+    result = train(recipe, overwrite=args.overwrite)
+    print_train_summary(result, args.recipe)
+    return EXIT_OK
+
+
+def print_train_summary(result, recipe_path: str) -> None:  # noqa: ANN001 - RunResult
+    def num(value: float | None, fmt: str = ".4f") -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    minutes, seconds = divmod(int(result.wall_seconds), 60)
+    memory = ", ".join(f"{k.removesuffix('_gib').replace('_', ' ')} {v:.2f} GiB" for k, v in result.memory.items())
+    share = f" ({result.trained_token_share:.0%} of them trained)" if result.trained_token_share is not None else ""
+    tokens = f"{result.tokens_seen:,.0f}" if result.tokens_seen is not None else "n/a"
+    lines = [
+        "",
+        f"Adapter saved to {result.adapter_dir}  ({result.steps} steps in {minutes}m {seconds:02d}s)",
+        f"  train loss {num(result.train_loss)}   eval loss {num(result.eval_loss)}",
+        f"  rows: {result.train_rows} train, {result.validation_rows} validation;  tokens seen {tokens}{share}",
+        f"  peak memory: {memory or 'n/a'}",
+        f"  metrics: {Path(result.run_dir) / 'metrics.jsonl'}"
+        + (f";  loss curve: {result.loss_plot}" if result.loss_plot else ""),
+        "Next:",
+        f"  lora-tune eval {result.run_dir} --data YOUR_HELD_OUT.jsonl --base   # exact match vs the base model",
+        f"  python -c \"from peft import AutoPeftModelForCausalLM as M; M.from_pretrained('{result.adapter_dir}')\"",
+    ]
+    print("\n".join(lines))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lora_tune.evaluation_cli import run_eval
+
+    return run_eval(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Training metrics: a JSONL log written as training goes, the loss curve as a PNG, peak memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def metrics_callback(path: Path) -> Any:
+    """A transformers TrainerCallback that appends every log record (loss, lr, eval loss...) to `path` as JSON."""
+    from transformers import TrainerCallback
+
+    class JsonlMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - transformers' signature
+            if not logs or not state.is_world_process_zero:
+                return
+            record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **_finite(logs)}
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    return JsonlMetrics()
+
+
+def _finite(logs: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN/inf: keep such values as strings so the file stays valid JSON."""
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in logs.items()}
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """Train (and eval) loss against step, as a PNG. None when nothing was logged."""
+    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), (int, float))]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak GPU memory allocated by torch (GiB), and the process's peak resident memory (GiB)."""
+    import torch
+
+    out: dict[str, float] = {}
+    if torch.cuda.is_available():
+        out["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["cpu_peak_rss_gib"] = round(rss / (2**30 if sys.platform == "darwin" else 2**20), 3)
+    except ImportError:  # Windows
+        pass
+    return out

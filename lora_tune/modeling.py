@@ -1,0 +1,134 @@
+"""Load the tokenizer and the base model the recipe names, quantized when it asks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lora_tune.config import Dtype, ModelConfig, QuantizationConfig, TrainingConfig
+from lora_tune.errors import LoraTuneError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class ModelLoadError(LoraTuneError):
+    """The base model or tokenizer cannot be loaded (missing folder, offline, gated, no safetensors)."""
+
+
+def resolve_dtype(name: Dtype) -> torch.dtype:
+    """`auto` means bfloat16 on a GPU that supports it, float16 on other GPUs and float32 on the CPU."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer, with the recipe's chat template (when given) and a pad token."""
+    from transformers import AutoTokenizer
+
+    source = model_cfg.tokenizer or model_cfg.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(_load_failure("tokenizer", source, exc)) from exc
+    if model_cfg.chat_template is not None:
+        tokenizer.chat_template = _read_template(model_cfg.chat_template)
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(
+            f"model.chat_template: tokenizer of '{source}' has no chat template; set model.chat_template "
+            "(a Jinja string or a .jinja file)"
+        )
+    if tokenizer.pad_token is None:
+        # Safe even when it is EOS: labels come from the data pipeline's masks, never from comparing with pad ids.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def _read_template(value: str) -> str:
+    path = Path(value)
+    if value.endswith(".jinja"):
+        if not path.is_file():
+            raise ModelLoadError(f"model.chat_template: file '{value}' not found")
+        return path.read_text(encoding="utf-8")
+    return value
+
+
+def build_bnb_config(quant: QuantizationConfig, model_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The only place that spells bitsandbytes' options."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits is None:
+        return None
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = model_dtype if quant.compute_dtype == "auto" else resolve_dtype(quant.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        # Stored in the compute dtype so FSDP can shard the 4-bit weights like any other parameter.
+        bnb_4bit_quant_storage=compute if compute != _float32() else None,
+    )
+
+
+def _float32() -> torch.dtype:
+    import torch
+
+    return torch.float32
+
+
+def device_map() -> dict[str, int] | str:
+    """Each process loads its own copy onto its own GPU (DDP-ready); the CPU when there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
+def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, training: TrainingConfig) -> PreTrainedModel:
+    """The base model, quantized per the recipe and prepared for k-bit training when quantized."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(model_cfg.dtype)
+    bnb_config = build_bnb_config(quant, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.name,
+            revision=model_cfg.revision,
+            dtype=dtype,
+            quantization_config=bnb_config,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+            device_map=device_map(),
+            use_safetensors=True,
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(_load_failure("model", model_cfg.name, exc)) from exc
+    if bnb_config is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+def _load_failure(what: str, source: str, exc: BaseException) -> str:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not Path(source).exists() and source.startswith((".", "/", "~", "runs/")):
+        return f"model.name: {what} folder '{source}' not found"
+    return f"model.name: cannot load the {what} '{source}': {first_line}"

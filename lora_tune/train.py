@@ -1,0 +1,123 @@
+"""`train(recipe)`: one recipe in, one trained adapter out. Reads top to bottom, one numbered step at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_tune.config import Recipe
+from lora_tune.recipe import dump_resolved
+from lora_tune.run_dir import RunDir, prepare_run_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced and measured; also written to `summary.json` in the run directory."""
+
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    tokens_seen: int | None
+    trained_token_share: float | None
+    train_rows: int
+    validation_rows: int
+    wall_seconds: float
+    memory: dict[str, float] = field(default_factory=dict)
+    loss_plot: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
+    """Train the recipe's adapter; return where it is and the key numbers."""
+    started = time.monotonic()
+    _quiet_third_party_noise()
+    from lora_tune.adapters import build_peft_config
+    from lora_tune.data import build_datasets
+    from lora_tune.metrics import metrics_callback, peak_memory, plot_loss, read_metrics
+    from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
+    from lora_tune.trl_args import to_sft_config
+
+    # 1. Run directory: refuse to clobber another run; record the resolved recipe first, so a crash is traceable.
+    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
+    write_text_atomic(run.recipe, dump_resolved(recipe))
+
+    # 2. Tokenizer and data: everything that can fail on the user's data fails before the model loads.
+    tokenizer = load_tokenizer(recipe.model)
+    prepared = build_datasets(recipe, tokenizer)
+    train_set = prepared.datasets["train"]
+    eval_set = prepared.datasets.get("validation")
+
+    # 3. Base model, 4-bit/8-bit when the recipe quantizes, prepared for k-bit training.
+    import transformers
+    from trl import SFTTrainer
+
+    transformers.set_seed(recipe.training.seed)
+    model = load_model(recipe.model, recipe.quantization, recipe.training)
+
+    # 4. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
+    dtype = resolve_dtype(recipe.model.dtype)
+    trainer = SFTTrainer(
+        model=model,
+        args=to_sft_config(recipe, run.checkpoints, dtype),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        peft_config=build_peft_config(recipe.adapter),
+        callbacks=[metrics_callback(run.metrics)],
+    )
+
+    # 5. Train.
+    output = trainer.train()
+
+    # 6. Evaluate once more at the end, when there is validation data.
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+
+    # 7. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only.
+    if trainer.is_world_process_zero():
+        _save_adapter(trainer, tokenizer, run)
+
+    # 8. Summary: metrics file, loss curve, summary.json.
+    records = read_metrics(run.metrics)
+    result = RunResult(
+        run_dir=run.root,
+        adapter_dir=run.adapter,
+        steps=output.global_step,
+        train_loss=_last(records, "loss"),
+        eval_loss=eval_loss,
+        tokens_seen=_last(records, "num_tokens"),
+        trained_token_share=prepared.stats.trained_token_share,
+        train_rows=len(train_set),
+        validation_rows=len(eval_set) if eval_set is not None else 0,
+        wall_seconds=round(time.monotonic() - started, 1),
+        memory=peak_memory(),
+    )
+    if trainer.is_world_process_zero():
+        result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
+        write_json_atomic(run.summary, result.to_json())
+    return result
+
+
+def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir) -> None:
+    build = run.root / ".adapter.tmp"
+    trainer.model.save_pretrained(build)
+    tokenizer.save_pretrained(build)
+    replace_dir_atomic(build, run.adapter)
+
+
+def _last(records: list[dict[str, Any]], key: str) -> Any:
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+    return values[-1] if values else None
+
+
+def _quiet_third_party_noise() -> None:
+    """bitsandbytes logs a harmless fallback notice on the CPU; users should not mistake it for a failure."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
