@@ -64,6 +64,7 @@ def _recipe_arguments(sub: argparse.ArgumentParser) -> None:
 def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a verb; user errors become one line on stderr (exit 2), other failures one line (exit 1)."""
     debug = bool(getattr(args, "debug", False)) or os.environ.get("LORA_TUNE_DEBUG") == "1"
+    _configure_logging(debug)
     if not debug:
         _quiet_libraries()
     try:
@@ -82,6 +83,17 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _configure_logging(debug: bool) -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s" if not debug else "%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("lora_tune")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
 
 
 def _quiet_libraries() -> None:

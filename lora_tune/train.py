@@ -28,6 +28,8 @@ class RunResult:
     trained_token_share: float | None
     train_rows: int
     validation_rows: int
+    trainable_parameters: int
+    quantized_layers: int
     wall_seconds: float
     memory: dict[str, float] = field(default_factory=dict)
     loss_plot: Path | None = None
@@ -53,6 +55,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     # 2. Tokenizer and data: everything that can fail on the user's data fails before the model loads.
     tokenizer = load_tokenizer(recipe.model)
     prepared = build_datasets(recipe, tokenizer)
+    log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
     train_set = prepared.datasets["train"]
     eval_set = prepared.datasets.get("validation")
 
@@ -62,6 +65,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
 
     transformers.set_seed(recipe.training.seed)
     model = load_model(recipe.model, recipe.quantization, recipe.training)
+    quantized_layers = count_quantized_layers(model)
 
     # 4. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
     dtype = resolve_dtype(recipe.model.dtype)
@@ -94,9 +98,11 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         train_loss=_last(records, "loss"),
         eval_loss=eval_loss,
         tokens_seen=_last(records, "num_tokens"),
-        trained_token_share=prepared.stats.trained_token_share,
+        trained_token_share=round(prepared.stats.train.trained_share, 4),
         train_rows=len(train_set),
         validation_rows=len(eval_set) if eval_set is not None else 0,
+        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        quantized_layers=quantized_layers,
         wall_seconds=round(time.monotonic() - started, 1),
         memory=peak_memory(),
     )
@@ -104,6 +110,13 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
         write_json_atomic(run.summary, result.to_json())
     return result
+
+
+def count_quantized_layers(model: Any) -> int:
+    """bitsandbytes 4-bit and 8-bit linear layers in the model: evidence that the base really is quantized."""
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
 
 
 def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir) -> None:

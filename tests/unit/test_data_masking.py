@@ -1,0 +1,132 @@
+"""Assistant-only masking: exactly the assistant contents and their end-of-turn markers are trained."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import processors
+
+from lora_tune.data import IGNORE_INDEX, TemplateError, tokenize_conversation
+from lora_tune.data.masking import render_with_spans
+from lora_tune.tiny import BOS, CHAT_TEMPLATE, build_tokenizer
+
+CORPUS = ["You are terse.", "What is two plus two?", "Four.", "And three?", "Three plus two is five."] * 20
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "And three?"},
+    {"role": "assistant", "content": "Three plus two is five."},
+]
+
+
+@pytest.fixture
+def tokenizer():
+    return build_tokenizer(CORPUS, vocab_size=300)
+
+
+@pytest.fixture
+def chatml_tokenizer(tokenizer):
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def trained_text(tokenizer, example) -> str:
+    return tokenizer.decode([label for label in example.labels if label != IGNORE_INDEX])
+
+
+def untrained_text(tokenizer, example) -> str:
+    ids = [token for token, label in zip(example.input_ids, example.labels, strict=True) if label == IGNORE_INDEX]
+    return tokenizer.decode(ids)
+
+
+def test_only_assistant_turns_and_their_end_markers_are_trained(tokenizer) -> None:
+    example = tokenize_conversation(CONVERSATION, tokenizer)
+    assert trained_text(tokenizer, example) == "Four.<|end|>Three plus two is five.<|end|>"
+    untrained = untrained_text(tokenizer, example)
+    assert untrained == (
+        "<|bos|><|system|>\nYou are terse.<|end|>\n<|user|>\nWhat is two plus two?<|end|>\n<|assistant|>\n"
+        "\n<|user|>\nAnd three?<|end|>\n<|assistant|>\n\n"
+    )
+    assert all(label in (IGNORE_INDEX, token) for token, label in zip(example.input_ids, example.labels, strict=True))
+    assert example.num_trained == sum(label != IGNORE_INDEX for label in example.labels) > 0
+    assert not example.truncated
+
+
+def test_agrees_with_transformers_generation_marker_mask(tokenizer) -> None:
+    reference = tokenizer.apply_chat_template(
+        CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    example = tokenize_conversation(CONVERSATION, tokenizer)
+    assert example.input_ids == list(reference["input_ids"])
+    assert [int(label != IGNORE_INDEX) for label in example.labels] == list(reference["assistant_masks"])
+
+
+def test_spans_cover_assistant_content_and_end_marker(tokenizer) -> None:
+    text, spans = render_with_spans(CONVERSATION, tokenizer)
+    assert [text[start:end] for start, end in spans] == ["Four.<|end|>", "Three plus two is five.<|end|>"]
+
+
+def test_plain_chatml_template_without_generation_markers(chatml_tokenizer) -> None:
+    example = tokenize_conversation(CONVERSATION, chatml_tokenizer)
+    assert trained_text(chatml_tokenizer, example) == "Four.<|im_end|>Three plus two is five.<|im_end|>"
+    assert "What is two plus two?" in untrained_text(chatml_tokenizer, example)
+
+
+def test_bos_is_added_untrained_when_the_tokenizer_adds_it_but_the_template_does_not(chatml_tokenizer) -> None:
+    bos = chatml_tokenizer.bos_token_id
+    chatml_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, bos)]
+    )
+    example = tokenize_conversation(CONVERSATION, chatml_tokenizer)
+    assert example.input_ids[0] == bos and example.labels[0] == IGNORE_INDEX
+    assert example.input_ids[1] != bos
+    assert trained_text(chatml_tokenizer, example) == "Four.<|im_end|>Three plus two is five.<|im_end|>"
+
+
+def test_bos_written_by_the_template_is_not_doubled(tokenizer) -> None:
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, bos)]
+    )
+    example = tokenize_conversation(CONVERSATION, tokenizer)
+    assert example.input_ids[0] == bos and example.input_ids[1] != bos
+
+
+def test_truncation_keeps_the_start(tokenizer) -> None:
+    full = tokenize_conversation(CONVERSATION, tokenizer)
+    cut_at = len(full.input_ids) - 3  # inside the last assistant turn: its end marker is cut off
+    example = tokenize_conversation(CONVERSATION, tokenizer, max_length=cut_at)
+    assert example.truncated
+    assert example.input_ids == full.input_ids[:cut_at] and example.labels == full.labels[:cut_at]
+    assert 0 < example.num_trained < full.num_trained
+    assert not tokenize_conversation(CONVERSATION, tokenizer, max_length=len(full.input_ids)).truncated
+
+
+def test_truncation_can_remove_every_trained_token(tokenizer) -> None:
+    full = tokenize_conversation(CONVERSATION, tokenizer)
+    first_trained = next(i for i, label in enumerate(full.labels) if label != IGNORE_INDEX)
+    example = tokenize_conversation(CONVERSATION, tokenizer, max_length=first_trained)
+    assert example.truncated and example.num_trained == 0 and len(example.input_ids) == first_trained
+
+
+def test_template_that_is_not_prefix_consistent_is_refused(tokenizer) -> None:
+    tokenizer.chat_template = "{{ messages | length }}" + CHAT_TEMPLATE
+    with pytest.raises(TemplateError, match="not prefix-consistent: the first 2 messages rendered with the gen"):
+        tokenize_conversation(CONVERSATION, tokenizer)
+
+
+def test_template_that_refuses_the_conversation(tokenizer) -> None:
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(TemplateError, match="the chat template refused the conversation: roles must alternate"):
+        tokenize_conversation(CONVERSATION, tokenizer)
+
+
+def test_tokenizer_without_chat_template(tokenizer) -> None:
+    tokenizer.chat_template = None
+    with pytest.raises(TemplateError, match="no chat template; set model.chat_template"):
+        tokenize_conversation(CONVERSATION, tokenizer)

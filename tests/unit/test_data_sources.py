@@ -1,0 +1,112 @@
+"""Reading raw rows: JSON Lines and JSON files, limits, missing files, and the hub route (faked, never online)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_tune.config import DatasetConfig
+from lora_tune.data import load_rows
+from lora_tune.errors import DataError
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_jsonl_rows_in_order_skipping_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": "é"}\n   \n', encoding="utf-8")
+    assert load_rows(DatasetConfig(path=str(path))) == [{"a": 1}, {"a": "é"}]
+
+
+def test_jsonl_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3,\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_rows(DatasetConfig(path=str(path)))
+    assert str(info.value).startswith(f"{path}: line 3 is not valid JSON")
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(DataError, match="line 2 is a JSON array; each line must be one JSON object"):
+        load_rows(DatasetConfig(path=str(path)))
+
+
+def test_jsonl_limit_stops_reading(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\nnot json\n', encoding="utf-8")  # the bad line is never reached
+    assert load_rows(DatasetConfig(path=str(path), limit=2)) == [{"a": 1}, {"a": 2}]
+
+
+def test_json_array_and_limit(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"a": i} for i in range(5)]), encoding="utf-8")
+    assert load_rows(DatasetConfig(path=str(path))) == [{"a": i} for i in range(5)]
+    assert load_rows(DatasetConfig(path=str(path), limit=3)) == [{"a": 0}, {"a": 1}, {"a": 2}]
+
+
+def test_json_object_at_top_level_is_refused_naming_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps({"data": [{"a": 1}], "version": 2}), encoding="utf-8")
+    with pytest.raises(DataError, match=r"expected a top-level JSON array .* got a JSON object with keys \['data'"):
+        load_rows(DatasetConfig(path=str(path)))
+
+
+def test_json_syntax_error_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"a": 1},\n  {"a": }\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"data\.json: not valid JSON: Expecting value \(line 3, column 9\)"):
+        load_rows(DatasetConfig(path=str(path)))
+
+
+def test_json_array_item_that_is_not_an_object_names_the_row(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text('[{"a": 1}, "text"]', encoding="utf-8")
+    with pytest.raises(DataError, match="row 2: is a JSON string"):
+        load_rows(DatasetConfig(path=str(path)))
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing.json", "sub/dir/train", "./train"])
+def test_missing_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=f"^{name}: file not found$"):
+        load_rows(DatasetConfig(path=name))
+
+
+def test_unsupported_local_file_type(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n1,2\n", encoding="utf-8")
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+        load_rows(DatasetConfig(path=str(path)))
+
+
+def test_other_names_go_to_the_hub_with_split_and_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path: str, split: str) -> datasets.Dataset:
+        calls.append((path, split))
+        return datasets.Dataset.from_list([{"a": i} for i in range(5)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    rows = load_rows(DatasetConfig(path="teknium/OpenHermes-2.5", split="test", limit=2))
+    assert calls == [("teknium/OpenHermes-2.5", "test")]
+    assert rows == [{"a": 0}, {"a": 1}]
+
+
+def test_hub_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def fake_load_dataset(path: str, split: str) -> datasets.Dataset:
+        raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    with pytest.raises(DataError, match=r"^org/nope: cannot load dataset \(split 'train'\): Dataset 'org/nope'"):
+        load_rows(DatasetConfig(path="org/nope"))
