@@ -167,9 +167,13 @@ def print_train_summary(result, recipe_path: str) -> None:  # noqa: ANN001 - Run
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lora_tune.evaluation_cli import run_eval
+    from lora_tune.eval_run import evaluate_run, format_report
 
-    return run_eval(args)
+    report = evaluate_run(
+        args.run_dir, args.data, base=args.base, limit=args.limit, max_new_tokens=args.max_new_tokens
+    )
+    print(format_report(report, args.run_dir))
+    return EXIT_OK
 
 
 if __name__ == "__main__":
