@@ -7,6 +7,7 @@ CLI can print one line. This module imports no torch.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,6 +50,27 @@ FOREIGN_KEYS = {
     "val_set_size": "val_size",
 }
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl")
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars: only true/false are booleans (`eval_strategy: no` stays the string 'no'), and `1e-4` is
+    a float, as users expect; PyYAML's YAML 1.1 defaults read those as False and '1e-4'."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
 
 
 @dataclass
@@ -107,8 +129,8 @@ def read_yaml(path: Path) -> RawRecipe:
     except OSError as exc:
         raise RecipeError(f"cannot read the recipe: {exc.strerror}", file=file) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=RecipeLoader)
+        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark else None
@@ -172,7 +194,7 @@ def apply_override(raw: RawRecipe, override: str) -> None:
             f"expected KEY=VALUE (e.g. training.learning_rate=1e-4), got '{override}'", file=COMMAND_LINE
         )
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = yaml.load(text, Loader=RecipeLoader) if text.strip() else None  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         value = text
     path: KeyPath = tuple(int(p) if p.isdigit() else p for p in key.split("."))

@@ -95,3 +95,20 @@ def test_second_run_into_same_dir_needs_overwrite(trained_run: Path, capsys):
     recipe = trained_run / "recipe.yaml"
     assert main(["train", str(recipe), "training.max_steps=1"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_messages_form_recipe_trains_and_loads(tiny_model_dir: Path, tmp_path: Path, messages_file: Path):
+    from peft import PeftConfig
+
+    recipe = tmp_path / "messages.yaml"
+    text = RECIPE.format(model=tiny_model_dir, data=messages_file, out=tmp_path / "run")
+    recipe.write_text(text.replace("val_size: 0.1\n", ""))
+    overrides = [
+        "training.max_steps=3",
+        "training.eval_strategy=no",
+        "training.eval_steps=null",
+        "adapter.use_dora=true",
+    ]
+    assert main(["train", str(recipe), *overrides]) == 0
+    config = PeftConfig.from_pretrained(tmp_path / "run" / "adapter")
+    assert config.use_dora is True and config.r == 8

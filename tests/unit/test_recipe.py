@@ -181,3 +181,12 @@ def test_resolved_recipe_round_trips(tmp_path, data):
     resolved = write(tmp_path, "resolved.yaml", dump_resolved(recipe))
     assert load_recipe(resolved) == recipe
     assert yaml.safe_load(resolved.read_text())["training"]["warmup_steps"] == recipe.training.warmup_steps
+
+
+def test_yaml_1_2_scalars_no_is_a_string(tmp_path, data):
+    # YAML 1.1 (PyYAML's default) reads `no` as False; recipes follow YAML 1.2, where only true/false are booleans.
+    text = BASE.format(data=data) + "training:\n  eval_strategy: no\n  save_strategy: no\n  packing: true\n"
+    recipe = load_recipe(write(tmp_path, "r.yaml", text))
+    assert recipe.training.eval_strategy == "no" and recipe.training.save_strategy == "no"
+    assert recipe.training.packing is True
+    assert load_recipe(tmp_path / "r.yaml", ["training.save_strategy=no"]).training.save_strategy == "no"
