@@ -1,0 +1,371 @@
+"""`merge(run_dir, output)`: fold a run's adapter into its base model and write a standalone transformers folder.
+
+Steps, top to bottom: read the run's resolved recipe -> find the base's unquantized safetensors -> refuse a
+destination that would lose data or not fit -> merge into a temporary folder beside the destination (streaming
+for LoRA/DoRA, peft's merge_and_unload() for other adapter types) -> config, generation config, tokenizer, model
+card -> verify the logits against base + adapter -> rename into place. Nothing is pickled; an interruption leaves
+the destination as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_tune.export.errors import ExportError
+from lora_tune.export.streaming import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    AdapterPlan,
+    base_layout,
+    estimate_bytes,
+    match_names,
+    merged_tensors,
+    output_specs,
+    read_adapter,
+)
+from lora_tune.export.tensor_io import ShardReader, write_safetensors
+from lora_tune.run_dir import RunDir, replace_dir_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_tune.config import ModelConfig, Recipe
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# Files of the adapter folder that are not the tokenizer.
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "README.md"]  # README: the license
+PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
+DISK_MARGIN = 1.05  # weights + 5% for config, tokenizer and the card
+
+
+@dataclass
+class MergeResult:
+    """What `merge` wrote and measured."""
+
+    output: Path
+    dtype: str
+    method: str  # "streaming" or "peft merge_and_unload"
+    shards: int
+    lora_modules: int  # weights that received a LoRA/DoRA update
+    replaced_tensors: int  # modules_to_save tensors copied from the adapter
+    untied: list[str]  # tied output weights written separately because the adapter changed one side
+    max_abs_diff: float | None = None  # merged vs base + adapter, logits
+    tolerance: float | None = None
+    dequantized_vs_plain: float | None = None  # --from-dequantized: vs the merge into the unquantized base
+    seconds: float = 0.0
+
+
+def merge(
+    run_dir: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "bf16",
+    overwrite: bool = False,
+    verify: bool = True,
+    from_dequantized: bool = False,
+) -> MergeResult:
+    """Merge the run's adapter into its base and write a folder that plain `from_pretrained` loads."""
+    import torch
+
+    from lora_tune.recipe import load_recipe
+
+    started = time.monotonic()
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype: expected one of {', '.join(DTYPES)}, got '{dtype}'")
+    torch_dtype = getattr(torch, DTYPES[dtype])
+
+    # 1. The run: resolved recipe and adapter.
+    run = RunDir(Path(run_dir))
+    if not run.is_run() or not (run.adapter / "adapter_config.json").is_file():
+        raise ExportError(f"{run.root}: not a finished lora-tune run (no recipe.yaml or adapter/adapter_config.json)")
+    recipe = load_recipe(run.recipe, check_paths=False)
+    adapter_config = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    peft_type = str(adapter_config.get("peft_type", "LORA")).upper()
+    if peft_type in PROMPT_LEARNING:
+        raise ExportError(
+            f"{run.adapter}: a {peft_type.lower()} adapter adds virtual tokens at run time and cannot be merged into "
+            f"weights; ship the adapter instead: lora-tune push {run.root} ORG/NAME"
+        )
+
+    # 2. Destination and base model.
+    output = Path(output)
+    _check_destination(output, overwrite=overwrite, protected=[run.root])
+    base_dir = resolve_base(recipe.model)
+    _check_destination(output, overwrite=overwrite, protected=[run.root, base_dir])
+    layout = base_layout(base_dir)
+    check_free_disk(output, estimate_bytes(base_dir, layout, torch_dtype.itemsize))
+
+    plan = read_adapter(run.adapter) if peft_type == "LORA" else None
+    streaming = plan is not None and not plan.unsupported
+    if from_dequantized and not streaming:
+        raise ExportError("--from-dequantized needs a LoRA adapter that the streaming merge handles")
+    if from_dequantized and recipe.quantization.bits != 4:
+        raise ExportError(
+            f"--from-dequantized: the run's base was not 4-bit (quantization.bits: {recipe.quantization.bits})"
+        )
+
+    # 3. Merge into a temporary folder beside the destination; it becomes the destination only when complete.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
+    try:
+        if streaming:
+            prepare = nf4_round_trip(recipe, base_dir) if from_dequantized else None
+            result = stream_merge(base_dir, layout, plan, build, torch_dtype, recipe, prepare=prepare)
+        else:
+            reason = f"{peft_type} adapter" if plan is None else ", ".join(plan.unsupported)
+            log.warning(
+                "merge: %s has no streaming merge; using peft's merge_and_unload(), which holds the whole model "
+                "in float32 memory",
+                reason,
+            )
+            result = peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
+        result.output, result.dtype = output, dtype
+        finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied))
+        copy_tokenizer(run.adapter, build, recipe)
+
+        # 4. Verify: the merged folder must compute what base + adapter computes.
+        if verify:
+            from lora_tune.export.verify import verify_merge
+
+            verify_merge(build, base_dir, run.adapter, recipe, dtype, result, from_dequantized=from_dequantized)
+
+        # 5. Model card, then the rename that makes it all appear at once.
+        from lora_tune.export.card import merged_card
+
+        (build / "README.md").write_text(merged_card(run, recipe, base_dir, result), encoding="utf-8")
+        result.seconds = round(time.monotonic() - started, 1)
+        replace_dir_atomic(build, output)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return result
+
+
+def resolve_base(model: ModelConfig) -> Path:
+    """The base's local folder: the recipe's path, or a hub snapshot of the files a merge needs."""
+    local = Path(model.name).expanduser()
+    if local.is_dir():
+        return local
+    if model.name.startswith((".", "/", "~")):
+        raise ExportError(f"model.name: base model folder '{model.name}' not found")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=model.name, revision=model.revision, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, missing: one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"model.name: cannot fetch the base model '{model.name}': {first}") from exc
+
+
+def _check_destination(output: Path, *, overwrite: bool, protected: list[Path]) -> None:
+    target = output.resolve()
+    for keep in protected:
+        keep = keep.resolve()
+        if target == keep or keep.is_relative_to(target) or target.is_relative_to(keep):
+            raise ExportError(f"--output: '{output}' overlaps '{keep}', which the merge reads; choose another folder")
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output: '{output}' is a file, expected a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ExportError(f"--output: '{output}' is not empty; pass --overwrite to replace it, or choose a new folder")
+
+
+def check_free_disk(output: Path, needed: int) -> None:
+    """Refuse to start a merge that cannot fit, rather than fail on the last shard."""
+    probe = output if output.exists() else next(p for p in output.absolute().parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    needed = int(needed * DISK_MARGIN)
+    if free < needed:
+        raise ExportError(
+            f"--output: not enough free disk at '{probe}': the merged model needs about {needed / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB free"
+        )
+
+
+def write_shard(path: Path, specs: dict[str, Any], tensors: Iterator[tuple[str, torch.Tensor]]) -> int:
+    """One output shard (safetensors, `format: pt` as transformers writes it), tensor by tensor; returns bytes."""
+    return write_safetensors(path, specs, tensors)
+
+
+def stream_merge(
+    base_dir: Path,
+    layout: dict[str, list[str]],
+    plan: AdapterPlan,
+    build: Path,
+    dtype: torch.dtype,
+    recipe: Recipe,
+    *,
+    prepare: Any = None,
+) -> MergeResult:
+    """Merge shard by shard with the base's own sharding; writes the index when the base has one."""
+    names = [name for shard_names in layout.values() for name in shard_names]
+    tied = {k: v for k, v in tied_weights(base_dir, recipe).items() if k not in names and v in names}
+    available = names + list(tied)
+
+    weights = match_names([f"{m}.weight" for m in plan.updates], available, "LoRA target")
+    targets = {weights[f"{m}.weight"]: u for m, u in plan.updates.items()}
+    biases = match_names([f"{m}.bias" for m, u in plan.updates.items() if u.bias is not None], available, "LoRA bias")
+    bias_targets = {biases[f"{m}.bias"]: plan.updates[m] for m in plan.updates if f"{m}.bias" in biases}
+    replaced = match_names(list(plan.replacements), available, "modules_to_save tensor")
+    replacements = {base: plan.replacements[name] for name, base in replaced.items()}
+
+    # A tied output weight (lm_head = embed_tokens) is absent from the files. When the adapter changes either side,
+    # peft computes with two different matrices, so the merged model gets its own output weight and is untied.
+    touched = set(targets) | set(bias_targets) | set(replacements)
+    untied = [target for target, source in tied.items() if target in touched or source in touched]
+    shards = {shard: list(layout[shard]) for shard in sorted(layout)}
+    aliases = {target: tied[target] for target in untied}
+    for target in untied:
+        home = next(shard for shard, shard_names in layout.items() if tied[target] in shard_names)
+        shards[home].append(target)
+
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, (shard, shard_names) in enumerate(shards.items(), start=1):
+        log.info("merge: shard %d/%d %s", index, len(shards), shard)
+        reader = ShardReader(base_dir / shard)
+        specs = output_specs(reader, shard_names, replacements, dtype, aliases)
+        tensors = merged_tensors(
+            reader, shard_names, plan, targets, bias_targets, replacements, dtype, prepare=prepare, aliases=aliases
+        )
+        total += write_shard(build / shard, specs, tensors)
+        weight_map.update(dict.fromkeys(shard_names, shard))
+    if len(shards) > 1 or (base_dir / INDEX_FILE).is_file():
+        write_json_atomic(build / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return MergeResult(
+        output=build,
+        dtype="",
+        method="streaming",
+        shards=len(shards),
+        lora_modules=len(targets),
+        replaced_tensors=len(replacements),
+        untied=untied,
+    )
+
+
+def tied_weights(base_dir: Path, recipe: Recipe) -> dict[str, str]:
+    """Tied parameter names {output: source} of the base architecture, read from a weightless (meta) model.
+
+    Skipped (no transformers import, ~150 MB less peak memory) when config.json says the embeddings are untied.
+    """
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("tie_word_embeddings") is False and config.get("text_config", {}).get("tie_word_embeddings") in (
+        None,
+        False,
+    ):
+        return {}
+    return _meta_model(base_dir, recipe).all_tied_weights_keys
+
+
+def _meta_model(base_dir: Path, recipe: Recipe) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = recipe.model.trust_remote_code
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=trust)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+
+
+def nf4_round_trip(recipe: Recipe, base_dir: Path) -> Any:
+    """A `prepare` function that gives each base tensor the values training computed with.
+
+    Linear weights that bitsandbytes quantized in training (every nn.Linear but the output layer and tied ones,
+    as transformers chooses) go through quantize_4bit -> dequantize_4bit with the run's settings; every tensor is
+    first cast to the dtype the base was loaded in.
+    """
+    import bitsandbytes.functional as bnbf
+    import torch
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from lora_tune.modeling import resolve_dtype
+
+    model = _meta_model(base_dir, recipe)
+    skip = set(get_keys_to_not_convert(model))
+    linear = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in skip]
+    names = [name for shard_names in base_layout(base_dir).values() for name in shard_names]
+    quantized = set(match_names(linear, names, "quantized weight").values())
+    load_dtype = resolve_dtype(recipe.model.dtype)
+    quant = recipe.quantization
+    log.info(
+        "merge: %d weights go through the NF4 round trip (%s, double quant %s)",
+        len(quantized),
+        quant.quant_type,
+        quant.double_quant,
+    )
+
+    def prepare(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(load_dtype)
+        if name not in quantized:
+            return tensor
+        packed, state = bnbf.quantize_4bit(
+            tensor, blocksize=64, compress_statistics=quant.double_quant, quant_type=quant.quant_type
+        )
+        return bnbf.dequantize_4bit(packed, state)
+
+    return prepare
+
+
+def peft_merge(base_dir: Path, adapter: Path, build: Path, dtype: torch.dtype, recipe: Recipe) -> MergeResult:
+    """Fallback for adapter types without a streaming merge: whole model in memory, peft does the arithmetic."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code, use_safetensors=True
+    )
+    model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    model.to(dtype).save_pretrained(build, max_shard_size="4GB")
+    shards = len(list(build.glob("*.safetensors")))
+    return MergeResult(
+        output=build,
+        dtype="",
+        method="peft merge_and_unload",
+        shards=shards,
+        lora_modules=0,
+        replaced_tensors=0,
+        untied=[],
+    )
+
+
+def finish_config(base_dir: Path, build: Path, dtype_name: str, *, untie: bool) -> None:
+    """config.json of the base (or as peft saved it) with the output dtype and no quantization settings."""
+    source = build / "config.json" if (build / "config.json").is_file() else base_dir / "config.json"
+    config = json.loads(source.read_text(encoding="utf-8"))
+    config.pop("quantization_config", None)
+    config["dtype"] = dtype_name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype_name
+    if untie:
+        config["tie_word_embeddings"] = False
+    write_json_atomic(build / "config.json", config)
+    generation = base_dir / "generation_config.json"
+    if generation.is_file() and not (build / "generation_config.json").is_file():
+        shutil.copy2(generation, build / "generation_config.json")
+
+
+def copy_tokenizer(adapter: Path, build: Path, recipe: Recipe) -> None:
+    """The tokenizer saved with the adapter (the training one, with its chat template), copied byte for byte."""
+    files = [p for p in adapter.iterdir() if p.is_file() and p.name not in ADAPTER_FILES]
+    if not any(p.name.startswith("tokenizer") for p in files):
+        log.warning("merge: no tokenizer saved with the adapter; saving the recipe's tokenizer instead")
+        from lora_tune.modeling import load_tokenizer
+
+        load_tokenizer(recipe.model).save_pretrained(build)
+        return
+    for path in files:
+        shutil.copy2(path, build / path.name)
+
+
+__all__ = ["DTYPES", "MergeResult", "SINGLE_FILE", "merge"]

@@ -1,0 +1,261 @@
+"""Streaming merge on hand-made run directories: adapters built with peft, lora_B randomised so updates count."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_tune.cli import main
+from lora_tune.export import ExportError, merge
+
+RECIPE = """\
+model:
+  name: {model}
+  dtype: float32
+adapter:
+  r: 4
+  alpha: 8
+datasets:
+  - path: data.jsonl
+output_dir: {out}
+"""
+
+
+def save_base(tokenizer_dir: Path, out: Path, *, tied: bool = False, max_shard_size: str | None = None) -> Path:
+    """The tiny Llama of `tiny_model_dir`, optionally with tied embeddings or saved in several shards."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tokenizer_dir, dtype=torch.float32)
+    if tied:
+        config = model.config
+        config.tie_word_embeddings = True
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(config)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def make_run(root: Path, base_dir: Path, peft_config, *, seed: int = 0) -> Path:  # noqa: ANN001 - a PeftConfig
+    """A run directory as `lora-tune train` lays it out, with an adapter whose update is far from zero."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = root / "run"
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), peft_config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name or "lora_embedding_B" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.rand_like(param))
+    model.save_pretrained(run / "adapter")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run / "adapter")
+    (run / "recipe.yaml").write_text(RECIPE.format(model=base_dir, out=run))
+    (run / "summary.json").write_text(json.dumps({"steps": 3, "train_loss": 1.5, "eval_loss": None}))
+    return run
+
+
+def lora(**kwargs):  # noqa: ANN201
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, **kwargs)
+
+
+def logit_diff(merged: Path, run: Path, base_dir: Path) -> float:
+    """Max |logit difference| of the merged folder (Auto classes) vs base + adapter (peft)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), run / "adapter"
+        )(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)(ids).logits
+    assert (reference - base_logits).abs().max() > 1e-2, "the test adapter must change the model's output"
+    return float((merged_logits - reference).abs().max())
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_base(tiny_model_dir, tmp_path_factory.mktemp("sharded-base"), max_shard_size="200KB")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"use_dora": True},
+        {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}},
+        {"modules_to_save": ["lm_head"]},
+    ],
+    ids=["lora", "dora", "rslora+patterns", "modules_to_save"],
+)
+def test_merged_logits_equal_base_plus_adapter(tiny_model_dir: Path, tmp_path: Path, options: dict):
+    run = make_run(tmp_path, tiny_model_dir, lora(**options))
+    result = merge(run, tmp_path / "merged", dtype="fp32", verify=False)  # checked independently below
+    assert result.method == "streaming"
+    assert logit_diff(tmp_path / "merged", run, tiny_model_dir) < 1e-4
+    assert result.lora_modules == 14  # 7 linears x 2 layers
+    assert result.replaced_tensors == (1 if "modules_to_save" in options else 0)
+
+
+def test_sharded_base_merges_shard_by_shard_and_keeps_the_index(sharded_base: Path, tmp_path: Path, monkeypatch):
+    import lora_tune.export.merging as merge_module
+
+    run = make_run(tmp_path, sharded_base, lora())
+    written: list[tuple[str, int]] = []
+    real_write = merge_module.write_shard
+
+    def spy(path: Path, specs: dict, tensors) -> int:  # noqa: ANN001 - an iterator of (name, tensor)
+        written.append((path.name, len(specs)))
+        return real_write(path, specs, tensors)
+
+    monkeypatch.setattr(merge_module, "write_shard", spy)
+    result = merge(run, tmp_path / "merged", dtype="bf16")
+    base_index = json.loads((sharded_base / "model.safetensors.index.json").read_text())
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert result.shards == len(set(base_index["weight_map"].values())) >= 3
+    assert index["weight_map"] == base_index["weight_map"], "same tensors in the same shards"
+    assert [name for name, _ in written] == sorted(set(base_index["weight_map"].values()))
+    assert sum(n for _, n in written) == len(base_index["weight_map"])
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "quantization_config" not in config
+    assert result.max_abs_diff <= result.tolerance, "verified against base + adapter"
+
+
+def test_merged_folder_loads_with_auto_classes_and_keeps_the_chat_template(tiny_model_dir: Path, tmp_path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = make_run(tmp_path, tiny_model_dir, lora())
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--dtype", "fp16"]) == 0
+    out = tmp_path / "merged"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.float16
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    adapter_tokenizer = AutoTokenizer.from_pretrained(run / "adapter")
+    assert tokenizer.chat_template == adapter_tokenizer.chat_template
+    for name in [p.name for p in (run / "adapter").iterdir() if p.name.startswith(("tokenizer", "chat_template"))]:
+        assert (out / name).read_bytes() == (run / "adapter" / name).read_bytes(), name
+    assert not list(out.glob("*.bin")) and not list(out.glob("*.pt")), "no pickle files"
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "lora-tune" in card
+    assert "train loss" in card and "max |logit difference|" in card
+
+
+def test_tied_embeddings_stay_tied_unless_the_adapter_changes_lm_head(tiny_model_dir: Path, tmp_path: Path):
+    base = save_base(tiny_model_dir, tmp_path / "tied-base", tied=True)
+    run = make_run(tmp_path / "a", base, lora())
+    result = merge(run, tmp_path / "a" / "merged", dtype="fp32", verify=False)
+    assert result.untied == []
+    assert json.loads((tmp_path / "a" / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert logit_diff(tmp_path / "a" / "merged", run, base) < 1e-4
+
+    run = make_run(tmp_path / "b", base, lora(modules_to_save=["lm_head"]))
+    result = merge(run, tmp_path / "b" / "merged", dtype="fp32", verify=False)
+    assert result.untied == ["lm_head.weight"]
+    assert json.loads((tmp_path / "b" / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert logit_diff(tmp_path / "b" / "merged", run, base) < 1e-4
+
+
+def test_interrupted_merge_leaves_no_partial_output_and_keeps_the_old_one(
+    sharded_base: Path, tmp_path: Path, monkeypatch
+):
+    import lora_tune.export.merging as merge_module
+
+    run = make_run(tmp_path, sharded_base, lora())
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    calls = []
+    real_write = merge_module.write_shard
+
+    def crash_on_second(path: Path, specs: dict, tensors) -> int:  # noqa: ANN001 - an iterator
+        calls.append(path.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(path, specs, tensors)
+
+    monkeypatch.setattr(merge_module, "write_shard", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        merge(run, out, overwrite=True, verify=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"], "no temporary folder left behind"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "previous export"
+
+
+def test_non_empty_destination_is_refused_without_overwrite(tiny_model_dir: Path, tmp_path: Path, capsys):
+    run = make_run(tmp_path, tiny_model_dir, lora())
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "something").write_text("x")
+    assert main(["merge", str(run), "--output", str(out)]) == 2
+    assert "not empty; pass --overwrite" in capsys.readouterr().err
+    assert main(["merge", str(run), "--output", str(run / "adapter")]) == 2
+    assert "overlaps" in capsys.readouterr().err
+    assert (out / "something").read_text() == "x"
+    assert main(["merge", str(run), "--output", str(out), "--overwrite", "--no-verify"]) == 0
+    assert not (out / "something").exists() and (out / "config.json").is_file()
+
+
+def test_not_enough_disk_is_refused_before_writing(tiny_model_dir: Path, tmp_path: Path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    run = make_run(tmp_path, tiny_model_dir, lora())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ExportError, match="not enough free disk"):
+        merge(run, tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_prompt_tuning_adapter_gives_a_clear_error(tiny_model_dir: Path, tmp_path: Path, capsys):
+    from peft import PromptTuningConfig
+
+    run = make_run(tmp_path, tiny_model_dir, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    capsys.readouterr()
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "prompt_tuning adapter" in err and "cannot be merged" in err and "lora-tune push" in err
+
+
+def test_other_adapter_types_fall_back_to_peft(tiny_model_dir: Path, tmp_path: Path, caplog):
+    from peft import IA3Config
+
+    config = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    run = make_run(tmp_path, tiny_model_dir, config)
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    # IA3 vectors start at 1 (identity); move them so the merge matters.
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    save_file(
+        {k: v + 0.3 * torch.rand_like(v) for k, v in weights.items()}, run / "adapter" / "adapter_model.safetensors"
+    )
+    result = merge(run, tmp_path / "merged", dtype="fp32")
+    assert result.method == "peft merge_and_unload"
+    assert "holds the whole model" in caplog.text
+    assert logit_diff(tmp_path / "merged", run, tiny_model_dir) < 1e-4
+
+
+def test_a_wrong_merge_fails_verification_and_writes_nothing(tiny_model_dir: Path, tmp_path: Path, monkeypatch):
+    from lora_tune.export import VerificationError
+    from lora_tune.export.streaming import LoraUpdate
+
+    run = make_run(tmp_path, tiny_model_dir, lora())
+    real_delta = LoraUpdate.delta
+    monkeypatch.setattr(LoraUpdate, "delta", lambda self, fan_in_fan_out: 3 * real_delta(self, fan_in_fan_out))
+    with pytest.raises(VerificationError, match="verification failed"):
+        merge(run, tmp_path / "merged", dtype="bf16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -1,0 +1,141 @@
+"""`lora-tune push` against a loopback hub: http.server answering the endpoints huggingface_hub 2.4 calls."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from lora_tune.cli import main
+from tests.unit.test_export_merge import lora, make_run
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """create_repo (POST /api/repos/create), preupload (every file 'regular'), commit (NDJSON, base64 files)."""
+
+    requests: list[tuple[str, str]] = []
+    repos: dict[str, dict] = {}
+    commits: list[dict] = []
+
+    def log_message(self, *args) -> None:  # noqa: ANN002 - keep the test output clean
+        pass
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _reply(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        path = self.path.split("?")[0]
+        self.requests.append(("POST", path))
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            repo_id = f"{payload['organization']}/{payload['name']}"
+            exists = repo_id in self.repos
+            self.repos.setdefault(repo_id, {"visibility": payload.get("visibility")})
+            return self._reply(409 if exists else 200, {"url": f"{self.base}/{repo_id}"})
+        if path == "/api/validate-yaml":
+            return self._reply(200, {"errors": [], "warnings": []})
+        if "/preupload/" in path:
+            files = json.loads(body)["files"]
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+            return self._reply(200, {"files": modes})
+        if "/commit/" in path:
+            lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+            header = next(item["value"] for item in lines if item["key"] == "header")
+            files = {
+                item["value"]["path"]: base64.b64decode(item["value"]["content"])
+                for item in lines
+                if item["key"] == "file"
+            }
+            assert not [item for item in lines if item["key"] == "lfsFile"]
+            self.commits.append({"path": path, "summary": header["summary"], "files": files})
+            repo_id, oid = path.removeprefix("/api/models/").split("/commit/")[0], "a" * 40
+            return self._reply(200, {"commitUrl": f"{self.base}/{repo_id}/commit/{oid}", "commitOid": oid})
+        return self._reply(404, {"error": f"unexpected {path}"})
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub.constants
+
+    FakeHub.requests, FakeHub.repos, FakeHub.commits = [], {}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    # The suite runs offline; this test's only "hub" is the loopback server. ENDPOINT is read at import time.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    yield FakeHub
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def merged_and_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from lora_tune.export import merge
+
+    root = tmp_path_factory.mktemp("push")
+    run = make_run(root, tiny_model_dir, lora())
+    merge(run, root / "merged", dtype="bf16", verify=False)
+    return root / "merged", run
+
+
+def test_push_merged_folder_delivers_every_file_byte_identical(hub, merged_and_run, capsys):
+    merged, run = merged_and_run
+    assert main(["push", str(merged), "me/tiny-merged", "--private"]) == 0
+    assert hub.repos == {"me/tiny-merged": {"visibility": "private"}}
+    assert len(hub.commits) == 1, "one commit"
+    commit = hub.commits[0]
+    assert commit["path"] == "/api/models/me/tiny-merged/commit/main"
+    local = {p.name: p.read_bytes() for p in merged.iterdir()}
+    assert set(commit["files"]) == set(local) and "README.md" in local
+    for name, data in local.items():
+        assert commit["files"][name] == data, name
+    assert commit["summary"] == f"Upload merged model of lora-tune run '{run.name}'"
+    out = capsys.readouterr().out
+    assert "Uploaded merged model" in out and "hf_fake_token" not in out
+
+
+def test_push_run_dir_sends_adapter_and_model_card(hub, merged_and_run):
+    _, run = merged_and_run
+    assert main(["push", str(run), "me/tiny-adapter", "--message", "first adapter"]) == 0
+    assert main(["push", str(run), "me/tiny-adapter"]) == 0, "an existing repo is fine (exist_ok)"
+    commit = hub.commits[0]
+    assert commit["summary"] == "first adapter" and "run" in hub.commits[1]["summary"]
+    adapter_files = {p.name for p in (run / "adapter").iterdir()} - {"README.md"}
+    assert set(commit["files"]) == adapter_files | {"README.md"}
+    for name in adapter_files:
+        assert commit["files"][name] == (run / "adapter" / name).read_bytes(), name
+    card = commit["files"]["README.md"].decode()
+    assert "library_name: peft" in card and "base_model:" in card
+
+
+def test_dry_run_lists_files_and_sends_nothing(hub, merged_and_run, capsys):
+    merged, _ = merged_and_run
+    assert main(["push", str(merged), "me/tiny-merged", "--dry-run"]) == 0
+    assert hub.requests == []
+    out = capsys.readouterr().out
+    assert "Would upload merged model" in out
+    for path in merged.iterdir():
+        assert path.name in out
+
+
+def test_push_refuses_a_folder_that_is_neither_run_nor_model(tmp_path: Path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert main(["push", str(tmp_path), "me/x", "--dry-run"]) == 2
+    assert "neither a lora-tune run directory" in capsys.readouterr().err
