@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--print", action="store_true", dest="print_resolved", help="print the resolved recipe")
     validate.set_defaults(handler=cmd_validate)
 
+    check = verbs.add_parser(
+        "check", help="pre-flight check of the recipe's data and tokenizer (stop token, masks, template); no weights"
+    )
+    _recipe_arguments(check)
+    check.add_argument("--json", metavar="FILE", default=None, help="also write the full report as JSON")
+    check.set_defaults(handler=cmd_check)
+
     evaluate = verbs.add_parser("eval", help="exact-match accuracy of a run's adapter (and the base) on held-out data")
     evaluate.add_argument("run_dir", help="run directory written by `lora-tune train`")
     evaluate.add_argument("--data", required=True, help="a .jsonl file in alpaca or messages form")
@@ -51,7 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
     evaluate.set_defaults(handler=cmd_eval)
 
-    for sub in (train, validate, evaluate):
+    merge = verbs.add_parser("merge", help="merge a run's adapter into its base: a standalone transformers folder")
+    merge.add_argument("run_dir", help="run directory written by `lora-tune train`")
+    merge.add_argument("--output", required=True, help="folder to write (must be new or empty, unless --overwrite)")
+    merge.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="dtype of the merged weights")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    merge.add_argument("--no-verify", dest="verify", action="store_false", help="skip the logits check")
+    merge.add_argument(
+        "--from-dequantized",
+        action="store_true",
+        help="merge into the NF4-dequantized base (QLoRA runs): exactly the function that was trained",
+    )
+    merge.set_defaults(handler=cmd_merge)
+
+    push = verbs.add_parser("push", help="upload a merged folder, or a run's adapter + model card, in one commit")
+    push.add_argument("folder", help="a merged folder or a run directory")
+    push.add_argument("repo_id", metavar="ORG/NAME", help="hub repository (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
+    push.add_argument("--message", default=None, help="commit message (default names the run)")
+    push.set_defaults(handler=cmd_push)
+
+    for sub in (train, validate, check, evaluate, merge, push):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -118,6 +146,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from lora_tune.check import run_checks
+    from lora_tune.modeling import load_tokenizer
+    from lora_tune.recipe import load_recipe
+    from lora_tune.run_dir import write_json_atomic
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    report = run_checks(recipe, load_tokenizer(recipe.model))
+    if args.json:
+        write_json_atomic(Path(args.json), report.to_json())
+    print(report.format())
+    return EXIT_OK if report.passed else EXIT_USER_ERROR
+
+
 def describe(recipe) -> str:  # noqa: ANN001 - Recipe, imported lazily by callers
     quant = recipe.quantization
     method = recipe.adapter.method
@@ -173,6 +215,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.run_dir, args.data, base=args.base, limit=args.limit, max_new_tokens=args.max_new_tokens
     )
     print(format_report(report, args.run_dir))
+    return EXIT_OK
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lora_tune.export import merge
+
+    result = merge(
+        args.run_dir,
+        args.output,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        verify=args.verify,
+        from_dequantized=args.from_dequantized,
+    )
+    lines = [
+        f"Merged model written to {result.output}  ({result.method}, {result.dtype}, {result.shards} shard(s), "
+        f"{result.lora_modules} adapted weights, {result.seconds:.1f}s)"
+    ]
+    if result.max_abs_diff is not None:
+        lines.append(
+            f"  verified: max |logit difference| {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
+        )
+    if result.dequantized_vs_plain is not None:
+        lines.append(
+            f"  vs a merge into the unquantized base: max |logit difference| {result.dequantized_vs_plain:.3g}"
+        )
+    lines.append(f"Next:\n  lora-tune push {result.output} ORG/NAME --dry-run")
+    print("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from lora_tune.export.push import format_push, push
+
+    result = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run, message=args.message)
+    print(format_push(result))
     return EXIT_OK
 
 

@@ -159,6 +159,22 @@ class TrainingConfig(StrictModel):
         return self
 
 
+class PreflightConfig(StrictModel):
+    on_failure: Literal["error", "warn"] = Field(
+        "error",
+        description="What `train` does when a pre-flight check (see `lora-tune check`) fails: error = refuse to "
+        "start (exit 2); warn = log the failures and train anyway.",
+    )
+    truncated_answers: Literal["error", "warn"] = Field(
+        "warn",
+        description="Rows that training.max_length cuts inside an assistant answer train a reply without its stop "
+        "token: warn = report their count; error = fail the pre-flight check.",
+    )
+    sample_rows: PositiveInt | None = Field(
+        500, description="Rows the pre-flight check reads per dataset (a seeded sample of larger ones); null = all."
+    )
+
+
 class Recipe(StrictModel):
     """A whole run: what to load, how to adapt it, on what data, how to train, and where to write."""
 
@@ -171,6 +187,7 @@ class Recipe(StrictModel):
         0.0, ge=0, lt=1, description="Fraction of the training rows held out for validation (when no eval_datasets)."
     )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    preflight: PreflightConfig = Field(default_factory=PreflightConfig)
     output_dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics, checkpoints.")
 
     @model_validator(mode="after")

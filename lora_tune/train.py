@@ -43,6 +43,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     started = time.monotonic()
     _quiet_third_party_noise()
     from lora_tune.adapters import build_peft_config
+    from lora_tune.check import PREFLIGHT_FILE, preflight
     from lora_tune.data import build_datasets
     from lora_tune.metrics import metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
@@ -52,14 +53,21 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
     write_text_atomic(run.recipe, dump_resolved(recipe))
 
-    # 2. Tokenizer and data: everything that can fail on the user's data fails before the model loads.
+    # 2. Tokenizer. From here to step 4, everything that can fail on the user's data fails before the model loads.
     tokenizer = load_tokenizer(recipe.model)
+
+    # 3. Pre-flight check on a sample of the data: each assistant turn trains a stop token the generation config
+    #    stops on, masks are sane, the template saved with the adapter is the one used here. Writes preflight.json;
+    #    a failed check stops the run (exit 2) unless the recipe sets preflight.on_failure: warn.
+    preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE)
+
+    # 4. Data: tokenized, assistant-masked train (and validation) splits.
     prepared = build_datasets(recipe, tokenizer)
     log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
     train_set = prepared.datasets["train"]
     eval_set = prepared.datasets.get("validation")
 
-    # 3. Base model, 4-bit/8-bit when the recipe quantizes, prepared for k-bit training.
+    # 5. Base model, 4-bit/8-bit when the recipe quantizes, prepared for k-bit training.
     import transformers
     from trl import SFTTrainer
 
@@ -67,7 +75,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     model = load_model(recipe.model, recipe.quantization, recipe.training)
     quantized_layers = count_quantized_layers(model)
 
-    # 4. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
+    # 6. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
     dtype = resolve_dtype(recipe.model.dtype)
     trainer = SFTTrainer(
         model=model,
@@ -79,17 +87,17 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         callbacks=[metrics_callback(run.metrics)],
     )
 
-    # 5. Train.
+    # 7. Train.
     output = trainer.train()
 
-    # 6. Evaluate once more at the end, when there is validation data.
+    # 8. Evaluate once more at the end, when there is validation data.
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 
-    # 7. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only.
+    # 9. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only.
     if trainer.is_world_process_zero():
         _save_adapter(trainer, tokenizer, run)
 
-    # 8. Summary: metrics file, loss curve, summary.json.
+    # 10. Summary: metrics file, loss curve, summary.json.
     records = read_metrics(run.metrics)
     result = RunResult(
         run_dir=run.root,

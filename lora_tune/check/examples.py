@@ -1,0 +1,129 @@
+"""The rows the pre-flight check looks at, and the facts about each one that the checks judge.
+
+Rows are read and converted exactly as the data pipeline does (`load_rows`, `to_conversation`), and tokenized with
+the pipeline's own `tokenize_conversation`, so the check sees the examples training will see.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lora_tune.config import DatasetConfig
+from lora_tune.data.formats import Conversation, detect_format, to_conversation
+from lora_tune.data.masking import IGNORE_INDEX, Span, TokenizedExample, render_with_spans, tokenize_conversation
+from lora_tune.data.sources import load_rows
+from lora_tune.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class SampledRow:
+    file: str
+    row: int  # 1-based, as in the pipeline's data errors
+    messages: Conversation
+
+
+@dataclass(frozen=True)
+class ExampleFacts:
+    """One row, tokenized whole (`full`) and as training keeps it (`example`, cut to max_length)."""
+
+    source: SampledRow
+    full: TokenizedExample
+    example: TokenizedExample
+    turns: list[Span]  # [start, end) token ranges of the runs of trained tokens in `full`: one per assistant turn
+    prompt_text_trained: str | None  # system or user text that falls inside a trained span, if any
+
+    @property
+    def trained_flags(self) -> list[bool]:
+        return [label != IGNORE_INDEX for label in self.full.labels]
+
+
+def sample_rows(
+    configs: Sequence[DatasetConfig], limit: int | None, seed: int
+) -> tuple[list[SampledRow], dict[str, dict[str, int]]]:
+    """Up to `limit` rows of each dataset (a seeded sample, in file order, when it has more), as conversations."""
+    rows: list[SampledRow] = []
+    sources: dict[str, dict[str, int]] = {}
+    for index, cfg in enumerate(configs):
+        raw = load_rows(cfg)
+        if not raw:
+            raise DataError("has no rows", file=cfg.path)
+        fmt = detect_format(raw[0], file=cfg.path) if cfg.format == "auto" else cfg.format
+        picked: Sequence[int] = range(len(raw))
+        if limit is not None and len(raw) > limit:
+            picked = sorted(random.Random(seed + index).sample(range(len(raw)), limit))
+        for i in picked:
+            messages = to_conversation(raw[i], fmt, file=cfg.path, row_number=i + 1, system_prompt=cfg.system_prompt)
+            rows.append(SampledRow(cfg.path, i + 1, messages))
+        counts = sources.setdefault(cfg.path, {"rows": 0, "checked": 0})
+        counts["rows"] += len(raw)
+        counts["checked"] += len(picked)
+    return rows, sources
+
+
+def inspect_row(row: SampledRow, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> ExampleFacts:
+    """Tokenize one row as the pipeline does; raises the pipeline's `TemplateError` when the template refuses it."""
+    full = tokenize_conversation(row.messages, tokenizer)
+    example = full
+    if max_length is not None and len(full.input_ids) > max_length:
+        example = tokenize_conversation(row.messages, tokenizer, max_length)
+    trained = [label != IGNORE_INDEX for label in full.labels]
+    return ExampleFacts(row, full, example, _runs(trained), _prompt_text_trained(row.messages, tokenizer))
+
+
+def _runs(flags: Sequence[bool]) -> list[Span]:
+    runs: list[Span] = []
+    start: int | None = None
+    for i, flag in enumerate([*flags, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _prompt_text_trained(messages: Conversation, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The first system or user text found inside an assistant span of the rendering (the spans masking trains).
+
+    Each system or user message's content is looked up in the rendered text in conversation order, after the
+    previous reply's span (stripped, when the template trims it); a content the template rewrote is not judged.
+    """
+    text, spans = render_with_spans(messages, tokenizer)
+    cursor = 0
+    replies = iter(spans)  # one span per assistant message, in order
+    for message in messages:
+        if message["role"] == "assistant":
+            cursor = max(cursor, next(replies)[1])  # what follows starts after the reply and its end-of-turn marker
+            continue
+        content = message["content"]
+        needle = content if content and content in text[cursor:] else content.strip()
+        position = text.find(needle, cursor) if needle else -1
+        if position < 0:
+            continue
+        cursor = position + len(needle)
+        if any(start < cursor and position < stop for start, stop in spans):
+            return needle
+    return None
+
+
+def mark_trained(example: TokenizedExample, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The example decoded, with each run of trained tokens wrapped in [[...]]."""
+    pieces: list[str] = []
+    group: list[int] = []
+    group_trained = False
+    for token, label in [*zip(example.input_ids, example.labels, strict=True), (None, None)]:
+        trained = label is not None and label != IGNORE_INDEX
+        if token is None or (group and trained != group_trained):
+            text = tokenizer.decode(group, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            pieces.append(f"[[{text}]]" if group_trained else text)
+            group = []
+        if token is not None:
+            group.append(token)
+            group_trained = trained
+    return "".join(pieces)
