@@ -1,0 +1,152 @@
+"""Generation-based evaluation: greedy answers to chat prompts, scored by exact match.
+
+`generate_answers` renders each conversation up to (not including) its final assistant turn with the tokenizer's
+chat template, generates greedily in left-padded batches until the end-of-turn token, and returns the decoded
+new text. `exact_match` compares strings as they are; `normalized_exact_match` forgives case, surrounding and
+repeated whitespace and trailing punctuation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Message = dict[str, str]
+
+_TRAILING_PUNCTUATION = string.punctuation + "。．！？、"
+
+
+def prompt_messages(conversation: Sequence[Message]) -> list[Message]:
+    """The conversation without its final assistant turn (if it ends with one): what the model is asked."""
+    messages = list(conversation)
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    return messages
+
+
+def reference_answer(conversation: Sequence[Message]) -> str:
+    """The content of the conversation's final assistant turn, the expected answer."""
+    if not conversation or conversation[-1].get("role") != "assistant":
+        raise ValueError("a reference conversation must end with an assistant turn")
+    return conversation[-1]["content"]
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers of `model` to each conversation, in order.
+
+    A conversation that ends with an assistant turn is asked without it. Prompts are rendered with the chat
+    template and `add_generation_prompt=True`, tokenized without extra special tokens (the template writes BOS
+    itself), left-padded in batches; generation is greedy and stops at the tokenizer's EOS (or any EOS of the
+    model's generation config). Only the new tokens are decoded, without special tokens, and stripped. The
+    tokenizer's padding side and pad token are restored afterwards.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    eos_ids = _eos_ids(model, tokenizer)
+    if not eos_ids:
+        raise ValueError("neither the tokenizer nor the generation config names an EOS token to stop at")
+    prompts = [
+        tokenizer.apply_chat_template(prompt_messages(conv), add_generation_prompt=True, tokenize=False)
+        for conv in conversations
+    ]
+    padding_side, borrowed_pad = tokenizer.padding_side, tokenizer.pad_token is None
+    tokenizer.padding_side = "left"
+    if borrowed_pad:  # e.g. Llama 3: pad with EOS for the while; the attention mask hides it
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos_ids[0])
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    try:
+        batches = range(0, len(prompts), batch_size)
+        for start in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
+            batch = tokenizer(
+                prompts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
+            ).to(device)
+            with torch.no_grad():
+                output = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=eos_ids,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+        if borrowed_pad:
+            tokenizer.pad_token = None
+        model.train(was_training)
+    return answers
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS first, then any other EOS of the model's generation config (e.g. an end-of-turn token)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    for token_id in [extra] if isinstance(extra, int) else list(extra or []):
+        if token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def normalize_answer(text: str) -> str:
+    """Casefolded, whitespace collapsed, surrounding whitespace and trailing punctuation removed."""
+    text = re.sub(r"\s+", " ", text).strip().casefold()
+    return text.rstrip(_TRAILING_PUNCTUATION).rstrip()
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """The fraction of predictions equal to their reference, character for character (0.0 for no items)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return 0.0
+    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def normalized_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """`exact_match` after `normalize_answer` on both sides."""
+    return exact_match([normalize_answer(p) for p in predictions], [normalize_answer(r) for r in references])
+
+
+def _load_conversations(path: str | Path) -> list[list[Message]]:
+    """Conversations from a JSON-lines file of alpaca rows or `{"messages": [...]}` rows.
+
+    Minimal on purpose: the data pipeline's own loader (format detection, validation) replaces it.
+    """
+    conversations: list[list[Message]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            row: dict[str, Any] = json.loads(line)
+            if "messages" in row:
+                conversations.append([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
+            elif "instruction" in row and "output" in row:
+                extra = row.get("input") or ""
+                user = row["instruction"] + ("\n\n" + extra if extra else "")
+                conversations.append(
+                    [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+                )
+            else:
+                raise ValueError(f"{path}:{line_number}: expected an alpaca row or a messages row")
+    return conversations

@@ -1,0 +1,142 @@
+"""Exact match and its normalisation; greedy batched generation on a tiny local model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lora_tune.evaluate import (
+    _load_conversations,
+    exact_match,
+    generate_answers,
+    normalize_answer,
+    normalized_exact_match,
+    prompt_messages,
+    reference_answer,
+)
+
+
+def test_exact_match_counts_identical_strings_only() -> None:
+    assert exact_match(["Paris", "Rome", "oslo"], ["Paris", "Bern", "Oslo"]) == pytest.approx(1 / 3)
+    assert exact_match(["Paris "], ["Paris"]) == 0.0
+    assert exact_match([], []) == 0.0
+
+
+def test_exact_match_refuses_lists_of_different_lengths() -> None:
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        exact_match(["a", "b"], ["a"])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Paris", "paris"),
+        ("  Paris.  ", "paris"),
+        ("New   York!", "new york"),
+        ("new\tyork ?!", "new york"),
+        ("STRASSE", "strasse"),
+        ("Straße", "strasse"),  # casefold, not lower
+        ("3.14", "3.14"),  # only trailing punctuation goes
+        ("...", ""),
+    ],
+)
+def test_normalize_answer(text: str, expected: str) -> None:
+    assert normalize_answer(text) == expected
+
+
+def test_normalized_exact_match_forgives_case_space_and_trailing_punctuation() -> None:
+    predictions = ["paris.", " Rome ", "Bern", "Oslo city"]
+    references = ["Paris", "Rome", "bern!", "Oslo"]
+    assert exact_match(predictions, references) == 0.0
+    assert normalized_exact_match(predictions, references) == 0.75
+
+
+def test_prompt_and_reference_of_a_conversation() -> None:
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris"},
+    ]
+    assert prompt_messages(conversation) == conversation[:2]
+    assert prompt_messages(conversation[:2]) == conversation[:2]
+    assert reference_answer(conversation) == "Paris"
+    with pytest.raises(ValueError):
+        reference_answer(conversation[:2])
+
+
+def test_load_conversations_reads_alpaca_and_messages_rows(tmp_path: Path) -> None:
+    rows = [
+        {"instruction": "Add the numbers.", "input": "2 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n", encoding="utf-8")
+    assert _load_conversations(path) == [
+        [{"role": "user", "content": "Add the numbers.\n\n2 3"}, {"role": "assistant", "content": "5"}],
+        [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+    ]
+    path.write_text('{"text": "no"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="rows.jsonl:1"):
+        _load_conversations(path)
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tiny_model_dir: Path):
+    """The tiny random model with a sharpened output layer: greedy choices are not near-ties."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+QUESTIONS = [
+    [{"role": "user", "content": "what is the colour of the sky?"}, {"role": "assistant", "content": "blue"}],
+    [{"role": "user", "content": "name a fruit"}],
+    [{"role": "system", "content": "count"}, {"role": "user", "content": "one two three four five six seven"}],
+    [{"role": "user", "content": "numbers 0 1 2"}, {"role": "assistant", "content": "3"}],
+    [{"role": "user", "content": "the quick brown fox jumps over the lazy dog, then what?"}],
+]
+
+
+def test_generate_answers_batched_with_left_padding_equals_one_by_one(peaked_model) -> None:
+    model, tokenizer = peaked_model
+    tokenizer.padding_side = "right"
+    batched = generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=6, batch_size=8, progress=False)
+    single = [generate_answers(model, tokenizer, [q], max_new_tokens=6, progress=False)[0] for q in QUESTIONS]
+    assert all(isinstance(answer, str) for answer in batched)
+    assert batched == single
+    assert len(set(batched)) > 1  # the answers depend on the prompt
+    assert tokenizer.padding_side == "right"  # restored
+
+
+def test_generate_answers_decodes_only_the_new_tokens_of_the_chat_prompt(peaked_model) -> None:
+    import torch
+
+    model, tokenizer = peaked_model
+    (answer,) = generate_answers(model, tokenizer, QUESTIONS[:1], max_new_tokens=4, progress=False)
+    prompt = tokenizer.apply_chat_template(QUESTIONS[0][:1], add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith(tokenizer.bos_token) and prompt.endswith("<|assistant|>\n")
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert (ids[0] == tokenizer.bos_token_id).sum() == 1  # the template's BOS only
+    with torch.no_grad():
+        output = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    assert answer == tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_generate_answers_borrows_eos_when_there_is_no_pad_token(peaked_model) -> None:
+    model, tokenizer = peaked_model
+    expected = generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=3, progress=False)
+    pad = tokenizer.pad_token
+    tokenizer.pad_token = None
+    try:
+        assert generate_answers(model, tokenizer, QUESTIONS, max_new_tokens=3, progress=False) == expected
+        assert tokenizer.pad_token is None
+    finally:
+        tokenizer.pad_token = pad
