@@ -16,7 +16,15 @@ EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come before or after flags (`train r.yaml --overwrite a.b=1`); argparse alone
+    # stops collecting a positional list at the first flag, so the rest is gathered here.
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     if args.command is None:
         parser.print_help()
         return EXIT_USER_ERROR

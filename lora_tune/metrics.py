@@ -79,3 +79,33 @@ def peak_memory() -> dict[str, float]:
     except ImportError:  # Windows
         pass
     return out
+
+
+def format_log_line(logs: dict[str, Any], step: int, max_steps: int) -> str | None:
+    """One short console line per log record (the full record goes to metrics.jsonl)."""
+    if "eval_loss" in logs:
+        return f"  eval  step {step}/{max_steps}: loss {logs['eval_loss']:.4f}"
+    if "loss" not in logs:
+        return None  # the trainer's closing runtime record: the summary reports it
+    parts = [f"  train step {step}/{max_steps}", f"loss {logs['loss']:.4f}"]
+    if "learning_rate" in logs:
+        parts.append(f"lr {logs['learning_rate']:.2e}")
+    if "grad_norm" in logs:
+        parts.append(f"grad norm {logs['grad_norm']:.3f}")
+    if "mean_token_accuracy" in logs:
+        parts.append(f"token acc {logs['mean_token_accuracy']:.3f}")
+    return "  ".join(parts)
+
+
+def compact_progress_callback() -> Any:
+    """transformers' progress bar, writing a short line per log step instead of the raw log dict."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class CompactProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - transformers' signature
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                line = format_log_line(logs, state.global_step, state.max_steps)
+                if line:
+                    self.training_bar.write(line)
+
+    return CompactProgress

@@ -45,7 +45,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from lora_tune.adapters import build_peft_config
     from lora_tune.check import PREFLIGHT_FILE, preflight
     from lora_tune.data import build_datasets
-    from lora_tune.metrics import metrics_callback, peak_memory, plot_loss, read_metrics
+    from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
     from lora_tune.trl_args import to_sft_config
 
@@ -86,6 +86,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         peft_config=build_peft_config(recipe.adapter),
         callbacks=[metrics_callback(run.metrics)],
     )
+    _use_compact_progress(trainer, compact_progress_callback())
 
     # 7. Train.
     output = trainer.train()
@@ -132,6 +133,13 @@ def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir) -> None:
     trainer.model.save_pretrained(build)
     tokenizer.save_pretrained(build)
     replace_dir_atomic(build, run.adapter)
+
+
+def _use_compact_progress(trainer: Any, compact: type) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    if trainer.callback_handler.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(compact)
 
 
 def _last(records: list[dict[str, Any]], key: str) -> Any:

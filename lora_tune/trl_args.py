@@ -48,10 +48,11 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         optim=OPTIMIZERS.get(t.optimizer, t.optimizer),
         seed=t.seed,
         data_seed=t.seed,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        # transformers hides the progress bar when its log level is above WARNING, which the CLI sets to keep the
+        # console readable; the bar is wanted regardless.
+        disable_tqdm=False,
         eval_strategy=t.eval_strategy,
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
@@ -61,5 +62,15 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         use_cpu=not torch.cuda.is_available(),
         # The data pipeline already tokenized, masked and shuffled; TRL truncates and packs.
         dataset_num_proc=None,
+        **checkpointing_args(SFTConfig, t.gradient_checkpointing),
         **mixed_precision_flags(recipe, model_dtype),
     )
+
+
+def checkpointing_args(config_class: type, enabled: bool) -> dict[str, object]:
+    """transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; use whichever exists."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}

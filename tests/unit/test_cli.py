@@ -77,3 +77,20 @@ def test_train_refuses_a_foreign_non_empty_output_dir(recipe, tmp_path, capsys):
     assert main(["train", str(recipe)]) == 2
     assert "holds no lora-tune run" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_console_log_lines_are_short():
+    from lora_tune.metrics import format_log_line
+
+    line = format_log_line({"loss": 0.54321, "learning_rate": 2.8e-3, "grad_norm": 0.0864, "epoch": 1.2}, 10, 125)
+    assert line == "  train step 10/125  loss 0.5432  lr 2.80e-03  grad norm 0.086"
+    assert format_log_line({"eval_loss": 0.0374, "eval_runtime": 0.1}, 25, 125) == "  eval  step 25/125: loss 0.0374"
+    assert format_log_line({"train_runtime": 31.7, "train_loss": 0.41}, 125, 125) is None
+
+
+def test_overrides_may_follow_flags(recipe, capsys):
+    assert main(["validate", str(recipe), "--print", "training.max_steps=3", "adapter.r=4"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "r: 4" in out
+    with pytest.raises(SystemExit):
+        main(["validate", str(recipe), "--bogus"])
