@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge into the NF4-dequantized base (QLoRA runs): exactly the function that was trained",
     )
+    merge.add_argument(
+        "--push-to-hub", metavar="ORG/NAME", default=None, help="after a successful merge, push the folder there"
+    )
+    merge.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository as private")
     merge.set_defaults(handler=cmd_merge)
 
     push = verbs.add_parser("push", help="upload a merged folder, or a run's adapter + model card, in one commit")
@@ -227,8 +231,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from lora_tune.export import merge
+    import re
 
+    from lora_tune.export import ExportError, merge
+    from lora_tune.export.push import REPO_ID
+
+    push_to = getattr(args, "push_to_hub", None)
+    if getattr(args, "private", False) and not push_to:
+        raise ExportError("--private needs --push-to-hub ORG/NAME")
+    if push_to and not re.match(REPO_ID, push_to):
+        raise ExportError(f"--push-to-hub: expected ORG/NAME, got '{push_to}'")
     result = merge(
         args.run_dir,
         args.output,
@@ -249,8 +261,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         lines.append(
             f"  vs a merge into the unquantized base: max |logit difference| {result.dequantized_vs_plain:.3g}"
         )
-    lines.append(f"Next:\n  lora-tune push {result.output} ORG/NAME --dry-run")
-    print("\n".join(lines))
+    if not push_to:
+        lines.append(f"Next:\n  lora-tune push {result.output} ORG/NAME --dry-run")
+    print("\n".join(lines), flush=True)
+    if push_to:
+        from lora_tune.export.push import format_push, push
+
+        print(format_push(push(result.output, push_to, private=args.private)))
     return EXIT_OK
 
 

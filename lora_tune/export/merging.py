@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_tune.export.errors import ExportError
 from lora_tune.export.streaming import (
+    ADAPTER_PREFIX,
     INDEX_FILE,
     SINGLE_FILE,
     AdapterPlan,
@@ -63,6 +65,7 @@ class MergeResult:
     max_abs_diff: float | None = None  # merged vs base + adapter, logits
     tolerance: float | None = None
     dequantized_vs_plain: float | None = None  # --from-dequantized: vs the merge into the unquantized base
+    vocab_size: int | None = None  # set when the adapter's embeddings were resized (added tokens)
     seconds: float = 0.0
 
 
@@ -119,10 +122,23 @@ def merge(
     output.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
     try:
+        result = None
         if streaming:
             prepare = nf4_round_trip(recipe, base_dir) if from_dequantized else None
-            result = stream_merge(base_dir, layout, plan, build, torch_dtype, recipe, prepare=prepare)
-        else:
+            try:
+                result = stream_merge(base_dir, layout, plan, build, torch_dtype, recipe, prepare=prepare)
+            except _NeedsPeft as exc:
+                if from_dequantized:
+                    raise ExportError(
+                        f"--from-dequantized: {exc}; the streaming merge cannot take this adapter"
+                    ) from None
+                log.warning(
+                    "merge: %s; using peft's merge_and_unload(), which holds the whole model in float32 memory, "
+                    "and fills rows the adapter does not carry as a seeded resize_token_embeddings() does",
+                    exc,
+                )
+                result = peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
+        if result is None:
             reason = f"{peft_type} adapter" if plan is None else ", ".join(plan.unsupported)
             log.warning(
                 "merge: %s has no streaming merge; using peft's merge_and_unload(), which holds the whole model "
@@ -131,7 +147,7 @@ def merge(
             )
             result = peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
         result.output, result.dtype = output, dtype
-        finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied))
+        finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
         copy_tokenizer(run.adapter, build, recipe)
 
         # 4. Verify: the merged folder must compute what base + adapter computes.
@@ -229,6 +245,8 @@ def stream_merge(
         home = next(shard for shard, shard_names in layout.items() if tied[target] in shard_names)
         shards[home].append(target)
 
+    vocab_size = resized_vocab(base_dir, layout, replacements, tied, aliases)
+
     weight_map: dict[str, str] = {}
     total = 0
     for index, (shard, shard_names) in enumerate(shards.items(), start=1):
@@ -250,7 +268,93 @@ def stream_merge(
         lora_modules=len(targets),
         replaced_tensors=len(replacements),
         untied=untied,
+        vocab_size=vocab_size,
     )
+
+
+class _NeedsPeft(Exception):
+    """The streaming merge cannot reproduce this adapter unambiguously; peft's merge_and_unload() takes over."""
+
+
+def resized_vocab(
+    base_dir: Path,
+    layout: dict[str, list[str]],
+    replacements: dict[str, torch.Tensor],
+    tied: dict[str, str],
+    aliases: dict[str, str],
+) -> int | None:
+    """The new vocabulary size when modules_to_save tensors were resized (tokens added), else None.
+
+    Every changed tensor must be [vocab, hidden] -> [new vocab, hidden] with one new size, and no other base tensor
+    may keep the old vocabulary's rows (e.g. an lm_head tied to a resized embedding, or not saved by the adapter):
+    its new rows were never saved, so the merge raises _NeedsPeft instead of guessing.
+    """
+    shapes: dict[str, list[int]] = {}
+    for shard, names in layout.items():
+        reader = ShardReader(base_dir / shard)
+        shapes.update({name: list(reader.shape(name)) for name in names})
+    for target, source in tied.items():
+        shapes.setdefault(target, shapes[source])
+    changed = {
+        name: (shapes[name], list(t.shape)) for name, t in replacements.items() if list(t.shape) != shapes[name]
+    }
+    if not changed:
+        return None
+    old = {before[0] for before, _ in changed.values()}
+    new = {after[0] for _, after in changed.values()}
+    for name, (before, after) in changed.items():
+        if len(before) != 2 or len(after) != 2 or before[1] != after[1] or len(old) != 1 or len(new) != 1:
+            raise _NeedsPeft(f"modules_to_save tensor '{name}' changes shape {before} -> {after}")
+    old_vocab, new_vocab = old.pop(), new.pop()
+    outputs = [name for names in layout.values() for name in names] + list(aliases)
+    for name in outputs:
+        if name not in changed and len(shapes[name]) == 2 and shapes[name][0] == old_vocab:
+            raise _NeedsPeft(
+                f"the adapter resizes the vocabulary {old_vocab} -> {new_vocab} but carries no resized '{name}' "
+                "(tied embeddings, or a resized layer missing from modules_to_save)"
+            )
+    log.info("merge: vocabulary resized by the adapter: %d -> %d tokens", old_vocab, new_vocab)
+    return new_vocab
+
+
+def resize_to_adapter(model: Any, adapter: Path) -> None:
+    """Resize a freshly loaded base's embeddings to the vocabulary the adapter was trained with (added tokens).
+
+    The size comes from the adapter's embedding tensors (modules_to_save copies, saved embedding layers or LoRA
+    embedding factors). Rows the adapter does not carry are initialised under a fixed seed, so the peft merge and
+    its verification see the same values.
+    """
+    import torch
+
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    modules = {id(m): n for n, m in model.named_modules()}
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    names = [modules[id(m)] for m in layers if m is not None and id(m) in modules]
+    current = model.get_input_embeddings().weight.shape[0]
+    sizes = set()
+    for key, info in ShardReader(weights).header.items():
+        if ".original_module." in key:
+            continue
+        name = re.sub(
+            r"\.(modules_to_save\.default|modules_to_save|default)(?=\.|$)", "", key.removeprefix(ADAPTER_PREFIX)
+        )
+        for layer in names:
+            if name == f"{layer}.weight" and len(info["shape"]) == 2:
+                sizes.add(info["shape"][0])
+            elif name == f"{layer}.lora_embedding_A" and len(info["shape"]) == 2:
+                sizes.add(info["shape"][1])
+    sizes.discard(current)
+    if not sizes:
+        return
+    if len(sizes) > 1:
+        raise ExportError(f"adapter: embedding tensors disagree on the vocabulary size ({sorted(sizes)})")
+    size = sizes.pop()
+    log.info("merge: resizing the base's embeddings %d -> %d tokens, as the adapter was trained", current, size)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model.resize_token_embeddings(size, mean_resizing=False)
 
 
 def tied_weights(base_dir: Path, recipe: Recipe) -> dict[str, str]:
@@ -325,6 +429,7 @@ def peft_merge(base_dir: Path, adapter: Path, build: Path, dtype: torch.dtype, r
     base = AutoModelForCausalLM.from_pretrained(
         base_dir, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code, use_safetensors=True
     )
+    resize_to_adapter(base, adapter)
     model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     model.to(dtype).save_pretrained(build, max_shard_size="4GB")
     shards = len(list(build.glob("*.safetensors")))
@@ -336,11 +441,13 @@ def peft_merge(base_dir: Path, adapter: Path, build: Path, dtype: torch.dtype, r
         lora_modules=0,
         replaced_tensors=0,
         untied=[],
+        vocab_size=model.get_input_embeddings().weight.shape[0],
     )
 
 
-def finish_config(base_dir: Path, build: Path, dtype_name: str, *, untie: bool) -> None:
-    """config.json of the base (or as peft saved it) with the output dtype and no quantization settings."""
+def finish_config(base_dir: Path, build: Path, dtype_name: str, *, untie: bool, vocab_size: int | None = None) -> None:
+    """config.json of the base (or as peft saved it) with the output dtype, no quantization settings, and the
+    vocabulary size of the merged embeddings when the adapter resized them."""
     source = build / "config.json" if (build / "config.json").is_file() else base_dir / "config.json"
     config = json.loads(source.read_text(encoding="utf-8"))
     config.pop("quantization_config", None)
@@ -349,6 +456,9 @@ def finish_config(base_dir: Path, build: Path, dtype_name: str, *, untie: bool) 
         config["torch_dtype"] = dtype_name
     if untie:
         config["tie_word_embeddings"] = False
+    if vocab_size is not None:
+        holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+        holder["vocab_size"] = vocab_size
     write_json_atomic(build / "config.json", config)
     generation = base_dir / "generation_config.json"
     if generation.is_file() and not (build / "generation_config.json").is_file():

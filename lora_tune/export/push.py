@@ -6,14 +6,24 @@ HF_ENDPOINT; neither is printed or written by lora-tune.
 
 from __future__ import annotations
 
+import logging
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lora_tune.export.errors import ExportError
 from lora_tune.run_dir import RunDir
 
+log = logging.getLogger(__name__)
+
 REPO_ID = r"^[\w.-]+/[\w.-]+$"
+ATTEMPTS = 3  # per hub call (create_repo, create_commit)
+BACKOFF_S = 2.0  # seconds before the 2nd attempt, doubled before each next one
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # transient; any other status fails at once
+sleep = time.sleep  # monkeypatched by tests
 
 
 @dataclass
@@ -85,21 +95,93 @@ def push(
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi(endpoint=endpoint)
-    operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=src) for path, src in files.items()]
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create repo")
         # create_commit rather than upload_folder: with hf_xet installed, upload_folder may split a folder into
-        # several commits; one commit keeps a push all-or-nothing.
-        info = api.create_commit(repo_id, operations=operations, commit_message=message)
+        # several commits; one commit keeps a push all-or-nothing. Operations are rebuilt for each attempt.
+        info = with_retries(
+            lambda: api.create_commit(
+                repo_id,
+                operations=[CommitOperationAdd(path_in_repo=path, path_or_fileobj=src) for path, src in files.items()],
+                commit_message=message,
+            ),
+            "commit",
+        )
     except OfflineModeIsEnabled:
         raise ExportError("push: HF_HUB_OFFLINE is set; unset it to reach the hub") from None
     except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "?"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        status = _status(exc) or "?"
         hint = " (log in with `hf auth login` or set HF_TOKEN)" if status in (401, 403) else ""
-        raise ExportError(f"push to {repo_id} failed: HTTP {status}: {first}{hint}") from None
+        raise ExportError(f"push to {repo_id} failed: HTTP {status}: {_first_line(exc)}{hint}") from None
+    except _connection_errors() as exc:
+        raise ExportError(
+            f"push to {repo_id} failed: cannot reach the hub after {ATTEMPTS} attempts: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from None
     result.url = info.commit_url
     return result
+
+
+def with_retries(call: Callable[[], Any], what: str) -> Any:
+    """`call()`, retried up to ATTEMPTS times with exponential backoff on connection errors, HTTP 408/429/5xx."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    transient = _connection_errors()
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return call()
+        except OfflineModeIsEnabled:
+            raise
+        except (HfHubHTTPError, *transient) as exc:
+            status = _status(exc) if isinstance(exc, HfHubHTTPError) else None
+            if isinstance(exc, HfHubHTTPError) and status not in RETRY_STATUS:
+                raise
+            if attempt == ATTEMPTS:
+                raise
+            delay = BACKOFF_S * 2 ** (attempt - 1)
+            reason = f"HTTP {status}" if status is not None else type(exc).__name__
+            log.warning(
+                "push: %s failed (%s), retrying in %.0fs (attempt %d/%d)", what, reason, delay, attempt + 1, ATTEMPTS
+            )
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _status(exc: Exception) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    token = _token()
+    return first.replace(token, "***") if token else first
+
+
+def _token() -> str | None:
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001 - only used to scrub messages
+        return None
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Connection-level errors of the HTTP client huggingface_hub uses (httpx2 in 2.4; httpx/requests before)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (
+        ("httpx2", "TransportError"),
+        ("httpx", "TransportError"),
+        ("requests", "ConnectionError"),
+        ("requests", "Timeout"),
+    ):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
 
 
 def format_push(result: PushResult) -> str:

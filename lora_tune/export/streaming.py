@@ -34,6 +34,7 @@ _FACTOR = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.default)?(?P<param>\.weight|\.bias)?$"
 )
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save(?:\.default)?(?=\.)")
 # LoRA options this module merges itself; any other non-default option goes through peft's merge_and_unload().
 _UNSUPPORTED_OPTIONS = (
     "layer_replication",
@@ -94,7 +95,12 @@ def read_adapter(adapter_dir: Path) -> AdapterPlan:
         name = key.removeprefix(ADAPTER_PREFIX)
         match = _FACTOR.match(name)
         if match is None:
-            replacements[name.replace(".modules_to_save.default", "")] = tensor
+            if ".original_module." in name:  # the base's copy, saved with resized embedding layers: not used
+                continue
+            base_name = _MODULES_TO_SAVE.sub("", name)
+            # A modules_to_save copy (the trained one) wins over a saved embedding layer of the same name.
+            if base_name not in replacements or base_name != name:
+                replacements[base_name] = tensor
             continue
         module, kind, param = match["module"], match["kind"], match["param"]
         update = updates.setdefault(module, LoraUpdate(module=module, scale=0.0))

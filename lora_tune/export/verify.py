@@ -62,6 +62,9 @@ def reference_logits(base_dir: Path, adapter: Path, recipe: Recipe, input_ids: t
         base = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code, use_safetensors=True
         )
+    from lora_tune.export.merging import resize_to_adapter
+
+    resize_to_adapter(base, adapter)
     model = PeftModel.from_pretrained(base, adapter)
     logits = logits_of(model, input_ids)
     del model, base
@@ -103,7 +106,8 @@ def verify_merge(
     """
     import json
 
-    vocab = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    vocab = config.get("vocab_size") or config.get("text_config", {})["vocab_size"]
     input_ids = verification_inputs(vocab)
     plain = reference_logits(base_dir, adapter, recipe, input_ids, quantized=False)
     trained = reference_logits(base_dir, adapter, recipe, input_ids, quantized=True) if from_dequantized else None

@@ -259,3 +259,70 @@ def test_a_wrong_merge_fails_verification_and_writes_nothing(tiny_model_dir: Pat
     with pytest.raises(VerificationError, match="verification failed"):
         merge(run, tmp_path / "merged", dtype="bf16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def make_resized_run(root: Path, base_dir: Path, modules_to_save: list[str]) -> tuple[Path, int]:
+    """A run whose tokenizer got new tokens and whose embeddings were resized before peft wrapped the model."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = root / "run"
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.add_tokens(["<fruit>", "<veg>", "<nut>", "<berry>"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))
+    model = get_peft_model(model, lora(modules_to_save=modules_to_save))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+    model.save_pretrained(run / "adapter")
+    tokenizer.save_pretrained(run / "adapter")
+    (run / "recipe.yaml").write_text(RECIPE.format(model=base_dir, out=run))
+    (run / "summary.json").write_text(json.dumps({"steps": 3, "train_loss": 1.5, "eval_loss": None}))
+    return run, len(tokenizer)
+
+
+def resized_reference_diff(merged: Path, run: Path, base_dir: Path, vocab: int) -> float:
+    """Max |logit difference| of the merged folder vs base (resized to `vocab`) + adapter, on new tokens too."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, :4] = torch.arange(vocab - 4, vocab)  # the added tokens
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        base.resize_token_embeddings(vocab)
+        reference = PeftModel.from_pretrained(base, run / "adapter")(ids).logits
+        merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+        assert merged_model.get_input_embeddings().weight.shape[0] == vocab
+        merged_logits = merged_model(ids).logits
+    assert merged_logits.shape[-1] == vocab
+    return float((merged_logits - reference).abs().max())
+
+
+def test_added_tokens_with_resized_embeddings_survive_the_merge(tiny_model_dir: Path, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    run, vocab = make_resized_run(tmp_path, tiny_model_dir, ["embed_tokens", "lm_head"])
+    base_vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    assert vocab == base_vocab + 4
+    result = merge(run, tmp_path / "merged", dtype="fp32")  # verification resizes the reference base too
+    assert result.method == "streaming" and result.vocab_size == vocab and result.replaced_tensors == 2
+    assert result.max_abs_diff <= result.tolerance
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == vocab
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == vocab
+    assert resized_reference_diff(tmp_path / "merged", run, tiny_model_dir, vocab) < 1e-4
+
+
+def test_resized_embeddings_on_a_tied_base_merge_and_verify(tiny_model_dir: Path, tmp_path: Path):
+    # peft also saves the resized (tied) embedding layers here, so the streaming merge has every resized tensor;
+    # without them it would fall back to peft's merge_and_unload (see merging.resized_vocab).
+    base = save_base(tiny_model_dir, tmp_path / "tied-base", tied=True)
+    run, vocab = make_resized_run(tmp_path, base, ["embed_tokens"])
+    result = merge(run, tmp_path / "merged", dtype="fp32")
+    assert result.max_abs_diff <= result.tolerance and result.vocab_size == vocab
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == vocab

@@ -20,6 +20,7 @@ class FakeHub(BaseHTTPRequestHandler):
     requests: list[tuple[str, str]] = []
     repos: dict[str, dict] = {}
     commits: list[dict] = []
+    failures: dict[str, list[int]] = {}  # endpoint kind ("create", "commit") -> statuses to answer first, in order
 
     def log_message(self, *args) -> None:  # noqa: ANN002 - keep the test output clean
         pass
@@ -40,6 +41,10 @@ class FakeHub(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         path = self.path.split("?")[0]
         self.requests.append(("POST", path))
+        kind = "create" if path == "/api/repos/create" else "commit" if "/commit/" in path else None
+        if kind and self.failures.get(kind):
+            status = self.failures[kind].pop(0)
+            return self._reply(status, {"error": f"fake hub answers {status}"})
         if path == "/api/repos/create":
             payload = json.loads(body)
             repo_id = f"{payload['organization']}/{payload['name']}"
@@ -69,9 +74,15 @@ class FakeHub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub(monkeypatch):
+    import importlib
+
     import huggingface_hub.constants
 
-    FakeHub.requests, FakeHub.repos, FakeHub.commits = [], {}, []
+    push_module = importlib.import_module("lora_tune.export.push")  # the package's `push` shadows the module name
+
+    FakeHub.requests, FakeHub.repos, FakeHub.commits, FakeHub.failures = [], {}, [], {}
+    FakeHub.sleeps = []
+    monkeypatch.setattr(push_module, "sleep", FakeHub.sleeps.append)
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -139,3 +150,89 @@ def test_push_refuses_a_folder_that_is_neither_run_nor_model(tmp_path: Path, cap
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["push", str(tmp_path), "me/x", "--dry-run"]) == 2
     assert "neither a lora-tune run directory" in capsys.readouterr().err
+
+
+def test_transient_hub_error_is_retried_with_backoff(hub, merged_and_run, capsys):
+    merged, _ = merged_and_run
+    hub.failures = {"commit": [503]}
+    assert main(["push", str(merged), "me/tiny-retry"]) == 0
+    commit_posts = [path for method, path in hub.requests if "/commit/" in path]
+    assert len(commit_posts) == 2, "one failed attempt, one retry"
+    assert len(hub.commits) == 1 and set(hub.commits[0]["files"]) == {p.name for p in merged.iterdir()}
+    assert hub.sleeps == [2.0]
+    out = capsys.readouterr().out
+    assert "commit failed (HTTP 503), retrying in 2s (attempt 2/3)" in out and "Uploaded merged model" in out
+
+
+def test_persistent_5xx_gives_up_after_the_attempts(hub, merged_and_run, capsys):
+    merged, _ = merged_and_run
+    hub.failures = {"create": [502, 502, 502]}
+    assert main(["push", str(merged), "me/tiny-down"]) == 2
+    assert hub.sleeps == [2.0, 4.0] and hub.commits == []
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "HTTP 502" in err
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_client_errors_fail_at_once_without_the_token(hub, merged_and_run, capsys, status):
+    merged, _ = merged_and_run
+    hub.failures = {"commit": [status]}
+    assert main(["push", str(merged), "me/tiny-denied"]) == 2
+    assert [path for _, path in hub.requests if "/commit/" in path] == ["/api/models/me/tiny-denied/commit/main"]
+    assert hub.sleeps == [] and hub.commits == []
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and f"HTTP {status}" in err
+    assert "hf_fake_token" not in captured.err + captured.out
+    if status == 401:
+        assert "hf auth login" in err
+
+
+def test_connection_error_is_retried(hub, merged_and_run, monkeypatch):
+    import httpx2
+    from huggingface_hub import HfApi
+
+    merged, _ = merged_and_run
+    real = HfApi.create_repo
+    calls = []
+
+    def flaky(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - HfApi.create_repo's signature
+        calls.append(1)
+        if len(calls) == 1:
+            raise httpx2.ConnectError("connection refused")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_repo", flaky)
+    assert main(["push", str(merged), "me/tiny-flaky"]) == 0
+    assert len(calls) == 2 and hub.sleeps == [2.0] and len(hub.commits) == 1
+
+
+def test_merge_with_push_to_hub_uploads_the_verified_folder(hub, tiny_model_dir: Path, tmp_path: Path, capsys):
+    run = make_run(tmp_path, tiny_model_dir, lora())
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--output", str(out), "--push-to-hub", "me/tiny-pushed", "--private"]) == 0
+    assert hub.repos == {"me/tiny-pushed": {"visibility": "private"}}
+    assert len(hub.commits) == 1
+    local = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert hub.commits[0]["files"] == local and "README.md" in local
+    out_text = capsys.readouterr().out
+    assert "verified" in out_text and "Uploaded merged model" in out_text
+
+
+def test_merge_push_needs_a_repo_for_private(tiny_model_dir: Path, tmp_path: Path, capsys):
+    run = make_run(tmp_path, tiny_model_dir, lora())
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--private"]) == 2
+    assert "--private needs --push-to-hub" in capsys.readouterr().err
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--push-to-hub", "not a repo"]) == 2
+    assert "expected ORG/NAME" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists(), "checked before merging"
+
+
+def test_failed_merge_pushes_nothing(hub, tiny_model_dir: Path, tmp_path: Path, monkeypatch):
+    from lora_tune.export.streaming import LoraUpdate
+
+    run = make_run(tmp_path, tiny_model_dir, lora())
+    real_delta = LoraUpdate.delta
+    monkeypatch.setattr(LoraUpdate, "delta", lambda self, fan_in_fan_out: 3 * real_delta(self, fan_in_fan_out))
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--push-to-hub", "me/x"]) == 1
+    assert hub.requests == []
