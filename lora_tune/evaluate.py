@@ -8,12 +8,10 @@ repeated whitespace and trailing punctuation.
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -126,27 +124,3 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 def normalized_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """`exact_match` after `normalize_answer` on both sides."""
     return exact_match([normalize_answer(p) for p in predictions], [normalize_answer(r) for r in references])
-
-
-def _load_conversations(path: str | Path) -> list[list[Message]]:
-    """Conversations from a JSON-lines file of alpaca rows or `{"messages": [...]}` rows.
-
-    Minimal on purpose: the data pipeline's own loader (format detection, validation) replaces it.
-    """
-    conversations: list[list[Message]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            row: dict[str, Any] = json.loads(line)
-            if "messages" in row:
-                conversations.append([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
-            elif "instruction" in row and "output" in row:
-                extra = row.get("input") or ""
-                user = row["instruction"] + ("\n\n" + extra if extra else "")
-                conversations.append(
-                    [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-                )
-            else:
-                raise ValueError(f"{path}:{line_number}: expected an alpaca row or a messages row")
-    return conversations

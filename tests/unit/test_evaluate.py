@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from lora_tune.evaluate import (
-    _load_conversations,
     exact_match,
     generate_answers,
     normalize_answer,
@@ -64,24 +62,6 @@ def test_prompt_and_reference_of_a_conversation() -> None:
     assert reference_answer(conversation) == "Paris"
     with pytest.raises(ValueError):
         reference_answer(conversation[:2])
-
-
-def test_load_conversations_reads_alpaca_and_messages_rows(tmp_path: Path) -> None:
-    rows = [
-        {"instruction": "Add the numbers.", "input": "2 3", "output": "5"},
-        {"instruction": "Say hi.", "input": "", "output": "hi"},
-        {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
-    ]
-    path = tmp_path / "rows.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n", encoding="utf-8")
-    assert _load_conversations(path) == [
-        [{"role": "user", "content": "Add the numbers.\n\n2 3"}, {"role": "assistant", "content": "5"}],
-        [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
-        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
-    ]
-    path.write_text('{"text": "no"}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="rows.jsonl:1"):
-        _load_conversations(path)
 
 
 @pytest.fixture(scope="module")
