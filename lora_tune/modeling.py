@@ -75,15 +75,7 @@ def build_bnb_config(quant: QuantizationConfig, model_dtype: torch.dtype) -> Bit
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute,
-        # Stored in the compute dtype so FSDP can shard the 4-bit weights like any other parameter.
-        bnb_4bit_quant_storage=compute if compute != _float32() else None,
     )
-
-
-def _float32() -> torch.dtype:
-    import torch
-
-    return torch.float32
 
 
 def device_map() -> dict[str, int] | str:
