@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", metavar="FILE", default=None, help="also write the full report as JSON")
     check.set_defaults(handler=cmd_check)
 
+    data = verbs.add_parser(
+        "data", help="preview the training data: counts, lengths, drops, padding, trained tokens; loads no weights"
+    )
+    _recipe_arguments(data)
+    data.add_argument("--n", type=int, default=3, metavar="N", help="examples to show (default 3)")
+    data.set_defaults(handler=cmd_data)
+
     evaluate = verbs.add_parser("eval", help="exact-match accuracy of a run's adapter (and the base) on held-out data")
     evaluate.add_argument("run_dir", help="run directory written by `lora-tune train`")
     evaluate.add_argument("--data", required=True, help="a .jsonl file in alpaca or messages form")
@@ -91,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", default=None, help="commit message (default names the run)")
     push.set_defaults(handler=cmd_push)
 
-    for sub in (train, validate, check, evaluate, merge, push):
+    for sub in (train, validate, check, data, evaluate, merge, push):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -170,6 +177,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         write_json_atomic(Path(args.json), report.to_json())
     print(report.format())
     return EXIT_OK if report.passed else EXIT_USER_ERROR
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from lora_tune.data.preview import build_preview, format_preview
+    from lora_tune.modeling import load_tokenizer
+    from lora_tune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    tokenizer = load_tokenizer(recipe.model)  # the tokenizer only: the preview never loads model weights
+    preview = build_preview(recipe, tokenizer, n=max(0, args.n))
+    print(format_preview(preview, tokenizer, color=sys.stdout.isatty()))
+    return EXIT_OK
 
 
 def describe(recipe) -> str:  # noqa: ANN001 - Recipe, imported lazily by callers

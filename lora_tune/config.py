@@ -47,8 +47,19 @@ class ModelConfig(StrictModel):
         False, description="Run Python code shipped with the model repository. Off unless you trust its author."
     )
     chat_template: str | None = Field(
-        None, description="Jinja chat template that replaces the tokenizer's own (inline text or a .jinja file path)."
+        None,
+        description="Chat template replacing the tokenizer's own: a built-in name (chatml, qwen, llama-3, mistral, "
+        "llama-2, alpaca, gemma), inline Jinja text or a .jinja file path; null = the tokenizer's.",
     )
+
+    @model_validator(mode="after")
+    def _known_template_name(self) -> ModelConfig:
+        from lora_tune.data.templates import BUILTIN_TEMPLATES, builtin_template, looks_like_template_name
+
+        value = self.chat_template
+        if value is not None and looks_like_template_name(value) and builtin_template(value) is None:
+            raise FieldError("chat_template", f"unknown template '{value}'; built-ins: {', '.join(BUILTIN_TEMPLATES)}")
+        return self
 
 
 class QuantizationConfig(StrictModel):
@@ -123,7 +134,16 @@ class TrainingConfig(StrictModel):
     )
     gradient_accumulation_steps: PositiveInt = Field(1, description="Forward passes per optimizer step.")
     max_length: PositiveInt | None = Field(1024, description="Longest tokenized example; longer ones are truncated.")
-    packing: bool = Field(False, description="Pack several examples into each max_length row (needs max_length).")
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each max_length row, padding-free with position ids restarting per "
+        "example so examples never attend to each other (needs max_length; see README: Packing).",
+    )
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant",
+        description="Tokens in the loss: assistant = every assistant turn and its end-of-turn marker, nothing of "
+        "system/user/tool turns; all = the whole rendered conversation.",
+    )
     lr_scheduler: LrScheduler = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: float = Field(
         0.03, ge=0, description="Warmup length: a step count when >= 1, else a fraction of all steps."

@@ -39,26 +39,11 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_load_failure("tokenizer", source, exc)) from exc
-    if model_cfg.chat_template is not None:
-        tokenizer.chat_template = _read_template(model_cfg.chat_template)
-    if tokenizer.chat_template is None:
-        raise ModelLoadError(
-            f"model.chat_template: tokenizer of '{source}' has no chat template; set model.chat_template "
-            "(a Jinja string or a .jinja file)"
-        )
-    if tokenizer.pad_token is None:
-        # Safe even when it is EOS: labels come from the data pipeline's masks, never from comparing with pad ids.
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    from lora_tune.data.templates import apply_chat_template_choice, ensure_pad_token
+
+    apply_chat_template_choice(tokenizer, model_cfg.chat_template, source)
+    ensure_pad_token(tokenizer)
     return tokenizer
-
-
-def _read_template(value: str) -> str:
-    path = Path(value)
-    if value.endswith(".jinja"):
-        if not path.is_file():
-            raise ModelLoadError(f"model.chat_template: file '{value}' not found")
-        return path.read_text(encoding="utf-8")
-    return value
 
 
 def build_bnb_config(quant: QuantizationConfig, model_dtype: torch.dtype) -> BitsAndBytesConfig | None:

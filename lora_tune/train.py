@@ -66,6 +66,9 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
     train_set = prepared.datasets["train"]
     eval_set = prepared.datasets.get("validation")
+    from lora_tune.data.packing import log_batching  # padding fraction, packed and padded
+
+    log_batching(recipe, [len(ids) for ids in train_set["input_ids"]], on_gpu=_on_gpu())
 
     # 5. Base model, 4-bit/8-bit when the recipe quantizes, prepared for k-bit training.
     import transformers
@@ -140,6 +143,12 @@ def _use_compact_progress(trainer: Any, compact: type) -> None:
 
     if trainer.callback_handler.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(compact)
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _last(records: list[dict[str, Any]], key: str) -> Any:

@@ -30,6 +30,8 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
     import torch
     from trl import SFTConfig
 
+    from lora_tune.data.packing import sft_packing_args
+
     t = recipe.training
     return SFTConfig(
         output_dir=str(checkpoint_dir),
@@ -40,7 +42,7 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_length=t.max_length,
-        packing=t.packing,
+        **sft_packing_args(recipe),
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,

@@ -5,26 +5,39 @@ rendered once, and each assistant turn is located as a character span by renderi
 `i` starts where `messages[:i]` rendered with the generation prompt ends, and ends where `messages[:i + 1]` ends
 (so the end-of-turn marker is trained, and the model learns to stop), less trailing whitespace. The full text is
 tokenized once with offsets, and a token is trained when its characters overlap an assistant span.
+
+`train_on="all"` trains every token instead (full-sequence loss). `tokenize_batch` renders many conversations and
+tokenizes them in one call of the fast (Rust) tokenizer; `tokenize_dataset` runs it through `datasets.map`
+(batched, `num_proc` workers, cached by `datasets` when the dataset is backed by files).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from lora_tune.data.formats import Message
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100  # label of tokens that do not contribute to the loss (what transformers' loss ignores)
 
 Span = tuple[int, int]
+TrainOn = Literal["assistant", "all"]
+Tools = Sequence[Mapping[str, Any]] | None
 
 
 class TemplateError(ValueError):
-    """The chat template cannot render this conversation, or assistant turns cannot be located in its rendering."""
+    """The chat template cannot render this conversation, or assistant turns cannot be located in its rendering.
+
+    `index` is the conversation's position in the batch given to `tokenize_batch` (None for a single one).
+    """
+
+    index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -40,17 +53,20 @@ class TokenizedExample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def render_with_spans(messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[Span]]:
+def render_with_spans(
+    messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase, tools: Tools = None
+) -> tuple[str, list[Span]]:
     """The conversation rendered by the chat template, and the [start, end) character span of each assistant turn."""
-    text = _render(tokenizer, messages, add_generation_prompt=False)
+    messages = [_plain(m) for m in messages]
+    text = _render(tokenizer, messages, add_generation_prompt=False, tools=tools)
     spans: list[Span] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         if i == 0:
             raise TemplateError("the conversation starts with an assistant turn; a user turn must come first")
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not text.startswith(before):
             raise _not_a_prefix(i, " with the generation prompt")
         if not text.startswith(through):
@@ -61,23 +77,112 @@ def render_with_spans(messages: Sequence[Message], tokenizer: PreTrainedTokenize
 
 
 def tokenize_conversation(
-    messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+    messages: Sequence[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    *,
+    train_on: TrainOn = "assistant",
+    tools: Tools = None,
 ) -> TokenizedExample:
     """Token ids and labels of a canonical conversation; ids are cut to the first `max_length` when longer.
 
     Check `num_trained` on the result: truncation may leave no assistant token, and such an example teaches nothing.
     """
-    text, spans = render_with_spans(messages, tokenizer)
+    return tokenize_batch([messages], tokenizer, max_length, train_on=train_on, tools=[tools])[0]
+
+
+def tokenize_batch(
+    conversations: Sequence[Sequence[Message]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    *,
+    train_on: TrainOn = "assistant",
+    tools: Sequence[Tools] | None = None,
+) -> list[TokenizedExample]:
+    """`tokenize_conversation` for many conversations, with one batched call of the fast tokenizer.
+
+    `tools[i]` (optional) is the tool list of conversation i, passed to the chat template as `tools=`. Raises
+    `TemplateError` for the first conversation the template cannot render or mask.
+    """
+    if not conversations:
+        return []
+    tool_lists = list(tools) if tools is not None else [None] * len(conversations)
+    # One rendering per conversation pays off once the few cross-checks of `_render_marked` are amortised.
+    rendered = _render_marked(conversations, tokenizer, tool_lists) if len(conversations) >= 8 else None
+    if rendered is None:
+        rendered = []
+        for i, (messages, tool_list) in enumerate(zip(conversations, tool_lists, strict=True)):
+            try:
+                rendered.append(render_with_spans(messages, tokenizer, tool_list))
+            except TemplateError as e:
+                e.index = i if len(conversations) > 1 else None  # lets the caller name the row
+                raise
     try:
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        encoding = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as e:  # slow (Python) tokenizers have no offsets
         raise TemplateError("assistant-only masking needs a fast tokenizer (one with offset mappings)") from e
-    ids: list[int] = list(encoding["input_ids"])
-    trained = _overlaps(encoding["offset_mapping"], spans)
-    # The template usually writes BOS itself; when it does not but the tokenizer adds one by default, add it too.
     bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos) and _adds_bos(tokenizer):
-        ids, trained = [bos, *ids], [False, *trained]
+    add_bos = bos is not None and _adds_bos(tokenizer)
+    return [
+        _example(list(ids), offsets, spans, max_length, train_on, bos if add_bos else None)
+        for ids, offsets, (_, spans) in zip(encoding["input_ids"], encoding["offset_mapping"], rendered, strict=True)
+    ]
+
+
+def tokenize_dataset(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    *,
+    train_on: TrainOn = "assistant",
+    num_proc: int | None = None,
+    batch_size: int = 1000,
+) -> Dataset:
+    """Map a dataset with a `messages` column (and optionally `tools`, a list or its JSON text) to tokenized columns.
+
+    Adds `input_ids`, `labels`, `truncated` and `num_trained` and removes the other columns. Batched over the fast
+    tokenizer, in `num_proc` processes; `datasets` caches the result when the dataset is backed by files.
+    """
+    return dataset.map(
+        _tokenize_columns,
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        remove_columns=dataset.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "train_on": train_on},
+        desc="Tokenizing",
+    )
+
+
+def _tokenize_columns(
+    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, max_length: int | None, train_on: TrainOn
+) -> dict[str, list[Any]]:
+    import json
+
+    tools = batch.get("tools")
+    if tools is not None:
+        tools = [json.loads(t) if isinstance(t, str) else t for t in tools]
+    examples = tokenize_batch(batch["messages"], tokenizer, max_length, train_on=train_on, tools=tools)
+    return {
+        "input_ids": [e.input_ids for e in examples],
+        "labels": [e.labels for e in examples],
+        "truncated": [e.truncated for e in examples],
+        "num_trained": [e.num_trained for e in examples],
+    }
+
+
+def _example(
+    ids: list[int],
+    offsets: Sequence[tuple[int, int]],
+    spans: Sequence[Span],
+    max_length: int | None,
+    train_on: TrainOn,
+    bos: int | None,
+) -> TokenizedExample:
+    trained = [True] * len(ids) if train_on == "all" else _overlaps(offsets, spans)
+    # The template usually writes BOS itself; when it does not but the tokenizer adds one by default, add it too.
+    if bos is not None and (not ids or ids[0] != bos):
+        ids, trained = [bos, *ids], [train_on == "all", *trained]
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, trained = ids[:max_length], trained[:max_length]
@@ -85,14 +190,67 @@ def tokenize_conversation(
     return TokenizedExample(input_ids=ids, labels=labels, truncated=truncated)
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *, add_generation_prompt: bool) -> str:
+def _render_marked(
+    conversations: Sequence[Sequence[Message]], tokenizer: PreTrainedTokenizerBase, tools: Sequence[Tools]
+) -> list[tuple[str, list[Span]]] | None:
+    """Fast path: one rendering per conversation, assistant spans from the template's `{% generation %}` blocks.
+
+    Used only when the template has generation markers and, on the batch's first and last conversations (and the
+    first with tools), they give exactly the spans prefix rendering gives (a template may leave the end-of-turn
+    token outside its markers); else None, and the caller renders prefixes.
+    """
+    import re
+
+    from jinja2 import TemplateError as JinjaError
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not re.search(r"\{%-?\s*generation\s*-?%\}", template):
+        return None
+    rendered: list[tuple[str, list[Span]]] = []
+    for messages, tool_list in zip(conversations, tools, strict=True):
+        try:
+            texts, indices = render_jinja_template(
+                conversations=[[_plain(m) for m in messages]],
+                tools=[dict(t) for t in tool_list] if tool_list else None,
+                chat_template=template,
+                return_assistant_tokens_mask=True,
+                **tokenizer.special_tokens_map,
+            )
+        except JinjaError:
+            return None  # let the prefix path raise its clearer error
+        text = texts[0]
+        spans = [(start, max(start, len(text[:end].rstrip()))) for start, end in indices[0]]
+        rendered.append((text, spans))
+    with_tools = next((i for i, t in enumerate(tools) if t), 0)
+    for i in {0, len(rendered) - 1, with_tools}:
+        if rendered[i] != render_with_spans(conversations[i], tokenizer, tools[i]):
+            return None
+    return rendered
+
+
+def _plain(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as a dict without null fields: Arrow gives every turn every key of any turn (tool_calls: None)."""
+    return {k: v for k, v in message.items() if v is not None}
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    tools: Tools = None,
+) -> str:
     from jinja2 import TemplateError as JinjaError
 
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("the tokenizer has no chat template; set model.chat_template in the recipe")
     try:
         rendered = tokenizer.apply_chat_template(
-            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+            list(messages),
+            tools=[dict(t) for t in tools] if tools else None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
     except JinjaError as e:  # templates raise on shapes they refuse, e.g. roles that do not alternate
         raise TemplateError(f"the chat template refused the conversation: {e}") from e
@@ -111,7 +269,15 @@ def _not_a_prefix(count: int, how: str) -> TemplateError:
 
 def _overlaps(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> list[bool]:
     """For each token's [start, end) characters, whether it overlaps one of the sorted, disjoint spans."""
-    flags: list[bool] = []
+    starts = [start for start, _ in offsets]
+    ends = [end for _, end in offsets]
+    if starts == sorted(starts) and ends == sorted(ends):  # the usual case: find each span's tokens by bisection
+        flags = [False] * len(offsets)
+        for low, high in spans:
+            for k in range(bisect.bisect_right(ends, low), bisect.bisect_left(starts, high)):
+                flags[k] = ends[k] > starts[k]
+        return flags
+    flags = []
     k = 0
     for start, end in offsets:
         while k < len(spans) and spans[k][1] <= start:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from lora_tune.config import DatasetConfig, Recipe
 from lora_tune.data.formats import Conversation, normalize_rows
-from lora_tune.data.masking import TemplateError, tokenize_conversation
+from lora_tune.data.masking import TemplateError, TrainOn, tokenize_conversation
 from lora_tune.data.sources import load_rows
 from lora_tune.errors import DataError
 
@@ -96,7 +96,7 @@ def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepar
     for name, records in (("train", train), ("validation", validation)):
         if records is None:
             continue
-        columns, stats[name] = _tokenize(records, tokenizer, max_length, name)
+        columns, stats[name] = _tokenize(records, tokenizer, max_length, name, recipe.training.train_on)
         splits[name] = Dataset.from_dict(columns)
     return PreparedData(DatasetDict(splits), DataStats(**stats))
 
@@ -120,13 +120,17 @@ def _held_out_count(total: int, val_size: float, configs: Sequence[DatasetConfig
 
 
 def _tokenize(
-    records: Sequence[_Record], tokenizer: PreTrainedTokenizerBase, max_length: int | None, split: str
+    records: Sequence[_Record],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    split: str,
+    train_on: TrainOn = "assistant",
 ) -> tuple[dict[str, list[list[int]]], SplitStats]:
     columns: dict[str, list[list[int]]] = {name: [] for name in COLUMNS}
     dropped = truncated = tokens = trained = 0
     for record in records:
         try:
-            example = tokenize_conversation(record.messages, tokenizer, max_length)
+            example = tokenize_conversation(record.messages, tokenizer, max_length, train_on=train_on)
         except TemplateError as e:
             raise DataError(str(e), file=record.file, row=record.row) from e
         if example.num_trained == 0:

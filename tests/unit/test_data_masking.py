@@ -130,3 +130,77 @@ def test_tokenizer_without_chat_template(tokenizer) -> None:
     tokenizer.chat_template = None
     with pytest.raises(TemplateError, match="no chat template; set model.chat_template"):
         tokenize_conversation(CONVERSATION, tokenizer)
+
+
+CONVERSATIONS = [CONVERSATION, CONVERSATION[1:3], CONVERSATION[:3], CONVERSATION[1:]] * 3  # 12: the batched path
+
+
+def test_batched_tokenization_equals_one_at_a_time(tokenizer) -> None:
+    from lora_tune.data.masking import tokenize_batch
+
+    one_by_one = [tokenize_conversation(c, tokenizer, 40) for c in CONVERSATIONS]
+    assert tokenize_batch(CONVERSATIONS, tokenizer, 40) == one_by_one
+    assert any(e.truncated for e in one_by_one) and not all(e.truncated for e in one_by_one)
+
+
+def test_batched_path_falls_back_when_generation_markers_leave_out_the_end_marker(tokenizer) -> None:
+    """A template whose {% generation %} block stops before <|end|>: the end marker must still be trained."""
+    from lora_tune.data.masking import tokenize_batch
+
+    tokenizer.chat_template = CHAT_TEMPLATE.replace(
+        "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}",
+        "{% generation %}{{ message['content'] }}{% endgeneration %}{{ '<|end|>' }}",
+    )
+    examples = tokenize_batch(CONVERSATIONS, tokenizer)
+    assert trained_text(tokenizer, examples[0]) == "Four.<|end|>Three plus two is five.<|end|>"
+    assert examples == [tokenize_conversation(c, tokenizer) for c in CONVERSATIONS]
+
+
+def test_tokenize_dataset_in_two_processes_with_a_tools_column(chatml_tokenizer) -> None:
+    import json
+
+    from datasets import Dataset
+
+    from lora_tune.data.masking import tokenize_dataset
+    from lora_tune.data.templates import BUILTIN_TEMPLATES
+
+    chatml_tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"].source
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    rows = {"messages": CONVERSATIONS, "tools": [json.dumps(tools) if i % 2 else None for i in range(12)]}
+    result = tokenize_dataset(Dataset.from_dict(rows), chatml_tokenizer, 512, num_proc=2, batch_size=6)
+    assert result.column_names == ["input_ids", "labels", "truncated", "num_trained"]
+    for i, conversation in enumerate(CONVERSATIONS):
+        expected = tokenize_conversation(conversation, chatml_tokenizer, 512, tools=tools if i % 2 else None)
+        assert result[i]["input_ids"] == expected.input_ids and result[i]["labels"] == expected.labels
+    assert "add" in chatml_tokenizer.decode(result[1]["input_ids"]) and "add" not in chatml_tokenizer.decode(
+        result[0]["input_ids"]
+    )
+
+
+def test_full_sequence_loss(tokenizer) -> None:
+    example = tokenize_conversation(CONVERSATION, tokenizer, train_on="all")
+    assert example.labels == example.input_ids == tokenize_conversation(CONVERSATION, tokenizer).input_ids
+
+
+def test_batch_errors_name_the_conversation(tokenizer) -> None:
+    from lora_tune.data.masking import tokenize_batch
+
+    bad = [{"role": "assistant", "content": "Four."}]
+    with pytest.raises(TemplateError, match="starts with an assistant turn") as caught:
+        tokenize_batch([CONVERSATION, CONVERSATION, bad], tokenizer)
+    assert caught.value.index == 2
+
+
+def test_overlaps_matches_a_brute_force_check() -> None:
+    import random
+
+    from lora_tune.data.masking import _overlaps
+
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, 60), 12))
+        offsets = [(a, b) for a, b in zip([0, *cuts], cuts, strict=False)] + [(cuts[-1], cuts[-1])]  # + empty token
+        marks = sorted(rng.sample(range(0, 64), 4))
+        spans = [(marks[0], marks[1]), (marks[2], marks[3])]
+        expected = [b > a and any(b > lo and a < hi for lo, hi in spans) for a, b in offsets]
+        assert _overlaps(offsets, spans) == expected
