@@ -97,9 +97,12 @@ def read_adapter(adapter_dir: Path) -> AdapterPlan:
         if match is None:
             if ".original_module." in name:  # the base's copy, saved with resized embedding layers: not used
                 continue
-            base_name = _MODULES_TO_SAVE.sub("", name)
+            # A resized embedding layer that LoRA also targets is saved as its `base_layer`: the resized base
+            # weight, which the LoRA update is then applied to, like any other base weight.
+            trained_copy = _MODULES_TO_SAVE.search(name) is not None
+            base_name = _MODULES_TO_SAVE.sub("", name).replace(".base_layer.", ".")
             # A modules_to_save copy (the trained one) wins over a saved embedding layer of the same name.
-            if base_name not in replacements or base_name != name:
+            if base_name not in replacements or trained_copy:
                 replacements[base_name] = tensor
             continue
         module, kind, param = match["module"], match["kind"], match["param"]

@@ -261,7 +261,7 @@ def test_a_wrong_merge_fails_verification_and_writes_nothing(tiny_model_dir: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def make_resized_run(root: Path, base_dir: Path, modules_to_save: list[str]) -> tuple[Path, int]:
+def make_resized_run(root: Path, base_dir: Path, modules_to_save: list[str], peft_config=None) -> tuple[Path, int]:  # noqa: ANN001
     """A run whose tokenizer got new tokens and whose embeddings were resized before peft wrapped the model."""
     import torch
     from peft import get_peft_model
@@ -273,10 +273,10 @@ def make_resized_run(root: Path, base_dir: Path, modules_to_save: list[str]) -> 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.resize_token_embeddings(len(tokenizer))
-    model = get_peft_model(model, lora(modules_to_save=modules_to_save))
+    model = get_peft_model(model, peft_config or lora(modules_to_save=modules_to_save))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
+            if "lora_B" in name or "lora_embedding_B" in name or "modules_to_save" in name or "ia3_l" in name:
                 param.add_(torch.randn_like(param) * 0.05)
     model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")
@@ -326,3 +326,28 @@ def test_resized_embeddings_on_a_tied_base_merge_and_verify(tiny_model_dir: Path
     result = merge(run, tmp_path / "merged", dtype="fp32")
     assert result.max_abs_diff <= result.tolerance and result.vocab_size == vocab
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == vocab
+
+
+def test_lora_factors_on_a_resized_embedding_merge_by_streaming(tiny_model_dir: Path, tmp_path: Path):
+    # peft saves a LoRA-targeted resized embedding as `<layer>.base_layer.weight` next to its LoRA factors.
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["embed_tokens", "q_proj", "lm_head"])
+    run, vocab = make_resized_run(tmp_path, tiny_model_dir, [], config)
+    result = merge(run, tmp_path / "merged", dtype="fp32")
+    assert result.method == "streaming" and result.vocab_size == vocab and result.lora_modules == 4
+    assert result.max_abs_diff <= result.tolerance
+    assert resized_reference_diff(tmp_path / "merged", run, tiny_model_dir, vocab) < 1e-4
+
+
+def test_resized_embeddings_with_an_adapter_peft_merges(tiny_model_dir: Path, tmp_path: Path):
+    from peft import IA3Config
+
+    config = IA3Config(
+        target_modules=["down_proj"], feedforward_modules=["down_proj"], modules_to_save=["embed_tokens", "lm_head"]
+    )
+    run, vocab = make_resized_run(tmp_path, tiny_model_dir, [], config)
+    result = merge(run, tmp_path / "merged", dtype="fp32")
+    assert result.method == "peft merge_and_unload" and result.vocab_size == vocab
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == vocab
+    assert resized_reference_diff(tmp_path / "merged", run, tiny_model_dir, vocab) < 1e-4
