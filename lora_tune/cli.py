@@ -98,7 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", default=None, help="commit message (default names the run)")
     push.set_defaults(handler=cmd_push)
 
-    for sub in (train, validate, check, data, evaluate, merge, push):
+    recipes = verbs.add_parser("recipes", help="list the recipe catalog, or show one recipe; imports no torch")
+    recipes.add_argument("name", nargs="?", default=None, help="a recipe to show, e.g. qwen/qwen3-8b-qlora-chat")
+    recipes.add_argument("--dir", default=None, help="catalog folder (default: ./recipes, else the checkout's)")
+    recipes.set_defaults(handler=cmd_recipes)
+
+    new = verbs.add_parser("new", help="write a starting recipe for a model, a method and a data file (stdout)")
+    new.add_argument("--model", required=True, help="hub id or local folder of the base model")
+    new.add_argument("--method", required=True, choices=("qlora", "lora"), help="qlora: 4-bit base; lora: 16-bit")
+    new.add_argument("--data", required=True, help="a local .jsonl or .json file; its format is detected")
+    new.add_argument("--gpu-memory", default="24GiB", help="memory of the GPU to size for (default 24GiB)")
+    new.add_argument(
+        "--dir", default=None, help="catalog folder with configs/ (default: ./recipes, else the checkout's)"
+    )
+    new.set_defaults(handler=cmd_new)
+
+    for sub in (train, validate, check, data, evaluate, merge, push, recipes, new):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -295,6 +310,26 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     result = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run, message=args.message)
     print(format_push(result))
+    return EXIT_OK
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from lora_tune.catalog import catalog_dir, find_entry, format_entry, format_table, list_catalog
+
+    root = catalog_dir(args.dir)
+    print(format_entry(find_entry(root, args.name)) if args.name else format_table(list_catalog(root)))
+    return EXIT_OK
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from lora_tune.catalog import CatalogError, catalog_dir
+    from lora_tune.scaffold import new_recipe
+
+    try:
+        root = catalog_dir(args.dir)
+    except CatalogError:
+        root = None  # sizing from a local config.json or the name still works without the catalog's configs
+    print(new_recipe(args.model, args.method, args.data, args.gpu_memory, root), end="")
     return EXIT_OK
 
 
