@@ -169,8 +169,9 @@ def size_training(shape: Shape, method: str, gpu_gib: float) -> Sizing:
     checkpointing = _rows_that_fit(budget, max_length * without) < 4
     per_row = max_length * (with_checkpointing if checkpointing else without)
     batch = _rows_that_fit(budget, per_row)
+    precision = "NF4 projections, 16-bit embeddings" if method == "qlora" else "16-bit"
     notes = [
-        f"weights ~{weight_bytes / GIB:.1f} GiB ({'NF4 projections, 16-bit embeddings' if method == 'qlora' else '16-bit'}),"
+        f"weights ~{weight_bytes / GIB:.1f} GiB ({precision}),"
         f" LoRA r={LORA_RANK} with gradients and AdamW state ~{adapter_bytes / GIB:.2f} GiB, CUDA overhead "
         f"{OVERHEAD_GIB} GiB",
         f"activations ~{batch * per_row / GIB:.1f} GiB for {batch} x {max_length} tokens "
@@ -247,9 +248,7 @@ def _render(
     if validation:
         lines.append("val_size: 0.05                   # hold 5% of the rows out to watch the eval loss")
     else:
-        lines.append(
-            f"# No validation split: {rows} row(s) are too few to spare; add eval_datasets when you have some."
-        )
+        lines.append(f"# No validation split: {rows} row(s) are too few to spare; add eval_datasets when you can.")
     lines += [
         "training:",
         "  learning_rate: 2.0e-4          # QLoRA paper, for 7B-13B models; LoRA on small models takes up to 1e-3",

@@ -1,0 +1,131 @@
+"""Every catalog model's architecture trains through `lora-tune train` with its catalog recipe.
+
+For each architecture (model_type) in the catalog, a tiny random model of the same class is built from a shrunken
+copy of the config.json the catalog ships (recipes/configs/), with the project's tiny tokenizer; then the catalog
+recipe itself is trained for a few steps on it, with overrides only for the model path, the data, the CPU and the
+run length. QLoRA recipes train on a 4-bit NF4 base (bitsandbytes runs it on the CPU), LoRA recipes on 16/32-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lora_tune.catalog import list_catalog, method_of, shipped_config
+from lora_tune.cli import main
+from tests.conftest import CORPUS, fruit_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+CATALOG = ROOT / "recipes"
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16}
+# Keys whose values are sized for the full model (per-layer lists, RoPE scaling tables): the tiny copy drops them
+# and lets the config class derive them for 2 layers and head_dim 16.
+# model_type and architectures are passed separately.
+DROPPED = (
+    *("model_type", "architectures", "rope_scaling", "rope_parameters"),
+    *("layer_types", "torch_dtype", "dtype", "_lora_tune_note"),
+)
+
+
+def catalog_by_architecture() -> dict[str, object]:
+    """One catalog entry per model_type (the first by name), covering every architecture the catalog uses."""
+    chosen: dict[str, object] = {}
+    for entry in list_catalog(CATALOG):
+        config = shipped_config(entry.model, CATALOG)
+        if config is not None:
+            chosen.setdefault(config["model_type"], entry)
+    return chosen
+
+
+ARCHITECTURES = catalog_by_architecture()
+
+
+def shrink(config: dict, tokenizer) -> dict:  # noqa: ANN001 - a transformers tokenizer
+    """The full config with its sizes replaced by tiny ones; attention layout kept (GQA stays GQA)."""
+    small = {k: v for k, v in config.items() if k not in DROPPED}
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    small.update(TINY)
+    small["num_key_value_heads"] = 4 if kv == heads else (1 if kv == 1 else 2)
+    small.update(vocab_size=len(tokenizer), max_position_embeddings=256)
+    small.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    small["pad_token_id"] = tokenizer.pad_token_id
+    if small.get("sliding_window"):
+        small["sliding_window"] = 16
+    if "sliding_window_pattern" in small:
+        small["sliding_window_pattern"] = 2  # one sliding and one global layer
+    if "query_pre_attn_scalar" in small:
+        small["query_pre_attn_scalar"] = TINY["head_dim"]
+    if "max_window_layers" in small:
+        small["max_window_layers"] = TINY["num_hidden_layers"]
+    return small
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lora_tune.tiny import build_tokenizer
+
+    return build_tokenizer(CORPUS * 20, vocab_size=320)
+
+
+def build_tiny(model_type: str, config: dict, tokenizer, out: Path) -> tuple[str, int]:  # noqa: ANN001
+    """Save the tiny model and tokenizer to `out`; return the model class and its count of linear projections."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **shrink(config, tokenizer)))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    return type(model).__name__, len(linears)
+
+
+def test_the_matrix_covers_every_catalog_model():
+    """Each catalog recipe's model ships a config whose architecture the matrix below trains."""
+    for entry in list_catalog(CATALOG):
+        if entry.name == "quickstart":
+            continue  # its base is built locally by `make quickstart`
+        config = shipped_config(entry.model, CATALOG)
+        assert config is not None, f"{entry.name}: no recipes/configs/{entry.model}.json"
+        assert config["model_type"] in ARCHITECTURES
+    assert {"llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3"} <= set(ARCHITECTURES)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_catalog_recipe_trains_on_its_architecture(model_type: str, tokenizer, tmp_path: Path):
+    entry = ARCHITECTURES[model_type]
+    config = shipped_config(entry.model, CATALOG)
+    class_name, linears = build_tiny(model_type, config, tokenizer, tmp_path / "model")
+    assert class_name == config["architectures"][0]
+    form = entry.recipe.datasets[0].format
+    data = write_jsonl(tmp_path / "train.jsonl", fruit_rows(24, "alpaca" if form == "alpaca" else "messages"))
+    overrides = [
+        f"model.name={tmp_path / 'model'}",
+        "model.dtype=float32",
+        "model.chat_template=null",  # the tiny tokenizer's own template; a built-in's markers are not in its vocab
+        f"datasets=[{{path: {data}}}]",
+        "val_size=0",
+        "training.eval_strategy=no",
+        "training.eval_steps=null",
+        "training.max_steps=3",
+        "training.batch_size=4",
+        "training.gradient_accumulation_steps=1",
+        "training.max_length=64",
+        "training.optimizer=adamw_torch",  # paged 8-bit AdamW is a CUDA optimizer
+        "training.save_strategy=no",
+        "training.logging_steps=1",
+        f"output_dir={tmp_path / 'run'}",
+    ]
+    assert main(["train", str(entry.path), *overrides]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3
+    # QLoRA: every projection of the base is a bitsandbytes 4-bit layer (Phi-3 fuses qkv and gate/up: 4 a layer).
+    assert summary["quantized_layers"] == (linears if method_of(entry.recipe) == "qlora" else 0)
+    assert summary["trainable_parameters"] > 0
+    losses = [json.loads(line).get("loss") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [loss for loss in losses if loss is not None]
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
