@@ -1,0 +1,106 @@
+"""`lora-tune new`: memory parsing, model sizes, the sizing rule, and recipes that validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_tune.catalog import CatalogError, shipped_config
+from lora_tune.cli import main
+from lora_tune.recipe import load_recipe
+from lora_tune.scaffold import Shape, model_shape, new_recipe, params_from_name, parse_memory, size_training
+from tests.conftest import fruit_rows, write_jsonl
+
+CATALOG = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def shape(model: str) -> Shape:
+    return Shape.from_config(shipped_config(model, CATALOG))
+
+
+@pytest.mark.parametrize(
+    ("text", "gib"), [("24GiB", 24), ("24GB", 24), ("24 g", 24), ("80", 80), ("16384MiB", 16), ("7.5GiB", 7.5)]
+)
+def test_parse_memory(text: str, gib: float):
+    assert parse_memory(text) == gib
+
+
+@pytest.mark.parametrize("text", ["", "lots", "0GiB", "24TB"])
+def test_parse_memory_refuses(text: str):
+    with pytest.raises(CatalogError, match="--gpu-memory"):
+        parse_memory(text)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("Qwen/Qwen2.5-7B-Instruct", 7e9),
+        ("Qwen/Qwen2.5-0.5B", 5e8),
+        ("HuggingFaceTB/SmolLM2-360M", 3.6e8),
+        ("google/gemma-2-9b-it", 9e9),
+        ("microsoft/Phi-3-mini-4k-instruct", None),
+        ("a/model", None),
+    ],
+)
+def test_params_from_name(name: str, params: float | None):
+    assert params_from_name(name) == params
+
+
+def test_model_shape_sources(tiny_model_dir: Path):
+    local, source = model_shape(str(tiny_model_dir), CATALOG)
+    assert (local.hidden, local.layers, source) == (64, 2, f"{tiny_model_dir / 'config.json'}")
+    assert model_shape("Qwen/Qwen3-4B", CATALOG)[0] == shape("Qwen/Qwen3-4B")
+    guessed, source = model_shape("someone/Custom-13B", CATALOG)
+    assert guessed.params == pytest.approx(13e9, rel=0.05) and "13B in its name" in source
+    with pytest.raises(CatalogError, match="cannot tell the size"):
+        model_shape("someone/custom", CATALOG)
+
+
+def test_sizing_rule():
+    llama = shape("meta-llama/Llama-3.1-8B-Instruct")
+    on_24 = size_training(llama, "qlora", 24)
+    assert on_24.gradient_checkpointing and on_24.max_length == 2048
+    assert on_24.batch_size * on_24.gradient_accumulation_steps == 16
+    on_80 = size_training(llama, "qlora", 80)
+    assert on_80.batch_size > on_24.batch_size
+    assert size_training(llama, "lora", 24).batch_size <= on_24.batch_size  # 16-bit weights leave less room
+    with pytest.raises(CatalogError, match="too little .* use --method qlora"):
+        size_training(llama, "lora", 16)
+    small = size_training(shape("HuggingFaceTB/SmolLM2-360M-Instruct"), "lora", 80)
+    assert not small.gradient_checkpointing and small.batch_size >= 4
+    tight = size_training(llama, "qlora", 10)
+    assert tight.max_length < 2048 and tight.batch_size == 1
+
+
+@pytest.mark.parametrize("form", ["alpaca", "messages"])
+def test_new_detects_the_format_and_validates(tmp_path: Path, form: str, monkeypatch: pytest.MonkeyPatch):
+    data = write_jsonl(tmp_path / "d.jsonl", fruit_rows(120, form))
+    text = new_recipe("Qwen/Qwen2.5-7B-Instruct", "qlora", str(data), "24GiB", CATALOG)
+    path = tmp_path / "my.yaml"
+    path.write_text(text)
+    recipe = load_recipe(path)
+    assert recipe.datasets[0].format == form and recipe.quantization.bits == 4
+    assert recipe.val_size == 0.05 and recipe.training.eval_strategy == "steps"
+    assert recipe.training.optimizer == "paged_adamw_8bit"
+    assert text.startswith("# QLoRA fine-tuning of Qwen/Qwen2.5-7B-Instruct")
+    assert yaml.safe_load(text)["training"]["batch_size"] == recipe.training.batch_size
+
+
+def test_new_lora_on_few_rows_has_no_validation(tmp_path: Path, alpaca_file: Path):
+    text = new_recipe("Qwen/Qwen3-0.6B", "lora", str(alpaca_file), "24GiB", CATALOG)
+    path = tmp_path / "my.yaml"
+    path.write_text(text)
+    recipe = load_recipe(path)
+    assert recipe.quantization.bits is None and recipe.val_size == 0 and recipe.training.optimizer == "adamw_torch"
+    assert recipe.output_dir == "runs/qwen3-0.6b-lora"
+
+
+def test_new_cli_errors_are_one_line(tmp_path: Path, capsys):
+    assert main(["new", "--model", "Qwen/Qwen3-4B", "--method", "qlora", "--data", str(tmp_path / "no.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith("error: --data: ")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no instruction"}\n')
+    assert main(["new", "--model", "Qwen/Qwen3-4B", "--method", "qlora", "--data", str(bad)]) == 2
+    assert "cannot detect the format" in capsys.readouterr().err
