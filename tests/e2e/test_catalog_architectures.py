@@ -20,6 +20,7 @@ from tests.conftest import CORPUS, fruit_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = ROOT / "recipes"
+FAMILIES = {"llama", "qwen", "mistral", "gemma", "phi", "smollm"}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16}
 # Keys whose values are sized for the full model (per-layer lists, RoPE scaling tables): the tiny copy drops them
 # and lets the config class derive them for 2 layers and head_dim 16.
@@ -86,8 +87,8 @@ def build_tiny(model_type: str, config: dict, tokenizer, out: Path) -> tuple[str
 def test_the_matrix_covers_every_catalog_model():
     """Each catalog recipe's model ships a config whose architecture the matrix below trains."""
     for entry in list_catalog(CATALOG):
-        if entry.name == "quickstart":
-            continue  # its base is built locally by `make quickstart`
+        if entry.name.split("/")[0] not in FAMILIES:
+            continue  # the quickstart's base is built locally; other folders hold other kinds of recipes
         config = shipped_config(entry.model, CATALOG)
         assert config is not None, f"{entry.name}: no recipes/configs/{entry.model}.json"
         assert config["model_type"] in ARCHITECTURES

@@ -268,9 +268,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def _recipes_with_local_data() -> list[Path]:
     """Shipped recipes whose every dataset is a local file of the repository (hub datasets need the network)."""
     found = []
-    for path in sorted((ROOT / "recipes").rglob("*.yaml")):
-        if "data" in path.relative_to(ROOT / "recipes").parts:
-            continue
+    from lora_tune.catalog import recipe_files  # skips recipes/data, base/ parts and accelerate/ configs
+
+    for path in recipe_files(ROOT / "recipes"):
         recipe = load_recipe(path, check_paths=False)
         if all((ROOT / d.path).is_file() for d in recipe.datasets):
             found.append(path)
