@@ -251,7 +251,7 @@ def _render(
         lines.append(f"# No validation split: {rows} row(s) are too few to spare; add eval_datasets when you can.")
     lines += [
         "training:",
-        "  learning_rate: 2.0e-4          # QLoRA paper, for 7B-13B models; LoRA on small models takes up to 1e-3",
+        "  learning_rate: 2.0e-4          # QLoRA paper, 7B-13B models; the catalog uses 1e-3 for SmolLM2-360M",
         "  num_epochs: 1                  # raise to 2-3 for a few thousand rows",
         f"  batch_size: {sizing.batch_size}",
         f"  gradient_accumulation_steps: {sizing.gradient_accumulation_steps}"
