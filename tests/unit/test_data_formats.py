@@ -96,8 +96,8 @@ def test_detect_format(row: dict[str, Any], expected: str) -> None:
 
 
 def test_unknown_format_names_the_columns_found() -> None:
-    message = error_of([{"prompt": "p", "completion": "c"}])
-    assert message.startswith(f"{FILE}: row 1: cannot detect the format from the columns (completion, prompt)")
+    message = error_of([{"question": "p", "answer": "c"}])
+    assert message.startswith(f"{FILE}: row 1: cannot detect the format from the columns (answer, question)")
 
 
 def test_ambiguous_format_names_the_columns_found() -> None:
@@ -140,8 +140,8 @@ def test_empty_dataset() -> None:
             "row 1: field 'messages[1].role': is 'assistant'; the first non-system turn must be 'user'",
         ),
         (
-            [{"conversations": [{"from": "human", "value": "u"}]}],
-            "row 1: field 'conversations[0]': uses ShareGPT keys from/value; expected role/content",
+            [{"messages": [{"from": "human", "value": "u"}]}],
+            "row 1: field 'messages[0]': uses ShareGPT keys from/value; expected role/content",
         ),
         ([{"messages": "u: hi"}], "row 1: field 'messages': must be a non-empty list of {role, content} turns"),
     ],

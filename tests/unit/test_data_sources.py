@@ -80,9 +80,9 @@ def test_missing_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nam
 
 
 def test_unsupported_local_file_type(tmp_path: Path) -> None:
-    path = tmp_path / "data.csv"
-    path.write_text("a,b\n1,2\n", encoding="utf-8")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+    path = tmp_path / "data.tsv"
+    path.write_text("a\tb\n1\t2\n", encoding="utf-8")
+    with pytest.raises(DataError, match="unsupported file type '.tsv'"):
         load_rows(DatasetConfig(path=str(path)))
 
 
