@@ -41,6 +41,7 @@ COLUMNS = ("input_ids", "labels")
 SPLITS = ("train", "validation", "test")
 BAD_ROWS_SHOWN = 5  # bad rows named in the report when they are skipped
 PARALLEL_FROM_ROWS = 10_000  # below this, worker processes cost more than they save
+CACHE_FROM_ROWS = 1_000  # smaller splits tokenize in well under a second: not worth a cache file
 
 
 @dataclass(frozen=True)
@@ -362,12 +363,32 @@ def _map(
 ) -> Dataset:
     """tokenize_dataset, with a template error turned into a DataError naming the row's file and line/row."""
     max_length, train_on = how
+    cache = _cache_file(table, tokenizer, how)
     try:
-        return tokenize_dataset(table, tokenizer, max_length, train_on=train_on, num_proc=num_proc)
+        return tokenize_dataset(
+            table, tokenizer, max_length, train_on=train_on, num_proc=num_proc, cache_file_name=cache
+        )
     except TemplateError as e:
         if e.index is None:
             raise DataError(str(e), file=files) from e
         raise records[e.index].origin.error(str(e)) from e
+
+
+def _cache_file(table: Dataset, tokenizer: PreTrainedTokenizerBase, how: tuple[int | None, TrainOn]) -> str | None:
+    """Where `datasets` caches this split's tokenization: keyed by the examples (the table's content fingerprint),
+    the tokenizer with its chat template, max_length, train_on and the masking code; None = not cached."""
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    from lora_tune.data import masking
+
+    if len(table) < CACHE_FROM_ROWS or not datasets.is_caching_enabled():
+        return None
+    code = Path(masking.__file__).read_bytes()
+    key = Hasher.hash([table._fingerprint, tokenizer, getattr(tokenizer, "chat_template", None), how, code])
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / "lora_tune"
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"tokenized-{key}.arrow")
 
 
 def _num_proc(data: DataConfig, rows: int) -> int | None:

@@ -199,3 +199,26 @@ def test_split_settings_that_contradict_are_recipe_errors(tmp_path: Path, text: 
     path.write_text(f"model: {{name: x}}\ndatasets: [{{path: {tmp_path / 'd.jsonl'}}}]\noutput_dir: o\n" + text)
     with pytest.raises(RecipeError, match=expected.replace(".", r"\.").replace("[", r"\[")):
         load_recipe(path, check_paths=False)
+
+
+def test_large_splits_are_tokenized_once_then_read_from_the_datasets_cache(
+    tmp_path: Path, tokenizer, monkeypatch
+) -> None:
+    import datasets
+
+    from lora_tune.data import masking, pipeline
+
+    monkeypatch.setattr(pipeline, "CACHE_FROM_ROWS", 10)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    data = write(tmp_path / "d.jsonl", [chat(f"q{i}") for i in range(12)])
+    first = build_datasets(recipe(tmp_path, [{"path": data}]), tokenizer)
+    assert len(list((tmp_path / "cache" / "lora_tune").glob("tokenized-*.arrow"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tokenized again instead of read from the cache")
+
+    monkeypatch.setattr(masking, "tokenize_batch", refuse)
+    second = build_datasets(recipe(tmp_path, [{"path": data}]), tokenizer)
+    assert second.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
+    with pytest.raises(AssertionError, match="tokenized again"):  # other settings: a different cache entry
+        build_datasets(recipe(tmp_path, [{"path": data}], training={"max_length": 50}), tokenizer)
