@@ -214,8 +214,9 @@ def load_source(cfg: DatasetConfig, *, skip_bad: bool = False) -> tuple[list[tup
         except DataError as e:
             if not skip_bad:
                 raise
-            bad.append(e)
-    return examples, bad
+            bad.append((origin, e))
+    bad.sort(key=lambda pair: pair[0].number)  # unreadable and unconvertible rows, in file order
+    return examples, [e for _, e in bad]
 
 
 def _load_all(recipe: Recipe) -> _Loaded:
@@ -319,7 +320,9 @@ def _tokenize(
         }
     )
     tokenized = _map(table, tokenizer, (max_length, train_on), _num_proc(recipe.data, len(records)), records, files)
-    trained, truncated = tokenized["num_trained"], tokenized["truncated"]
+    # Whole Arrow columns as Python lists: indexing a `datasets` column row by row is slow.
+    trained = tokenized.data.column("num_trained").to_pylist()
+    truncated = tokenized.data.column("truncated").to_pylist()
     drop_long = recipe.data.too_long == "drop"
     keep = [i for i in range(len(records)) if trained[i] > 0 and not (drop_long and truncated[i])]
     too_long = sum(1 for i in range(len(records)) if drop_long and truncated[i])
@@ -341,12 +344,13 @@ def _tokenize(
         )
     if len(keep) < len(records):
         tokenized = tokenized.select(keep)
-    ids = tokenized["input_ids"]
+    import pyarrow.compute as pc
+
     stats = SplitStats(
         rows=len(keep),
         dropped=dropped,
         truncated=sum(1 for i in keep if truncated[i]),
-        tokens=sum(len(x) for x in ids),
+        tokens=pc.sum(pc.list_value_length(tokenized.data.column("input_ids"))).as_py() or 0,
         trained_tokens=sum(trained[i] for i in keep),
         too_long=too_long,
     )
@@ -362,8 +366,13 @@ def _map(
     files: str,
 ) -> Dataset:
     """tokenize_dataset, with a template error turned into a DataError naming the row's file and line/row."""
+    from datasets import utils as progress
+
     max_length, train_on = how
     cache = _cache_file(table, tokenizer, how)
+    quiet = len(table) < PARALLEL_FROM_ROWS and not progress.are_progress_bars_disabled()
+    if quiet:  # a progress bar for a split that takes a moment is noise in the train log and the preview
+        progress.disable_progress_bars()
     try:
         return tokenize_dataset(
             table, tokenizer, max_length, train_on=train_on, num_proc=num_proc, cache_file_name=cache
@@ -372,6 +381,9 @@ def _map(
         if e.index is None:
             raise DataError(str(e), file=files) from e
         raise records[e.index].origin.error(str(e)) from e
+    finally:
+        if quiet:
+            progress.enable_progress_bars()
 
 
 def _cache_file(table: Dataset, tokenizer: PreTrainedTokenizerBase, how: tuple[int | None, TrainOn]) -> str | None:

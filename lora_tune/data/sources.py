@@ -40,7 +40,7 @@ class SourceRows:
     """The rows read from one source, and (with skip_bad) the errors of the rows that could not be read."""
 
     rows: list[tuple[Origin, dict[str, Any]]] = field(default_factory=list)
-    bad: list[DataError] = field(default_factory=list)
+    bad: list[tuple[Origin, DataError]] = field(default_factory=list)
 
 
 def load_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
@@ -57,7 +57,7 @@ def read_source(cfg: DatasetConfig, *, skip_bad: bool = False) -> SourceRows:
         if isinstance(row, DataError):
             if not skip_bad:
                 raise row
-            result.bad.append(row)
+            result.bad.append((origin, row))
             continue
         result.rows.append((origin, row))
     return result

@@ -104,3 +104,21 @@ def test_highlight_colours_trained_runs_on_a_terminal() -> None:
 def test_length_stats() -> None:
     stats = LengthStats.of(list(range(1, 101)))
     assert (stats.min, stats.median, stats.p95, stats.max) == (1, 50.5, 95, 100)
+
+
+def test_preview_reports_skipped_bad_rows_and_the_test_split(
+    tiny_model_dir: Path, tmp_path: Path, capsys, no_weights
+) -> None:
+    rows = fruit_rows(9, "messages") + [{"messages": [{"role": "robot", "content": "x"}]}]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    with (tmp_path / "train.jsonl").open("a") as f:
+        f.write("{not json\n")
+    recipe = tmp_path / "recipe.yaml"
+    text = RECIPE.format(model=tiny_model_dir, data=data, out=tmp_path / "run", template="alpaca", packing="false")
+    recipe.write_text(text.replace("val_size: 0.25\n", "data: {on_bad_rows: skip, split: [7, 1, 1]}\n"))
+    assert main(["data", str(recipe), "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train\.jsonl\s+9 rows\s+\(train; 2 bad rows skipped\)", out)
+    assert "train: 7 rows" in out and "validation: 1 rows" in out and "test: 1 rows" in out
+    assert "dropped before tokenizing: 2 bad rows (line 10: field 'messages[0].role': unknown role 'robot'" in out
+    assert "line 11 is not valid JSON" in out

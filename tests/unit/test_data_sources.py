@@ -159,5 +159,5 @@ def test_skip_bad_collects_unreadable_lines_and_limit_counts_good_rows(tmp_path:
     result = read_source(DatasetConfig(path=str(path), limit=2), skip_bad=True)
     assert [row for _, row in result.rows] == [{"a": 1}, {"a": 2}]
     assert len(result.bad) == 2
-    assert str(result.bad[0]).startswith(f"{path}: line 2 is not valid JSON")
-    assert str(result.bad[1]) == f"{path}: line 3 is a JSON array; each line must be one JSON object"
+    assert str(result.bad[0][1]).startswith(f"{path}: line 2 is not valid JSON")
+    assert str(result.bad[1][1]) == f"{path}: line 3 is a JSON array; each line must be one JSON object"
