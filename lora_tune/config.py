@@ -284,7 +284,7 @@ class Recipe(StrictModel):
             raise FieldError(
                 "training.eval_strategy",
                 f"is '{self.training.eval_strategy}' but there is no validation data; "
-                "add eval_datasets or set val_size > 0",
+                "add eval_datasets, set val_size > 0, or data.split with a validation share",
             )
         if self.eval_datasets and self.val_size > 0:
             raise FieldError("val_size", "give validation data once: either eval_datasets or val_size, not both")

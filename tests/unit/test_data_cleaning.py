@@ -222,3 +222,17 @@ def test_large_splits_are_tokenized_once_then_read_from_the_datasets_cache(
     assert second.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
     with pytest.raises(AssertionError, match="tokenized again"):  # other settings: a different cache entry
         build_datasets(recipe(tmp_path, [{"path": data}], training={"max_length": 50}), tokenizer)
+
+
+def test_text_and_chat_sources_mix_in_one_run(tmp_path: Path, tokenizer) -> None:
+    from lora_tune.data import IGNORE_INDEX
+
+    chats = write(tmp_path / "chat.jsonl", [chat(f"q{i}") for i in range(3)])
+    texts = write(tmp_path / "text.jsonl", [{"text": f"the a b c {i}"} for i in range(2)])
+    prepared = build_datasets(recipe(tmp_path, [{"path": chats}, {"path": texts}]), tokenizer)
+    train = prepared.datasets["train"]
+    assert len(train) == 5
+    fully = [all(label != IGNORE_INDEX for label in labels) for labels in train["labels"]]
+    assert sum(fully) == 2  # the two texts; the chats train only their answers
+    plain = [tokenizer.decode(ids) for ids, full in zip(train["input_ids"], fully, strict=True) if full]
+    assert sorted(plain) == ["the a b c 0<|end|>", "the a b c 1<|end|>"]
