@@ -160,9 +160,8 @@ def main() -> None:
     print(f"ratio lora-tune batched / TRL assistant_only_loss: {ours_rate / (len(trl_masked) / trl_masked_s):.2f}x")
     print(f"ratio lora-tune batched / lora-tune per-row loop:  {ours_rate / (loop_rows / loop_s):.2f}x")
     pipeline_rate = len(pipeline) / pipeline_s
-    print(
-        f"ratio lora-tune build_datasets / TRL assistant_only_loss: {pipeline_rate / (len(trl_masked) / trl_masked_s):.2f}x"
-    )
+    trl_masked_rate = len(trl_masked) / trl_masked_s
+    print(f"ratio lora-tune build_datasets / TRL assistant_only_loss: {pipeline_rate / trl_masked_rate:.2f}x")
     same_ids = ours["input_ids"] == trl_masked["input_ids"]
     same_labels = ours["labels"] == trl_masked["labels"]
     print(f"assistant-only outputs identical to TRL's: input_ids {same_ids}, labels {same_labels}")
