@@ -103,7 +103,7 @@ def test_format_trains_end_to_end(tiny_model_dir: Path, tmp_path: Path, name: st
         source=source,
         out=tmp_path / "run",
         max_length=768 if tools else 96,
-        batch_size=2 if tools else 4,
+        batch_size=1 if tools else 4,
         extra=TOOLS_EXTRA if tools else "",
     )
     recipe.write_text(text)
