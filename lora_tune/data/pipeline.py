@@ -29,6 +29,7 @@ from lora_tune.data.cleaning import apply_weight, key_function, split_counts, sp
 from lora_tune.data.formats import Example, map_columns, resolve_format, to_example
 from lora_tune.data.masking import TemplateError, TrainOn, tokenize_dataset
 from lora_tune.data.sources import Origin, read_source
+from lora_tune.data.stats import DataStats, DropStats, SourceStats, SplitStats
 from lora_tune.errors import DataError
 
 if TYPE_CHECKING:
@@ -37,85 +38,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["DataStats", "DropStats", "PreparedData", "SourceStats", "SplitStats", "build_datasets", "load_source"]
+
 COLUMNS = ("input_ids", "labels")
 SPLITS = ("train", "validation", "test")
 BAD_ROWS_SHOWN = 5  # bad rows named in the report when they are skipped
 PARALLEL_FROM_ROWS = 10_000  # below this, worker processes cost more than they save
 CACHE_FROM_ROWS = 1_000  # smaller splits tokenize in well under a second: not worth a cache file
-
-
-@dataclass(frozen=True)
-class SplitStats:
-    """Counts for one split; token counts are over the examples kept (after truncation)."""
-
-    rows: int  # examples kept
-    dropped: int  # examples dropped because truncation left no assistant token
-    truncated: int  # kept examples that were cut to max_length
-    tokens: int
-    trained_tokens: int
-    too_long: int = 0  # examples dropped for being over max_length (data.too_long: drop)
-
-    @property
-    def trained_share(self) -> float:
-        return self.trained_tokens / self.tokens if self.tokens else 0.0
-
-    def describe(self) -> str:
-        text = f"{self.rows:,} rows, {self.tokens:,} tokens, {self.trained_share:.1%} trained"
-        notes = [f"{self.truncated:,} truncated"] if self.truncated else []
-        if self.dropped:
-            notes.append(f"{self.dropped:,} dropped: no assistant token left")
-        if self.too_long:
-            notes.append(f"{self.too_long:,} dropped: over max_length")
-        return text + (f" ({', '.join(notes)})" if notes else "")
-
-
-@dataclass(frozen=True)
-class SourceStats:
-    split: str  # train / validation / test: where the source's rows go (before a ratio split)
-    path: str
-    rows: int  # rows read and converted
-    bad_rows: int = 0
-
-
-@dataclass(frozen=True)
-class DropStats:
-    """Examples removed before tokenizing, by reason."""
-
-    bad_rows: int = 0
-    bad_examples: tuple[str, ...] = ()  # the first few bad rows' errors
-    empty: int = 0
-    duplicates: int = 0
-    held_out_duplicates: int = 0  # duplicates of a validation/test example removed from a more-trained split
-
-    def describe(self) -> str:
-        parts = []
-        if self.bad_rows:
-            parts.append(f"{self.bad_rows:,} bad rows ({'; '.join(self.bad_examples)})")
-        if self.empty:
-            parts.append(f"{self.empty:,} with an empty turn")
-        if self.duplicates:
-            parts.append(f"{self.duplicates:,} duplicates")
-        if self.held_out_duplicates:
-            parts.append(f"{self.held_out_duplicates:,} copies of held-out examples")
-        return ", ".join(parts) or "nothing"
-
-
-@dataclass(frozen=True)
-class DataStats:
-    train: SplitStats
-    validation: SplitStats | None = None
-    test_rows: int = 0
-    sources: tuple[SourceStats, ...] = ()
-    drops: DropStats = field(default_factory=DropStats)
-
-    def summary(self) -> str:
-        lines = [f"train: {self.train.describe()}"]
-        if self.validation is not None:
-            lines.append(f"validation: {self.validation.describe()}")
-        if self.test_rows:
-            lines.append(f"test: {self.test_rows:,} rows (saved as test.jsonl in the run directory)")
-        lines.append(f"dropped before tokenizing: {self.drops.describe()}")
-        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
