@@ -128,7 +128,8 @@ def _read_json(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] |
 
 def _read_csv(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
     """CSV with a header row; every value is text, and an empty cell is read as missing (None)."""
-    with path.open(encoding="utf-8", newline="") as f:
+    csv.field_size_limit(2**31 - 1)  # the default (131,072 characters) refuses long documents
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a byte-order mark
         reader = csv.reader(f)
         try:
             header = next(reader)

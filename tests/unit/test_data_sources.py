@@ -123,6 +123,13 @@ def test_csv_rows_with_empty_cells_as_missing_and_line_numbers(tmp_path: Path) -
     assert [origin.number for origin, _ in result.rows] == [2, 4]  # file lines: the header is line 1
 
 
+def test_csv_with_a_byte_order_mark_and_a_long_cell(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    long = "word " * 40_000  # 200,000 characters: over the csv module's default field limit
+    path.write_text(f"\ufefftext\n{long}\n", encoding="utf-8")
+    assert load_rows(DatasetConfig(path=str(path))) == [{"text": long}]
+
+
 def test_csv_row_with_the_wrong_number_of_values_names_its_line(tmp_path: Path) -> None:
     path = tmp_path / "data.csv"
     path.write_text("prompt,completion\na,b\nc,d,e\n", encoding="utf-8")
