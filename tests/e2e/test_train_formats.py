@@ -120,3 +120,6 @@ def test_format_trains_end_to_end(tiny_model_dir: Path, tmp_path: Path, name: st
         assert summary["trained_token_share"] == 1.0  # plain text: every token is trained
     else:
         assert 0 < summary["trained_token_share"] < 1  # assistant-only masking
+    if name == "prompt_completion":  # the saved test split is what `lora-tune eval` reads
+        assert main(["eval", str(run), "--data", str(run / "test.jsonl"), "--max-new-tokens", "4"]) == 0
+        assert json.loads((run / "eval.json").read_text())["rows"] == 2
