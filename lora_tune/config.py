@@ -7,7 +7,7 @@ This module must not import torch or any training library: `lora-tune validate` 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
@@ -133,7 +133,7 @@ class DatasetConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    split: bool | list[Annotated[float, Field(ge=0)]] = Field(
+    split: bool | list[float] = Field(
         False,
         description="Split the training sources by ratio into train/validation/test: true = 8:1:1, or a list of "
         "2 (train, validation) or 3 (train, validation, test) weights such as [90, 5, 5]; seeded by training.seed.",
@@ -164,8 +164,8 @@ class DataConfig(StrictModel):
         if isinstance(self.split, list):
             if len(self.split) not in (2, 3):
                 raise FieldError("split", f"has {len(self.split)} values; expected [train, validation(, test)]")
-            if self.split[0] <= 0:
-                raise FieldError("split", "the train share must be above 0")
+            if self.split[0] <= 0 or min(self.split) < 0:
+                raise FieldError("split", "shares must be >= 0, and the train share above 0")
         return self
 
     @property
