@@ -102,16 +102,80 @@ class AdapterConfig(StrictModel):
         return self
 
 
+DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text"]
+
+
 class DatasetConfig(StrictModel):
-    path: str = Field(description="A local .json/.jsonl file (or a hub dataset name when online).")
-    format: Literal["auto", "messages", "alpaca"] = Field(
-        "auto",
-        description="messages: OpenAI-style {role, content} lists; alpaca: instruction/input/output; "
-        "auto: detected from the columns.",
+    path: str = Field(
+        description="A local .jsonl, .json (array), .csv or .parquet file, a folder written by "
+        "datasets' save_to_disk, or (when online) a hub dataset name."
     )
-    split: str = Field("train", description="Split to read from a hub dataset.")
+    format: DataFormat = Field(
+        "auto",
+        description="messages: OpenAI-style {role, content} lists; alpaca: instruction/input/output; sharegpt: "
+        "`conversations` of {from, value} (tool calls too); prompt_completion: prompt/completion pairs; text: raw "
+        "text, all trained, no chat template; auto: detected from the first row's columns.",
+    )
+    split: str = Field(
+        "train", description="Split to read from a hub dataset or a save_to_disk folder holding several splits."
+    )
     limit: PositiveInt | None = Field(None, description="Use at most this many rows (the first ones).")
+    weight: PositiveFloat = Field(
+        1.0,
+        description="Mixing weight of a training source: its training rows are repeated (weight > 1) or sampled "
+        "(weight < 1) to round(weight x rows), seeded; applied after the held-out splits are taken.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Column mapping {format field: your column}, e.g. {instruction: question, output: answer}.",
+    )
     system_prompt: str | None = Field(None, description="System message added to rows that have none.")
+
+
+class DataConfig(StrictModel):
+    split: bool | list[float] = Field(
+        False,
+        description="Split the training sources by ratio into train/validation/test: true = 8:1:1, or a list of "
+        "2 (train, validation) or 3 (train, validation, test) weights such as [90, 5, 5]; seeded by training.seed.",
+    )
+    dedupe: Literal["exact", "normalized", "none"] = Field(
+        "exact",
+        description="Drop duplicate examples: exact = identical after conversion; normalized = also ignoring case, "
+        "whitespace and punctuation; none = keep them (duplicates still never land in two splits).",
+    )
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="Examples longer than training.max_length: cut to it, or drop them."
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="A malformed line or row: error = stop naming file, row and field; skip = drop it and report "
+        "the count and first row numbers.",
+    )
+    min_rows: PositiveInt = Field(
+        1, description="Stop with an error when fewer training rows than this survive cleaning and truncation."
+    )
+    num_proc: PositiveInt | None = Field(
+        None,
+        description="Processes that tokenize; null = all CPU cores (up to 8) for 10,000 rows or more, else 1.",
+    )
+
+    @model_validator(mode="after")
+    def _split_shape(self) -> DataConfig:
+        if isinstance(self.split, list):
+            if len(self.split) not in (2, 3):
+                raise FieldError("split", f"has {len(self.split)} values; expected [train, validation(, test)]")
+            if self.split[0] <= 0 or min(self.split) < 0:
+                raise FieldError("split", "shares must be >= 0, and the train share above 0")
+        return self
+
+    @property
+    def split_ratios(self) -> tuple[float, float, float] | None:
+        """(train, validation, test) shares summing to 1, or None when the recipe asks for no ratio split."""
+        if self.split is False:
+            return None
+        weights = [8.0, 1.0, 1.0] if self.split is True else [*self.split, 0.0][:3]
+        total = sum(weights)
+        return (weights[0] / total, weights[1] / total, weights[2] / total)
 
 
 LrScheduler = Literal[
@@ -203,11 +267,15 @@ class Recipe(StrictModel):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     datasets: list[DatasetConfig] = Field(min_length=1, description="Training data: one or more sources, mixed.")
     eval_datasets: list[DatasetConfig] = Field(default_factory=list, description="Validation data.")
+    test_datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="Test data, written to the run's test.jsonl for `lora-tune eval`."
+    )
     val_size: float = Field(
         0.0, ge=0, lt=1, description="Fraction of the training rows held out for validation (when no eval_datasets)."
     )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     output_dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics, checkpoints.")
 
     @model_validator(mode="after")
@@ -216,12 +284,27 @@ class Recipe(StrictModel):
             raise FieldError(
                 "training.eval_strategy",
                 f"is '{self.training.eval_strategy}' but there is no validation data; "
-                "add eval_datasets or set val_size > 0",
+                "add eval_datasets, set val_size > 0, or data.split with a validation share",
             )
         if self.eval_datasets and self.val_size > 0:
             raise FieldError("val_size", "give validation data once: either eval_datasets or val_size, not both")
+        self._check_data_split()
         return self
+
+    def _check_data_split(self) -> None:
+        ratios = self.data.split_ratios
+        if ratios is not None and self.val_size > 0:
+            raise FieldError("val_size", "give the split once: data.split (train/validation/test) or val_size")
+        if ratios is not None and ratios[1] > 0 and self.eval_datasets:
+            raise FieldError("data.split", "has a validation share but eval_datasets are given; use [train, 0, test]")
+        if ratios is not None and ratios[2] > 0 and self.test_datasets:
+            raise FieldError("data.split", "has a test share but test_datasets are given; use [train, validation]")
+        for section in ("eval_datasets", "test_datasets"):
+            for index, source in enumerate(getattr(self, section)):
+                if "weight" in source.model_fields_set:
+                    raise FieldError(f"{section}.{index}.weight", "applies to training sources (datasets) only")
 
     @property
     def has_validation(self) -> bool:
-        return bool(self.eval_datasets) or self.val_size > 0
+        ratios = self.data.split_ratios
+        return bool(self.eval_datasets) or self.val_size > 0 or (ratios is not None and ratios[1] > 0)

@@ -28,19 +28,37 @@ class RecipeError(LoraTuneError):
 
 
 class DataError(LoraTuneError):
-    """A dataset row is unusable: names the file, the row (1-based) and the field."""
+    """A dataset row is unusable: names the file, the row or line (1-based) and the field."""
 
-    def __init__(self, message: str, *, file: str, row: int | None = None, field: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str,
+        row: int | None = None,
+        field: str | None = None,
+        line: int | None = None,
+    ):
         self.message = message
         self.file = file
         self.row = row
         self.field = field
+        self.line = line
         super().__init__(self.render())
+
+    def __reduce__(self):  # keyword-only arguments: rebuild from them when pickled across processes
+        return _rebuild_data_error, (self.message, self.file, self.row, self.field, self.line)
 
     def render(self) -> str:
         where = self.file
+        if self.line is not None:
+            where += f": line {self.line}"
         if self.row is not None:
             where += f": row {self.row}"
         if self.field:
             where += f": field '{self.field}'"
         return f"{where}: {self.message}"
+
+
+def _rebuild_data_error(message: str, file: str, row: int | None, field: str | None, line: int | None) -> DataError:
+    return DataError(message, file=file, row=row, field=field, line=line)

@@ -49,7 +49,7 @@ FOREIGN_KEYS = {
     "dataset": "datasets (a list)",
     "val_set_size": "val_size",
 }
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl")
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -304,7 +304,7 @@ def _section_type(annotation: Any) -> Any:
 
 def check_local_paths(recipe: Recipe, raw: RawRecipe) -> None:
     """Dataset files that look local must exist: a typo is reported now, not after the model has loaded."""
-    for section in ("datasets", "eval_datasets"):
+    for section in ("datasets", "eval_datasets", "test_datasets"):
         for index, source in enumerate(getattr(recipe, section)):
             if source.path.endswith(LOCAL_DATA_SUFFIXES) and not Path(source.path).exists():
                 file, line = raw.origin((section, index, "path"))

@@ -44,7 +44,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     _quiet_third_party_noise()
     from lora_tune.adapters import build_peft_config
     from lora_tune.check import PREFLIGHT_FILE, preflight
-    from lora_tune.data import build_datasets
+    from lora_tune.data import build_datasets, write_test_split
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
     from lora_tune.trl_args import to_sft_config
@@ -61,9 +61,10 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     #    a failed check stops the run (exit 2) unless the recipe sets preflight.on_failure: warn.
     preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE)
 
-    # 4. Data: tokenized, assistant-masked train (and validation) splits.
+    # 4. Data: tokenized, assistant-masked train (and validation) splits; the test split, if any, to test.jsonl.
     prepared = build_datasets(recipe, tokenizer)
     log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
+    write_test_split(prepared, run.root)
     train_set = prepared.datasets["train"]
     eval_set = prepared.datasets.get("validation")
     from lora_tune.data.packing import log_batching  # padding fraction, packed and padded

@@ -6,7 +6,9 @@
 Both sides start from the same in-memory `datasets.Dataset` of `messages` conversations (a system prompt and one to
 three user/assistant exchanges) and produce `input_ids` + `labels` truncated to --max-length:
 - lora-tune: `masking.tokenize_dataset` (chat template rendered per conversation, one batched fast-tokenizer call per
-  1,000 rows, `num_proc` workers), as the pipeline runs it; and the per-row loop (`tokenize_conversation`) for scale;
+  1,000 rows, `num_proc` workers), as the pipeline runs it; the whole pipeline `build_datasets` from a .jsonl file
+  (read, convert, drop empty turns and duplicates, shuffle, tokenize; caching off); and the per-row loop
+  (`tokenize_conversation`) for scale;
 - TRL: `SFTTrainer._prepare_dataset` with its defaults (full-sequence loss) and with `assistant_only_loss=True`
   (the same masking as lora-tune), `dataset_num_proc` workers.
 Prints examples/s and tokens/s of each, the ratios, and whether the assistant-only outputs agree token for token.
@@ -60,6 +62,28 @@ def build_tokenizer():
     return tokenizer
 
 
+def whole_pipeline(data, tokenizer, args):
+    """build_datasets on the conversations written to a .jsonl file, as `train` runs it."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from lora_tune.config import Recipe
+    from lora_tune.data import build_datasets
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bench.jsonl"
+        path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in data), encoding="utf-8")
+        recipe = Recipe(
+            model={"name": "bench"},
+            datasets=[{"path": str(path)}],
+            training={"max_length": args.max_length},
+            data={"num_proc": args.num_proc},
+            output_dir=tmp,
+        )
+        return build_datasets(recipe, tokenizer).datasets["train"]
+
+
 def timed(fn):
     start = time.perf_counter()
     result = fn()
@@ -96,6 +120,7 @@ def main() -> None:
     )
 
     ours, ours_s = timed(lambda: tokenize_dataset(dataset, tokenizer, args.max_length, num_proc=num_proc))
+    pipeline, pipeline_s = timed(lambda: whole_pipeline(data, tokenizer, args))
     loop_rows = min(args.loop_rows, args.rows)
     _, loop_s = timed(lambda: [tokenize_conversation(c, tokenizer, args.max_length) for c in data[:loop_rows]])
 
@@ -121,6 +146,7 @@ def main() -> None:
 
     rows = [
         ("lora-tune tokenize_dataset (batched)", len(ours), ours_s, tokens(ours)),
+        ("lora-tune build_datasets (jsonl -> tokens)", len(pipeline), pipeline_s, tokens(pipeline)),
         ("lora-tune per-row loop", loop_rows, loop_s, None),
         ("TRL _prepare_dataset, default (full loss)", len(trl_default), trl_default_s, tokens(trl_default)),
         ("TRL _prepare_dataset, assistant_only_loss", len(trl_masked), trl_masked_s, tokens(trl_masked)),
@@ -133,6 +159,9 @@ def main() -> None:
     print(f"ratio lora-tune batched / TRL default:            {ours_rate / (len(trl_default) / trl_default_s):.2f}x")
     print(f"ratio lora-tune batched / TRL assistant_only_loss: {ours_rate / (len(trl_masked) / trl_masked_s):.2f}x")
     print(f"ratio lora-tune batched / lora-tune per-row loop:  {ours_rate / (loop_rows / loop_s):.2f}x")
+    pipeline_rate = len(pipeline) / pipeline_s
+    trl_masked_rate = len(trl_masked) / trl_masked_s
+    print(f"ratio lora-tune build_datasets / TRL assistant_only_loss: {pipeline_rate / trl_masked_rate:.2f}x")
     same_ids = ours["input_ids"] == trl_masked["input_ids"]
     same_labels = ours["labels"] == trl_masked["labels"]
     print(f"assistant-only outputs identical to TRL's: input_ids {same_ids}, labels {same_labels}")

@@ -1,7 +1,8 @@
 """The rows the pre-flight check looks at, and the facts about each one that the checks judge.
 
-Rows are read and converted exactly as the data pipeline does (`load_rows`, `to_conversation`), and tokenized with
-the pipeline's own `tokenize_conversation`, so the check sees the examples training will see.
+Rows are read and converted exactly as the data pipeline does (`load_source`: column mapping, format, bad rows),
+and tokenized with the pipeline's own `tokenize_conversation`, so the check sees the examples training will see.
+Plain-text examples (the text format) use no chat template and are not sampled.
 """
 
 from __future__ import annotations
@@ -9,13 +10,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_tune.config import DatasetConfig
-from lora_tune.data.formats import Conversation, detect_format, to_conversation
+from lora_tune.data.formats import Conversation
 from lora_tune.data.masking import IGNORE_INDEX, Span, TokenizedExample, render_with_spans, tokenize_conversation
-from lora_tune.data.sources import load_rows
-from lora_tune.errors import DataError
+from lora_tune.data.pipeline import load_source
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -26,6 +26,7 @@ class SampledRow:
     file: str
     row: int  # 1-based, as in the pipeline's data errors
     messages: Conversation
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,36 +45,34 @@ class ExampleFacts:
 
 
 def sample_rows(
-    configs: Sequence[DatasetConfig], limit: int | None, seed: int
+    configs: Sequence[DatasetConfig], limit: int | None, seed: int, *, skip_bad: bool = False
 ) -> tuple[list[SampledRow], dict[str, dict[str, int]]]:
     """Up to `limit` rows of each dataset (a seeded sample, in file order, when it has more), as conversations."""
     rows: list[SampledRow] = []
     sources: dict[str, dict[str, int]] = {}
     for index, cfg in enumerate(configs):
-        raw = load_rows(cfg)
-        if not raw:
-            raise DataError("has no rows", file=cfg.path)
-        fmt = detect_format(raw[0], file=cfg.path) if cfg.format == "auto" else cfg.format
-        picked: Sequence[int] = range(len(raw))
-        if limit is not None and len(raw) > limit:
-            picked = sorted(random.Random(seed + index).sample(range(len(raw)), limit))
+        examples, _ = load_source(cfg, skip_bad=skip_bad)
+        conversational = [(origin, e) for origin, e in examples if e.text is None]
+        picked: Sequence[int] = range(len(conversational))
+        if limit is not None and len(conversational) > limit:
+            picked = sorted(random.Random(seed + index).sample(range(len(conversational)), limit))
         for i in picked:
-            messages = to_conversation(raw[i], fmt, file=cfg.path, row_number=i + 1, system_prompt=cfg.system_prompt)
-            rows.append(SampledRow(cfg.path, i + 1, messages))
+            origin, example = conversational[i]
+            rows.append(SampledRow(cfg.path, origin.number, example.messages, example.tools))
         counts = sources.setdefault(cfg.path, {"rows": 0, "checked": 0})
-        counts["rows"] += len(raw)
+        counts["rows"] += len(examples)
         counts["checked"] += len(picked)
     return rows, sources
 
 
 def inspect_row(row: SampledRow, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> ExampleFacts:
     """Tokenize one row as the pipeline does; raises the pipeline's `TemplateError` when the template refuses it."""
-    full = tokenize_conversation(row.messages, tokenizer)
+    full = tokenize_conversation(row.messages, tokenizer, tools=row.tools)
     example = full
     if max_length is not None and len(full.input_ids) > max_length:
-        example = tokenize_conversation(row.messages, tokenizer, max_length)
+        example = tokenize_conversation(row.messages, tokenizer, max_length, tools=row.tools)
     trained = [label != IGNORE_INDEX for label in full.labels]
-    return ExampleFacts(row, full, example, _runs(trained), _prompt_text_trained(row.messages, tokenizer))
+    return ExampleFacts(row, full, example, _runs(trained), _prompt_text_trained(row.messages, tokenizer, row.tools))
 
 
 def _runs(flags: Sequence[bool]) -> list[Span]:
@@ -88,13 +87,15 @@ def _runs(flags: Sequence[bool]) -> list[Span]:
     return runs
 
 
-def _prompt_text_trained(messages: Conversation, tokenizer: PreTrainedTokenizerBase) -> str | None:
+def _prompt_text_trained(
+    messages: Conversation, tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None
+) -> str | None:
     """The first system or user text found inside an assistant span of the rendering (the spans masking trains).
 
     Each system or user message's content is looked up in the rendered text in conversation order, after the
     previous reply's span (stripped, when the template trims it); a content the template rewrote is not judged.
     """
-    text, spans = render_with_spans(messages, tokenizer)
+    text, spans = render_with_spans(messages, tokenizer, tools)
     cursor = 0
     replies = iter(spans)  # one span per assistant message, in order
     for message in messages:

@@ -129,6 +129,25 @@ def tokenize_batch(
     ]
 
 
+def tokenize_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int | None = None):
+    """Plain texts (the text format: continued pretraining) tokenized with BOS (when the tokenizer adds one) and EOS
+    appended, so the model learns where a document ends; every token is trained and no chat template is used."""
+    if not texts:
+        return []
+    encoding = tokenizer(list(texts), add_special_tokens=False)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    prefix = [bos] if bos is not None and _adds_bos(tokenizer) else []
+    suffix = [eos] if eos is not None else []
+    examples = []
+    for ids in encoding["input_ids"]:
+        ids = [*prefix, *ids, *suffix]
+        truncated = max_length is not None and len(ids) > max_length
+        if truncated:
+            ids = ids[:max_length]
+        examples.append(TokenizedExample(input_ids=ids, labels=list(ids), truncated=truncated))
+    return examples
+
+
 def tokenize_dataset(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -137,38 +156,72 @@ def tokenize_dataset(
     train_on: TrainOn = "assistant",
     num_proc: int | None = None,
     batch_size: int = 1000,
+    cache_file_name: str | None = None,
 ) -> Dataset:
-    """Map a dataset with a `messages` column (and optionally `tools`, a list or its JSON text) to tokenized columns.
+    """Map a dataset with a `messages` column (a list of turns or its JSON text; optionally `tools`, a list or its
+    JSON text, and `text`: rows whose text is not null are plain text) to tokenized columns.
 
     Adds `input_ids`, `labels`, `truncated` and `num_trained` and removes the other columns. Batched over the fast
-    tokenizer, in `num_proc` processes; `datasets` caches the result when the dataset is backed by files.
+    tokenizer, in `num_proc` processes; `datasets` caches the result when the dataset is backed by files or a
+    `cache_file_name` is given. A `TemplateError` carries the dataset index of the row it is about (`index`).
     """
     return dataset.map(
         _tokenize_columns,
         batched=True,
         batch_size=batch_size,
         num_proc=num_proc,
+        with_indices=True,
         remove_columns=dataset.column_names,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "train_on": train_on},
+        cache_file_name=cache_file_name,
         desc="Tokenizing",
     )
 
 
 def _tokenize_columns(
-    batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, max_length: int | None, train_on: TrainOn
+    batch: dict[str, list[Any]],
+    indices: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    train_on: TrainOn,
 ) -> dict[str, list[Any]]:
     import json
 
-    tools = batch.get("tools")
-    if tools is not None:
-        tools = [json.loads(t) if isinstance(t, str) else t for t in tools]
-    examples = tokenize_batch(batch["messages"], tokenizer, max_length, train_on=train_on, tools=tools)
+    size = len(indices)
+    texts = batch.get("text") or [None] * size
+    chat = [i for i in range(size) if texts[i] is None]
+    plain = [i for i in range(size) if texts[i] is not None]
+    tools = batch.get("tools") or [None] * size
+    conversations = [_loaded(batch["messages"][i]) for i in chat]
+    try:
+        chat_examples = tokenize_batch(
+            conversations,
+            tokenizer,
+            max_length,
+            train_on=train_on,
+            tools=[json.loads(tools[i]) if isinstance(tools[i], str) else tools[i] for i in chat],
+        )
+    except TemplateError as e:
+        if e.index is not None or len(chat) == 1:
+            e.index = indices[chat[e.index or 0]]
+        raise
+    examples: list[TokenizedExample] = [None] * size  # type: ignore[list-item]
+    for i, example in zip(chat, chat_examples, strict=True):
+        examples[i] = example
+    for i, example in zip(plain, tokenize_texts([texts[i] for i in plain], tokenizer, max_length), strict=True):
+        examples[i] = example
     return {
         "input_ids": [e.input_ids for e in examples],
         "labels": [e.labels for e in examples],
         "truncated": [e.truncated for e in examples],
         "num_trained": [e.num_trained for e in examples],
     }
+
+
+def _loaded(messages: Any) -> Any:
+    import json
+
+    return json.loads(messages) if isinstance(messages, str) else messages
 
 
 def _example(

@@ -117,7 +117,9 @@ def _source_counts(recipe: Recipe, prepared: PreparedData) -> list[tuple[str, st
     """Rows read per source: from the pipeline's stats when it records them, else by reading each source."""
     recorded = getattr(prepared.stats, "sources", None)
     if recorded:
-        return [(getattr(s, "split", "train"), s.path, s.rows) for s in recorded]
+        return [
+            (s.split + (f"; {s.bad_rows:,} bad rows skipped" if s.bad_rows else ""), s.path, s.rows) for s in recorded
+        ]
     from lora_tune.data.sources import load_rows
 
     counts = [("train", cfg.path, len(load_rows(cfg))) for cfg in recipe.datasets]

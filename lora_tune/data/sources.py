@@ -1,36 +1,81 @@
-"""Read a dataset's raw rows: local JSON Lines / JSON files, or a hub dataset when the path is not local.
+"""Read a dataset's raw rows: local .jsonl/.json/.csv/.parquet files, `save_to_disk` folders, or hub datasets.
 
-Rows come back as plain dicts; `formats` turns them into conversations. Errors name the file and the line.
+Rows come back as plain dicts, each with its `Origin` (file and line or row number); `formats` turns them into
+conversations. Errors name the file and the line (JSON Lines, CSV) or row (JSON arrays, Parquet, Arrow folders).
+With `skip_bad`, unreadable rows are collected instead of raised, so the pipeline can drop and count them.
 """
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lora_tune.config import DatasetConfig
 from lora_tune.errors import DataError
 
-LOCAL_SUFFIXES = (".jsonl", ".json")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Suffixes that mark a path as a file the user meant to read locally, even when it is missing or unsupported.
 # Hub ids may contain dots ("teknium/OpenHermes-2.5"), so any other suffix is not evidence of a local path.
-_FILE_SUFFIXES = (*LOCAL_SUFFIXES, ".csv", ".tsv", ".parquet", ".arrow", ".txt")
+_FILE_SUFFIXES = (*LOCAL_SUFFIXES, ".tsv", ".arrow", ".txt")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a row came from: a file and a 1-based line (JSON Lines, CSV) or row (the other sources) number."""
+
+    file: str
+    number: int
+    unit: Literal["line", "row"] = "row"
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        return DataError(message, file=self.file, field=field, **{self.unit: self.number})
+
+
+@dataclass
+class SourceRows:
+    """The rows read from one source, and (with skip_bad) the errors of the rows that could not be read."""
+
+    rows: list[tuple[Origin, dict[str, Any]]] = field(default_factory=list)
+    bad: list[tuple[Origin, DataError]] = field(default_factory=list)
 
 
 def load_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
     """The first `cfg.limit` rows (all when None) of the dataset at `cfg.path`, each a dict of columns."""
+    return [row for _, row in read_source(cfg).rows]
+
+
+def read_source(cfg: DatasetConfig, *, skip_bad: bool = False) -> SourceRows:
+    """Rows of `cfg.path` with their origins, up to `cfg.limit` good rows; bad rows raise unless `skip_bad`."""
+    result = SourceRows()
+    for origin, row in _rows(cfg):
+        if cfg.limit is not None and len(result.rows) >= cfg.limit:
+            break
+        if isinstance(row, DataError):
+            if not skip_bad:
+                raise row
+            result.bad.append((origin, row))
+            continue
+        result.rows.append((origin, row))
+    return result
+
+
+def _rows(cfg: DatasetConfig) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
     path = Path(cfg.path).expanduser()
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return _read_jsonl(path, cfg.path, cfg.limit)
-        if suffix == ".json":
-            return _read_json(path, cfg.path, cfg.limit)
-        raise DataError(f"unsupported file type '{path.suffix}'; use .jsonl or .json", file=cfg.path)
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+        reader = readers.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"unsupported file type '{path.suffix}'; use {', '.join(LOCAL_SUFFIXES)}", file=cfg.path)
+        return reader(path, cfg.path)
+    if path.is_dir() and any((path / marker).is_file() for marker in ("dataset_info.json", "dataset_dict.json")):
+        return _read_saved(path, cfg)
     if not path.exists() and _looks_local(cfg.path):
         raise DataError("file not found", file=cfg.path)
-    return _load_hub(cfg)  # a hub id, or a local folder of data files: both are what `load_dataset` reads
+    return _numbered(cfg.path, _load_hub(cfg))  # a hub id, or a local folder of data files: load_dataset reads both
 
 
 def _looks_local(path: str) -> bool:
@@ -43,27 +88,25 @@ def _looks_local(path: str) -> bool:
     )
 
 
-def _read_jsonl(path: Path, name: str, limit: int | None) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+def _read_jsonl(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
     with path.open("rb") as f:
         for line_number, line in enumerate(f, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
             if not line.strip():
                 continue
+            origin = Origin(name, line_number, "line")
             try:
                 row = json.loads(line)
             except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                raise DataError(f"line {line_number} is not valid JSON: {_reason(e)}", file=name) from e
+                yield origin, DataError(f"line {line_number} is not valid JSON: {_reason(e)}", file=name)
+                continue
             if not isinstance(row, dict):
-                raise DataError(
-                    f"line {line_number} is a JSON {_kind(row)}; each line must be one JSON object", file=name
-                )
-            rows.append(row)
-    return rows
+                message = f"line {line_number} is a JSON {_kind(row)}; each line must be one JSON object"
+                yield origin, DataError(message, file=name)
+                continue
+            yield origin, row
 
 
-def _read_json(path: Path, name: str, limit: int | None) -> list[dict[str, Any]]:
+def _read_json(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
     try:
         data = json.loads(path.read_bytes())
     except ValueError as e:
@@ -75,11 +118,75 @@ def _read_json(path: Path, name: str, limit: int | None) -> list[dict[str, Any]]
             "(one object per line is JSON Lines: name the file .jsonl)",
             file=name,
         )
-    rows = data[:limit] if limit is not None else data
-    for row_number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"is a JSON {_kind(row)}; each array item must be an object", file=name, row=row_number)
-    return rows
+    for row_number, row in enumerate(data, start=1):
+        if isinstance(row, dict):
+            yield Origin(name, row_number), row
+        else:
+            error = DataError(f"is a JSON {_kind(row)}; each array item must be an object", file=name, row=row_number)
+            yield Origin(name, row_number), error
+
+
+def _read_csv(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
+    """CSV with a header row; every value is text, and an empty cell is read as missing (None)."""
+    csv.field_size_limit(2**31 - 1)  # the default (131,072 characters) refuses long documents
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a byte-order mark
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read the CSV header: {e}", file=name, line=1) from e
+        while True:
+            line = reader.line_num + 1
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except (csv.Error, UnicodeDecodeError) as e:
+                yield Origin(name, line, "line"), DataError(f"not valid CSV: {e}", file=name, line=line)
+                continue
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                message = f"has {len(values)} values, the header has {len(header)} columns ({', '.join(header)})"
+                yield Origin(name, line, "line"), DataError(message, file=name, line=line)
+                continue
+            row = {k: (v if v != "" else None) for k, v in zip(header, values, strict=True)}
+            yield Origin(name, line, "line"), row
+
+
+def _read_parquet(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError...: all mean "not a readable Parquet file"
+        raise DataError(f"cannot read Parquet: {e}", file=name) from e
+    return _numbered(name, table.to_pylist())
+
+
+def _read_saved(path: Path, cfg: DatasetConfig) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
+    """A folder written by `Dataset.save_to_disk` (one split) or `DatasetDict.save_to_disk` (pick `cfg.split`)."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if cfg.split not in loaded:
+            raise DataError(
+                f"has no split '{cfg.split}'; it has {', '.join(loaded)} (set split: in the recipe)",
+                file=cfg.path,
+                field="split",
+            )
+        loaded = loaded[cfg.split]
+    if cfg.limit is not None and cfg.limit < len(loaded):
+        loaded = loaded.select(range(cfg.limit))
+    return _numbered(cfg.path, loaded.to_list())
+
+
+def _numbered(name: str, rows: list[dict[str, Any]]) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
+    for number, row in enumerate(rows, start=1):
+        yield Origin(name, number), row
 
 
 def _load_hub(cfg: DatasetConfig) -> list[dict[str, Any]]:

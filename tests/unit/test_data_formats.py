@@ -1,4 +1,5 @@
-"""Format detection and conversion of alpaca and messages rows to canonical conversations, and their errors."""
+"""Format detection and conversion of every format (alpaca, messages, sharegpt, prompt/completion, text, mapped
+columns) to the canonical form, and their errors."""
 
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def test_detect_format(row: dict[str, Any], expected: str) -> None:
 
 
 def test_unknown_format_names_the_columns_found() -> None:
-    message = error_of([{"prompt": "p", "completion": "c"}])
-    assert message.startswith(f"{FILE}: row 1: cannot detect the format from the columns (completion, prompt)")
+    message = error_of([{"question": "p", "answer": "c"}])
+    assert message.startswith(f"{FILE}: row 1: cannot detect the format from the columns (answer, question)")
 
 
 def test_ambiguous_format_names_the_columns_found() -> None:
@@ -140,8 +141,8 @@ def test_empty_dataset() -> None:
             "row 1: field 'messages[1].role': is 'assistant'; the first non-system turn must be 'user'",
         ),
         (
-            [{"conversations": [{"from": "human", "value": "u"}]}],
-            "row 1: field 'conversations[0]': uses ShareGPT keys from/value; expected role/content",
+            [{"messages": [{"from": "human", "value": "u"}]}],
+            "row 1: field 'messages[0]': uses ShareGPT keys from/value; expected role/content",
         ),
         ([{"messages": "u: hi"}], "row 1: field 'messages': must be a non-empty list of {role, content} turns"),
     ],
@@ -160,3 +161,145 @@ def test_importing_formats_loads_no_ml_library() -> None:
     code = "import sys, lora_tune.data; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def convert(row: dict[str, Any], fmt: str, **cfg: Any):
+    from lora_tune.data.formats import map_columns, resolve_format, to_example
+    from lora_tune.data.sources import Origin
+
+    config = DatasetConfig(path=FILE, format=fmt, **cfg)
+    mapped = map_columns(row, config.columns, Origin(FILE, 1))
+    return to_example(mapped, resolve_format(config, mapped), Origin(FILE, 1), config.system_prompt)
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"conversations": [{"from": "human", "value": "u"}]}, "sharegpt"),
+        ({"conversations": [{"role": "user", "content": "u"}]}, "messages"),
+        ({"prompt": "p", "completion": "c"}, "prompt_completion"),
+        ({"text": "t", "id": 3}, "text"),
+        ({"messages": [], "text": "rendered"}, "messages"),  # a rendered `text` column beside the turns
+    ],
+)
+def test_detect_new_formats(row: dict[str, Any], expected: str) -> None:
+    assert detect_format(row, file=FILE) == expected
+
+
+def test_sharegpt_roles_and_aliases_become_canonical() -> None:
+    row = {
+        "conversations": [
+            {"from": "system", "value": "s"},
+            {"from": "human", "value": "u1"},
+            {"from": "gpt", "value": "a1"},
+            {"from": "user", "value": "u2"},
+            {"from": "ChatGPT", "value": "a2"},
+        ]
+    }
+    example = convert(row, "auto")
+    assert [(m["role"], m["content"]) for m in example.messages] == [
+        ("system", "s"),
+        ("user", "u1"),
+        ("assistant", "a1"),
+        ("user", "u2"),
+        ("assistant", "a2"),
+    ]
+    assert example.tools is None and example.text is None
+
+
+def test_sharegpt_tool_calls_observations_and_tools_column() -> None:
+    row = {
+        "conversations": [
+            {"from": "human", "value": "weather?"},
+            {"from": "function_call", "value": '{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}'},
+            {"from": "observation", "value": "21C"},
+            {"from": "gpt", "value": "It is 21C."},
+        ],
+        "tools": '[{"name": "get_weather", "parameters": {"type": "object"}}]',
+        "system": "Use tools.",
+    }
+    example = convert(row, "sharegpt")
+    assert example.messages[0] == {"role": "system", "content": "Use tools."}
+    assert example.messages[2] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+    }
+    assert example.messages[3] == {"role": "tool", "content": "21C"}
+    assert example.tools == [{"name": "get_weather", "parameters": {"type": "object"}}]
+
+
+@pytest.mark.parametrize(
+    ("turns", "expected"),
+    [
+        (
+            [{"from": "human", "value": "u"}, {"from": "narrator", "value": "a"}],
+            "field 'conversations[1].from': unknown speaker 'narrator'",
+        ),
+        (
+            [{"from": "human", "value": "u"}, {"from": "gpt", "value": 1}],
+            "field 'conversations[1].value': must be a string, got int",
+        ),
+        (
+            [{"from": "human", "value": "u"}, {"from": "function_call", "value": "get_weather(Paris)"}],
+            "field 'conversations[1].value': a function_call value must be JSON",
+        ),
+        (
+            [{"from": "human", "value": "u"}, {"from": "observation", "value": "x"}, {"from": "gpt", "value": "a"}],
+            "field 'conversations[1].role': is a tool result that follows no tool call",
+        ),
+    ],
+)
+def test_sharegpt_errors_name_the_turn(turns: list[dict[str, Any]], expected: str) -> None:
+    assert error_of([{"conversations": turns}], format="sharegpt").startswith(f"{FILE}: row 1: {expected}")
+
+
+def test_prompt_completion_strings_and_conversational_lists() -> None:
+    example = convert({"prompt": "2+2?", "completion": "4"}, "auto", system_prompt="Be brief.")
+    assert example.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    lists = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
+    assert convert(lists, "prompt_completion").messages[-1] == {"role": "assistant", "content": "yo"}
+    assert error_of([{"prompt": "p"}], format="prompt_completion").startswith(
+        f"{FILE}: row 1: field 'completion': missing (found: prompt)"
+    )
+
+
+def test_text_format_keeps_the_text_and_has_no_conversation() -> None:
+    example = convert({"text": "Once upon a time."}, "auto")
+    assert example.text == "Once upon a time." and example.messages == []
+    assert error_of([{"text": "x"}], format="text").startswith(f"{FILE}: row 1: field 'text': the text format has no")
+
+
+def test_column_mapping_renames_the_users_columns_to_a_formats_fields() -> None:
+    row = {"question": "2+2?", "answer": "4", "id": 7}
+    example = convert(row, "auto", columns={"instruction": "question", "output": "answer"})
+    assert example.messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    body = convert({"body": "Some prose."}, "text", columns={"text": "body"})
+    assert body.text == "Some prose."
+
+
+def test_column_mapping_to_a_missing_column_names_it() -> None:
+    message = error_of([{"question": "q", "reply": "r"}], columns={"instruction": "question", "output": "answer"})
+    assert message == (
+        f"{FILE}: row 1: field 'answer': column 'answer' (columns.output) not found; the row has: question, reply"
+    )
+
+
+def test_messages_format_accepts_tool_turns() -> None:
+    call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+    row = {
+        "messages": [
+            {"role": "user", "content": "u"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "r"},
+            {"role": "assistant", "content": "a"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+    }
+    example = convert(row, "messages")
+    assert example.messages[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert example.tools == [{"type": "function", "function": {"name": "f"}}]

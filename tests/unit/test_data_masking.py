@@ -204,3 +204,56 @@ def test_overlaps_matches_a_brute_force_check() -> None:
         spans = [(marks[0], marks[1]), (marks[2], marks[3])]
         expected = [b > a and any(b > lo and a < hi for lo, hi in spans) for a, b in offsets]
         assert _overlaps(offsets, spans) == expected
+
+
+# A ShareGPT tool-calling row as public tool-use datasets ship it (glaive / LLaMA-Factory style).
+SHAREGPT_TOOL_ROW = {
+    "conversations": [
+        {"from": "human", "value": "What is the weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temperature": 21}'},
+        {"from": "gpt", "value": "It is 21 degrees in Paris."},
+    ],
+    "tools": '[{"name": "get_weather", "description": "Weather of a city", "parameters": {"type": "object"}}]',
+}
+
+
+@pytest.mark.parametrize("template", ["chatml", "qwen", "llama-3"])
+def test_sharegpt_tool_turns_train_the_call_and_answer_never_the_tool_output(template: str) -> None:
+    from lora_tune.data.formats import to_example
+    from lora_tune.data.sources import Origin
+    from lora_tune.data.templates import BUILTIN_TEMPLATES, apply_chat_template_choice
+
+    example = to_example(SHAREGPT_TOOL_ROW, "sharegpt", Origin("tools.jsonl", 1))
+    tokenizer = build_tokenizer(CORPUS + ["weather Paris degrees temperature get_weather city"] * 20, vocab_size=400)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(BUILTIN_TEMPLATES[template].markers)})
+    apply_chat_template_choice(tokenizer, template, "test")
+    tokenized = tokenize_conversation(example.messages, tokenizer, tools=example.tools)
+    trained, untrained = trained_text(tokenizer, tokenized), untrained_text(tokenizer, tokenized)
+    stop = BUILTIN_TEMPLATES[template].stop
+    # The call (name and arguments) and the final answer are trained, each with its end-of-turn marker ...
+    assert '"get_weather"' in trained and '"Paris"' in trained
+    assert trained.endswith(f"It is 21 degrees in Paris.{stop}")
+    assert trained.count(stop) == 2
+    # ... the tool's output, the user's question and the tool definitions are not.
+    assert '{"temperature": 21}' in untrained and "temperature" not in trained
+    assert "What is the weather" in untrained and "Weather of a city" in untrained
+
+
+def test_text_examples_train_every_token_and_end_with_eos(tokenizer) -> None:
+    from lora_tune.data.masking import tokenize_texts
+
+    [plain] = tokenize_texts(["Four. Three plus two is five."], tokenizer)
+    assert plain.input_ids[0] != tokenizer.bos_token_id  # this tokenizer adds no BOS by default
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, bos)]
+    )
+    [example] = tokenize_texts(["Four. Three plus two is five."], tokenizer)
+    assert example.input_ids == [bos, *plain.input_ids]  # BOS once, when the tokenizer adds one
+    assert example.labels == example.input_ids and example.num_trained == len(example.input_ids)
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(example.input_ids[1:-1]) == "Four. Three plus two is five."
+    assert "<|user|>" not in tokenizer.decode(example.input_ids)  # no chat template
+    [cut] = tokenize_texts(["Four. Three plus two is five."], tokenizer, max_length=3)
+    assert cut.truncated and len(cut.input_ids) == 3

@@ -139,7 +139,7 @@ def test_val_size_that_leaves_no_training_rows(tmp_path: Path, tokenizer) -> Non
 
 def test_row_errors_surface_before_tokenizing(tmp_path: Path, tokenizer) -> None:
     chats = write_jsonl(tmp_path / "chat.jsonl", [chat_row(0), {"messages": [{"role": "user", "content": "u"}]}])
-    with pytest.raises(DataError, match=r"chat\.jsonl: row 2: field 'messages': has no assistant turn"):
+    with pytest.raises(DataError, match=r"chat\.jsonl: line 2: field 'messages': has no assistant turn"):
         build_datasets(make_recipe(tmp_path, [chats]), tokenizer)
 
 
@@ -147,5 +147,5 @@ def test_template_errors_name_the_file_and_row(tmp_path: Path) -> None:
     tokenizer = build_tokenizer(["question answer"], vocab_size=280)
     tokenizer.chat_template = "{{ messages | length }}" + tokenizer.chat_template
     chats = write_jsonl(tmp_path / "chat.jsonl", [chat_row(0)])
-    with pytest.raises(DataError, match=r"chat\.jsonl: row 1: the chat template is not prefix-consistent"):
+    with pytest.raises(DataError, match=r"chat\.jsonl: line 1: the chat template is not prefix-consistent"):
         build_datasets(make_recipe(tmp_path, [chats]), tokenizer)

@@ -54,11 +54,13 @@ def test_preview_through_the_cli(tiny_model_dir: Path, tmp_path: Path, capsys, n
     assert main(["data", str(recipe), "--n", "2"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"train\.jsonl\s+12 rows\s+\(train\)", out)
-    assert "train: 9 rows" in out and "validation: 3 rows" in out
+    # 12 rows, 2 of them exact duplicates (dropped), 10 left; val_size 0.25 holds out round(2.5) = 2.
+    assert "train: 8 rows" in out and "validation: 2 rows" in out
+    assert "dropped before tokenizing: 2 duplicates" in out
     assert re.search(r"train\s+min \d+  median [\d.]+  p95 \d+  max \d+", out)
-    assert re.search(r"padded: \d+\.\d% padding \(3 batches\) \[this run\]; packed: 0\.0% padding", out)
+    assert re.search(r"padded: \d+\.\d% padding \(2 batches\) \[this run\]; packed: 0\.0% padding", out)
     assert "loss on: assistant tokens;  chat template: alpaca (built-in)" in out
-    assert out.count("--- example ") == 2 and "--- example 1 of 9" in out
+    assert out.count("--- example ") == 2 and "--- example 1 of 8" in out
     # Piped output: markers around exactly the trained tokens: the answer and EOS, nothing of the prompt.
     trained = [t for t in re.findall(r"⟦(.*?)⟧", out, flags=re.S) if t != "…"]  # "…" is in the legend
     assert len(trained) == 2 and all(t.endswith("<|end|>") for t in trained)
@@ -78,7 +80,7 @@ def test_preview_of_a_packed_run_with_full_loss(tiny_model_dir: Path, tmp_path: 
     assert "loss on: all tokens;  chat template: chatml (built-in)" in out
     shown = re.search(r"--- example 1 of \d+ \((\d+) tokens, (\d+) trained", out)
     assert shown and shown[1] == shown[2]  # the pipeline honours train_on: all
-    assert "train: 9 rows" in out and "100.0% trained" in out
+    assert "train: 8 rows" in out and "100.0% trained" in out
 
 
 def test_preview_reports_a_bad_template_name_as_a_recipe_error(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
@@ -102,3 +104,21 @@ def test_highlight_colours_trained_runs_on_a_terminal() -> None:
 def test_length_stats() -> None:
     stats = LengthStats.of(list(range(1, 101)))
     assert (stats.min, stats.median, stats.p95, stats.max) == (1, 50.5, 95, 100)
+
+
+def test_preview_reports_skipped_bad_rows_and_the_test_split(
+    tiny_model_dir: Path, tmp_path: Path, capsys, no_weights
+) -> None:
+    rows = fruit_rows(9, "messages") + [{"messages": [{"role": "robot", "content": "x"}]}]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    with (tmp_path / "train.jsonl").open("a") as f:
+        f.write("{not json\n")
+    recipe = tmp_path / "recipe.yaml"
+    text = RECIPE.format(model=tiny_model_dir, data=data, out=tmp_path / "run", template="alpaca", packing="false")
+    recipe.write_text(text.replace("val_size: 0.25\n", "data: {on_bad_rows: skip, split: [7, 1, 1]}\n"))
+    assert main(["data", str(recipe), "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train\.jsonl\s+9 rows\s+\(train; 2 bad rows skipped\)", out)
+    assert "train: 7 rows" in out and "validation: 1 rows" in out and "test: 1 rows" in out
+    assert "dropped before tokenizing: 2 bad rows (line 10: field 'messages[0].role': unknown role 'robot'" in out
+    assert "line 11 is not valid JSON" in out

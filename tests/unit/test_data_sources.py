@@ -1,4 +1,4 @@
-"""Reading raw rows: JSON Lines and JSON files, limits, missing files, and the hub route (faked, never online)."""
+"""Reading raw rows: JSON Lines, JSON, CSV, Parquet, save_to_disk folders, limits, bad rows, missing files, hub."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.config import DatasetConfig
-from lora_tune.data import load_rows
+from lora_tune.data import load_rows, read_source
 from lora_tune.errors import DataError
 
 
@@ -80,9 +80,9 @@ def test_missing_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nam
 
 
 def test_unsupported_local_file_type(tmp_path: Path) -> None:
-    path = tmp_path / "data.csv"
-    path.write_text("a,b\n1,2\n", encoding="utf-8")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
+    path = tmp_path / "data.tsv"
+    path.write_text("a\tb\n1\t2\n", encoding="utf-8")
+    with pytest.raises(DataError, match="unsupported file type '.tsv'"):
         load_rows(DatasetConfig(path=str(path)))
 
 
@@ -110,3 +110,61 @@ def test_hub_failure_is_a_data_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     with pytest.raises(DataError, match=r"^org/nope: cannot load dataset \(split 'train'\): Dataset 'org/nope'"):
         load_rows(DatasetConfig(path="org/nope"))
+
+
+def test_csv_rows_with_empty_cells_as_missing_and_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text('instruction,input,output\nAdd.,"1, 2",3\n\nSay hi.,,"hi\nthere"\n', encoding="utf-8")
+    result = read_source(DatasetConfig(path=str(path)))
+    assert [row for _, row in result.rows] == [
+        {"instruction": "Add.", "input": "1, 2", "output": "3"},
+        {"instruction": "Say hi.", "input": None, "output": "hi\nthere"},
+    ]
+    assert [origin.number for origin, _ in result.rows] == [2, 4]  # file lines: the header is line 1
+
+
+def test_csv_with_a_byte_order_mark_and_a_long_cell(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    long = "word " * 40_000  # 200,000 characters: over the csv module's default field limit
+    path.write_text(f"\ufefftext\n{long}\n", encoding="utf-8")
+    assert load_rows(DatasetConfig(path=str(path))) == [{"text": long}]
+
+
+def test_csv_row_with_the_wrong_number_of_values_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("prompt,completion\na,b\nc,d,e\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_rows(DatasetConfig(path=str(path)))
+    assert str(info.value) == f"{path}: line 3: has 3 values, the header has 2 columns (prompt, completion)"
+
+
+def test_parquet_rows_and_limit(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": f"doc {i}", "n": i} for i in range(4)]), path)
+    assert load_rows(DatasetConfig(path=str(path), limit=2)) == [{"text": "doc 0", "n": 0}, {"text": "doc 1", "n": 1}]
+
+
+def test_save_to_disk_folders_one_split_or_several(tmp_path: Path) -> None:
+    import datasets
+
+    single = datasets.Dataset.from_list([{"prompt": "p", "completion": "c"}])
+    single.save_to_disk(tmp_path / "single")
+    assert load_rows(DatasetConfig(path=str(tmp_path / "single"))) == [{"prompt": "p", "completion": "c"}]
+    several = datasets.DatasetDict({"train": single, "test": datasets.Dataset.from_list([{"prompt": "q"}] * 3)})
+    several.save_to_disk(tmp_path / "dict")
+    assert load_rows(DatasetConfig(path=str(tmp_path / "dict"), split="test", limit=2)) == [{"prompt": "q"}] * 2
+    with pytest.raises(DataError, match=r"dict: field 'split': has no split 'valid'; it has train, test"):
+        load_rows(DatasetConfig(path=str(tmp_path / "dict"), split="valid"))
+
+
+def test_skip_bad_collects_unreadable_lines_and_limit_counts_good_rows(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n[1]\n{"a": 2}\n{"a": 3}\n', encoding="utf-8")
+    result = read_source(DatasetConfig(path=str(path), limit=2), skip_bad=True)
+    assert [row for _, row in result.rows] == [{"a": 1}, {"a": 2}]
+    assert len(result.bad) == 2
+    assert str(result.bad[0][1]).startswith(f"{path}: line 2 is not valid JSON")
+    assert str(result.bad[1][1]) == f"{path}: line 3 is a JSON array; each line must be one JSON object"
