@@ -89,6 +89,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def _cell(text: str, limit: int = 120) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # control characters made visible
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

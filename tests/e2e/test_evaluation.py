@@ -3,6 +3,7 @@ cuts the learning rate, `lora-tune eval` writes its reports with base vs tuned, 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -14,6 +15,7 @@ from lora_tune.cli import main
 from tests.conftest import FRUITS, fruit_rows, write_jsonl
 
 LEARNING_RATE = 3.0e-2
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 RECIPE = """\
 model: {{name: {model}, dtype: float32}}
 adapter: {{r: 8, alpha: 16, dropout: 0.0}}
@@ -35,6 +37,7 @@ training:
   lr_scheduler: reduce_lr_on_plateau
   plateau_patience: 0
   gradient_checkpointing: false
+  report_to: {trackers}
 eval:
   max_new_tokens: 6
   batch_size: 8
@@ -57,7 +60,14 @@ def run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     valid = write_jsonl(root / "valid.jsonl", contradicting_rows(18))
     recipe = root / "recipe.yaml"
     recipe.write_text(
-        RECIPE.format(model=tiny_model_dir, train=train, valid=valid, lr=LEARNING_RATE, out=root / "run")
+        RECIPE.format(
+            model=tiny_model_dir,
+            train=train,
+            valid=valid,
+            lr=LEARNING_RATE,
+            out=root / "run",
+            trackers=["tensorboard"] if HAS_TENSORBOARD else [],
+        )
     )
     assert main(["train", str(recipe)]) == 0
     return root / "run"
@@ -94,6 +104,23 @@ def test_early_stopping_stops_and_the_adapter_is_the_best_checkpoint(run: Path) 
     assert saved.keys() == best.keys()
     assert all((saved[k] == best[k]).all() for k in saved)
     assert any((saved[k] != last[k]).any() for k in saved)
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed (pip install lora-tune[tensorboard])")
+def test_report_to_tensorboard_writes_event_files(run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # The trainer opens a writer for training and, after it closed that one, another for the closing evaluation.
+    folders = sorted({p.parent for p in (run / "checkpoints" / "runs").glob("*/events.out.tfevents.*")})
+    assert folders
+    eval_losses = []
+    for folder in folders:
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        eval_losses += [(e.step, e.value) for e in accumulator.Scalars("eval/loss")]
+    during = eval_losses[: len(_evaluations(run))]  # in the order written
+    assert [step for step, _ in during] == [step for step, _ in _evaluations(run)]
+    assert [loss for _, loss in during] == pytest.approx([loss for _, loss in _evaluations(run)])
 
 
 def test_eval_perplexity_is_logged(run: Path) -> None:
@@ -212,12 +239,13 @@ def test_generate_and_chat_on_a_merged_folder(run: Path, tmp_path: Path, capsys)
     capsys.readouterr()
     assert main(["generate", str(run), "fruit number 4?", "--no-stream"]) == 0
     from_run = capsys.readouterr().out.strip()
-    assert main(["generate", str(merged), "fruit number 4?", "--max-new-tokens", "64"]) == 0
+    assert main(["generate", str(merged), "fruit number 4?", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.strip() == from_run
-    from lora_tune.interact import chat_loop, load_for_inference
+    from lora_tune.interact import chat_loop, load_for_inference, with_settings
 
     out = io.StringIO()
-    chat_loop(load_for_inference(merged), stdin=io.StringIO("fruit number 4?\n"), stdout=out)
+    loaded = with_settings(load_for_inference(merged), {"max_new_tokens": 6})  # the run's eval.max_new_tokens
+    chat_loop(loaded, stdin=io.StringIO("fruit number 4?\n"), stdout=out)
     assert "(merged model)" in out.getvalue() and f"model> {from_run}" in out.getvalue()
 
 
