@@ -83,7 +83,9 @@ def best_checkpoint_args(recipe: Recipe) -> dict[str, object]:
     """Which validation metric is "best", whether the final model is the best checkpoint, the plateau schedule."""
     t = recipe.training
     args: dict[str, object] = {}
-    if t.eval_strategy == "no":
+    if not t.keeps_best and t.lr_scheduler != "reduce_lr_on_plateau":
+        # Left unset otherwise: with a metric_for_best_model, transformers also changes which checkpoints
+        # save_total_limit keeps (the best one survives), which a plain run should not do.
         return args
     args["metric_for_best_model"] = t.best_metric
     args["greater_is_better"] = t.best_metric != "loss"

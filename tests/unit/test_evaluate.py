@@ -140,25 +140,21 @@ def test_generate_answers_uses_the_eval_settings(peaked_model) -> None:
     from lora_tune.config import EvalConfig
 
     model, tokenizer = peaked_model
-    short = generate_answers(model, tokenizer, QUESTIONS, settings=EvalConfig(max_new_tokens=2), progress=False)
-    batched = generate_answers(
-        model, tokenizer, QUESTIONS, settings=EvalConfig(max_new_tokens=2, batch_size=2), progress=False
-    )
-    assert short == batched
+    questions = QUESTIONS[:3]
+
+    def answers(**settings) -> list[str]:
+        return generate_answers(model, tokenizer, questions, settings=EvalConfig(**settings), progress=False)
+
+    assert answers(max_new_tokens=2) == answers(max_new_tokens=2, batch_size=1)
     # stop_on_eos: false runs every answer to max_new_tokens.
-    long = generate_answers(
-        model, tokenizer, QUESTIONS, settings=EvalConfig(max_new_tokens=5, stop_on_eos=False), progress=False
-    )
-    for answer in long:
+    for answer in answers(max_new_tokens=5, stop_on_eos=False):
         assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= 3  # 5 new tokens, some merged
     # Sampling at a high temperature follows the seed and differs from greedy.
-    hot = EvalConfig(do_sample=True, temperature=5.0, max_new_tokens=6)
     torch.manual_seed(0)
-    first = generate_answers(model, tokenizer, QUESTIONS, settings=hot, progress=False)
+    first = answers(do_sample=True, temperature=5.0, max_new_tokens=4)
     torch.manual_seed(0)
-    assert generate_answers(model, tokenizer, QUESTIONS, settings=hot, progress=False) == first
-    greedy = generate_answers(model, tokenizer, QUESTIONS, settings=EvalConfig(max_new_tokens=6), progress=False)
-    assert first != greedy
+    assert answers(do_sample=True, temperature=5.0, max_new_tokens=4) == first
+    assert first != answers(max_new_tokens=4)
 
 
 def test_reference_nll_is_the_assistant_token_loss(peaked_model) -> None:

@@ -67,7 +67,7 @@ def test_trainer_arguments(tmp_path: Path) -> None:
     assert accuracy.metric_for_best_model == "mean_token_accuracy" and accuracy.greater_is_better is True
     assert accuracy.load_best_model_at_end and early_stopping_callbacks(recipe(keep_best=True)) == []
     plain = to_sft_config(recipe(), tmp_path, torch.float32)
-    assert plain.load_best_model_at_end is False
+    assert plain.load_best_model_at_end is False and plain.metric_for_best_model is None
 
 
 @pytest.mark.parametrize("trackers", [["tensorboard"], ["wandb"], ["tensorboard", "wandb"], []])
