@@ -61,3 +61,20 @@ def test_where_eval_finds_its_data(tmp_path: Path) -> None:
     assert resolve_eval_data(run, None, None) == tmp_path / "test.jsonl"
     with pytest.raises(EvalDataError, match="either --data FILE or --split NAME"):
         resolve_eval_data(run, "x.jsonl", "test")
+
+
+def test_label_set_choice_and_references_outside_it() -> None:
+    from lora_tune.config import EvalConfig
+    from lora_tune.eval_run import _classification, _label_set
+
+    references = ["yes", "no", "yes", "no"]
+    assert _label_set(EvalConfig(), references) == ["yes", "no"]  # inferred
+    assert _label_set(EvalConfig(task="text"), references) is None
+    assert _label_set(EvalConfig(labels=["no", "yes", "maybe"]), references) == ["no", "yes", "maybe"]
+    assert _label_set(EvalConfig(), ["Paris", "Rome"]) is None  # free text
+    with pytest.raises(EvalDataError, match="do not look like a label set"):
+        _label_set(EvalConfig(task="labels"), ["Paris", "Rome"])
+    with pytest.raises(EvalDataError, match="row 2: reference 'perhaps' is none of the labels"):
+        _classification(["yes", "no"], ["yes", "perhaps"], ["yes", "no"])
+    scores = _classification(["Yes.", "The answer is no"], ["yes", "No"], ["yes", "no"])
+    assert scores is not None and scores["accuracy"] == 1.0
