@@ -65,13 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--n", type=int, default=3, metavar="N", help="examples to show (default 3)")
     data.set_defaults(handler=cmd_data)
 
-    evaluate = verbs.add_parser("eval", help="exact-match accuracy of a run's adapter (and the base) on held-out data")
+    evaluate = verbs.add_parser(
+        "eval", help="score a run's adapter and its base side by side on held-out data; writes eval.json and eval.md"
+    )
     evaluate.add_argument("run_dir", help="run directory written by `lora-tune train`")
-    evaluate.add_argument("--data", required=True, help="a .jsonl file in alpaca or messages form")
-    evaluate.add_argument("--base", action="store_true", help="also evaluate the base model, side by side")
+    evaluate.add_argument("--data", default=None, help="a .jsonl file in alpaca or messages form")
+    evaluate.add_argument(
+        "--split", default=None, help="a split saved in the run (RUN_DIR/NAME.jsonl); default: test, when no --data"
+    )
+    evaluate.add_argument(
+        "--base",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also evaluate the base model, side by side (default; --no-base skips it)",
+    )
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
-    evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="override eval.max_new_tokens")
+    evaluate.add_argument("--batch-size", type=int, default=None, help="override eval.batch_size")
     evaluate.set_defaults(handler=cmd_eval)
+
+    generate = verbs.add_parser("generate", help="answer one prompt with a run's adapter or a merged model")
+    generate.add_argument("model_dir", help="run directory, or a merged model folder from `lora-tune merge`")
+    generate.add_argument("prompt", help="the user message")
+    _generation_arguments(generate)
+    generate.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer when complete")
+    generate.set_defaults(handler=cmd_generate)
+
+    chat = verbs.add_parser("chat", help="interactive multi-turn chat with a run's adapter or a merged model")
+    chat.add_argument("model_dir", help="run directory, or a merged model folder from `lora-tune merge`")
+    _generation_arguments(chat)
+    chat.set_defaults(handler=cmd_chat)
 
     merge = verbs.add_parser("merge", help="merge a run's adapter into its base: a standalone transformers folder")
     merge.add_argument("run_dir", help="run directory written by `lora-tune train`")
@@ -113,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     new.set_defaults(handler=cmd_new)
 
-    for sub in (train, validate, check, data, evaluate, merge, push, recipes, new):
+    for sub in (train, validate, check, data, evaluate, generate, chat, merge, push, recipes, new):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -121,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _recipe_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("recipe", help="recipe YAML file")
     sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. training.max_steps=50")
+
+
+def _generation_arguments(sub: argparse.ArgumentParser) -> None:
+    """Flags that override the run recipe's `eval:` generation settings for one call."""
+    sub.add_argument("--system", default=None, help="system message")
+    sub.add_argument("--max-new-tokens", type=int, default=None, help="override eval.max_new_tokens")
+    sub.add_argument("--sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    sub.add_argument("--temperature", type=float, default=None, help="sampling temperature (implies --sample)")
+    sub.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (implies --sample)")
 
 
 def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -243,25 +275,73 @@ def print_train_summary(result, recipe_path: str) -> None:  # noqa: ANN001 - Run
         "",
         f"Adapter saved to {result.adapter_dir}  ({result.steps} steps in {minutes}m {seconds:02d}s)",
         f"  train loss {num(result.train_loss)}   eval loss {num(result.eval_loss)}",
+        *best_checkpoint_lines(result),
         f"  rows: {result.train_rows} train, {result.validation_rows} validation;  tokens seen {tokens}{share}",
         f"  peak memory: {memory or 'n/a'}",
         f"  metrics: {Path(result.run_dir) / 'metrics.jsonl'}"
         + (f";  loss curve: {result.loss_plot}" if result.loss_plot else ""),
         "Next:",
-        f"  lora-tune eval {result.run_dir} --data YOUR_HELD_OUT.jsonl --base   # exact match vs the base model",
+        f"  lora-tune eval {result.run_dir} --data YOUR_HELD_OUT.jsonl   # scores vs the base model: eval.md",
+        f'  lora-tune chat {result.run_dir}                                 # or: lora-tune generate RUN "prompt"',
         f"  python -c \"from peft import AutoPeftModelForCausalLM as M; M.from_pretrained('{result.adapter_dir}')\"",
     ]
     print("\n".join(lines))
+
+
+def best_checkpoint_lines(result) -> list[str]:  # noqa: ANN001 - RunResult
+    """With keep_best or early stopping: the step the saved adapter comes from."""
+    best = getattr(result, "best", None)
+    if not best:
+        return []
+    stopped = f"stopped early at step {result.steps} of {best['planned_steps']}; " if best["stopped_early"] else ""
+    return [f"  {stopped}adapter = best checkpoint, step {best['step']} ({best['metric']} {best['value']:.4f})"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from lora_tune.eval_run import evaluate_run, format_report
 
     report = evaluate_run(
-        args.run_dir, args.data, base=args.base, limit=args.limit, max_new_tokens=args.max_new_tokens
+        args.run_dir,
+        args.data,
+        split=args.split,
+        base=args.base,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
     )
     print(format_report(report, args.run_dir))
     return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from lora_tune.interact import load_for_inference, reply
+
+    loaded = _with_generation_flags(load_for_inference(args.model_dir), args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    if args.stream:
+        reply(loaded, messages, stream=sys.stdout)
+    else:
+        print(reply(loaded, messages))
+    return EXIT_OK
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lora_tune.interact import chat_loop, load_for_inference
+
+    chat_loop(_with_generation_flags(load_for_inference(args.model_dir), args), system=args.system)
+    return EXIT_OK
+
+
+def _with_generation_flags(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN202 - LoadedModel, lazily imported
+    """The loaded model with its `eval:` settings overridden by --max-new-tokens/--sample/--temperature/--top-p."""
+    from lora_tune.interact import with_settings
+
+    update = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    update = {k: v for k, v in update.items() if v is not None}
+    if args.sample or "temperature" in update or "top_p" in update:
+        update["do_sample"] = True
+    return with_settings(loaded, update)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

@@ -72,7 +72,11 @@ class QuantizationConfig(StrictModel):
 
     @model_validator(mode="after")
     def _four_bit_options_need_four_bits(self) -> QuantizationConfig:
-        four_bit_only = {"quant_type", "double_quant", "compute_dtype"} & self.model_fields_set
+        # Compared with the defaults, not model_fields_set: the resolved recipe of an unquantized run (every
+        # default spelled out, as written to RUN_DIR/recipe.yaml) must load again for eval, merge and chat.
+        four_bit_only = [
+            k for k in ("compute_dtype", "double_quant", "quant_type") if getattr(self, k) != _default(self, k)
+        ]
         if four_bit_only and self.bits != 4:
             key = sorted(four_bit_only)[0]
             raise FieldError(key, f"applies to 4-bit quantization only, but bits is {self.bits}; set bits: 4")
@@ -179,7 +183,14 @@ class DataConfig(StrictModel):
 
 
 LrScheduler = Literal[
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
 ]
 Optimizer = Literal[
     "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
@@ -231,6 +242,33 @@ class TrainingConfig(StrictModel):
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="Autocast precision; auto = bf16 or fp16 on a GPU by the model dtype, none on the CPU."
     )
+    early_stopping_patience: PositiveInt | None = Field(
+        None,
+        description="Stop training after this many evaluations in a row without improvement of best_metric (needs "
+        "eval_strategy); implies keep_best. null = train to the end.",
+    )
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="Smallest change of best_metric that counts as an improvement for early stopping."
+    )
+    keep_best: bool = Field(
+        False,
+        description="Make the saved adapter the checkpoint with the best validation metric, not the last step "
+        "(needs a checkpoint at each evaluation: save_strategy = eval_strategy, save_steps a multiple of eval_steps).",
+    )
+    best_metric: Literal["loss", "mean_token_accuracy"] = Field(
+        "loss",
+        description="Validation metric that picks the best checkpoint, drives early stopping and "
+        "reduce_lr_on_plateau: loss (lower is better; perplexity ranks the same) or mean_token_accuracy (higher).",
+    )
+    plateau_patience: int = Field(
+        1,
+        ge=0,
+        description="reduce_lr_on_plateau: evaluations without improvement that are tolerated; the next one cuts "
+        "the learning rate (0 = cut at the first).",
+    )
+    plateau_factor: float = Field(
+        0.5, gt=0, lt=1, description="reduce_lr_on_plateau: the factor the learning rate is multiplied by."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
@@ -240,6 +278,90 @@ class TrainingConfig(StrictModel):
             raise FieldError(
                 "eval_steps", f"is set but eval_strategy is '{self.eval_strategy}'; set eval_strategy: steps"
             )
+        _check_best_checkpoint_control(self)
+        return self
+
+    @property
+    def keeps_best(self) -> bool:
+        """The final adapter is the best checkpoint: asked for directly, or by early stopping."""
+        return self.keep_best or self.early_stopping_patience is not None
+
+
+def _check_best_checkpoint_control(t: TrainingConfig) -> None:
+    """Early stopping, keep_best and reduce_lr_on_plateau all read a validation metric: each needs evaluations,
+    and keeping the best needs a checkpoint written at every evaluation (transformers refuses otherwise)."""
+    # Compared with the defaults, not model_fields_set: a resolved recipe (every default spelled out) must reload.
+    plateau_only = [k for k in ("plateau_patience", "plateau_factor") if getattr(t, k) != _default(t, k)]
+    if plateau_only and t.lr_scheduler != "reduce_lr_on_plateau":
+        key = sorted(plateau_only)[0]
+        raise FieldError(key, f"applies to lr_scheduler: reduce_lr_on_plateau only, but it is '{t.lr_scheduler}'")
+    if t.early_stopping_threshold != _default(t, "early_stopping_threshold") and t.early_stopping_patience is None:
+        raise FieldError("early_stopping_threshold", "applies to early stopping only; set early_stopping_patience")
+    users = [
+        (key, on)
+        for key, on in (
+            ("early_stopping_patience", t.early_stopping_patience is not None),
+            ("keep_best", t.keep_best),
+            ("lr_scheduler", t.lr_scheduler == "reduce_lr_on_plateau"),
+        )
+        if on
+    ]
+    if users and t.eval_strategy == "no":
+        raise FieldError(users[0][0], "reads the validation metric, but eval_strategy is 'no'; set eval_strategy")
+    if not t.keeps_best:
+        return
+    key = "early stopping" if t.early_stopping_patience is not None else "keep_best"
+    if t.save_strategy != t.eval_strategy:
+        raise FieldError(
+            "save_strategy",
+            f"is '{t.save_strategy}' but {key} needs a checkpoint at each evaluation; "
+            f"set save_strategy: {t.eval_strategy}",
+        )
+    every = t.eval_steps or t.logging_steps  # transformers evaluates every logging_steps when eval_steps is unset
+    if t.eval_strategy == "steps" and t.save_steps % every != 0:
+        raise FieldError(
+            "save_steps",
+            f"{t.save_steps} is not a multiple of eval_steps {every}; {key} needs a checkpoint at each evaluation "
+            f"(e.g. save_steps: {every})",
+        )
+
+
+def _default(section: StrictModel, key: str) -> object:
+    return type(section).model_fields[key].default
+
+
+class EvalConfig(StrictModel):
+    """`lora-tune eval`, `generate` and `chat`: how answers are generated and how they are scored."""
+
+    max_new_tokens: PositiveInt = Field(64, description="Longest generated answer, in tokens.")
+    do_sample: bool = Field(False, description="Sample (temperature, top_p) instead of greedy decoding.")
+    temperature: PositiveFloat = Field(1.0, description="Sampling temperature (do_sample: true only).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (do_sample: true only).")
+    stop_on_eos: bool = Field(
+        True, description="Stop at the end-of-turn/EOS token; false = always generate max_new_tokens."
+    )
+    batch_size: PositiveInt = Field(16, description="Prompts generated together (left-padded) by `lora-tune eval`.")
+    task: Literal["auto", "text", "labels"] = Field(
+        "auto",
+        description="How answers are scored besides exact match: labels = classification metrics (accuracy, "
+        "precision/recall/F1, confusion matrix); text = exact match only; auto = labels when `labels` is set or the "
+        "references look like a small label set (2-20 distinct answers, each at least twice on average).",
+    )
+    labels: list[str] = Field(
+        default_factory=list,
+        description="The label set of a classification-style task; empty = inferred from the references.",
+    )
+    examples: int = Field(5, ge=0, description="Example generations shown in the report.")
+
+    @model_validator(mode="after")
+    def _sampling_options_need_sampling(self) -> EvalConfig:
+        # Compared with the defaults, not model_fields_set: a resolved recipe (every default spelled out) reloads.
+        sampling_only = [k for k in ("temperature", "top_p") if getattr(self, k) != _default(self, k)]
+        if sampling_only and not self.do_sample:
+            key = sorted(sampling_only)[0]
+            raise FieldError(key, "applies to sampling only, but do_sample is false; set do_sample: true")
+        if self.task == "text" and self.labels:
+            raise FieldError("labels", "is set but task is 'text'; set task: labels (or auto)")
         return self
 
 
@@ -276,6 +398,9 @@ class Recipe(StrictModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig, description="Generation and scoring for `lora-tune eval`, `generate`, `chat`."
+    )
     output_dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics, checkpoints.")
 
     @model_validator(mode="after")

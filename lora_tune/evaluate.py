@@ -1,9 +1,10 @@
-"""Generation-based evaluation: greedy answers to chat prompts, scored by exact match.
+"""Generation-based evaluation: answers to chat prompts, scored by exact match; the references' likelihood.
 
 `generate_answers` renders each conversation up to (not including) its final assistant turn with the tokenizer's
-chat template, generates greedily in left-padded batches until the end-of-turn token, and returns the decoded
-new text. `exact_match` compares strings as they are; `normalized_exact_match` forgives case, surrounding and
-repeated whitespace and trailing punctuation.
+chat template, generates in left-padded batches (greedy unless the recipe's `eval:` section samples) until the
+end-of-turn token, and returns the decoded new text. `reference_nll` scores the reference answers' tokens
+(assistant-only, exactly the tokens training scores) for a token-level perplexity. `exact_match` compares strings
+as they are; `normalized_exact_match` forgives case, surrounding and repeated whitespace and trailing punctuation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lora_tune.config import EvalConfig
 
 Message = dict[str, str]
 
@@ -44,8 +47,9 @@ def generate_answers(
     max_new_tokens: int = 32,
     batch_size: int = 16,
     progress: bool = True,
+    settings: EvalConfig | None = None,
 ) -> list[str]:
-    """Greedy answers of `model` to each conversation, in order.
+    """Answers of `model` to each conversation, in order: greedy, or as `settings` (the recipe's `eval:`) say.
 
     A conversation that ends with an assistant turn is asked without it. Prompts are rendered with the chat
     template and `add_generation_prompt=True`, tokenized without extra special tokens (the template writes BOS
@@ -59,6 +63,9 @@ def generate_answers(
     eos_ids = _eos_ids(model, tokenizer)
     if not eos_ids:
         raise ValueError("neither the tokenizer nor the generation config names an EOS token to stop at")
+    if settings is not None:
+        max_new_tokens, batch_size = settings.max_new_tokens, settings.batch_size
+    extra = generation_kwargs(settings, eos_ids)
     prompts = [
         tokenizer.apply_chat_template(prompt_messages(conv), add_generation_prompt=True, tokenize=False)
         for conv in conversations
@@ -79,11 +86,7 @@ def generate_answers(
             ).to(device)
             with torch.no_grad():
                 output = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    eos_token_id=eos_ids,
-                    pad_token_id=tokenizer.pad_token_id,
+                    **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **extra
                 )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
             answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
@@ -93,6 +96,64 @@ def generate_answers(
             tokenizer.pad_token = None
         model.train(was_training)
     return answers
+
+
+def generation_kwargs(settings: EvalConfig | None, eos_ids: list[int]) -> dict[str, object]:
+    """The recipe's `eval:` section as `generate()` arguments: the one place that spells them."""
+    if settings is None or not settings.do_sample:
+        sampling: dict[str, object] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    else:
+        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": None}
+    if settings is not None and not settings.stop_on_eos:
+        # No EOS to stop at: every answer runs to max_new_tokens (e.g. to see what follows the end of turn).
+        return {**sampling, "eos_token_id": None, "min_new_tokens": settings.max_new_tokens}
+    return {**sampling, "eos_token_id": eos_ids}
+
+
+def reference_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of the assistant tokens of each conversation, and their count.
+
+    The conversations are tokenized as training tokenizes them (chat template, assistant-only labels, end-of-turn
+    token included), right-padded per batch, and scored with teacher forcing.
+    """
+    import torch
+
+    from lora_tune.data.masking import IGNORE_INDEX, tokenize_batch
+
+    examples = tokenize_batch(list(conversations), tokenizer, max_length, train_on="assistant")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            width = max(len(e.input_ids) for e in chunk)
+            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], device=device)
+            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
+            labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in chunk], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask.to(device)).logits.float()
+            targets = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total += nll.item()
+            count += int((targets != IGNORE_INDEX).sum().item())
+    finally:
+        model.train(was_training)
+    return total, count
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -18,10 +18,20 @@ def metrics_callback(path: Path) -> Any:
             if not logs or not state.is_world_process_zero:
                 return
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **_finite(logs)}
+            if isinstance(logs.get("eval_loss"), (int, float)):
+                record["eval_perplexity"] = _finite({"p": perplexity(logs["eval_loss"])})["p"]
             with path.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
     return JsonlMetrics()
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp(mean token cross-entropy in nats); inf beyond what a float holds."""
+    try:
+        return math.exp(mean_loss)
+    except OverflowError:
+        return math.inf
 
 
 def _finite(logs: dict[str, Any]) -> dict[str, Any]:
@@ -84,7 +94,8 @@ def peak_memory() -> dict[str, float]:
 def format_log_line(logs: dict[str, Any], step: int, max_steps: int) -> str | None:
     """One short console line per log record (the full record goes to metrics.jsonl)."""
     if "eval_loss" in logs:
-        return f"  eval  step {step}/{max_steps}: loss {logs['eval_loss']:.4f}"
+        loss = logs["eval_loss"]
+        return f"  eval  step {step}/{max_steps}: loss {loss:.4f}  perplexity {perplexity(loss):.3g}"
     if "loss" not in logs:
         return None  # the trainer's closing runtime record: the summary reports it
     parts = [f"  train step {step}/{max_steps}", f"loss {logs['loss']:.4f}"]

@@ -33,6 +33,7 @@ class RunResult:
     wall_seconds: float
     memory: dict[str, float] = field(default_factory=dict)
     loss_plot: Path | None = None
+    best: dict[str, Any] | None = None  # with keep_best / early stopping: the step the saved adapter comes from
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -47,7 +48,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from lora_tune.data import build_datasets, write_test_split
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
-    from lora_tune.trl_args import to_sft_config
+    from lora_tune.trl_args import early_stopping_callbacks, to_sft_config
 
     # 1. Run directory: refuse to clobber another run; record the resolved recipe first, so a crash is traceable.
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
@@ -88,14 +89,15 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=build_peft_config(recipe.adapter),
-        callbacks=[metrics_callback(run.metrics)],
+        callbacks=[metrics_callback(run.metrics), *early_stopping_callbacks(recipe)],
     )
     _use_compact_progress(trainer, compact_progress_callback())
 
     # 7. Train.
     output = trainer.train()
 
-    # 8. Evaluate once more at the end, when there is validation data.
+    # 8. Evaluate once more at the end, when there is validation data (with keep_best: the best checkpoint, which
+    #    the trainer has loaded back).
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 
     # 9. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only.
@@ -118,11 +120,27 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         quantized_layers=quantized_layers,
         wall_seconds=round(time.monotonic() - started, 1),
         memory=peak_memory(),
+        best=best_checkpoint(trainer.state, recipe, output.global_step),
     )
     if trainer.is_world_process_zero():
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
         write_json_atomic(run.summary, result.to_json())
     return result
+
+
+def best_checkpoint(state: Any, recipe: Recipe, steps: int) -> dict[str, Any] | None:
+    """With keep_best or early stopping: the step the saved adapter comes from, and whether training stopped early."""
+    t = recipe.training
+    if not t.keeps_best or state.best_global_step is None:
+        return None
+    planned = state.max_steps
+    return {
+        "step": state.best_global_step,
+        "metric": f"eval_{t.best_metric}",
+        "value": state.best_metric,
+        "stopped_early": steps < planned,
+        "planned_steps": planned,
+    }
 
 
 def count_quantized_layers(model: Any) -> int:

@@ -61,6 +61,7 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         report_to=list(t.report_to) or "none",
+        **best_checkpoint_args(recipe),
         use_cpu=not torch.cuda.is_available(),
         # The data pipeline already tokenized, masked and shuffled; TRL truncates and packs.
         dataset_num_proc=None,
@@ -76,3 +77,39 @@ def checkpointing_args(config_class: type, enabled: bool) -> dict[str, object]:
     names = {f.name for f in dataclasses.fields(config_class)}
     prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def best_checkpoint_args(recipe: Recipe) -> dict[str, object]:
+    """Which validation metric is "best", whether the final model is the best checkpoint, the plateau schedule."""
+    t = recipe.training
+    args: dict[str, object] = {}
+    if not t.keeps_best and t.lr_scheduler != "reduce_lr_on_plateau":
+        # Left unset otherwise: with a metric_for_best_model, transformers also changes which checkpoints
+        # save_total_limit keeps (the best one survives), which a plain run should not do.
+        return args
+    args["metric_for_best_model"] = t.best_metric
+    args["greater_is_better"] = t.best_metric != "loss"
+    args["load_best_model_at_end"] = t.keeps_best
+    if t.lr_scheduler == "reduce_lr_on_plateau":
+        # transformers steps torch's ReduceLROnPlateau with metric_for_best_model after each evaluation; its mode
+        # must follow the metric's direction (torch's default, "min", suits a loss only).
+        args["lr_scheduler_kwargs"] = {
+            "mode": "max" if t.best_metric != "loss" else "min",
+            "patience": t.plateau_patience,
+            "factor": t.plateau_factor,
+        }
+    return args
+
+
+def early_stopping_callbacks(recipe: Recipe) -> list[object]:
+    """transformers' EarlyStoppingCallback when the recipe asks for early stopping (none otherwise)."""
+    t = recipe.training
+    if t.early_stopping_patience is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [
+        EarlyStoppingCallback(
+            early_stopping_patience=t.early_stopping_patience, early_stopping_threshold=t.early_stopping_threshold
+        )
+    ]

@@ -84,7 +84,8 @@ def test_console_log_lines_are_short():
 
     line = format_log_line({"loss": 0.54321, "learning_rate": 2.8e-3, "grad_norm": 0.0864, "epoch": 1.2}, 10, 125)
     assert line == "  train step 10/125  loss 0.5432  lr 2.80e-03  grad norm 0.086"
-    assert format_log_line({"eval_loss": 0.0374, "eval_runtime": 0.1}, 25, 125) == "  eval  step 25/125: loss 0.0374"
+    expected = "  eval  step 25/125: loss 0.0374  perplexity 1.04"  # exp(0.0374) = 1.0381
+    assert format_log_line({"eval_loss": 0.0374, "eval_runtime": 0.1}, 25, 125) == expected
     assert format_log_line({"train_runtime": 31.7, "train_loss": 0.41}, 125, 125) is None
 
 

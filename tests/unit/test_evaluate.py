@@ -120,3 +120,58 @@ def test_generate_answers_borrows_eos_when_there_is_no_pad_token(peaked_model) -
         assert tokenizer.pad_token is None
     finally:
         tokenizer.pad_token = pad
+
+
+def test_generation_kwargs_follow_the_eval_section() -> None:
+    from lora_tune.config import EvalConfig
+    from lora_tune.evaluate import generation_kwargs
+
+    greedy = generation_kwargs(EvalConfig(), [7])
+    assert greedy == {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "eos_token_id": [7]}
+    sampled = generation_kwargs(EvalConfig(do_sample=True, temperature=0.7, top_p=0.9), [7, 9])
+    assert sampled == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": None, "eos_token_id": [7, 9]}
+    no_stop = generation_kwargs(EvalConfig(stop_on_eos=False, max_new_tokens=5), [7])
+    assert no_stop["eos_token_id"] is None and no_stop["min_new_tokens"] == 5
+
+
+def test_generate_answers_uses_the_eval_settings(peaked_model) -> None:
+    import torch
+
+    from lora_tune.config import EvalConfig
+
+    model, tokenizer = peaked_model
+    questions = QUESTIONS[:3]
+
+    def answers(**settings) -> list[str]:
+        return generate_answers(model, tokenizer, questions, settings=EvalConfig(**settings), progress=False)
+
+    assert answers(max_new_tokens=2) == answers(max_new_tokens=2, batch_size=1)
+    # stop_on_eos: false runs every answer to max_new_tokens.
+    for answer in answers(max_new_tokens=5, stop_on_eos=False):
+        assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) >= 3  # 5 new tokens, some merged
+    # Sampling at a high temperature follows the seed and differs from greedy.
+    torch.manual_seed(0)
+    first = answers(do_sample=True, temperature=5.0, max_new_tokens=4)
+    torch.manual_seed(0)
+    assert answers(do_sample=True, temperature=5.0, max_new_tokens=4) == first
+    assert first != answers(max_new_tokens=4)
+
+
+def test_reference_nll_is_the_assistant_token_loss(peaked_model) -> None:
+    import torch
+
+    from lora_tune.data.masking import tokenize_conversation
+    from lora_tune.evaluate import reference_nll
+
+    model, tokenizer = peaked_model
+    answered = [q for q in QUESTIONS if q[-1]["role"] == "assistant"]
+    total, tokens = reference_nll(model, tokenizer, answered, batch_size=2)
+    expected_total, expected_tokens = 0.0, 0
+    for conversation in answered:  # one at a time, unpadded: transformers' own mean loss times the token count
+        example = tokenize_conversation(conversation, tokenizer)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([example.input_ids]), labels=torch.tensor([example.labels]))
+        expected_total += out.loss.item() * (example.num_trained - (example.labels[0] != -100))
+        expected_tokens += example.num_trained
+    assert tokens == expected_tokens > 0
+    assert total == pytest.approx(expected_total, rel=1e-4)

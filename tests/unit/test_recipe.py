@@ -143,9 +143,18 @@ def test_each_error_class_names_file_line_and_key(tmp_path, data, extra, line, k
 
 
 def test_four_bit_options_with_eight_bits_is_a_contradiction(tmp_path, data):
-    text = BASE.format(data=data).replace("bits: 4", "bits: 8\n  quant_type: nf4")
+    text = BASE.format(data=data).replace("bits: 4", "bits: 8\n  quant_type: fp4")
     err = error_of(write(tmp_path, "r.yaml", text))
     assert (err.line, err.key) == (5, "quantization.quant_type") and "4-bit" in err.message
+
+
+@pytest.mark.parametrize("bits", ["null", "8", "4"])
+def test_the_resolved_recipe_of_any_run_loads_again(tmp_path, data, bits):
+    # RUN_DIR/recipe.yaml spells out every default, 4-bit options included; eval, merge and chat load it back.
+    text = BASE.format(data=data).replace("bits: 4", f"bits: {bits}")
+    recipe = load_recipe(write(tmp_path, "r.yaml", text))
+    again = load_recipe(write(tmp_path, "resolved.yaml", dump_resolved(recipe)))
+    assert again == recipe
 
 
 def test_validation_data_given_twice(tmp_path, data):
