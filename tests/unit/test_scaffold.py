@@ -101,6 +101,6 @@ def test_new_cli_errors_are_one_line(tmp_path: Path, capsys):
     assert main(["new", "--model", "Qwen/Qwen3-4B", "--method", "qlora", "--data", str(tmp_path / "no.jsonl")]) == 2
     assert capsys.readouterr().err.startswith("error: --data: ")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "no instruction"}\n')
+    bad.write_text('{"question": "no answer column"}\n')
     assert main(["new", "--model", "Qwen/Qwen3-4B", "--method", "qlora", "--data", str(bad)]) == 2
     assert "cannot detect the format" in capsys.readouterr().err
