@@ -195,6 +195,27 @@ class PreflightConfig(StrictModel):
     )
 
 
+class DistributedConfig(StrictModel):
+    """How several processes share the work when a launcher starts them (`lora-tune train --nproc N`, torchrun,
+    accelerate launch); a single process ignores it. See README: More than one GPU."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
+        "ddp",
+        description="ddp = a full copy of the (quantized) model per GPU; fsdp = shard the base weights (FSDP-QLoRA "
+        "with 4-bit); deepspeed-zero2 = shard optimizer state and gradients; deepspeed-zero3 = also the weights.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="An accelerate config file (e.g. recipes/accelerate/fsdp-qlora.yaml) that `train --nproc` "
+        "launches with and that sets the strategy instead of `strategy`.",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="A DeepSpeed JSON replacing the one shipped for the deepspeed-* strategy; batch sizes must be "
+        '"auto".',
+    )
+
+
 class Recipe(StrictModel):
     """A whole run: what to load, how to adapt it, on what data, how to train, and where to write."""
 
@@ -208,6 +229,7 @@ class Recipe(StrictModel):
     )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics, checkpoints.")
 
     @model_validator(mode="after")
@@ -220,6 +242,17 @@ class Recipe(StrictModel):
             )
         if self.eval_datasets and self.val_size > 0:
             raise FieldError("val_size", "give validation data once: either eval_datasets or val_size, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> Recipe:
+        from lora_tune.distributed import DistributedError, check_distributed_section
+
+        try:
+            check_distributed_section(self)
+        except DistributedError as exc:
+            key = exc.key if "." in exc.key else f"distributed.{exc.key}"
+            raise FieldError(key, str(exc)) from exc
         return self
 
     @property

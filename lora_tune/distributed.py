@@ -1,0 +1,403 @@
+"""More than one process: strategies, the rules that refuse what cannot work, and the rank-aware steps of a run.
+
+lora-tune has no distributed layer of its own. `torchrun` or `accelerate launch` start one process per device; each
+runs the same `lora-tune train`, and transformers' Trainer (through accelerate) does DDP, FSDP or DeepSpeed ZeRO.
+This module decides which strategy a run uses (the recipe's `distributed:` section or the accelerate config the
+launcher was given), refuses combinations that cannot work before any model loads, and holds the few steps that
+depend on the rank: the main process prepares the run directory and the data first, the others load its result;
+only the main process writes files; a failure names its rank.
+
+The top of this module imports no ML library: `lora-tune validate` checks recipes with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lora_tune.config import Recipe
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
+SHARDED = ("fsdp", "deepspeed-zero3")  # strategies that shard the frozen base weights across processes
+DEEPSPEED_CONFIG_DIR = Path(__file__).parent / "ds_configs"
+ACCELERATE_TYPES = {"NO": "ddp", "MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "FSDP": "fsdp", "DEEPSPEED": "deepspeed"}
+PREPARED_DATA_DIR = ".prepared-data"  # in the run directory: the main process's tokenized data, for the others
+FAIL_RANK_ENV = "LORA_TUNE_FAIL_ON_RANK"  # test hook: this rank raises after the data step (see the e2e tests)
+LOG_ALL_RANKS_ENV = "LORA_TUNE_LOG_ALL_RANKS"  # 1 = every process logs at INFO (default: only the main one)
+
+
+class DistributedError(ValueError):
+    """A strategy setting that cannot work; `key` is the recipe path the message is about."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which strategy, and is it compatible with the recipe (pure Python: runs at `lora-tune validate`).
+
+
+def deepspeed_config_path(strategy: str) -> Path:
+    """The DeepSpeed JSON shipped for `deepspeed-zero2` / `deepspeed-zero3` (batch sizes left `auto`)."""
+    return DEEPSPEED_CONFIG_DIR / f"{strategy.removeprefix('deepspeed-')}.json"
+
+
+def strategy_of_accelerate_config(path: str | Path) -> str:
+    """ddp / fsdp / deepspeed-zero2 / deepspeed-zero3 as an accelerate config file sets it; errors name the key."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise DistributedError("accelerate_config", f"file '{path}' not found")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise DistributedError("accelerate_config", f"'{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise DistributedError("accelerate_config", f"'{path}': expected a mapping of accelerate settings")
+    kind = ACCELERATE_TYPES.get(str(data.get("distributed_type", "NO")))
+    if kind is None:
+        raise DistributedError(
+            "accelerate_config",
+            f"'{path}': distributed_type '{data.get('distributed_type')}' is not one of {', '.join(ACCELERATE_TYPES)}",
+        )
+    if kind != "deepspeed":
+        return kind
+    ds = data.get("deepspeed_config") or {}
+    stage = ds.get("zero_stage") if isinstance(ds, dict) else None
+    if ds.get("deepspeed_config_file"):
+        stage = _zero_stage_of_json(Path(ds["deepspeed_config_file"]))
+    if stage not in (2, 3):
+        raise DistributedError(
+            "accelerate_config", f"'{path}': deepspeed_config.zero_stage must be 2 or 3, got {stage}"
+        )
+    return f"deepspeed-zero{stage}"
+
+
+def _zero_stage_of_json(path: Path) -> int | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["zero_optimization"]["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def compatibility_problem(recipe: Recipe, strategy: str) -> tuple[str, str] | None:
+    """(recipe key, message) for the first setting `strategy` cannot run with; None when all is well.
+
+    Sources: the peft guides "FSDP" and "DeepSpeed" (QLoRA sections and caveats) and bitsandbytes' "FSDP-QLoRA".
+    """
+    quant, adapter, training = recipe.quantization, recipe.adapter, recipe.training
+    if strategy in SHARDED and quant.bits == 8:
+        return (
+            "quantization.bits",
+            f"8-bit bitsandbytes weights cannot be sharded by {strategy}; use bits: 4 (QLoRA stores its 4-bit "
+            "weights in a float dtype that shards) or distributed.strategy: ddp / deepspeed-zero2",
+        )
+    if strategy in SHARDED and quant.bits == 4 and quant.compute_dtype not in ("auto", recipe.model.dtype):
+        return (
+            "quantization.compute_dtype",
+            f"{strategy} shards 4-bit weights stored in the compute dtype, which must equal model.dtype "
+            f"('{recipe.model.dtype}'); set compute_dtype: auto",
+        )
+    if strategy == "fsdp" and quant.bits == 4 and "8bit" in training.optimizer and training.save_strategy != "no":
+        return (
+            "training.optimizer",
+            f"{training.optimizer} with FSDP-QLoRA fails when a checkpoint is saved (peft FSDP caveats); "
+            "use adamw_torch, or save_strategy: no",
+        )
+    if strategy == "deepspeed-zero3" and adapter.modules_to_save:
+        return (
+            "adapter.modules_to_save",
+            "fully trained modules are not supported with DeepSpeed ZeRO-3 here; use deepspeed-zero2 or fsdp",
+        )
+    return None
+
+
+def check_distributed_section(recipe: Recipe) -> None:
+    """Recipe-time validation of the `distributed:` section; raises DistributedError naming the key."""
+    section = recipe.distributed
+    strategy = section.strategy
+    if section.accelerate_config is not None:
+        if "strategy" in section.model_fields_set:
+            raise DistributedError(
+                "accelerate_config", "give the strategy once: either strategy or accelerate_config, not both"
+            )
+        strategy = strategy_of_accelerate_config(section.accelerate_config)
+    if section.deepspeed_config is not None:
+        if not strategy.startswith("deepspeed"):
+            raise DistributedError("deepspeed_config", f"is set but the strategy is '{strategy}', not DeepSpeed")
+        check_deepspeed_json(Path(section.deepspeed_config), strategy, key="deepspeed_config")
+    problem = compatibility_problem(recipe, strategy)
+    if problem is not None:
+        raise DistributedError(*problem)
+
+
+DEEPSPEED_AUTO_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def check_deepspeed_json(path: Path, strategy: str, key: str = "deepspeed_config") -> dict[str, Any]:
+    """Structure of a DeepSpeed JSON as lora-tune uses it: the stage the strategy names, batch sizes left `auto`
+    (the recipe's training section is their one source of truth). DeepSpeed itself need not be installed."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DistributedError(key, f"cannot read '{path}': {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise DistributedError(key, f"'{path}' is not valid JSON: {exc}") from exc
+    stage = (data.get("zero_optimization") or {}).get("stage") if isinstance(data, dict) else None
+    if stage != int(strategy[-1]):
+        raise DistributedError(key, f"'{path}': zero_optimization.stage is {stage}, but the strategy is {strategy}")
+    for name in DEEPSPEED_AUTO_BATCH_KEYS:
+        if data.get(name, "auto") != "auto":
+            raise DistributedError(
+                key, f"'{path}': {name} must be \"auto\" (the recipe's training section sets the batch size)"
+            )
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The running job: where this process stands (environment variables only: no torch import).
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the job, as the launcher (torchrun / accelerate launch) set it."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> Processes:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def prefix(self) -> str:
+        """`[rank 1/4] ` in a multi-process job, nothing otherwise: for error lines and logs."""
+        return f"[rank {self.rank}/{self.world_size}] " if self.distributed else ""
+
+
+def launched_strategy() -> str | None:
+    """The strategy `accelerate launch --config_file X` asked for through its environment; None when none."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            stage = _zero_stage_of_json(Path(env["ACCELERATE_DEEPSPEED_CONFIG_FILE"])) or stage
+        return f"deepspeed-zero{stage or 2}"
+    return None
+
+
+def resolve_strategy(recipe: Recipe) -> str:
+    """The strategy this run uses: the launcher's accelerate config, else the recipe's. They must agree."""
+    section = recipe.distributed
+    chosen = strategy_of_accelerate_config(section.accelerate_config) if section.accelerate_config else None
+    chosen = chosen or section.strategy
+    launched = launched_strategy()
+    recipe_chose = "strategy" in section.model_fields_set or section.accelerate_config is not None
+    if launched is not None and launched != chosen and recipe_chose:
+        raise DistributedError(
+            "distributed.strategy", f"the recipe asks for {chosen} but the launcher's accelerate config is {launched}"
+        )
+    strategy = launched or chosen
+    problem = compatibility_problem(recipe, strategy)
+    if problem is not None:
+        raise DistributedError(*problem)
+    return strategy
+
+
+def configure_rank_logging(logger: logging.Logger, procs: Processes | None = None) -> None:
+    """In a multi-process job every log line names its rank, and only the main process logs below WARNING
+    (unless LORA_TUNE_LOG_ALL_RANKS=1), so N processes do not print everything N times."""
+    procs = procs or Processes.from_env()
+    if not procs.distributed:
+        return
+    for handler in logger.handlers:
+        fmt = handler.formatter._fmt if handler.formatter is not None else "%(message)s"  # noqa: SLF001
+        handler.setFormatter(logging.Formatter(procs.prefix() + (fmt or "%(message)s")))
+    if not procs.is_main and os.environ.get(LOG_ALL_RANKS_ENV) != "1":
+        logger.setLevel(max(logger.level, logging.WARNING))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launching N local processes: `lora-tune train RECIPE --nproc N`.
+
+
+def launch_command(recipe: Recipe, nproc: int, train_args: Sequence[str]) -> list[str]:
+    """The launcher command that runs `lora-tune train` in `nproc` local processes.
+
+    `accelerate launch --config_file` when the recipe names an accelerate config, else torchrun (standalone: a free
+    port on this machine). Both start `python -m lora_tune train ...` once per process.
+    """
+    module = ["-m", "lora_tune", "train", *train_args]
+    config = recipe.distributed.accelerate_config
+    if config is not None:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+                "--num_processes", str(nproc), "--num_machines", "1", *module]  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *module]
+
+
+def run_launcher(command: Sequence[str]) -> int:
+    """Run the launcher in the foreground; its exit status is ours. Ctrl-C reaches the whole process group."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(list(command), env=env)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rank-aware steps of `train()`.
+
+
+class MainFirst:
+    """The main process runs the preparation (run directory, pre-flight, tokenization) while the others wait;
+    then they run theirs, reading what it wrote. No `finally`: when the main process fails, it exits and the
+    launcher stops the waiting ones, so they never proceed on a half-prepared run."""
+
+    def __init__(self, procs: Processes):
+        self.procs = procs
+        if procs.distributed and not procs.is_main:
+            _barrier()
+
+    def release(self) -> None:
+        if self.procs.distributed and self.procs.is_main:
+            _barrier()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_data(recipe: Recipe, tokenizer: Any, run_root: Path, procs: Processes) -> Any:
+    """Tokenized data, built once: the main process builds it (and, in a multi-process job, saves it to the run
+    directory); the others load that copy. A process that finds no copy (a node without the shared filesystem)
+    builds its own, and says so."""
+    from lora_tune.data import build_datasets
+
+    cache = run_root / PREPARED_DATA_DIR
+    if procs.is_main or not procs.distributed:
+        prepared = build_datasets(recipe, tokenizer)
+        log.info("data: tokenized on rank %d", procs.rank)
+        if procs.distributed:
+            _save_prepared(prepared, cache)
+        return prepared
+    if (cache / "stats.json").is_file():
+        prepared = _load_prepared(cache)
+        log.info("data: rank %d loaded the main process's tokenized data", procs.rank)
+        return prepared
+    log.warning("data: rank %d found no prepared data at %s (no shared filesystem?); tokenizing", procs.rank, cache)
+    return build_datasets(recipe, tokenizer)
+
+
+def _save_prepared(prepared: Any, cache: Path) -> None:
+    from dataclasses import asdict
+
+    from lora_tune.run_dir import write_json_atomic
+
+    shutil.rmtree(cache, ignore_errors=True)
+    prepared.datasets.save_to_disk(str(cache / "datasets"))
+    write_json_atomic(cache / "stats.json", asdict(prepared.stats))  # written last: marks the copy complete
+
+
+def _load_prepared(cache: Path) -> Any:
+    from datasets import load_from_disk
+
+    from lora_tune.data.pipeline import DataStats, PreparedData, SplitStats
+
+    raw = json.loads((cache / "stats.json").read_text(encoding="utf-8"))
+    stats = DataStats(**{k: SplitStats(**v) for k, v in raw.items() if v is not None})
+    return PreparedData(load_from_disk(str(cache / "datasets")), stats)
+
+
+def remove_prepared_data(run_root: Path, procs: Processes) -> None:
+    """After training every process has its data in memory (or memory-mapped: unlinking is safe on POSIX)."""
+    if procs.is_main:
+        shutil.rmtree(run_root / PREPARED_DATA_DIR, ignore_errors=True)
+
+
+def set_loading_environment(strategy: str, procs: Processes) -> None:
+    """FSDP under torchrun: tell transformers to read the weights on rank 0 only (the others start empty and get
+    them by broadcast), as `accelerate launch` with fsdp_cpu_ram_efficient_loading does. Set after the Trainer
+    arguments are built, so they are not mistaken for an accelerate launcher's FSDP settings."""
+    if strategy == "fsdp" and procs.distributed:
+        os.environ.setdefault("ACCELERATE_USE_FSDP", "true")
+        os.environ.setdefault("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+
+
+def fail_here_for_test(procs: Processes) -> None:
+    """Test hook: LORA_TUNE_FAIL_ON_RANK=N makes rank N fail, so tests can check a failure stops the job."""
+    wanted = os.environ.get(FAIL_RANK_ENV)
+    if wanted is not None and int(wanted) == procs.rank:
+        raise RuntimeError(f"injected failure on rank {procs.rank} ({FAIL_RANK_ENV})")
+
+
+def effective_batch_size(per_device: int, processes: int, accumulation: int) -> int:
+    return per_device * processes * accumulation
+
+
+def describe_batch(per_device: int, processes: int, accumulation: int) -> str:
+    total = effective_batch_size(per_device, processes, accumulation)
+    return (
+        f"batch: {per_device} per device x {processes} process{'es' if processes > 1 else ''} x {accumulation} "
+        f"accumulation = {total} examples per optimizer step"
+    )
+
+
+def state_checksum(state: dict[str, Any]) -> str:
+    """sha256 over the sorted names and raw bytes of a state dict's tensors: equal on every rank after a correct
+    data-parallel run, and equal to the checksum of the saved adapter file."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def replica_checksums(model: Any, procs: Processes, strategy: str) -> list[str] | None:
+    """Every rank's checksum of its adapter weights (on every rank), for DDP and ZeRO-2 where each process holds a
+    full copy; None for sharded strategies and single-process runs."""
+    if not procs.distributed or strategy in SHARDED:
+        return None
+    import torch.distributed as dist
+    from peft import get_peft_model_state_dict
+
+    mine = state_checksum(get_peft_model_state_dict(model))
+    gathered: list[str | None] = [None] * procs.world_size
+    dist.all_gather_object(gathered, mine)
+    return [str(c) for c in gathered]
+
+
+def save_sharded_adapter(trainer: Any, build: Path) -> None:
+    """FSDP / ZeRO-3: every process joins in gathering the sharded adapter; the main one writes it to `build`."""
+    trainer.save_model(str(build))
+    if trainer.is_world_process_zero():
+        (build / "training_args.bin").unlink(missing_ok=True)  # a pickle of TrainingArguments: not part of an adapter
