@@ -77,8 +77,14 @@ def strategy_of_accelerate_config(path: str | Path) -> str:
         return kind
     ds = data.get("deepspeed_config") or {}
     stage = ds.get("zero_stage") if isinstance(ds, dict) else None
-    if ds.get("deepspeed_config_file"):
-        stage = _zero_stage_of_json(Path(ds["deepspeed_config_file"]))
+    if isinstance(ds, dict) and ds.get("deepspeed_config_file"):
+        json_file = Path(ds["deepspeed_config_file"])
+        if not json_file.is_file():
+            raise DistributedError(
+                "accelerate_config",
+                f"'{path}': deepspeed_config_file '{json_file}' not found (relative to the working directory)",
+            )
+        stage = _zero_stage_of_json(json_file)
     if stage not in (2, 3):
         raise DistributedError(
             "accelerate_config", f"'{path}': deepspeed_config.zero_stage must be 2 or 3, got {stage}"
@@ -210,22 +216,45 @@ def launched_strategy() -> str | None:
     return None
 
 
-def resolve_strategy(recipe: Recipe) -> str:
-    """The strategy this run uses: the launcher's accelerate config, else the recipe's. They must agree."""
+def resolve_strategy(recipe: Recipe, procs: Processes | None = None) -> str:
+    """The strategy this run uses: the launcher's accelerate config, else the recipe's (they must agree); `ddp`
+    for a single process, which the strategy does not concern. Refuses what this machine cannot run."""
+    procs = procs or Processes.from_env()
+    if not procs.distributed:
+        return "ddp"
     section = recipe.distributed
     chosen = strategy_of_accelerate_config(section.accelerate_config) if section.accelerate_config else None
     chosen = chosen or section.strategy
     launched = launched_strategy()
     recipe_chose = "strategy" in section.model_fields_set or section.accelerate_config is not None
     if launched is not None and launched != chosen and recipe_chose:
-        raise DistributedError(
-            "distributed.strategy", f"the recipe asks for {chosen} but the launcher's accelerate config is {launched}"
-        )
+        raise _runtime_error(f"the recipe asks for {chosen} but the launcher's accelerate config is {launched}")
     strategy = launched or chosen
     problem = compatibility_problem(recipe, strategy)
     if problem is not None:
-        raise DistributedError(*problem)
+        raise _runtime_error(problem[1], problem[0])
+    _require_engine(strategy)
     return strategy
+
+
+def _require_engine(strategy: str) -> None:
+    """accelerate turns FSDP and DeepSpeed on for GPU process groups only: on the CPU it would quietly run DDP."""
+    import importlib.util
+
+    import torch
+
+    if strategy != "ddp" and not torch.cuda.is_available():
+        raise _runtime_error(
+            f"{strategy} needs CUDA GPUs (accelerate runs CPU processes as DDP only); use strategy: ddp on the CPU"
+        )
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise _runtime_error(f"{strategy} needs the deepspeed package: pip install deepspeed")
+
+
+def _runtime_error(message: str, key: str = "distributed.strategy") -> Exception:
+    from lora_tune.errors import RecipeError
+
+    return RecipeError(message, key=key)
 
 
 def configure_rank_logging(logger: logging.Logger, procs: Processes | None = None) -> None:

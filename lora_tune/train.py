@@ -56,7 +56,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     # 0. Processes: under a launcher (torchrun, accelerate launch) building the trainer arguments joins the process
     #    group. The main process prepares steps 1-4 first; the others wait, then reuse its run directory and data.
     procs = dist.Processes.from_env()
-    strategy = dist.resolve_strategy(recipe)
+    strategy = dist.resolve_strategy(recipe, procs)
     dtype = resolve_dtype(recipe.model.dtype)
     args = to_sft_config(recipe, RunDir(Path(recipe.output_dir)).checkpoints, dtype)
     main_first = dist.MainFirst(procs)

@@ -71,8 +71,9 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
 
 
 def distributed_args(recipe: Recipe) -> dict[str, object]:
-    """The recipe's strategy as Trainer fields. Under `accelerate launch --config_file` the launcher's config
-    governs instead (accelerate reads it from the environment), so nothing is set here for FSDP / DeepSpeed."""
+    """The recipe's strategy as Trainer fields, in a multi-process job. Under `accelerate launch --config_file` the
+    launcher's config governs instead (accelerate reads it from the environment): nothing is set for FSDP /
+    DeepSpeed here then."""
     import torch
 
     from lora_tune.distributed import deepspeed_config_path, launched_strategy, resolve_strategy
