@@ -76,14 +76,15 @@ def distributed_args(recipe: Recipe) -> dict[str, object]:
     DeepSpeed here then."""
     import torch
 
-    from lora_tune.distributed import deepspeed_config_path, launched_strategy, resolve_strategy
+    from lora_tune.distributed import Processes, deepspeed_config_path, launched_strategy, resolve_strategy
 
-    strategy = resolve_strategy(recipe)
     # LoRA uses every adapter weight in each forward: no unused-parameter search (an extra graph walk per step).
-    # On the CPU the process group is gloo's (NCCL needs GPUs).
     args: dict[str, object] = {"ddp_find_unused_parameters": False}
+    if not Processes.from_env().distributed:
+        return args  # a backend given to a single process would make accelerate start a process group
+    strategy = resolve_strategy(recipe)
     if not torch.cuda.is_available():
-        args["ddp_backend"] = "gloo"
+        args["ddp_backend"] = "gloo"  # the CPU's process group (NCCL needs GPUs)
     if launched_strategy() is not None or strategy == "ddp":
         return args
     if strategy == "fsdp":

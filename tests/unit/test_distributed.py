@@ -149,7 +149,9 @@ def test_translation_to_trainer_fields(tmp_path: Path, monkeypatch: pytest.Monke
 
     single = distributed_args(load_recipe(recipe_file(tmp_path, "distributed: {strategy: fsdp}\n")))
     assert "fsdp" not in single and single["ddp_find_unused_parameters"] is False  # one process: no strategy
-    assert single["ddp_backend"] == "gloo"  # the CPU's process group
+    assert "ddp_backend" not in single  # a backend would make accelerate start a process group for one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed_args(load_recipe(recipe_file(tmp_path, "")))["ddp_backend"] == "gloo"  # the CPU's group
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # FSDP / DeepSpeed are GPU-only
