@@ -427,6 +427,10 @@ def replica_checksums(model: Any, procs: Processes, strategy: str) -> list[str] 
 
 def save_sharded_adapter(trainer: Any, build: Path) -> None:
     """FSDP / ZeRO-3: every process joins in gathering the sharded adapter; the main one writes it to `build`."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        # Checkpoints stay sharded (fast, resumable); the adapter is gathered whole: Trainer.save_model writes
+        # nothing for FSDP unless the state dict type is FULL_STATE_DICT (peft's FSDP example does the same).
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(build))
     if trainer.is_world_process_zero():
         (build / "training_args.bin").unlink(missing_ok=True)  # a pickle of TrainingArguments: not part of an adapter

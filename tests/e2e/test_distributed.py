@@ -151,3 +151,34 @@ def test_failure_on_one_rank_stops_the_job_with_the_real_error(tiny_model_dir: P
     assert "[rank 1/2] error: RuntimeError: injected failure on rank 1" in output, output[-3000:]
     assert not (tmp_path / "run" / "adapter").exists()
     assert seconds < 120, f"the job took {seconds:.0f}s to stop"  # generous on a loaded 2-core CI box; no hang
+
+
+def _two_gpus() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed-zero3"])
+def test_sharded_qlora_on_two_gpus(strategy: str, tiny_model_dir: Path, tmp_path: Path):
+    """FSDP-QLoRA and ZeRO-3 QLoRA need CUDA GPUs (accelerate runs CPU processes as DDP): run where there are two."""
+    import importlib.util
+
+    if not _two_gpus():
+        pytest.skip("needs 2 CUDA GPUs")
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs the deepspeed package")
+    from tests.conftest import fruit_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", fruit_rows(64, "alpaca"))
+    recipe = tmp_path / "recipe.yaml"
+    text = RECIPE.format(model=tiny_model_dir, data=data, steps=STEPS, out=tmp_path / "run")
+    recipe.write_text(text.replace("dtype: float32", "dtype: bfloat16") + f"distributed: {{strategy: {strategy}}}\n")
+    code, output, _ = launch([sys.executable, "-m", "lora_tune", "train", str(recipe), "--nproc", "2"], timeout=600)
+    assert code == 0, output[-4000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["strategy"] == strategy and summary["processes"] == 2
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    losses, _ = losses_and_lrs(tmp_path / "run")
+    assert losses[-1] < losses[0], losses
