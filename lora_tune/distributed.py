@@ -331,8 +331,8 @@ def prepare_data(recipe: Recipe, tokenizer: Any, run_root: Path, procs: Processe
     cache = run_root / PREPARED_DATA_DIR
     if procs.is_main or not procs.distributed:
         prepared = build_datasets(recipe, tokenizer)
-        log.info("data: tokenized on rank %d", procs.rank)
         if procs.distributed:
+            log.info("data: tokenized on rank %d", procs.rank)
             _save_prepared(prepared, cache)
         return prepared
     if (cache / "stats.json").is_file():
