@@ -47,6 +47,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     started = time.monotonic()
     _quiet_third_party_noise()
     from lora_tune import distributed as dist
+    from lora_tune import ranks
     from lora_tune.adapters import build_peft_config
     from lora_tune.check import PREFLIGHT_FILE, preflight
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
@@ -59,7 +60,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     strategy = dist.resolve_strategy(recipe, procs)
     dtype = resolve_dtype(recipe.model.dtype)
     args = to_sft_config(recipe, RunDir(Path(recipe.output_dir)).checkpoints, dtype)
-    main_first = dist.MainFirst(procs)
+    main_first = ranks.MainFirst(procs)
 
     # 1. Run directory: refuse to clobber another run; record the resolved recipe first, so a crash is traceable.
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite) if procs.is_main else RunDir(Path(recipe.output_dir))
@@ -76,11 +77,11 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE)
 
     # 4. Data: tokenized, assistant-masked train (and validation) splits; tokenized once, by the main process.
-    prepared = dist.prepare_data(recipe, tokenizer, run.root, procs)
+    prepared = ranks.prepare_data(recipe, tokenizer, run.root, procs)
     main_first.release()
-    dist.fail_here_for_test(procs)
+    ranks.fail_here_for_test(procs)
     batch = (recipe.training.batch_size, procs.world_size, recipe.training.gradient_accumulation_steps)
-    log.info("%s (%s)", dist.describe_batch(*batch), strategy if procs.distributed else "one process")
+    log.info("%s (%s)", ranks.describe_batch(*batch), strategy if procs.distributed else "one process")
     log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
     train_set = prepared.datasets["train"]
     eval_set = prepared.datasets.get("validation")
@@ -93,7 +94,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from trl import SFTTrainer
 
     transformers.set_seed(recipe.training.seed)
-    dist.set_loading_environment(strategy, procs)
+    ranks.set_loading_environment(strategy, procs)
     model = load_model(recipe.model, recipe.quantization, recipe.training, strategy)
     quantized_layers = count_quantized_layers(model)
 
@@ -117,12 +118,12 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
 
     # 9. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only
     #    (FSDP and ZeRO-3 first gather the sharded adapter: every process takes part in that).
-    checksums = dist.replica_checksums(trainer.model, procs, strategy)
+    checksums = ranks.replica_checksums(trainer.model, procs, strategy)
     if strategy in dist.SHARDED and procs.distributed:
-        dist.save_sharded_adapter(trainer, run.root / ".adapter.tmp")
+        ranks.save_sharded_adapter(trainer, run.root / ".adapter.tmp")
     if trainer.is_world_process_zero():
         _save_adapter(trainer, tokenizer, run, gathered=strategy in dist.SHARDED and procs.distributed)
-    dist.remove_prepared_data(run.root, procs)
+    ranks.remove_prepared_data(run.root, procs)
 
     # 10. Summary: metrics file, loss curve, summary.json.
     records = read_metrics(run.metrics)
@@ -141,7 +142,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         wall_seconds=round(time.monotonic() - started, 1),
         memory=peak_memory(),
         processes=procs.world_size,
-        effective_batch_size=dist.effective_batch_size(*batch),
+        effective_batch_size=ranks.effective_batch_size(*batch),
         strategy=strategy,
         replica_checksums=checksums,
     )

@@ -16,11 +16,11 @@ from lora_tune.distributed import (
     Processes,
     check_deepspeed_json,
     deepspeed_config_path,
-    describe_batch,
     launch_command,
     strategy_of_accelerate_config,
 )
 from lora_tune.errors import RecipeError
+from lora_tune.ranks import describe_batch
 from lora_tune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
