@@ -122,6 +122,12 @@ def describe_batch(per_device: int, processes: int, accumulation: int) -> str:
     )
 
 
+def batch_comment(per_device: int, processes: int, accumulation: int, strategy: str) -> str:
+    """A YAML comment for the resolved recipe: how the run was launched (comments leave the recipe re-runnable)."""
+    launch = f"{processes} processes ({strategy})" if processes > 1 else "1 process"
+    return f"# run as {launch}; {describe_batch(per_device, processes, accumulation)}\n"
+
+
 def state_checksum(state: dict[str, Any]) -> str:
     """sha256 over the sorted names and raw bytes of a state dict's tensors: equal on every rank after a correct
     data-parallel run, and equal to the checksum of the saved adapter file."""

@@ -60,12 +60,13 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     strategy = dist.resolve_strategy(recipe, procs)
     dtype = resolve_dtype(recipe.model.dtype)
     args = to_sft_config(recipe, RunDir(Path(recipe.output_dir)).checkpoints, dtype)
+    batch = (recipe.training.batch_size, procs.world_size, recipe.training.gradient_accumulation_steps)
     main_first = ranks.MainFirst(procs)
 
     # 1. Run directory: refuse to clobber another run; record the resolved recipe first, so a crash is traceable.
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite) if procs.is_main else RunDir(Path(recipe.output_dir))
     if procs.is_main:
-        write_text_atomic(run.recipe, dump_resolved(recipe))
+        write_text_atomic(run.recipe, dump_resolved(recipe) + ranks.batch_comment(*batch, strategy))
 
     # 2. Tokenizer. From here to step 4, everything that can fail on the user's data fails before the model loads.
     tokenizer = load_tokenizer(recipe.model)
@@ -80,7 +81,6 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     prepared = ranks.prepare_data(recipe, tokenizer, run.root, procs)
     main_first.release()
     ranks.fail_here_for_test(procs)
-    batch = (recipe.training.batch_size, procs.world_size, recipe.training.gradient_accumulation_steps)
     log.info("%s (%s)", ranks.describe_batch(*batch), strategy if procs.distributed else "one process")
     log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
     train_set = prepared.datasets["train"]

@@ -97,6 +97,9 @@ def test_effective_batch_recorded(runs: dict):
     assert summary["steps"] == STEPS
     one = json.loads((runs["one"] / "summary.json").read_text())
     assert one["processes"] == 1 and one["effective_batch_size"] == 4
+    resolved = (runs["two"] / "recipe.yaml").read_text()
+    assert "# run as 2 processes (ddp); batch: 2 per device x 2 processes x 1 accumulation = 4 examples" in resolved
+    assert "= 4 examples per optimizer step" in (runs["one"] / "recipe.yaml").read_text()
 
 
 def test_weights_identical_on_both_ranks_and_equal_to_the_saved_adapter(runs: dict):
