@@ -221,6 +221,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lora_tune.distributed import Processes
     from lora_tune.recipe import load_recipe
 
+    if args.nproc < 1:
+        raise LoraTuneError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
     recipe = load_recipe(args.recipe, args.overrides)
     procs = Processes.from_env()
     if args.nproc > 1 and not procs.distributed:

@@ -225,3 +225,10 @@ def test_launch_command(tmp_path: Path):
 def test_effective_batch_and_rank_prefix():
     assert describe_batch(2, 4, 8).endswith("= 64 examples per optimizer step")
     assert Processes(1, 1, 4).prefix() == "[rank 1/4] " and Processes().prefix() == ""
+
+
+def test_nproc_below_one_is_a_user_error(capsys: pytest.CaptureFixture[str]):
+    from lora_tune.cli import main
+
+    assert main(["train", "recipes/quickstart.yaml", "--nproc", "0"]) == 2
+    assert "--nproc: expected a number of processes >= 1, got 0" in capsys.readouterr().err
