@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train the adapter a recipe describes")
     _recipe_arguments(train)
     train.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
+    train.add_argument(
+        "--nproc", type=int, default=1, metavar="N", help="run N processes on this machine (one per GPU) via torchrun"
+    )
     train.set_defaults(handler=cmd_train)
 
     validate = verbs.add_parser("validate", help="check a recipe without loading any model")
@@ -166,7 +169,7 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except LoraTuneError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_rank()}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -175,8 +178,15 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"{_rank()}error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _rank() -> str:
+    """`[rank 1/4] ` in a multi-process job (torchrun, accelerate launch), so an error says which process failed."""
+    from lora_tune.distributed import Processes
+
+    return Processes.from_env().prefix()
 
 
 def _configure_logging(debug: bool) -> None:
@@ -188,6 +198,9 @@ def _configure_logging(debug: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
+    from lora_tune.distributed import configure_rank_logging
+
+    configure_rank_logging(logger)
 
 
 def _quiet_libraries() -> None:
@@ -252,15 +265,34 @@ def describe(recipe) -> str:  # noqa: ANN001 - Recipe, imported lazily by caller
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lora_tune.distributed import Processes
     from lora_tune.recipe import load_recipe
 
+    if args.nproc < 1:
+        raise LoraTuneError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
     recipe = load_recipe(args.recipe, args.overrides)
-    print(f"lora-tune: {describe(recipe)}", flush=True)
+    procs = Processes.from_env()
+    if args.nproc > 1 and not procs.distributed:
+        return _launch(recipe, args)
+    if procs.is_main:
+        print(f"lora-tune: {describe(recipe)}", flush=True)
     from lora_tune.train import train
 
     result = train(recipe, overwrite=args.overwrite)
-    print_train_summary(result, args.recipe)
+    if procs.is_main:
+        print_train_summary(result, args.recipe)
     return EXIT_OK
+
+
+def _launch(recipe, args: argparse.Namespace) -> int:  # noqa: ANN001 - Recipe, imported lazily
+    """`train --nproc N`: the same command in N processes, through torchrun (or accelerate launch)."""
+    from lora_tune.distributed import launch_command, run_launcher
+
+    forwarded = [args.recipe, *args.overrides, *(["--overwrite"] if args.overwrite else [])]
+    forwarded += ["--debug"] if getattr(args, "debug", False) else []
+    command = launch_command(recipe, args.nproc, forwarded)
+    print(f"lora-tune: starting {args.nproc} processes: {' '.join(command[1:6])} ...", flush=True)
+    return run_launcher(command)
 
 
 def print_train_summary(result, recipe_path: str) -> None:  # noqa: ANN001 - RunResult
@@ -276,6 +308,7 @@ def print_train_summary(result, recipe_path: str) -> None:  # noqa: ANN001 - Run
         f"Adapter saved to {result.adapter_dir}  ({result.steps} steps in {minutes}m {seconds:02d}s)",
         f"  train loss {num(result.train_loss)}   eval loss {num(result.eval_loss)}",
         *best_checkpoint_lines(result),
+        *_batch_line(result),
         f"  rows: {result.train_rows} train, {result.validation_rows} validation;  tokens seen {tokens}{share}",
         f"  peak memory: {memory or 'n/a'}",
         f"  metrics: {Path(result.run_dir) / 'metrics.jsonl'}"
@@ -295,6 +328,13 @@ def best_checkpoint_lines(result) -> list[str]:  # noqa: ANN001 - RunResult
         return []
     stopped = f"stopped early at step {result.steps} of {best['planned_steps']}; " if best["stopped_early"] else ""
     return [f"  {stopped}adapter = best checkpoint, step {best['step']} ({best['metric']} {best['value']:.4f})"]
+
+
+def _batch_line(result) -> list[str]:  # noqa: ANN001 - RunResult
+    if not getattr(result, "effective_batch_size", None):
+        return []
+    procs = f" on {result.processes} processes ({result.strategy})" if result.processes > 1 else ""
+    return [f"  effective batch {result.effective_batch_size} examples per optimizer step{procs}"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -381,6 +381,27 @@ class PreflightConfig(StrictModel):
     )
 
 
+class DistributedConfig(StrictModel):
+    """How several processes share the work when a launcher starts them (`lora-tune train --nproc N`, torchrun,
+    accelerate launch); a single process ignores it. See README: More than one GPU."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
+        "ddp",
+        description="ddp = a full copy of the (quantized) model per GPU; fsdp = shard the base weights (FSDP-QLoRA "
+        "with 4-bit); deepspeed-zero2 = shard optimizer state and gradients; deepspeed-zero3 = also the weights.",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="An accelerate config file (e.g. recipes/accelerate/fsdp-qlora.yaml) that `train --nproc` "
+        "launches with and that sets the strategy instead of `strategy`.",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="A DeepSpeed JSON replacing the one shipped for the deepspeed-* strategy; batch sizes must be "
+        '"auto".',
+    )
+
+
 class Recipe(StrictModel):
     """A whole run: what to load, how to adapt it, on what data, how to train, and where to write."""
 
@@ -401,6 +422,7 @@ class Recipe(StrictModel):
     eval: EvalConfig = Field(
         default_factory=EvalConfig, description="Generation and scoring for `lora-tune eval`, `generate`, `chat`."
     )
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics, checkpoints.")
 
     @model_validator(mode="after")
@@ -428,6 +450,17 @@ class Recipe(StrictModel):
             for index, source in enumerate(getattr(self, section)):
                 if "weight" in source.model_fields_set:
                     raise FieldError(f"{section}.{index}.weight", "applies to training sources (datasets) only")
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> Recipe:
+        from lora_tune.distributed import DistributedError, check_distributed_section
+
+        try:
+            check_distributed_section(self)
+        except DistributedError as exc:
+            key = exc.key if "." in exc.key else f"distributed.{exc.key}"
+            raise FieldError(key, str(exc)) from exc
+        return self
 
     @property
     def has_validation(self) -> bool:

@@ -46,8 +46,11 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def build_bnb_config(quant: QuantizationConfig, model_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """The only place that spells bitsandbytes' options."""
+def build_bnb_config(
+    quant: QuantizationConfig, model_dtype: torch.dtype, *, sharded: bool = False
+) -> BitsAndBytesConfig | None:
+    """The only place that spells bitsandbytes' options. `sharded` (FSDP, ZeRO-3): the packed 4-bit weights are
+    stored in the compute dtype, a float dtype FSDP and DeepSpeed can shard like every other weight."""
     from transformers import BitsAndBytesConfig
 
     if quant.bits is None:
@@ -60,13 +63,19 @@ def build_bnb_config(quant: QuantizationConfig, model_dtype: torch.dtype) -> Bit
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute,
+        **({"bnb_4bit_quant_storage": compute} if sharded else {}),
     )
 
 
-def device_map() -> dict[str, int] | str:
-    """Each process loads its own copy onto its own GPU (DDP-ready); the CPU when there is none."""
+def device_map(strategy: str = "ddp") -> dict[str, int] | str | None:
+    """Each process loads its own copy onto its own GPU (DDP-ready); the CPU when there is none. Sharded strategies
+    get none: FSDP / DeepSpeed place the shards themselves."""
     import torch
 
+    from lora_tune.distributed import SHARDED
+
+    if strategy in SHARDED:
+        return None
     if not torch.cuda.is_available():
         return "cpu"
     from accelerate import PartialState
@@ -74,12 +83,17 @@ def device_map() -> dict[str, int] | str:
     return {"": PartialState().local_process_index}
 
 
-def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, training: TrainingConfig) -> PreTrainedModel:
+def load_model(
+    model_cfg: ModelConfig, quant: QuantizationConfig, training: TrainingConfig, strategy: str = "ddp"
+) -> PreTrainedModel:
     """The base model, quantized per the recipe and prepared for k-bit training when quantized."""
     from transformers import AutoModelForCausalLM
 
+    from lora_tune.distributed import SHARDED
+
     dtype = resolve_dtype(model_cfg.dtype)
-    bnb_config = build_bnb_config(quant, dtype)
+    sharded = strategy in SHARDED
+    bnb_config = build_bnb_config(quant, dtype, sharded=sharded)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_cfg.name,
@@ -88,12 +102,14 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, training: Trai
             quantization_config=bnb_config,
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,
-            device_map=device_map(),
+            device_map=device_map(strategy),
             use_safetensors=True,
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(_load_failure("model", model_cfg.name, exc)) from exc
-    if bnb_config is not None:
+    # Sharded strategies skip peft's preparation: it casts norms to float32, and FSDP needs every weight of a
+    # wrapped layer in one dtype (the 4-bit storage dtype); Trainer still enables checkpointing and input grads.
+    if bnb_config is not None and not sharded:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

@@ -34,6 +34,10 @@ class RunResult:
     memory: dict[str, float] = field(default_factory=dict)
     loss_plot: Path | None = None
     best: dict[str, Any] | None = None  # with keep_best / early stopping: the step the saved adapter comes from
+    processes: int = 1
+    effective_batch_size: int | None = None  # per device x processes x gradient accumulation
+    strategy: str = "ddp"
+    replica_checksums: list[str] | None = None  # adapter checksum of every process (DDP / ZeRO-2 runs)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -43,16 +47,28 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     """Train the recipe's adapter; return where it is and the key numbers."""
     started = time.monotonic()
     _quiet_third_party_noise()
+    from lora_tune import distributed as dist
+    from lora_tune import ranks
     from lora_tune.adapters import build_peft_config
     from lora_tune.check import PREFLIGHT_FILE, preflight
-    from lora_tune.data import build_datasets, write_test_split
+    from lora_tune.data import write_test_split
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
     from lora_tune.trl_args import early_stopping_callbacks, to_sft_config
 
+    # 0. Processes: under a launcher (torchrun, accelerate launch) building the trainer arguments joins the process
+    #    group. The main process prepares steps 1-4 first; the others wait, then reuse its run directory and data.
+    procs = dist.Processes.from_env()
+    strategy = dist.resolve_strategy(recipe, procs)
+    dtype = resolve_dtype(recipe.model.dtype)
+    args = to_sft_config(recipe, RunDir(Path(recipe.output_dir)).checkpoints, dtype)
+    batch = (recipe.training.batch_size, procs.world_size, recipe.training.gradient_accumulation_steps)
+    main_first = ranks.MainFirst(procs)
+
     # 1. Run directory: refuse to clobber another run; record the resolved recipe first, so a crash is traceable.
-    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
-    write_text_atomic(run.recipe, dump_resolved(recipe))
+    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite) if procs.is_main else RunDir(Path(recipe.output_dir))
+    if procs.is_main:
+        write_text_atomic(run.recipe, dump_resolved(recipe) + ranks.batch_comment(*batch, strategy))
 
     # 2. Tokenizer. From here to step 4, everything that can fail on the user's data fails before the model loads.
     tokenizer = load_tokenizer(recipe.model)
@@ -60,12 +76,17 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     # 3. Pre-flight check on a sample of the data: each assistant turn trains a stop token the generation config
     #    stops on, masks are sane, the template saved with the adapter is the one used here. Writes preflight.json;
     #    a failed check stops the run (exit 2) unless the recipe sets preflight.on_failure: warn.
-    preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE)
+    if procs.is_main:
+        preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE)
 
-    # 4. Data: tokenized, assistant-masked train (and validation) splits; the test split, if any, to test.jsonl.
-    prepared = build_datasets(recipe, tokenizer)
+    # 4. Data: tokenized, assistant-masked train (and validation) splits; tokenized once, by the main process.
+    prepared = ranks.prepare_data(recipe, tokenizer, run.root, procs)
+    main_first.release()
+    ranks.fail_here_for_test(procs)
+    log.info("%s (%s)", ranks.describe_batch(*batch), strategy if procs.distributed else "one process")
     log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
-    write_test_split(prepared, run.root)
+    if procs.is_main:
+        write_test_split(prepared, run.root)
     train_set = prepared.datasets["train"]
     eval_set = prepared.datasets.get("validation")
     from lora_tune.data.packing import log_batching  # padding fraction, packed and padded
@@ -77,14 +98,14 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from trl import SFTTrainer
 
     transformers.set_seed(recipe.training.seed)
-    model = load_model(recipe.model, recipe.quantization, recipe.training)
+    ranks.set_loading_environment(strategy, procs)
+    model = load_model(recipe.model, recipe.quantization, recipe.training, strategy)
     quantized_layers = count_quantized_layers(model)
 
     # 6. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
-    dtype = resolve_dtype(recipe.model.dtype)
     trainer = SFTTrainer(
         model=model,
-        args=to_sft_config(recipe, run.checkpoints, dtype),
+        args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
@@ -100,9 +121,14 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     #    the trainer has loaded back).
     eval_loss = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 
-    # 9. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only.
+    # 9. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only
+    #    (FSDP and ZeRO-3 first gather the sharded adapter: every process takes part in that).
+    checksums = ranks.replica_checksums(trainer.model, procs, strategy)
+    if strategy in dist.SHARDED and procs.distributed:
+        ranks.save_sharded_adapter(trainer, run.root / ".adapter.tmp")
     if trainer.is_world_process_zero():
-        _save_adapter(trainer, tokenizer, run)
+        _save_adapter(trainer, tokenizer, run, gathered=strategy in dist.SHARDED and procs.distributed)
+    ranks.remove_prepared_data(run.root, procs)
 
     # 10. Summary: metrics file, loss curve, summary.json.
     records = read_metrics(run.metrics)
@@ -121,6 +147,10 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         wall_seconds=round(time.monotonic() - started, 1),
         memory=peak_memory(),
         best=best_checkpoint(trainer.state, recipe, output.global_step),
+        processes=procs.world_size,
+        effective_batch_size=ranks.effective_batch_size(*batch),
+        strategy=strategy,
+        replica_checksums=checksums,
     )
     if trainer.is_world_process_zero():
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
@@ -150,9 +180,10 @@ def count_quantized_layers(model: Any) -> int:
     return sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
 
 
-def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir) -> None:
+def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, *, gathered: bool = False) -> None:
     build = run.root / ".adapter.tmp"
-    trainer.model.save_pretrained(build)
+    if not gathered:
+        trainer.model.save_pretrained(build)
     tokenizer.save_pretrained(build)
     replace_dir_atomic(build, run.adapter)
 

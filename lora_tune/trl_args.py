@@ -67,7 +67,43 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         dataset_num_proc=None,
         **checkpointing_args(SFTConfig, t.gradient_checkpointing),
         **mixed_precision_flags(recipe, model_dtype),
+        **distributed_args(recipe),
     )
+
+
+def distributed_args(recipe: Recipe) -> dict[str, object]:
+    """The recipe's strategy as Trainer fields, in a multi-process job. Under `accelerate launch --config_file` the
+    launcher's config governs instead (accelerate reads it from the environment): nothing is set for FSDP /
+    DeepSpeed here then."""
+    import torch
+
+    from lora_tune.distributed import Processes, deepspeed_config_path, launched_strategy, resolve_strategy
+
+    # LoRA uses every adapter weight in each forward: no unused-parameter search (an extra graph walk per step).
+    args: dict[str, object] = {"ddp_find_unused_parameters": False}
+    if not Processes.from_env().distributed:
+        return args  # a backend given to a single process would make accelerate start a process group
+    strategy = resolve_strategy(recipe)
+    if not torch.cuda.is_available():
+        args["ddp_backend"] = "gloo"  # the CPU's process group (NCCL needs GPUs)
+    if launched_strategy() is not None or strategy == "ddp":
+        return args
+    if strategy == "fsdp":
+        quantized = recipe.quantization.bits == 4
+        args["fsdp"] = True
+        args["fsdp_config"] = {
+            # FSDP1's flat parameters shard bitsandbytes' Params4bit stored in a float dtype; FSDP2 + QLoRA is not
+            # yet dependable in accelerate. Unquantized LoRA uses FSDP2.
+            "version": 1 if quantized else 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # the model's _no_split_modules: its decoder layers
+            "cpu_ram_efficient_loading": True,  # rank 0 reads the weights; the others get them by broadcast
+            "sync_module_states": True,
+            "use_orig_params": False,
+            "state_dict_type": "SHARDED_STATE_DICT",
+        }
+        return args
+    args["deepspeed"] = str(recipe.distributed.deepspeed_config or deepspeed_config_path(strategy))
+    return args
 
 
 def checkpointing_args(config_class: type, enabled: bool) -> dict[str, object]:
