@@ -448,7 +448,8 @@ class Recipe(StrictModel):
             raise FieldError("data.split", "has a test share but test_datasets are given; use [train, validation]")
         for section in ("eval_datasets", "test_datasets"):
             for index, source in enumerate(getattr(self, section)):
-                if "weight" in source.model_fields_set:
+                # By value, not by presence: a resolved recipe (recipe.yaml of a run) writes every default out.
+                if source.weight != 1.0:
                     raise FieldError(f"{section}.{index}.weight", "applies to training sources (datasets) only")
 
     @model_validator(mode="after")
