@@ -117,7 +117,9 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
             num_heads=heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", True))),
+            tied_embeddings=bool(
+                cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", _tied_default(cfg)))
+            ),
             qkv_bias=bool(cfg.get("attention_bias", False)) or cfg.get("model_type") in QKV_BIAS_TYPES,
             o_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
@@ -126,6 +128,11 @@ def shape_from_config(config: dict[str, Any]) -> ModelShape:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PlanError(f"config.json lacks a usable {exc} for a decoder-only language model") from exc
+
+
+def _tied_default(cfg: dict[str, Any]) -> bool:
+    """transformers' default when config.json omits tie_word_embeddings: tied for Gemma, untied for the others."""
+    return str(cfg.get("model_type", "")).startswith("gemma")
 
 
 def read_model_config(model: ModelConfig, override: str | Path | None = None) -> tuple[dict[str, Any], str]:
