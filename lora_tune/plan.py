@@ -279,7 +279,7 @@ def suggestions(recipe: Recipe, shape: ModelShape, budget: int) -> list[tuple[st
     if found:
         return found[:4]
     # No single change is enough: apply them in order, each on top of the last, until the run fits.
-    for what, changes in options:
+    for _, changes in options:
         combined.update(changes)
         peak = sum(estimate(_with_changes(recipe, combined), shape)[0].values())
         if peak <= budget:

@@ -138,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results[name] = json.loads(lines[-1].removeprefix("RESULT "))
     print(
-        f"\nGPU: {torch.cuda.get_device_name(0)}; model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
+        f"\nGPU: {torch.cuda.get_device_name(0)}; model: hidden {args.hidden}, {args.layers} layers, "
+        f"vocab {args.vocab}"
     )
     print(
-        "| variant | planned (allocator) GiB | measured max_memory_allocated GiB | error | planned peak incl. context GiB |"
+        "| variant | planned (allocator) GiB | measured max_memory_allocated GiB | error | "
+        "planned peak incl. context GiB |"
     )
     print("|---|---|---|---|---|")
     for name, r in results.items():

@@ -1,4 +1,4 @@
-"""The memory planner against torch.cuda.max_memory_allocated on a real run (goal: within 15%). Skipped without CUDA."""
+"""The memory planner against torch.cuda.max_memory_allocated on a real run (goal: within 15%); needs CUDA."""
 
 from __future__ import annotations
 
