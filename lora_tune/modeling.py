@@ -78,6 +78,8 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, training: Trai
     """The base model, quantized per the recipe and prepared for k-bit training when quantized."""
     from transformers import AutoModelForCausalLM
 
+    from lora_tune.speed import resolve_attention
+
     dtype = resolve_dtype(model_cfg.dtype)
     bnb_config = build_bnb_config(quant, dtype)
     try:
@@ -86,7 +88,7 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, training: Trai
             revision=model_cfg.revision,
             dtype=dtype,
             quantization_config=bnb_config,
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=resolve_attention(model_cfg.attn_implementation, dtype).value,
             trust_remote_code=model_cfg.trust_remote_code,
             device_map=device_map(),
             use_safetensors=True,

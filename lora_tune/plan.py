@@ -35,6 +35,7 @@ from lora_tune.model_shape import (
     shape_from_config,
     trainable_parameters,
 )
+from lora_tune.speed import resolve_optimizer
 
 GIB = 1024**3
 BLOCK_4BIT = 64  # bitsandbytes' 4-bit quantization block
@@ -83,7 +84,8 @@ def estimate(recipe: Recipe, shape: ModelShape) -> tuple[dict[str, int], dict[st
     weights, weights_how = weight_bytes(shape, q.bits, q.double_quant, act)
     tensors = trainable_parameters(shape, recipe.adapter)
     params = sum(n for _, n in tensors)
-    optim, optim_how = optimizer_bytes(recipe.training.optimizer, [n for _, n in tensors])
+    optimizer = resolve_optimizer(recipe, on_gpu=True).value
+    optim, optim_how = optimizer_bytes(optimizer, [n for _, n in tensors])
     stored, layer = activation_bytes(recipe, shape, act, tokens)
     logits = logits_bytes(shape, act, tokens)
     working = max(logits, layer + 2 * act * tokens * shape.intermediate_size)
@@ -108,7 +110,7 @@ def estimate(recipe: Recipe, shape: ModelShape) -> tuple[dict[str, int], dict[st
         "fragmentation": f"{FRAGMENTATION:.0%} of activations (caching allocator)",
         "overhead": "CUDA context + library workspaces",
     }
-    paged = optim if recipe.training.optimizer.startswith("paged_") else 0
+    paged = optim if optimizer.startswith("paged_") else 0
     return parts, details, params, paged
 
 
@@ -161,6 +163,9 @@ def activation_bytes(recipe: Recipe, shape: ModelShape, act: int, tokens: int) -
     """(activations kept for backward at the end of the forward, one layer's full activations)."""
     per_layer = layer_activation_bytes_per_token(recipe, shape, act)
     final_norm = (4 + act) * shape.hidden_size
+    if recipe.training.activation_offloading:  # saved tensors go to CPU RAM; about one layer's stay in flight
+        kept = per_layer if not recipe.training.gradient_checkpointing else act * shape.hidden_size
+        return (kept + final_norm) * tokens, per_layer * tokens if recipe.training.gradient_checkpointing else 0
     if recipe.training.gradient_checkpointing:
         kept = shape.num_layers * act * shape.hidden_size + final_norm
         return kept * tokens, per_layer * tokens
@@ -175,9 +180,10 @@ def layer_activation_bytes_per_token(recipe: Recipe, shape: ModelShape, act: int
     # (no mask) and flash-attention use grouped-query attention as is.
     native_gqa = recipe.training.packing or recipe.model.attn_implementation.startswith("flash")
     kv_dim = (shape.num_kv_heads if native_gqa else shape.num_heads) * hd
-    total = 2 * (4 + act) * h  # two RMSNorms: fp32 input + normalised output
+    liger = recipe.training.liger  # Liger's RMSNorm keeps its input in the compute dtype; its SwiGLU recomputes silu
+    total = 2 * (act if liger else 4 + act) * h  # two RMSNorms: input (fp32 upcast) + normalised output
     total += act * (2 * q_dim + 2 * kv_dim)  # SDPA saves q, k, v and its output
-    total += 3 * act * i  # gated MLP: gate output, act(gate), up output
+    total += (2 if liger else 3) * act * i  # gated MLP: gate output, act(gate), up output
     adapter = recipe.adapter
     layer0 = [m for m in lora_targets(shape, adapter) if m.name.startswith("model.layers.0.")]
     groups: set[str] = set()  # saved inputs, by the tensor they are (q/k/v share one, gate/up share one)

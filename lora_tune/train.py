@@ -47,7 +47,10 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from lora_tune.data import build_datasets
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
+    from lora_tune.speed import apply_liger, check_levers, describe_levers
     from lora_tune.trl_args import to_sft_config
+
+    check_levers(recipe, _on_gpu())  # a lever that cannot run here (Liger on the CPU) fails before any work
 
     # 1. Run directory: refuse to clobber another run; record the resolved recipe first, so a crash is traceable.
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
@@ -77,6 +80,9 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     transformers.set_seed(recipe.training.seed)
     model = load_model(recipe.model, recipe.quantization, recipe.training)
     quantized_layers = count_quantized_layers(model)
+    if recipe.training.liger:
+        apply_liger(model)
+    log.info("speed: %s", describe_levers(recipe, resolve_dtype(recipe.model.dtype)))
 
     # 6. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
     dtype = resolve_dtype(recipe.model.dtype)
