@@ -119,15 +119,10 @@ def method_of(recipe: Recipe) -> str:
 
 
 def planned_peak_memory(recipe: Recipe) -> str | None:
-    """The planned peak GPU memory of `recipe` as text (e.g. '17.3 GiB'), or None when no planner is installed.
+    """The planned peak GPU memory of `recipe` as text (e.g. '17.3 GiB', from `lora-tune plan` on a 24 GiB GPU), or
+    None when the model's config.json is not at hand offline (shipped ones live under recipes/configs/)."""
+    from lora_tune.plan import planned_peak_memory as plan
 
-    The planner is `lora_tune.plan.planned_peak_memory(recipe) -> str`, used when that module is present; without
-    it the catalog shows '-'. It plans offline from the models' config.json shipped under recipes/configs/.
-    """
-    try:
-        from lora_tune.plan import planned_peak_memory as plan  # type: ignore[attr-defined]
-    except ImportError:
-        return None
     return plan(recipe)
 
 
@@ -161,7 +156,7 @@ def format_entry(entry: CatalogEntry) -> str:
         f"base model:  {entry.model}",
         f"method:      {entry.method}",
         f"dataset:     {entry.dataset}",
-        f"peak memory: {planned_peak_memory(entry.recipe) or '- (planner not installed)'}",
+        f"peak memory: {planned_peak_memory(entry.recipe) or '- (no config.json offline)'}",
         f"output:      {entry.recipe.output_dir}",
         f"resolved:    lora-tune validate {entry.path} --print",
         f"start from it: a file with `extends: {entry.path}` and your own datasets and output_dir",

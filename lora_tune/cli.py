@@ -139,7 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     new.set_defaults(handler=cmd_new)
 
-    for sub in (train, validate, check, data, evaluate, generate, chat, merge, push, recipes, new):
+    plan = verbs.add_parser(
+        "plan", help="estimate the run's peak GPU memory from the model's config (no weights) and whether it fits"
+    )
+    _recipe_arguments(plan)
+    plan.add_argument("--gpu-memory", metavar="SIZE", default=None, help="GPU size, e.g. 24GiB (default: detected)")
+    plan.add_argument("--config", metavar="PATH", default=None, help="the model's config.json (file or folder)")
+    plan.set_defaults(handler=cmd_plan)
+
+    for sub in (train, validate, check, data, evaluate, generate, chat, merge, push, recipes, new, plan):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -248,6 +256,15 @@ def cmd_data(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(recipe.model)  # the tokenizer only: the preview never loads model weights
     preview = build_preview(recipe, tokenizer, n=max(0, args.n))
     print(format_preview(preview, tokenizer, color=sys.stdout.isatty()))
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from lora_tune.plan import format_plan, plan
+    from lora_tune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides, check_paths=False)  # the plan reads no data
+    print(format_plan(plan(recipe, config=args.config, gpu_memory=args.gpu_memory)))
     return EXIT_OK
 
 

@@ -40,8 +40,11 @@ class ModelConfig(StrictModel):
         description="Dtype of the unquantized weights and of 4-bit compute; auto = bfloat16 on GPUs that support it, "
         "else float16 on GPUs, float32 on the CPU.",
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "auto",
+        description="Attention kernel passed to transformers; auto = flash_attention_3 / flash_attention_2 when the "
+        "package is installed and the GPU supports it (Hopper / Ampere or newer, 16-bit dtype), else sdpa. The run "
+        "logs what it picked and why.",
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repository. Off unless you trust its author."
@@ -193,7 +196,14 @@ LrScheduler = Literal[
     "reduce_lr_on_plateau",
 ]
 Optimizer = Literal[
-    "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
+    "auto",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adafactor",
+    "sgd",
 ]
 
 
@@ -210,9 +220,10 @@ class TrainingConfig(StrictModel):
     gradient_accumulation_steps: PositiveInt = Field(1, description="Forward passes per optimizer step.")
     max_length: PositiveInt | None = Field(1024, description="Longest tokenized example; longer ones are truncated.")
     packing: bool = Field(
-        False,
+        True,
         description="Pack several examples into each max_length row, padding-free with position ids restarting per "
-        "example so examples never attend to each other (needs max_length; see README: Packing).",
+        "example so examples never attend to each other (needs max_length; off when max_length is null; see "
+        "README: Packing).",
     )
     train_on: Literal["assistant", "all"] = Field(
         "assistant",
@@ -225,9 +236,25 @@ class TrainingConfig(StrictModel):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: Optimizer = Field("adamw_torch", description="Optimizer (paged_adamw_8bit saves GPU memory for QLoRA).")
+    optimizer: Optimizer = Field(
+        "auto",
+        description="Optimizer; auto = paged_adamw_8bit for a quantized base on a GPU (a quarter of AdamW's state, "
+        "paged to CPU RAM under memory pressure), else adamw_torch.",
+    )
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in backward to save memory (non-reentrant checkpointing)."
+    )
+    activation_offloading: bool = Field(
+        False,
+        description="Move the activations saved for backward to CPU RAM (TRL's offloading; a GPU lever: less GPU "
+        "memory for some speed; ignored on the CPU).",
+    )
+    liger: bool = Field(
+        False,
+        description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) in the model; needs a CUDA GPU and "
+        "`pip install 'lora-tune[liger]'`. The LM-head loss is already chunked by TRL.",
+    )
     logging_steps: PositiveInt = Field(10, description="Log loss and learning rate every N steps.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field(
         "no", description="When to evaluate on the validation data."
@@ -272,7 +299,7 @@ class TrainingConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
-        if self.packing and self.max_length is None:
+        if self.packing and self.max_length is None and "packing" in self.model_fields_set:
             raise FieldError("packing", "needs max_length: set training.max_length, or packing: false")
         if self.eval_steps is not None and self.eval_strategy != "steps":
             raise FieldError(

@@ -90,6 +90,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     from lora_tune.distributed import SHARDED
+    from lora_tune.speed import resolve_attention
 
     dtype = resolve_dtype(model_cfg.dtype)
     sharded = strategy in SHARDED
@@ -100,7 +101,7 @@ def load_model(
             revision=model_cfg.revision,
             dtype=dtype,
             quantization_config=bnb_config,
-            attn_implementation=model_cfg.attn_implementation,
+            attn_implementation=resolve_attention(model_cfg.attn_implementation, dtype).value,
             trust_remote_code=model_cfg.trust_remote_code,
             device_map=device_map(strategy),
             use_safetensors=True,

@@ -54,6 +54,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from lora_tune.data import write_test_split
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
+    from lora_tune.speed import apply_liger, check_levers, describe_levers
     from lora_tune.trl_args import early_stopping_callbacks, to_sft_config
 
     # 0. Processes: under a launcher (torchrun, accelerate launch) building the trainer arguments joins the process
@@ -64,6 +65,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     args = to_sft_config(recipe, RunDir(Path(recipe.output_dir)).checkpoints, dtype)
     batch = (recipe.training.batch_size, procs.world_size, recipe.training.gradient_accumulation_steps)
     main_first = ranks.MainFirst(procs)
+    check_levers(recipe, _on_gpu())  # a lever that cannot run here (Liger on the CPU) fails before any work
 
     # 1. Run directory: refuse to clobber another run; record the resolved recipe first, so a crash is traceable.
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite) if procs.is_main else RunDir(Path(recipe.output_dir))
@@ -101,6 +103,9 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     ranks.set_loading_environment(strategy, procs)
     model = load_model(recipe.model, recipe.quantization, recipe.training, strategy)
     quantized_layers = count_quantized_layers(model)
+    if recipe.training.liger:
+        apply_liger(model)
+    log.info("speed: %s", describe_levers(recipe, resolve_dtype(recipe.model.dtype)))
 
     # 6. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
     trainer = SFTTrainer(

@@ -31,23 +31,25 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
     from trl import SFTConfig
 
     from lora_tune.data.packing import sft_packing_args
+    from lora_tune.speed import run_shape
 
     t = recipe.training
+    shape, optimizer = run_shape(recipe, model_dtype)
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_epochs,
         max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        per_device_train_batch_size=shape.batch_size,
+        per_device_eval_batch_size=shape.eval_batch_size,
+        gradient_accumulation_steps=shape.gradient_accumulation_steps,
         max_length=t.max_length,
         **sft_packing_args(recipe),
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=OPTIMIZERS.get(t.optimizer, t.optimizer),
+        optim=OPTIMIZERS.get(optimizer, optimizer),
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -66,6 +68,7 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         # The data pipeline already tokenized, masked and shuffled; TRL truncates and packs.
         dataset_num_proc=None,
         **checkpointing_args(SFTConfig, t.gradient_checkpointing),
+        activation_offloading=t.activation_offloading and torch.cuda.is_available(),
         **mixed_precision_flags(recipe, model_dtype),
         **distributed_args(recipe),
     )

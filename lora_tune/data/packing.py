@@ -28,6 +28,7 @@ from lora_tune.config import Recipe
 logger = logging.getLogger(__name__)
 
 EXACT_ATTENTION = {
+    "auto": "flash-attention varlen kernels or SDPA's block-diagonal mask, whichever the run picks (both exact)",
     "flash_attention_2": "varlen kernel on the packed sequence boundaries",
     "flash_attention_3": "varlen kernel on the packed sequence boundaries",
     "sdpa": "block-diagonal causal mask built from the position ids (dense, O(L^2) in the packed length)",
@@ -48,6 +49,8 @@ def packing_plan(recipe: Recipe) -> PackingPlan:
     t, model = recipe.training, recipe.model
     if not t.packing:
         return PackingPlan(False, "training.packing is false")
+    if t.max_length is None:
+        return PackingPlan(False, "packing needs training.max_length, which is null")
     if model.trust_remote_code:
         return PackingPlan(
             False,
@@ -62,22 +65,25 @@ def sft_packing_args(recipe: Recipe) -> dict[str, Any]:
     """SFTConfig fields for the plan: BFD packing (padding-free in TRL) or none."""
     plan = packing_plan(recipe)
     if recipe.training.packing and not plan.enabled:
-        logger.warning("%s", plan.reason)
+        # A default (not asked for) packing that cannot apply is not worth a warning.
+        explicit = "packing" in recipe.training.model_fields_set
+        logger.log(logging.WARNING if explicit else logging.INFO, "%s", plan.reason)
     if not plan.enabled:
         return {"packing": False}
     return {"packing": True, "packing_strategy": "bfd", "padding_free": True}
 
 
 def warn_if_large_on_cpu(recipe: Recipe, on_gpu: bool) -> None:
-    """SDPA's dense block mask makes very long padding-free steps slower than padded ones on the CPU."""
+    """SDPA's dense block mask makes very long padding-free rows slower than padded ones on the CPU.
+
+    On the CPU packed rows go one per forward pass (`lora_tune.speed.batch_shape`), so the row length decides.
+    """
     t = recipe.training
-    tokens = t.batch_size * (t.max_length or 0)
+    tokens = t.max_length or 0
     if t.packing and not on_gpu and tokens > CPU_PACKED_TOKENS_HINT:
         logger.warning(
-            "packing on the CPU flattens %d rows x %d tokens into one %d-token sequence with a dense attention mask; "
-            "a smaller training.batch_size (more gradient_accumulation_steps) is faster",
-            t.batch_size,
-            t.max_length,
+            "packing on the CPU gives each %d-token row a dense attention mask; a shorter training.max_length is "
+            "faster",
             tokens,
         )
 

@@ -34,6 +34,7 @@ training:
   eval_steps: 15
   save_steps: 15
   gradient_checkpointing: false
+  packing: false            # the loss-drop threshold below was set on padded batches (BFD packing groups by length)
 output_dir: {out}
 """
 

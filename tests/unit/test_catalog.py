@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -84,16 +83,22 @@ def test_find_by_name_or_stem_and_unknown_names(entries):
         find_entry(CATALOG, "qwen3-8b")
 
 
-def test_planned_peak_memory_uses_the_planner_only_when_installed(entries, monkeypatch):
-    recipe = entries[0].recipe
-    monkeypatch.setitem(sys.modules, "lora_tune.plan", None)  # import fails as when the module is absent
+def test_planned_peak_memory_comes_from_the_planner_for_every_catalog_recipe(entries):
+    from lora_tune.plan import GIB, plan
+
+    for entry in in_families(entries):  # each model has its config.json under recipes/configs
+        shown = planned_peak_memory(entry.recipe)
+        assert shown == f"{plan(entry.recipe, gpu_memory='24GiB').total / GIB:.1f} GiB", entry.name
+        assert shown in format_table([entry])
+
+
+def test_planned_peak_memory_is_unknown_without_a_config_offline(entries, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = entries[0].recipe.model_copy(
+        update={"model": entries[0].recipe.model.model_copy(update={"name": "no/such"})}
+    )
     assert planned_peak_memory(recipe) is None
-    assert "  -  " in format_table(entries[:1])
-    fake = types.ModuleType("lora_tune.plan")
-    fake.planned_peak_memory = lambda r: f"{len(r.model.name)} GiB"
-    monkeypatch.setitem(sys.modules, "lora_tune.plan", fake)
-    assert planned_peak_memory(recipe) == f"{len(recipe.model.name)} GiB"
-    assert f"{len(recipe.model.name)} GiB" in format_table(entries[:1])
+    assert "  -  " in format_table([type(entries[0])(**{**entries[0].__dict__, "recipe": recipe})])
 
 
 def test_table_and_entry_text(entries):

@@ -100,10 +100,13 @@ def recipe(**training) -> Recipe:
 
 
 def test_packing_plan_and_trl_args() -> None:
-    assert sft_packing_args(recipe()) == {"packing": False}
-    assert sft_packing_args(recipe(packing=True)) == {"packing": True, "packing_strategy": "bfd", "padding_free": True}
+    packed = {"packing": True, "packing_strategy": "bfd", "padding_free": True}
+    assert sft_packing_args(recipe()) == packed  # the default
+    assert sft_packing_args(recipe(packing=False)) == {"packing": False}
+    # a default packing without max_length is simply off; asking for it explicitly is a recipe error
+    assert sft_packing_args(recipe(max_length=None)) == {"packing": False}
     plan = packing_plan(recipe(packing=True))
-    assert plan.enabled and "sdpa: block-diagonal causal mask" in plan.reason
+    assert plan.enabled and "auto: flash-attention varlen kernels or SDPA's block-diagonal mask" in plan.reason
 
 
 def test_sft_config_packs_padding_free(tmp_path) -> None:
@@ -113,7 +116,7 @@ def test_sft_config_packs_padding_free(tmp_path) -> None:
 
     config = to_sft_config(recipe(packing=True, max_length=64), tmp_path, torch.float32)
     assert (config.packing, config.packing_strategy, config.padding_free) == (True, "bfd", True)
-    assert to_sft_config(recipe(), tmp_path, torch.float32).packing is False
+    assert to_sft_config(recipe(packing=False), tmp_path, torch.float32).packing is False
 
 
 def test_packing_falls_back_for_remote_code(caplog) -> None:
