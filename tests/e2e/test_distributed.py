@@ -38,6 +38,7 @@ training:
   max_steps: {steps}
   batch_size: 2
   max_length: 64
+  packing: false  # 64 short rows packed would end the epoch mid-run, where DDP evens out the last batch
   warmup_steps: 2
   logging_steps: 1
   save_strategy: "no"
