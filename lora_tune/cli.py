@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lora_tune import __version__
 from lora_tune.errors import LoraTuneError
+from lora_tune.safety import install_log_redaction, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
 
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train the adapter a recipe describes")
     _recipe_arguments(train)
     train.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in the output directory from its newest checkpoint"
+    )
     train.set_defaults(handler=cmd_train)
 
     validate = verbs.add_parser("validate", help="check a recipe without loading any model")
@@ -119,7 +123,7 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except LoraTuneError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -128,7 +132,7 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {redact(first)} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_FAILURE
 
 
@@ -141,6 +145,7 @@ def _configure_logging(debug: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
+    install_log_redaction(logger)
 
 
 def _quiet_libraries() -> None:
@@ -211,7 +216,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"lora-tune: {describe(recipe)}", flush=True)
     from lora_tune.train import train
 
-    result = train(recipe, overwrite=args.overwrite)
+    result = train(
+        recipe, overwrite=args.overwrite, resume=args.resume, recipe_path=args.recipe, overrides=args.overrides
+    )
     print_train_summary(result, args.recipe)
     return EXIT_OK
 

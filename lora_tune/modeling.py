@@ -78,6 +78,10 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, training: Trai
     """The base model, quantized per the recipe and prepared for k-bit training when quantized."""
     from transformers import AutoModelForCausalLM
 
+    from lora_tune.safety import check_weights_format, warn_remote_code
+
+    check_weights_format(model_cfg.name, "model", model_cfg.allow_pickle)
+    warn_remote_code(model_cfg.name, model_cfg.trust_remote_code)
     dtype = resolve_dtype(model_cfg.dtype)
     bnb_config = build_bnb_config(quant, dtype)
     try:
@@ -89,7 +93,7 @@ def load_model(model_cfg: ModelConfig, quant: QuantizationConfig, training: Trai
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,
             device_map=device_map(),
-            use_safetensors=True,
+            use_safetensors=None if model_cfg.allow_pickle else True,
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(_load_failure("model", model_cfg.name, exc)) from exc

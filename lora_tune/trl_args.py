@@ -59,7 +59,8 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        # Rotation happens in lora_tune.resume, only after a newer checkpoint is sealed complete.
+        save_total_limit=None,
         report_to=list(t.report_to) or "none",
         use_cpu=not torch.cuda.is_available(),
         # The data pipeline already tokenized, masked and shuffled; TRL truncates and packs.

@@ -1,0 +1,348 @@
+"""Checkpoints that are provably complete, and resuming from the newest one.
+
+transformers' Trainer writes `checkpoint-N/` file by file (adapter, optimizer, scheduler, RNG, trainer_state) with no
+temporary name, so a process killed mid-save leaves a folder that looks like a checkpoint. Here a checkpoint counts
+only once a manifest (every file's size and SHA-256) has been written into it, atomically and last, by a callback
+that runs after the Trainer's save. Resuming picks the newest checkpoint whose manifest matches its files, and says
+which ones it skipped and why. Rotation (`save_total_limit`) is done here too, so an older complete checkpoint is
+deleted only after a newer one is marked complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_tune.config import Recipe
+from lora_tune.errors import LoraTuneError
+from lora_tune.run_dir import RunDir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "lora_tune_complete.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# Keys a resumed run may change: they steer logging, evaluation and saving, not what is learned.
+FREE_KEYS = {
+    "output_dir",
+    "training.logging_steps",
+    "training.eval_strategy",
+    "training.eval_steps",
+    "training.eval_batch_size",
+    "training.save_strategy",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.report_to",
+    "training.resume",
+    "training.gradient_checkpointing",  # recomputes the same activations: memory, not numbers
+}
+FREE_PREFIXES = ("preflight.", "eval_datasets")
+# Keys that may grow (train longer); the learning-rate schedule is then stretched to the new length.
+GROWABLE_KEYS = {"training.max_steps", "training.num_epochs"}
+
+
+class ResumeError(LoraTuneError):
+    """Resuming would be wrong (the recipe or the data changed) or there is nothing to resume."""
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: a checkpoint to continue from (None = step 0) and the checkpoints passed over."""
+
+    checkpoint: Path | None
+    step: int = 0
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- manifests
+
+
+def write_manifest(checkpoint: Path, step: int) -> None:
+    """Seal a fully written checkpoint: sizes and hashes of its files, written last under a temporary name."""
+    files = {
+        str(p.relative_to(checkpoint)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
+    write_json_atomic(checkpoint / MANIFEST, {"step": step, "files": files})
+
+
+def verify_checkpoint(checkpoint: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else why not (one short phrase)."""
+    marker = checkpoint / MANIFEST
+    if not marker.is_file():
+        return "incomplete (no completion manifest: the save was interrupted)"
+    try:
+        manifest = json.loads(marker.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"unreadable {MANIFEST}"
+    if "trainer_state.json" not in files:
+        return "no trainer_state.json"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {expected['bytes']}"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} is corrupted (checksum mismatch)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
+    """`checkpoint-N` folders under `root`, oldest step first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def find_resume_point(root: Path) -> ResumePoint:
+    """The newest checkpoint under `root` that verifies; the newer ones that do not are listed as skipped."""
+    skipped: list[tuple[Path, str]] = []
+    for step, path in reversed(checkpoint_dirs(root)):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return ResumePoint(path, step, skipped)
+        skipped.append((path, reason))
+    return ResumePoint(None, 0, skipped)
+
+
+def set_aside(skipped: list[tuple[Path, str]]) -> None:
+    """Move bad checkpoints out of the Trainer's sight (it would otherwise overwrite into, or rotate by, them)."""
+    for path, _ in skipped:
+        target = path.parent / "broken" / path.name
+        target.parent.mkdir(exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        path.rename(target)
+
+
+def rotate(root: Path, keep: int | None, protect: Path | None = None) -> None:
+    """Delete the oldest complete checkpoints beyond `keep` (never `protect`, the best one); incomplete ones older
+    than the newest complete one go too, since nothing can resume from them."""
+    entries = checkpoint_dirs(root)
+    complete = [(s, p) for s, p in entries if (p / MANIFEST).is_file()]
+    if not complete:
+        return
+    newest_step = complete[-1][0]
+    doomed = [p for s, p in entries if not (p / MANIFEST).is_file() and s < newest_step]
+    if keep is not None:
+        best = [p for _, p in complete if protect is not None and p.resolve() == protect.resolve()]
+        others = [p for _, p in complete if p not in best]
+        keep_others = max(1, keep - len(best))  # the best one counts towards the limit, the newest always stays
+        doomed += others[: max(0, len(others) - keep_others)]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def checkpoint_callback(root: Path, keep: int | None) -> Any:
+    """A TrainerCallback that seals each checkpoint right after the Trainer saved it, then rotates."""
+    from transformers import TrainerCallback
+
+    class SealCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - transformers' signature
+            if state.is_world_process_zero:
+                path = root / f"checkpoint-{state.global_step}"
+                if path.is_dir():
+                    write_manifest(path, state.global_step)
+                    best = Path(state.best_model_checkpoint) if state.best_model_checkpoint else None
+                    rotate(root, keep, protect=best)
+            return control
+
+    return SealCheckpoints()
+
+
+# ---------------------------------------------------------------------------------------------- recipe changes
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "l": [{"x": 2}]} -> {"a.b": 1, "l[0].x": 2}."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: data}
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(blocking, harmless) descriptions of what differs between the saved recipe and the new one."""
+    before, after = flatten(old), flatten(new)
+    blocking, harmless = [], []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key, "<unset>"), after.get(key, "<unset>")
+        if a == b:
+            continue
+        change = f"{key}: {a!r} -> {b!r}"
+        if key in FREE_KEYS or key.startswith(FREE_PREFIXES):
+            harmless.append(change)
+        elif key in GROWABLE_KEYS and _grows(a, b):
+            harmless.append(change + " (the learning-rate schedule is stretched to the new length)")
+        else:
+            blocking.append(change)
+    return blocking, harmless
+
+
+def _grows(a: Any, b: Any) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and b >= a
+
+
+def check_recipe_unchanged(saved_recipe: Path, recipe: Recipe) -> None:
+    """Refuse to resume when the recipe changed in a way that makes the continued run a different run."""
+    from lora_tune.recipe import dump_resolved
+
+    try:
+        old = yaml.safe_load(saved_recipe.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ResumeError(f"{saved_recipe}: cannot read the run's saved recipe to compare: {exc}") from exc
+    blocking, harmless = recipe_changes(old, yaml.safe_load(dump_resolved(recipe)))
+    for change in harmless:
+        log.info("resume: recipe change accepted: %s", change)
+    if blocking:
+        raise ResumeError(
+            f"{saved_recipe.parent}: cannot resume, the recipe changed what is trained: {'; '.join(blocking)}. "
+            "Undo these changes, or start a new run (another output_dir, or --overwrite)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- data identity
+
+DATA_FINGERPRINT = "data_fingerprint.json"
+
+
+def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """Size and SHA-256 of each local dataset file (hub datasets are pinned by name and split only)."""
+    out: dict[str, Any] = {}
+    for i, source in enumerate([*recipe.datasets, *recipe.eval_datasets]):
+        path = Path(source.path).expanduser()
+        if path.is_file():
+            out[source.path] = {"bytes": path.stat().st_size, "sha256": _sha256(path), "index": i}
+    return out
+
+
+def check_data_unchanged(saved: Path, recipe: Recipe) -> None:
+    """A resumed run must read the same rows, or the skipped batches are not the ones it trained on."""
+    if not saved.is_file():
+        return
+    before = json.loads(saved.read_text(encoding="utf-8"))
+    now = data_fingerprint(recipe)
+    for name, old in before.items():
+        new = now.get(name)
+        if new is None:
+            raise ResumeError(f"{name}: dataset file is gone since the run started; restore it to resume")
+        if new["sha256"] != old["sha256"]:
+            raise ResumeError(
+                f"{name}: dataset file changed since the run started ({old['bytes']} -> {new['bytes']} bytes); "
+                "resuming would train on different rows. Restore the original file, or start a new run"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop records logged after `step` (a killed run logged them, the resumed run will again); return how many."""
+    from lora_tune.run_dir import write_text_atomic
+
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------- the decision
+
+
+def plan_resume(run: RunDir, recipe: Recipe) -> ResumePoint:
+    """Check that the run may be continued and find where: the newest complete checkpoint (or step 0)."""
+    if (run.summary).is_file():
+        raise ResumeError(
+            f"{run.root}: this run already finished (summary.json); nothing to resume. "
+            "To train longer, start a new run (another output_dir, or --overwrite)"
+        )
+    check_recipe_unchanged(run.recipe, recipe)
+    check_data_unchanged(run.root / DATA_FINGERPRINT, recipe)
+    point = find_resume_point(run.checkpoints)
+    for path, reason in point.skipped:
+        log.warning("resume: skipping %s: %s", path.name, reason)
+    set_aside(point.skipped)
+    if point.checkpoint is None:
+        log.warning("resume: no complete checkpoint in %s; starting again from step 0", run.checkpoints)
+        run.metrics.unlink(missing_ok=True)
+    else:
+        dropped = truncate_metrics(run.metrics, point.step)
+        log.info("resume: continuing from %s (step %d)", point.checkpoint, point.step)
+        if dropped:
+            log.info("resume: %d metric records after step %d will be logged again", dropped, point.step)
+    return point
+
+
+def resume_hint(recipe_path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The command that continues this run."""
+    parts = ["lora-tune", "train", recipe_path or "RECIPE", *overrides, "--resume"]
+    return " ".join(parts)
+
+
+def open_run(
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    resume: bool,
+    recipe_path: str | None = None,
+    argv: list[str] | None = None,
+) -> tuple[RunDir, ResumePoint]:
+    """Step 1 of `train`: the run directory, where to start from, and the run's provenance written first.
+
+    `resume` (the --resume flag) or `training.resume: auto` continue the run in output_dir when there is one.
+    """
+    import sys
+
+    from lora_tune.provenance import environment, record_environment
+    from lora_tune.recipe import dump_resolved
+    from lora_tune.run_dir import prepare_run_dir, write_text_atomic
+
+    wants_resume = resume or recipe.training.resume == "auto"
+    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite, resume=wants_resume)
+    start = ResumePoint(None)
+    if wants_resume and run.is_run():
+        start = plan_resume(run, recipe)
+    elif resume:
+        log.info("resume: no run in %s yet; starting a new one", run.root)
+    # The resolved recipe and the data identity first, so a crash at any later point is traceable and resumable.
+    write_text_atomic(run.recipe, dump_resolved(recipe))
+    if start.checkpoint is None:
+        write_json_atomic(run.root / DATA_FINGERPRINT, data_fingerprint(recipe))
+    resumed = str(start.checkpoint) if start.checkpoint else None
+    record_environment(run.root, environment(recipe_path, list(argv if argv is not None else sys.argv), resumed))
+    return run, start
