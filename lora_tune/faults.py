@@ -127,4 +127,3 @@ def _last_good(checkpoints: Path) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-

@@ -21,7 +21,17 @@ from typing import Any
 from lora_tune.safety import redact
 
 ENVIRONMENT_FILE = "environment.jsonl"
-PACKAGES = ("lora-tune", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate", "safetensors")
+PACKAGES = (
+    "lora-tune",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "datasets",
+    "accelerate",
+    "safetensors",
+)
 # Settings that change what runs where; none of them carries a secret.
 ENV_VARS = ("CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "WORLD_SIZE", "LOCAL_RANK")
 

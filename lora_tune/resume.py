@@ -191,6 +191,7 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str],
     """(blocking, harmless) descriptions of what differs between the saved recipe and the new one."""
     before, after = flatten(old), flatten(new)
     blocking, harmless = [], []
+    batch_keys = _same_effective_batch(before, after)
     for key in sorted(set(before) | set(after)):
         a, b = before.get(key, "<unset>"), after.get(key, "<unset>")
         if a == b:
@@ -198,11 +199,24 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str],
         change = f"{key}: {a!r} -> {b!r}"
         if key in FREE_KEYS or key.startswith(FREE_PREFIXES):
             harmless.append(change)
+        elif key in batch_keys:
+            harmless.append(change + " (same examples per optimizer step)")
         elif key in GROWABLE_KEYS and _grows(a, b):
             harmless.append(change + " (the learning-rate schedule is stretched to the new length)")
         else:
             blocking.append(change)
     return blocking, harmless
+
+
+def _same_effective_batch(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
+    """batch_size x gradient_accumulation_steps unchanged (the usual answer to out-of-memory): each optimizer step
+    still sees the same examples in the same order, so the two keys may change together."""
+    keys = ("training.batch_size", "training.gradient_accumulation_steps")
+    try:
+        same = before[keys[0]] * before[keys[1]] == after[keys[0]] * after[keys[1]]
+    except (KeyError, TypeError):
+        return set()
+    return set(keys) if same else set()
 
 
 def _grows(a: Any, b: Any) -> bool:

@@ -100,6 +100,11 @@ def test_harmless_recipe_changes_pass_and_the_rest_are_listed():
     assert [h.split(":")[0] for h in harmless] == ["output_dir", "training.logging_steps", "training.max_steps"]
     shorter = {**old, "training": {**old["training"], "max_steps": 50}}
     assert recipe_changes(old, shorter)[0] == ["training.max_steps: 100 -> 50"]
+    batch = {"training": {"batch_size": 8, "gradient_accumulation_steps": 1}}
+    halved = {"training": {"batch_size": 4, "gradient_accumulation_steps": 2}}
+    assert recipe_changes(batch, halved)[0] == []
+    smaller = {"training": {"batch_size": 4, "gradient_accumulation_steps": 1}}
+    assert recipe_changes(batch, smaller)[0] == ["training.batch_size: 8 -> 4"]
     datasets_old = {"datasets": [{"path": "a.jsonl", "limit": None}]}
     datasets_new = {"datasets": [{"path": "a.jsonl", "limit": 5}]}
     assert recipe_changes(datasets_old, datasets_new)[0] == ["datasets[0].limit: None -> 5"]
@@ -178,4 +183,3 @@ def test_environment_records_versions_command_and_git_commit(tmp_path: Path, rec
     assert record["recipe_git"] == {"commit": commit, "recipe_modified": False, "remote": None}
     assert record["packages"]["transformers"] and record["packages"]["torch"] and record["python"]
     assert (run.root / "recipe.yaml").is_file() and (run.root / "data_fingerprint.json").is_file()
-
