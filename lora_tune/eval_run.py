@@ -53,6 +53,9 @@ def evaluate_run(
     model = load_model(
         recipe.model, recipe.quantization, recipe.training.model_copy(update={"gradient_checkpointing": False})
     )
+    from lora_tune.safety import check_weights_format
+
+    check_weights_format(str(run.adapter), "adapter", recipe.model.allow_pickle, key=str(run.root))
     model = PeftModel.from_pretrained(model, run.adapter)
     model.eval()
 

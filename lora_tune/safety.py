@@ -67,7 +67,7 @@ def install_log_redaction(logger: logging.Logger | None = None) -> None:
                 handler.addFilter(RedactingFilter())
 
 
-def check_weights_format(source: str, what: str, allow_pickle: bool) -> None:
+def check_weights_format(source: str, what: str, allow_pickle: bool, key: str = "model.name") -> None:
     """Refuse a local model folder that has pickle weights but no safetensors, unless the recipe allows pickle.
 
     Hub repositories are checked by transformers itself: `load_model` asks for safetensors only unless allowed.
@@ -79,7 +79,7 @@ def check_weights_format(source: str, what: str, allow_pickle: bool) -> None:
     pickles = sorted(n for n in files if n.endswith(PICKLE_SUFFIXES) and not n.startswith("training_args"))
     if pickles and not any(n.endswith(".safetensors") for n in files):
         raise UnsafeModelError(
-            f"model.name: {what} '{source}' has only pickle weights ({', '.join(pickles[:3])}), which can run code "
+            f"{key}: {what} '{source}' has only pickle weights ({', '.join(pickles[:3])}), which can run code "
             "when loaded; convert them to safetensors, or set model.allow_pickle: true if you trust their source"
         )
 

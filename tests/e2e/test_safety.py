@@ -103,3 +103,17 @@ def test_planted_token_never_reaches_the_run_directory_or_the_console(tmp_path: 
             leaks.append(name)
     assert TOKEN not in refused.stderr + refused.stdout
     assert leaks == []
+
+
+def test_pickle_only_adapter_is_refused(tmp_path: Path):
+    from lora_tune.safety import check_weights_format
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(UnsafeModelError, match=r"adapter '.*adapter' has only pickle weights \(adapter_model.bin\)"):
+        check_weights_format(str(adapter), "adapter", allow_pickle=False, key=str(adapter.parent))
+    check_weights_format(str(adapter), "adapter", allow_pickle=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    check_weights_format(str(adapter), "adapter", allow_pickle=False)
