@@ -346,7 +346,8 @@ def open_run(
     from lora_tune.recipe import dump_resolved
     from lora_tune.run_dir import prepare_run_dir, write_text_atomic
 
-    wants_resume = resume or recipe.training.resume == "auto"
+    # --overwrite is an explicit request for a fresh run; it wins over the recipe's standing `resume: auto`.
+    wants_resume = resume or (recipe.training.resume == "auto" and not overwrite)
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite, resume=wants_resume)
     start = ResumePoint(None)
     if wants_resume and run.is_run():
