@@ -166,6 +166,11 @@ class TrainingConfig(StrictModel):
     save_strategy: Literal["no", "steps", "epoch"] = Field("steps", description="When to write a checkpoint.")
     save_steps: PositiveInt = Field(500, description="Write a checkpoint every N steps (save_strategy: steps).")
     save_total_limit: PositiveInt | None = Field(2, description="Keep at most this many checkpoints.")
+    keep_best_checkpoint: bool = Field(
+        False,
+        description="Also keep the checkpoint with the lowest eval loss, whatever save_total_limit says (needs "
+        "evaluation at the save steps).",
+    )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers to log to besides metrics.jsonl."
     )
@@ -182,6 +187,15 @@ class TrainingConfig(StrictModel):
     def _consistent(self) -> TrainingConfig:
         if self.packing and self.max_length is None:
             raise FieldError("packing", "needs max_length: set training.max_length, or packing: false")
+        if self.keep_best_checkpoint and (
+            self.eval_strategy != self.save_strategy
+            or (self.eval_strategy == "steps" and self.save_steps % (self.eval_steps or self.logging_steps) != 0)
+        ):
+            raise FieldError(
+                "keep_best_checkpoint",
+                "needs an evaluation at every save: eval_strategy equal to save_strategy, and save_steps a multiple "
+                "of eval_steps",
+            )
         if self.eval_steps is not None and self.eval_strategy != "steps":
             raise FieldError(
                 "eval_steps", f"is set but eval_strategy is '{self.eval_strategy}'; set eval_strategy: steps"

@@ -40,6 +40,7 @@ FREE_KEYS = {
     "training.save_strategy",
     "training.save_steps",
     "training.save_total_limit",
+    "training.keep_best_checkpoint",
     "training.report_to",
     "training.resume",
     "training.gradient_checkpointing",  # recomputes the same activations: memory, not numbers

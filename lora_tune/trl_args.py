@@ -61,6 +61,9 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         save_steps=t.save_steps,
         # Rotation happens in lora_tune.resume, only after a newer checkpoint is sealed complete.
         save_total_limit=None,
+        # Tracks the lowest eval loss as state.best_model_checkpoint, which rotation never deletes.
+        metric_for_best_model="eval_loss" if t.keep_best_checkpoint else None,
+        greater_is_better=False if t.keep_best_checkpoint else None,
         report_to=list(t.report_to) or "none",
         use_cpu=not torch.cuda.is_available(),
         # The data pipeline already tokenized, masked and shuffled; TRL truncates and packs.

@@ -202,3 +202,32 @@ def test_second_signal_exits_at_once():
     )
     assert done.returncode == 128 + signal.SIGINT
     assert "SIGINT again: exiting at once" in done.stderr
+
+
+def test_rotation_keeps_the_last_checkpoint_and_the_best_one(
+    work: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from transformers import Trainer
+
+    recipe = write_recipe(work, tiny_model_dir, "best")
+    original = Trainer._evaluate
+
+    def rising_eval_loss(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        # The Trainer's own best-checkpoint tracking sees an eval loss that only rises: step 2 stays the best.
+        metrics = original(self, *args, **kwargs)
+        metrics["eval_loss"] = float(self.state.global_step)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "_evaluate", rising_eval_loss)
+    overrides = [
+        "val_size=0.25",
+        "training.eval_strategy=steps",
+        "training.eval_steps=2",
+        "training.save_total_limit=1",
+        "training.keep_best_checkpoint=true",
+    ]
+    assert main(["train", str(recipe), *overrides]) == 0
+    checkpoints = work / "best" / "checkpoints"
+    kept = sorted(p.name for p in checkpoints.glob("checkpoint-*"))
+    assert kept == ["checkpoint-2", f"checkpoint-{MAX_STEPS}"]
+    assert all((checkpoints / name / MANIFEST).is_file() for name in kept)

@@ -186,3 +186,27 @@ def test_environment_records_versions_command_and_git_commit(tmp_path: Path, rec
     assert record["recipe_git"] == {"commit": commit, "recipe_modified": False, "remote": None}
     assert record["packages"]["transformers"] and record["packages"]["torch"] and record["python"]
     assert (run.root / "recipe.yaml").is_file() and (run.root / "data_fingerprint.json").is_file()
+
+
+def test_keep_best_checkpoint_needs_evaluation_at_each_save_and_maps_to_the_trainer(recipe_file: Path):
+    import torch
+
+    from lora_tune.errors import RecipeError
+    from lora_tune.trl_args import to_sft_config
+
+    with pytest.raises(RecipeError, match="keep_best_checkpoint: needs an evaluation at every save"):
+        load_recipe(recipe_file, ["training.keep_best_checkpoint=true"])
+    with pytest.raises(RecipeError, match="keep_best_checkpoint"):
+        load_recipe(
+            recipe_file,
+            ["training.keep_best_checkpoint=true", "val_size=0.2", "training.eval_strategy=steps",
+             "training.eval_steps=3", "training.save_steps=10"],
+        )  # fmt: skip
+    ok = load_recipe(
+        recipe_file,
+        ["training.keep_best_checkpoint=true", "val_size=0.2", "training.eval_strategy=steps",
+         "training.eval_steps=5", "training.save_steps=10"],
+    )  # fmt: skip
+    args = to_sft_config(ok, Path("unused"), torch.float32)
+    assert args.metric_for_best_model == "eval_loss" and args.greater_is_better is False
+    assert args.save_total_limit is None, "rotation is lora_tune's, after sealing"
