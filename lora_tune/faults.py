@@ -116,7 +116,7 @@ def translate_faults(recipe: Recipe, checkpoints: Path, resume_hint: str) -> Ite
 
 
 def _last_good(checkpoints: Path) -> str:
-    from lora_tune.resume import find_resume_point
+    from lora_tune.checkpoints import find_resume_point
 
     point = find_resume_point(checkpoints)
     if point.checkpoint is None:

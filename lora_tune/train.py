@@ -52,11 +52,12 @@ def train(
     _quiet_third_party_noise()
     from lora_tune.adapters import build_peft_config
     from lora_tune.check import PREFLIGHT_FILE, preflight
+    from lora_tune.checkpoints import checkpoint_callback
     from lora_tune.data import build_datasets
     from lora_tune.faults import check_free_disk, translate_faults
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
-    from lora_tune.resume import checkpoint_callback, open_run, resume_hint
+    from lora_tune.resume import open_run, resume_hint
     from lora_tune.signals import StopRequest, graceful_stop, raise_if_stopped, stop_callback
     from lora_tune.trl_args import to_sft_config
 

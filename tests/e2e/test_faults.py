@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from lora_tune.checkpoints import MANIFEST
 from lora_tune.cli import main
-from lora_tune.resume import MANIFEST
 from tests.e2e.test_resume import MAX_STEPS, write_recipe
 
 

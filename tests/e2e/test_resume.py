@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from lora_tune.checkpoints import MANIFEST
 from lora_tune.cli import main
-from lora_tune.resume import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS, SAVE_STEPS = 8, 2

@@ -8,17 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from lora_tune.checkpoints import find_resume_point, rotate, verify_checkpoint, write_manifest
 from lora_tune.recipe import load_recipe
-from lora_tune.resume import (
-    ResumeError,
-    find_resume_point,
-    open_run,
-    recipe_changes,
-    rotate,
-    truncate_metrics,
-    verify_checkpoint,
-    write_manifest,
-)
+from lora_tune.resume import ResumeError, open_run, recipe_changes, truncate_metrics
 from lora_tune.run_dir import RunDirError
 
 RECIPE = """\
