@@ -59,7 +59,7 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
-        # Rotation happens in lora_tune.resume, only after a newer checkpoint is sealed complete.
+        # Rotation happens in lora_tune.checkpoints, only after a newer checkpoint is sealed complete.
         save_total_limit=None,
         # Tracks the lowest eval loss as state.best_model_checkpoint, which rotation never deletes.
         metric_for_best_model="eval_loss" if t.keep_best_checkpoint else None,
