@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lora_tune import __version__
 from lora_tune.errors import LoraTuneError
+from lora_tune.safety import install_log_redaction, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
 
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
     train.add_argument(
         "--nproc", type=int, default=1, metavar="N", help="run N processes on this machine (one per GPU) via torchrun"
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in the output directory from its newest checkpoint"
     )
     train.set_defaults(handler=cmd_train)
 
@@ -177,7 +181,7 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except LoraTuneError as exc:
         if debug:
             raise
-        print(f"{_rank()}error: {exc}", file=sys.stderr)
+        print(f"{_rank()}error: {redact(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -186,7 +190,10 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"{_rank()}error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"{_rank()}error: {type(exc).__name__}: {redact(first)} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
 
 
@@ -209,6 +216,7 @@ def _configure_logging(debug: bool) -> None:
     from lora_tune.distributed import configure_rank_logging
 
     configure_rank_logging(logger)
+    install_log_redaction(logger)
 
 
 def _quiet_libraries() -> None:
@@ -295,7 +303,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"lora-tune: {describe(recipe)}", flush=True)
     from lora_tune.train import train
 
-    result = train(recipe, overwrite=args.overwrite)
+    result = train(
+        recipe, overwrite=args.overwrite, resume=args.resume, recipe_path=args.recipe, overrides=args.overrides
+    )
     if procs.is_main:
         print_train_summary(result, args.recipe)
     return EXIT_OK
@@ -306,6 +316,7 @@ def _launch(recipe, args: argparse.Namespace) -> int:  # noqa: ANN001 - Recipe, 
     from lora_tune.distributed import launch_command, run_launcher
 
     forwarded = [args.recipe, *args.overrides, *(["--overwrite"] if args.overwrite else [])]
+    forwarded += ["--resume"] if args.resume else []
     forwarded += ["--debug"] if getattr(args, "debug", False) else []
     command = launch_command(recipe, args.nproc, forwarded)
     print(f"lora-tune: starting {args.nproc} processes: {' '.join(command[1:6])} ...", flush=True)

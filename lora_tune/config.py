@@ -49,6 +49,11 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repository. Off unless you trust its author."
     )
+    allow_pickle: bool = Field(
+        False,
+        description="Accept a base model that ships only pickle weights (.bin/.pt), which can run code when loaded; "
+        "off = safetensors only.",
+    )
     chat_template: str | None = Field(
         None,
         description="Chat template replacing the tokenizer's own: a built-in name (chatml, qwen, llama-3, mistral, "
@@ -265,6 +270,11 @@ class TrainingConfig(StrictModel):
     save_total_limit: PositiveInt | None = Field(2, description="Keep at most this many checkpoints.")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Experiment trackers to log to besides metrics.jsonl."
+    )
+    resume: Literal["no", "auto"] = Field(
+        "no",
+        description="auto = continue from the newest complete checkpoint in output_dir when there is one (as "
+        "`train --resume` does), else start; no = start a new run.",
     )
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="Autocast precision; auto = bf16 or fp16 on a GPU by the model dtype, none on the CPU."

@@ -90,8 +90,11 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     from lora_tune.distributed import SHARDED
+    from lora_tune.safety import check_weights_format, warn_remote_code
     from lora_tune.speed import resolve_attention
 
+    check_weights_format(model_cfg.name, "model", model_cfg.allow_pickle)
+    warn_remote_code(model_cfg.name, model_cfg.trust_remote_code)
     dtype = resolve_dtype(model_cfg.dtype)
     sharded = strategy in SHARDED
     bnb_config = build_bnb_config(quant, dtype, sharded=sharded)

@@ -50,9 +50,11 @@ class RunDir:
         return self.recipe.is_file()
 
 
-def prepare_run_dir(root: str | Path, *, overwrite: bool) -> RunDir:
-    """Create the run directory; refuse to write into another run (unless overwrite) or into foreign files."""
+def prepare_run_dir(root: str | Path, *, overwrite: bool, resume: bool = False) -> RunDir:
+    """Create the run directory; refuse to write into another run (unless overwrite or resume) or foreign files."""
     run = RunDir(Path(root))
+    if overwrite and resume:
+        raise RunDirError("--overwrite and resume exclude each other: replace the run, or continue it")
     if run.root.exists() and not run.root.is_dir():
         raise RunDirError(f"output_dir: '{run.root}' is a file, expected a directory")
     if run.root.is_dir() and any(run.root.iterdir()):
@@ -60,10 +62,12 @@ def prepare_run_dir(root: str | Path, *, overwrite: bool) -> RunDir:
             raise RunDirError(
                 f"output_dir: '{run.root}' is not empty and holds no lora-tune run; choose an empty or new directory"
             )
+        if resume:
+            return run
         if not overwrite:
             raise RunDirError(
-                f"output_dir: '{run.root}' already holds a run; pass --overwrite to replace it, "
-                f"or set output_dir=runs/another-name"
+                f"output_dir: '{run.root}' already holds a run; pass --resume to continue it, --overwrite to "
+                f"replace it, or set output_dir=runs/another-name"
             )
         shutil.rmtree(run.root)
     run.root.mkdir(parents=True, exist_ok=True)

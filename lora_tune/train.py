@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_tune.config import Recipe
-from lora_tune.recipe import dump_resolved
-from lora_tune.run_dir import RunDir, prepare_run_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
+from lora_tune.run_dir import RunDir, replace_dir_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +43,29 @@ class RunResult:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
-def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
-    """Train the recipe's adapter; return where it is and the key numbers."""
+def train(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    recipe_path: str | None = None,
+    overrides: Sequence[str] = (),
+) -> RunResult:
+    """Train the recipe's adapter; return where it is and the key numbers. `resume` continues the run in output_dir
+    from its newest complete checkpoint (see `lora_tune.resume`)."""
     started = time.monotonic()
     _quiet_third_party_noise()
     from lora_tune import distributed as dist
     from lora_tune import ranks
     from lora_tune.adapters import build_peft_config
     from lora_tune.check import PREFLIGHT_FILE, preflight
+    from lora_tune.checkpoints import checkpoint_callback
     from lora_tune.data import write_test_split
+    from lora_tune.faults import check_free_disk, translate_faults
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
+    from lora_tune.resume import open_run, resume_hint, resume_point_of
+    from lora_tune.signals import StopRequest, graceful_stop, raise_if_stopped, stop_callback
     from lora_tune.speed import apply_liger, check_levers, describe_levers
     from lora_tune.trl_args import early_stopping_callbacks, to_sft_config
 
@@ -67,10 +79,15 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     main_first = ranks.MainFirst(procs)
     check_levers(recipe, _on_gpu())  # a lever that cannot run here (Liger on the CPU) fails before any work
 
-    # 1. Run directory: refuse to clobber another run; record the resolved recipe first, so a crash is traceable.
-    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite) if procs.is_main else RunDir(Path(recipe.output_dir))
+    # 1. Run directory: refuse to clobber another run; on resume, check the recipe and data are unchanged and find
+    #    the newest complete checkpoint; record the resolved recipe and environment first, so a crash is traceable.
     if procs.is_main:
-        write_text_atomic(run.recipe, dump_resolved(recipe) + ranks.batch_comment(*batch, strategy))
+        launch = ranks.batch_comment(*batch, strategy)
+        run, start = open_run(recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, comment=launch)
+    else:  # the main process has checked the run and set broken checkpoints aside: only read where it resumes
+        run = RunDir(Path(recipe.output_dir))
+        start = resume_point_of(run, recipe, resume=resume, overwrite=overwrite)
+    hint, stop = resume_hint(recipe_path, overrides), StopRequest()
 
     # 2. Tokenizer. From here to step 4, everything that can fail on the user's data fails before the model loads.
     tokenizer = load_tokenizer(recipe.model)
@@ -115,12 +132,21 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=build_peft_config(recipe.adapter),
-        callbacks=[metrics_callback(run.metrics), *early_stopping_callbacks(recipe)],
+        callbacks=[
+            metrics_callback(run.metrics),
+            *early_stopping_callbacks(recipe),
+            checkpoint_callback(run.checkpoints, recipe.training.save_total_limit),
+            stop_callback(stop),
+        ],
     )
+    check_free_disk(run.root, recipe, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
     _use_compact_progress(trainer, compact_progress_callback())
 
-    # 7. Train.
-    output = trainer.train()
+    # 7. Train (from the checkpoint when resuming). SIGTERM/SIGINT save a checkpoint and stop; out-of-memory and a
+    #    full disk become one line naming the last complete checkpoint.
+    with graceful_stop(stop), translate_faults(recipe, run.checkpoints, hint):
+        output = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+    raise_if_stopped(stop, trainer.state.global_step, str(run.checkpoints), hint)
 
     # 8. Evaluate once more at the end, when there is validation data (with keep_best: the best checkpoint, which
     #    the trainer has loaded back).
@@ -132,7 +158,8 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     if strategy in dist.SHARDED and procs.distributed:
         ranks.save_sharded_adapter(trainer, run.root / ".adapter.tmp")
     if trainer.is_world_process_zero():
-        _save_adapter(trainer, tokenizer, run, gathered=strategy in dist.SHARDED and procs.distributed)
+        with translate_faults(recipe, run.checkpoints, hint):
+            _save_adapter(trainer, tokenizer, run, gathered=strategy in dist.SHARDED and procs.distributed)
     ranks.remove_prepared_data(run.root, procs)
 
     # 10. Summary: metrics file, loss curve, summary.json.

@@ -61,7 +61,9 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         eval_steps=t.eval_steps,
         save_strategy=t.save_strategy,
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        # Rotation happens in lora_tune.checkpoints, only after a newer checkpoint is sealed complete, and never
+        # deletes state.best_model_checkpoint (tracked when a validation metric picks the best: best_checkpoint_args).
+        save_total_limit=None,
         report_to=list(t.report_to) or "none",
         **best_checkpoint_args(recipe),
         use_cpu=not torch.cuda.is_available(),

@@ -1,0 +1,252 @@
+"""Resuming a run: may it be continued (recipe and data unchanged), and from which sealed checkpoint.
+
+Resuming picks the newest checkpoint whose manifest matches its files (see `lora_tune.checkpoints`) and says which
+ones it skipped and why; the run's provenance is recorded at the start of every attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora_tune.checkpoints import ResumePoint, find_resume_point, set_aside, sha256_file
+from lora_tune.config import Recipe
+from lora_tune.errors import LoraTuneError
+from lora_tune.run_dir import RunDir, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+# Keys a resumed run may change: they steer logging, evaluation and saving, not what is learned.
+FREE_KEYS = {
+    "output_dir",
+    "training.logging_steps",
+    "training.eval_strategy",
+    "training.eval_steps",
+    "training.eval_batch_size",
+    "training.save_strategy",
+    "training.save_steps",
+    "training.save_total_limit",
+    "training.report_to",
+    "training.resume",
+    "training.gradient_checkpointing",  # recomputes the same activations: memory, not numbers
+}
+FREE_PREFIXES = ("preflight.", "eval_datasets")
+# Keys that may grow (train longer); the learning-rate schedule is then stretched to the new length.
+GROWABLE_KEYS = {"training.max_steps", "training.num_epochs"}
+
+
+class ResumeError(LoraTuneError):
+    """Resuming would be wrong (the recipe or the data changed) or there is nothing to resume."""
+
+
+# ---------------------------------------------------------------------------------------------- recipe changes
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "l": [{"x": 2}]} -> {"a.b": 1, "l[0].x": 2}."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, value in enumerate(data):
+            out.update(flatten(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: data}
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(blocking, harmless) descriptions of what differs between the saved recipe and the new one."""
+    before, after = flatten(old), flatten(new)
+    blocking, harmless = [], []
+    batch_keys = _same_effective_batch(before, after)
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key, "<unset>"), after.get(key, "<unset>")
+        if a == b:
+            continue
+        change = f"{key}: {a!r} -> {b!r}"
+        if key in FREE_KEYS or key.startswith(FREE_PREFIXES):
+            harmless.append(change)
+        elif key in batch_keys:
+            harmless.append(change + " (same examples per optimizer step)")
+        elif key in GROWABLE_KEYS and _grows(a, b):
+            harmless.append(change + " (the learning-rate schedule is stretched to the new length)")
+        else:
+            blocking.append(change)
+    return blocking, harmless
+
+
+def _same_effective_batch(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
+    """batch_size x gradient_accumulation_steps unchanged (the usual answer to out-of-memory): each optimizer step
+    still sees the same examples in the same order, so the two keys may change together."""
+    keys = ("training.batch_size", "training.gradient_accumulation_steps")
+    try:
+        same = before[keys[0]] * before[keys[1]] == after[keys[0]] * after[keys[1]]
+    except (KeyError, TypeError):
+        return set()
+    return set(keys) if same else set()
+
+
+def _grows(a: Any, b: Any) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and b >= a
+
+
+def check_recipe_unchanged(saved_recipe: Path, recipe: Recipe) -> None:
+    """Refuse to resume when the recipe changed in a way that makes the continued run a different run."""
+    from lora_tune.recipe import dump_resolved
+
+    try:
+        old = yaml.safe_load(saved_recipe.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ResumeError(f"{saved_recipe}: cannot read the run's saved recipe to compare: {exc}") from exc
+    blocking, harmless = recipe_changes(old, yaml.safe_load(dump_resolved(recipe)))
+    for change in harmless:
+        log.info("resume: recipe change accepted: %s", change)
+    if blocking:
+        raise ResumeError(
+            f"{saved_recipe.parent}: cannot resume, the recipe changed what is trained: {'; '.join(blocking)}. "
+            "Undo these changes, or start a new run (another output_dir, or --overwrite)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- data identity
+
+DATA_FINGERPRINT = "data_fingerprint.json"
+
+
+def data_fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """Size and SHA-256 of each local dataset file (hub datasets are pinned by name and split only)."""
+    out: dict[str, Any] = {}
+    for i, source in enumerate([*recipe.datasets, *recipe.eval_datasets]):
+        path = Path(source.path).expanduser()
+        if path.is_file():
+            out[source.path] = {"bytes": path.stat().st_size, "sha256": sha256_file(path), "index": i}
+    return out
+
+
+def check_data_unchanged(saved: Path, recipe: Recipe) -> None:
+    """A resumed run must read the same rows, or the skipped batches are not the ones it trained on."""
+    if not saved.is_file():
+        return
+    before = json.loads(saved.read_text(encoding="utf-8"))
+    now = data_fingerprint(recipe)
+    for name, old in before.items():
+        new = now.get(name)
+        if new is None:
+            raise ResumeError(f"{name}: dataset file is gone since the run started; restore it to resume")
+        if new["sha256"] != old["sha256"]:
+            raise ResumeError(
+                f"{name}: dataset file changed since the run started ({old['bytes']} -> {new['bytes']} bytes); "
+                "resuming would train on different rows. Restore the original file, or start a new run"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop records logged after `step` (a killed run logged them, the resumed run will again); return how many."""
+    from lora_tune.run_dir import write_text_atomic
+
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------- the decision
+
+
+def plan_resume(run: RunDir, recipe: Recipe) -> ResumePoint:
+    """Check that the run may be continued and find where: the newest complete checkpoint (or step 0)."""
+    if (run.summary).is_file():
+        raise ResumeError(
+            f"{run.root}: this run already finished (summary.json); nothing to resume. "
+            "To train longer, start a new run (another output_dir, or --overwrite)"
+        )
+    check_recipe_unchanged(run.recipe, recipe)
+    check_data_unchanged(run.root / DATA_FINGERPRINT, recipe)
+    point = find_resume_point(run.checkpoints)
+    for path, reason in point.skipped:
+        log.warning("resume: skipping %s: %s", path.name, reason)
+    set_aside(point.skipped)
+    if point.checkpoint is None:
+        log.warning("resume: no complete checkpoint in %s; starting again from step 0", run.checkpoints)
+        run.metrics.unlink(missing_ok=True)
+    else:
+        dropped = truncate_metrics(run.metrics, point.step)
+        log.info("resume: continuing from %s (step %d)", point.checkpoint, point.step)
+        if dropped:
+            log.info("resume: %d metric records after step %d will be logged again", dropped, point.step)
+    return point
+
+
+def resume_hint(recipe_path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The command that continues this run."""
+    parts = ["lora-tune", "train", recipe_path or "RECIPE", *overrides, "--resume"]
+    return " ".join(parts)
+
+
+def open_run(
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    resume: bool,
+    recipe_path: str | None = None,
+    argv: list[str] | None = None,
+    comment: str = "",
+) -> tuple[RunDir, ResumePoint]:
+    """Step 1 of `train`: the run directory, where to start from, and the run's provenance written first.
+
+    `resume` (the --resume flag) or `training.resume: auto` continue the run in output_dir when there is one.
+    `comment` (YAML comment lines: how the run was launched) ends the resolved recipe.
+    """
+    import sys
+
+    from lora_tune.provenance import environment, record_environment
+    from lora_tune.recipe import dump_resolved
+    from lora_tune.run_dir import prepare_run_dir, write_text_atomic
+
+    wants_resume = _wants_resume(recipe, resume=resume, overwrite=overwrite)
+    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite, resume=wants_resume)
+    start = ResumePoint(None)
+    if wants_resume and run.is_run():
+        start = plan_resume(run, recipe)
+    elif resume:
+        log.info("resume: no run in %s yet; starting a new one", run.root)
+    # The resolved recipe and the data identity first, so a crash at any later point is traceable and resumable.
+    write_text_atomic(run.recipe, dump_resolved(recipe) + comment)
+    if start.checkpoint is None:
+        write_json_atomic(run.root / DATA_FINGERPRINT, data_fingerprint(recipe))
+    resumed = str(start.checkpoint) if start.checkpoint else None
+    record_environment(run.root, environment(recipe_path, list(argv if argv is not None else sys.argv), resumed))
+    return run, start
+
+
+def _wants_resume(recipe: Recipe, *, resume: bool, overwrite: bool) -> bool:
+    # --overwrite is an explicit request for a fresh run; it wins over the recipe's standing `resume: auto`.
+    return resume or (recipe.training.resume == "auto" and not overwrite)
+
+
+def resume_point_of(run: RunDir, recipe: Recipe, *, resume: bool, overwrite: bool) -> ResumePoint:
+    """Where a non-main process of a multi-process run starts: the checkpoint the main process resumes from, found
+    after it checked the run and set broken checkpoints aside (this reads only)."""
+    if not _wants_resume(recipe, resume=resume, overwrite=overwrite):
+        return ResumePoint(None)
+    return find_resume_point(run.checkpoints)
