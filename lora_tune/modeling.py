@@ -107,7 +107,7 @@ def load_model(
             attn_implementation=resolve_attention(model_cfg.attn_implementation, dtype).value,
             trust_remote_code=model_cfg.trust_remote_code,
             device_map=device_map(strategy),
-            use_safetensors=True,
+            use_safetensors=None if model_cfg.allow_pickle else True,
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(_load_failure("model", model_cfg.name, exc)) from exc
