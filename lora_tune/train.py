@@ -33,6 +33,9 @@ class RunResult:
     wall_seconds: float
     memory: dict[str, float] = field(default_factory=dict)
     loss_plot: Path | None = None
+    method: str = "lora"
+    total_parameters: int = 0
+    trainable_percent: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -42,9 +45,13 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     """Train the recipe's adapter; return where it is and the key numbers."""
     started = time.monotonic()
     _quiet_third_party_noise()
-    from lora_tune.adapters import build_peft_config
+    if recipe.task.type == "classification":
+        from lora_tune.classification import train_classifier
+
+        return train_classifier(recipe, overwrite=overwrite)
     from lora_tune.check import PREFLIGHT_FILE, preflight
     from lora_tune.data import build_datasets
+    from lora_tune.methods import runtime as methods
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
     from lora_tune.trl_args import to_sft_config
@@ -52,6 +59,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     # 1. Run directory: refuse to clobber another run; record the resolved recipe first, so a crash is traceable.
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
     write_text_atomic(run.recipe, dump_resolved(recipe))
+    write_json_atomic(run.root / methods.LINEAGE_FILE, methods.lineage(recipe))
 
     # 2. Tokenizer. From here to step 4, everything that can fail on the user's data fails before the model loads.
     tokenizer = load_tokenizer(recipe.model)
@@ -77,6 +85,7 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     transformers.set_seed(recipe.training.seed)
     model = load_model(recipe.model, recipe.quantization, recipe.training)
     quantized_layers = count_quantized_layers(model)
+    model, peft_config = methods.prepare_model(recipe, model)  # frozen/unfrozen, or an adapter config to apply
 
     # 6. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
     dtype = resolve_dtype(recipe.model.dtype)
@@ -86,9 +95,10 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=build_peft_config(recipe.adapter),
+        peft_config=peft_config,
         callbacks=[metrics_callback(run.metrics)],
     )
+    methods.attach(recipe, trainer, run.root)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
     _use_compact_progress(trainer, compact_progress_callback())
 
     # 7. Train.
@@ -99,13 +109,14 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
 
     # 9. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only.
     if trainer.is_world_process_zero():
-        _save_adapter(trainer, tokenizer, run)
+        _save_adapter(trainer, tokenizer, run, recipe)
 
     # 10. Summary: metrics file, loss curve, summary.json.
     records = read_metrics(run.metrics)
+    trainable, total = methods.parameter_counts(trainer.model)
     result = RunResult(
         run_dir=run.root,
-        adapter_dir=run.adapter,
+        adapter_dir=run.root / methods.artifact_name(recipe),
         steps=output.global_step,
         train_loss=_last(records, "loss"),
         eval_loss=eval_loss,
@@ -113,11 +124,15 @@ def train(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         trained_token_share=round(prepared.stats.train.trained_share, 4),
         train_rows=len(train_set),
         validation_rows=len(eval_set) if eval_set is not None else 0,
-        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        trainable_parameters=trainable,
         quantized_layers=quantized_layers,
         wall_seconds=round(time.monotonic() - started, 1),
         memory=peak_memory(),
+        method=recipe.adapter.method,
+        total_parameters=total,
+        trainable_percent=round(100 * trainable / max(total, 1), 4),
     )
+    log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, result.trainable_percent)
     if trainer.is_world_process_zero():
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
         write_json_atomic(run.summary, result.to_json())
@@ -131,11 +146,12 @@ def count_quantized_layers(model: Any) -> int:
     return sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
 
 
-def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir) -> None:
+def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, recipe: Recipe) -> None:
+    from lora_tune.methods.runtime import artifact_name, save_artifact
+
     build = run.root / ".adapter.tmp"
-    trainer.model.save_pretrained(build)
-    tokenizer.save_pretrained(build)
-    replace_dir_atomic(build, run.adapter)
+    save_artifact(recipe, trainer, tokenizer, build, run.root)
+    replace_dir_atomic(build, run.root / artifact_name(recipe))
 
 
 def _use_compact_progress(trainer: Any, compact: type) -> None:
