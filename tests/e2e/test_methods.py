@@ -161,7 +161,7 @@ def test_method_trains_saves_and_reloads(
     from transformers import AutoTokenizer
 
     adapter, lr, bits = METHODS[name]
-    steps = 12
+    steps = 8
     result, trained = train_capturing(write_recipe(tmp_path, tiny_model_dir, adapter, lr, bits, steps), monkeypatch)
     run = tmp_path / "run"
 
