@@ -87,6 +87,12 @@ class QuantizationConfig(StrictModel):
             raise FieldError(key, f"applies to 4-bit quantization only, but bits is {self.bits}; set bits: 4")
         return self
 
+    @model_serializer(mode="wrap")
+    def _only_set_bits_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A resolved recipe of an unquantized or 8-bit run must validate again: leave out the 4-bit options."""
+        data = handler(self)
+        return data if self.bits == 4 else {"bits": data["bits"]}
+
 
 Method = Literal[
     "lora", "ia3", "adalora", "loha", "lokr", "prompt_tuning", "prefix_tuning", "p_tuning", "partial", "full"
@@ -120,6 +126,8 @@ METHOD_KEYS: dict[str, set[str]] = {
     "full": set(),
 }
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
+# Keys that still apply when an earlier run's adapter (and its saved settings) is continued.
+CONTINUE_KEYS = {"method", "init_from", "loraplus_lr_ratio"}
 
 
 class AdapterConfig(StrictModel):
@@ -202,7 +210,7 @@ class AdapterConfig(StrictModel):
     @model_serializer(mode="wrap")
     def _only_method_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """A resolved recipe lists the keys its method reads, so it validates again (and reads clearly)."""
-        keep = METHOD_KEYS[self.method] | {"method"}
+        keep = CONTINUE_KEYS if self.init_from is not None else METHOD_KEYS[self.method] | {"method"}
         return {k: v for k, v in handler(self).items() if k in keep}
 
 

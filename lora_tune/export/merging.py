@@ -149,6 +149,7 @@ def merge(
         result.output, result.dtype = output, dtype
         finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
         copy_tokenizer(run.adapter, build, recipe)
+        _copy_lineage(run, build)
 
         # 4. Verify: the merged folder must compute what base + adapter computes.
         if verify:
@@ -166,6 +167,18 @@ def merge(
         shutil.rmtree(build, ignore_errors=True)
         raise
     return result
+
+
+def _copy_lineage(run: RunDir, build: Path) -> None:
+    """A later run that starts from this merged model reads where it came from (sequential fine-tuning)."""
+    from lora_tune.methods.runtime import LINEAGE_FILE
+
+    lineage = (
+        json.loads((run.root / LINEAGE_FILE).read_text(encoding="utf-8"))
+        if (run.root / LINEAGE_FILE).is_file()
+        else {}
+    )
+    (build / LINEAGE_FILE).write_text(json.dumps({**lineage, "run": str(run.root)}, indent=2), encoding="utf-8")
 
 
 def resolve_base(model: ModelConfig) -> Path:

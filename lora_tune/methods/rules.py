@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lora_tune.config import METHOD_KEYS, PROMPT_LEARNING, FieldError
+from lora_tune.config import CONTINUE_KEYS, METHOD_KEYS, PROMPT_LEARNING, FieldError
 
 if TYPE_CHECKING:
     from lora_tune.config import AdapterConfig, Recipe
@@ -15,8 +15,6 @@ if TYPE_CHECKING:
 # peft wraps bitsandbytes layers for these methods only (its dispatchers: lora/ia3/adalora have bnb.py; LoHa and
 # LoKr map nn.Linear alone and would treat the packed 4-bit weight as a dense matrix).
 QUANTIZABLE = {"lora", "ia3", "adalora", *PROMPT_LEARNING}
-# Keys that still apply when an earlier run's adapter (and its saved settings) is continued.
-CONTINUE_KEYS = {"method", "init_from", "loraplus_lr_ratio"}
 
 
 def check_adapter(cfg: AdapterConfig) -> None:
