@@ -29,7 +29,7 @@ HEAD = "score"  # the head transformers' *ForSequenceClassification adds on deco
 
 
 def encode_rows(recipe: Recipe, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """{text, label name} -> {text, label id}; a missing column or an unknown label names the file and row."""
+    """{text, label name or id} -> {text, label id}; a missing column or an unknown label names the file and row."""
     task = recipe.task
     ids = {name: i for i, name in enumerate(task.labels)}
     out = []
@@ -37,9 +37,12 @@ def encode_rows(recipe: Recipe, rows: list[dict[str, Any]], source: str) -> list
         text, label = row.get(task.text_column), row.get(task.label_column)
         if not isinstance(text, str) or not text.strip():
             raise DataError("expected non-empty text", file=source, row=number, field=task.text_column)
+        if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(task.labels):
+            label = task.labels[label]  # datasets that store class ids (e.g. imdb's 0/1) in task.labels' order
         if str(label) not in ids:
             raise DataError(
-                f"label {label!r} is not one of task.labels ({', '.join(task.labels)})",
+                f"label {label!r} is not one of task.labels ({', '.join(task.labels)}) nor a class id below "
+                f"{len(task.labels)}",
                 file=source,
                 row=number,
                 field=task.label_column,
