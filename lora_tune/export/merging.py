@@ -90,6 +90,11 @@ def merge(
 
     # 1. The run: resolved recipe and adapter.
     run = RunDir(Path(run_dir))
+    if run.is_run() and (run.root / "model" / "config.json").is_file():
+        raise ExportError(
+            f"{run.root}: partial or full fine-tuning saved the whole model in model/; there is no adapter to merge "
+            "(load that folder with from_pretrained, or push it)"
+        )
     if not run.is_run() or not (run.adapter / "adapter_config.json").is_file():
         raise ExportError(f"{run.root}: not a finished lora-tune run (no recipe.yaml or adapter/adapter_config.json)")
     recipe = load_recipe(run.recipe, check_paths=False)

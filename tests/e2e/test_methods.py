@@ -168,6 +168,12 @@ def test_method_trains_saves_and_reloads(
         assert summary["trainable_percent"] == 100
     else:
         assert summary["trainable_percent"] < 100
+    if recipe.adapter.method in ("full", "partial"):
+        from lora_tune.export import ExportError, merge
+
+        assert (run / "model" / "config.json").is_file() and not (run / "adapter").exists()
+        with pytest.raises(ExportError, match="no adapter to merge"):
+            merge(run, tmp_path / "merged")
 
     tokenizer = AutoTokenizer.from_pretrained(run / ("model" if (run / "model").is_dir() else "adapter"))
     expected = probe_logits(trained, tokenizer)
