@@ -57,6 +57,11 @@ def check_recipe(recipe: Recipe) -> None:
             f"cannot be used with {method}: padding-free packing drops the attention mask and restarts positions "
             "per example, which the virtual tokens rely on; set packing: false",
         )
+    if method == "prefix_tuning" and recipe.training.gradient_checkpointing:
+        # Measured: checkpointed layers recompute attention without the prefix cache (shape mismatch in backward).
+        raise FieldError(
+            "training.gradient_checkpointing", "cannot be used with prefix_tuning; set gradient_checkpointing: false"
+        )
     if method == "adalora":
         _check_adalora(recipe)
     if recipe.task.type == "classification":
