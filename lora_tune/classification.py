@@ -105,6 +105,7 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer
 
+    from lora_tune.check import PREFLIGHT_FILE, preflight
     from lora_tune.methods import runtime as methods
     from lora_tune.metrics import metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_tokenizer, resolve_dtype
@@ -118,6 +119,7 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
 
     # 2. Tokenizer and labelled rows (errors name the file and row before the model loads).
     tokenizer = load_tokenizer(recipe.model)
+    preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE)  # labels present, truncation; writes preflight.json
     train_rows, valid_rows = load_splits(recipe)
 
     def tokenize(rows: list[dict[str, Any]]) -> Any:
@@ -190,6 +192,49 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
         write_json_atomic(run.summary, {**result.to_json(), "eval_accuracy": metrics.get("eval_accuracy")})
     return result
+
+
+def preflight_report(recipe: Recipe, tokenizer: Any) -> Any:
+    """`lora-tune check` for a classification recipe: every row has text and a known label (a DataError names the
+    first bad one); reports the label counts and how many texts max_length truncates."""
+    from collections import Counter
+
+    from lora_tune.check.report import CheckResult, PreflightReport
+
+    train, valid = load_splits(recipe)
+    counts = Counter(recipe.task.labels[r["label"]] for r in train)
+    lengths = [len(ids) for ids in tokenizer([r["text"] for r in train])["input_ids"]]
+    limit = recipe.training.max_length
+    truncated = sum(n > limit for n in lengths) if limit else 0
+    checks = [
+        CheckResult(
+            "labels", "pass", "train rows per label: " + ", ".join(f"{k} {counts[k]}" for k in recipe.task.labels)
+        ),
+        CheckResult(
+            "truncation",
+            "warn" if truncated else "pass",
+            f"{truncated} of {len(lengths)} texts are longer than max_length {limit}",
+            fix="raise training.max_length" if truncated else None,
+            count=truncated,
+        ),
+    ]
+    if min(counts[k] for k in recipe.task.labels) == 0:
+        missing = [k for k in recipe.task.labels if counts[k] == 0]
+        checks.append(CheckResult("labels-present", "fail", f"no training rows for {', '.join(missing)}"))
+    sources = {d.path: {"rows": len(train) + len(valid), "checked": len(train) + len(valid)} for d in recipe.datasets}
+    return PreflightReport(
+        checks=checks,
+        rows=len(train),
+        sources=sources,
+        tokens=sum(lengths),
+        trained_tokens=0,
+        stop_tokens=[],
+        generation_stop_tokens=None,
+        generation_config="not used by classification",
+        chat_template_sha256="",
+        max_length=limit,
+        longest_example=max(lengths, default=0),
+    )
 
 
 def accuracy(prediction: Any) -> dict[str, float]:
