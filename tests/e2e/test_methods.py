@@ -79,6 +79,9 @@ def tiny_recipe(name: str, model: Path, root: Path, steps: int) -> Any:
     return load_recipe(TINY / f"{name}.yaml", overrides)
 
 
+LAST_LEARNING_RATES: list[float] = []  # the optimizer's distinct learning rates in the last captured run
+
+
 def train_capturing(recipe: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     """Train the recipe; return the run result and the in-memory trained model, taken as it is saved."""
     from lora_tune.methods import runtime
@@ -89,6 +92,8 @@ def train_capturing(recipe: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, 
 
     def spy(recipe, trainer, tokenizer, build, run_root):  # noqa: ANN001
         captured["model"] = trainer.model
+        groups = [g for g in trainer.optimizer.param_groups if g["params"]]  # LoRA+ leaves some groups empty
+        LAST_LEARNING_RATES[:] = sorted({g.get("initial_lr", g["lr"]) for g in groups})
         real_save(recipe, trainer, tokenizer, build, run_root)
 
     monkeypatch.setattr(runtime, "save_artifact", spy)
@@ -162,6 +167,10 @@ def test_method_trains_saves_and_reloads(
     assert len(losses) >= steps - 1
     # Batch losses are noisy: compare the mean of the last four steps with the mean of the first four.
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.03, losses
+
+    if recipe.adapter.loraplus_lr_ratio is not None:  # LoRA+: B's learning rate is ratio x A's
+        low, high = min(LAST_LEARNING_RATES), max(LAST_LEARNING_RATES)
+        assert low == recipe.training.learning_rate and high == pytest.approx(low * recipe.adapter.loraplus_lr_ratio)
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == recipe.adapter.method
