@@ -286,7 +286,8 @@ def describe(recipe) -> str:  # noqa: ANN001 - Recipe, imported lazily by caller
     extras = [name for name, on in (("DoRA", recipe.adapter.use_dora), ("rsLoRA", recipe.adapter.use_rslora)) if on]
     method += "".join(f" + {e}" for e in extras)
     sources = ", ".join(d.path for d in recipe.datasets)
-    return f"{method} r={recipe.adapter.r} on {recipe.model.name}; data: {sources}; output: {recipe.output_dir}"
+    rank = f" r={recipe.adapter.r}" if "r" in recipe.adapter.model_dump() else ""  # only methods that have a rank
+    return f"{method}{rank} on {recipe.model.name}; data: {sources}; output: {recipe.output_dir}"
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -7,9 +7,18 @@ This module must not import torch or any training library: `lora-tune validate` 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -90,15 +99,63 @@ class QuantizationConfig(StrictModel):
             raise FieldError(key, f"applies to 4-bit quantization only, but bits is {self.bits}; set bits: 4")
         return self
 
+    @model_serializer(mode="wrap")
+    def _only_set_bits_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A resolved recipe of an unquantized or 8-bit run must validate again: leave out the 4-bit options."""
+        data = handler(self)
+        return data if self.bits == 4 else {"bits": data["bits"]}
+
+
+Method = Literal[
+    "lora", "ia3", "adalora", "loha", "lokr", "prompt_tuning", "prefix_tuning", "p_tuning", "partial", "full"
+]
+LORA_KEYS = {
+    "r", "alpha", "dropout", "target_modules", "bias", "use_dora", "use_rslora", "modules_to_save", "init",
+    "loraplus_lr_ratio", "rank_pattern", "alpha_pattern", "init_from",
+}  # fmt: skip
+# The adapter keys each method reads; a key set in a recipe that its method does not read is refused.
+METHOD_KEYS: dict[str, set[str]] = {
+    "lora": LORA_KEYS,
+    "ia3": {"target_modules", "feedforward_modules", "modules_to_save", "init_from"},
+    "adalora": {
+        "r",
+        "target_r",
+        "alpha",
+        "dropout",
+        "target_modules",
+        "modules_to_save",
+        "tinit",
+        "tfinal",
+        "delta_t",
+        "init_from",
+    },  # fmt: skip
+    "loha": {"r", "alpha", "target_modules", "modules_to_save", "init_from"},
+    "lokr": {"r", "alpha", "target_modules", "modules_to_save", "init_from"},
+    "prompt_tuning": {"num_virtual_tokens", "prompt_init_text", "init_from"},
+    "prefix_tuning": {"num_virtual_tokens", "init_from"},
+    "p_tuning": {"num_virtual_tokens", "encoder_hidden_size", "init_from"},
+    "partial": {"last_n_layers", "modules"},
+    "full": set(),
+}
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
+# Keys that still apply when an earlier run's adapter (and its saved settings) is continued.
+CONTINUE_KEYS = {"method", "init_from", "loraplus_lr_ratio"}
+
 
 class AdapterConfig(StrictModel):
-    method: Literal["lora"] = Field("lora", description="Adapter type. QLoRA is lora + quantization.bits: 4.")
-    r: PositiveInt = Field(16, description="LoRA rank.")
+    method: Method = Field(
+        "lora",
+        description="What is trained: lora (QLoRA = lora + quantization.bits: 4), ia3, adalora, loha, lokr, "
+        "prompt_tuning, prefix_tuning, p_tuning, partial (the last blocks and/or named modules) or full; each method "
+        "reads only its own keys (README: Methods).",
+    )
+    r: PositiveInt = Field(16, description="Rank (lora, loha, lokr; adalora: the initial rank).")
     alpha: PositiveFloat = Field(32, description="LoRA scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | str = Field(
         "all-linear",
-        description="Modules that get an adapter: 'all-linear', a list of names (q_proj, v_proj...) or a regex.",
+        description="Modules that get an adapter: 'all-linear', a list of names (q_proj, v_proj...) or a regex "
+        "matched against the full module name.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
@@ -106,12 +163,67 @@ class AdapterConfig(StrictModel):
     modules_to_save: list[str] = Field(
         default_factory=list, description="Extra modules trained in full and saved with the adapter (e.g. lm_head)."
     )
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default",
+        description="LoRA initialisation: default (B = 0), gaussian, pissa / olora (principal directions of the "
+        "weights; unquantized base; saved converted to plain LoRA), loftq (4-bit base only: A and B absorb the "
+        "quantization error).",
+    )
+    loraplus_lr_ratio: PositiveFloat | None = Field(
+        None, description="LoRA+: B's learning rate is this many times A's (the paper suggests 16); null = off."
+    )
+    rank_pattern: dict[str, PositiveInt] = Field(
+        default_factory=dict, description="Per-module rank overriding r: {regex or name: rank}, e.g. {'.*mlp.*': 4}."
+    )
+    alpha_pattern: dict[str, PositiveFloat] = Field(
+        default_factory=dict, description="Per-module alpha overriding alpha: {regex or name: alpha}."
+    )
+    feedforward_modules: list[str] = Field(
+        default_factory=list,
+        description="IA3: the target modules whose input (not output) is scaled; a subset of target_modules.",
+    )
+    target_r: PositiveInt = Field(8, description="AdaLoRA: average rank left after pruning.")
+    tinit: int = Field(0, ge=0, description="AdaLoRA: steps of full rank before pruning starts.")
+    tfinal: int = Field(0, ge=0, description="AdaLoRA: steps at the final rank before training ends.")
+    delta_t: PositiveInt = Field(1, description="AdaLoRA: steps between two rank reallocations.")
+    num_virtual_tokens: PositiveInt = Field(
+        20, description="Prompt learning: virtual tokens prepended (or prefixed to every layer's keys/values)."
+    )
+    prompt_init_text: str | None = Field(
+        None, description="Prompt tuning: initialise the virtual tokens from this text; null = random."
+    )
+    encoder_hidden_size: PositiveInt | None = Field(
+        None, description="P-tuning: hidden size of the prompt encoder MLP; null = the model's hidden size."
+    )
+    last_n_layers: int = Field(0, ge=0, description="Partial: train the last N transformer blocks in full.")
+    modules: list[str] = Field(
+        default_factory=list,
+        description="Partial: also train these modules in full (names or suffixes such as lm_head, norm).",
+    )
+    init_from: str | None = Field(
+        None,
+        description="Sequential fine-tuning: continue training the adapter of this earlier run (its run directory "
+        "or adapter folder); its adapter settings are kept. To start from a merged model, set model.name instead.",
+    )
 
     @model_validator(mode="after")
     def _targets_not_empty(self) -> AdapterConfig:
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise FieldError("target_modules", "is empty; name modules, give a regex, or use 'all-linear'")
         return self
+
+    @model_validator(mode="after")
+    def _keys_fit_method(self) -> AdapterConfig:
+        from lora_tune.methods.rules import check_adapter
+
+        check_adapter(self)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_method_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A resolved recipe lists the keys its method reads, so it validates again (and reads clearly)."""
+        keep = CONTINUE_KEYS if self.init_from is not None else METHOD_KEYS[self.method] | {"method"}
+        return {k: v for k, v in handler(self).items() if k in keep}
 
 
 DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text"]
@@ -439,12 +551,42 @@ class DistributedConfig(StrictModel):
     )
 
 
+class TaskConfig(StrictModel):
+    type: Literal["sft", "classification"] = Field(
+        "sft",
+        description="sft: supervised fine-tuning of the causal LM on chat/instruction data; classification: a new "
+        "sequence-classification head on the causal LM base, trained on text/label rows (README: Task heads).",
+    )
+    text_column: str = Field("text", description="Classification: the column holding the text.")
+    label_column: str = Field("label", description="Classification: the column holding the label name.")
+    labels: list[str] = Field(
+        default_factory=list, description="Classification: the label names; their order gives the class ids."
+    )
+
+    @model_validator(mode="after")
+    def _labels_fit_type(self) -> TaskConfig:
+        classification_only = {"text_column", "label_column", "labels"} & self.model_fields_set
+        if self.type == "sft" and classification_only:
+            raise FieldError(sorted(classification_only)[0], "applies to type: classification only")
+        if self.type == "classification" and len(set(self.labels)) < 2:
+            raise FieldError("labels", "needs at least two distinct label names for classification")
+        if len(set(self.labels)) != len(self.labels):
+            raise FieldError("labels", "names a label twice")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_type_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return data if self.type == "classification" else {"type": data["type"]}
+
+
 class Recipe(StrictModel):
     """A whole run: what to load, how to adapt it, on what data, how to train, and where to write."""
 
     model: ModelConfig
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     datasets: list[DatasetConfig] = Field(min_length=1, description="Training data: one or more sources, mixed.")
     eval_datasets: list[DatasetConfig] = Field(default_factory=list, description="Validation data.")
     test_datasets: list[DatasetConfig] = Field(
@@ -498,6 +640,13 @@ class Recipe(StrictModel):
         except DistributedError as exc:
             key = exc.key if "." in exc.key else f"distributed.{exc.key}"
             raise FieldError(key, str(exc)) from exc
+        return self
+
+    @model_validator(mode="after")
+    def _method_fits_recipe(self) -> Recipe:
+        from lora_tune.methods.rules import check_recipe
+
+        check_recipe(self)
         return self
 
     @property

@@ -38,6 +38,9 @@ class RunResult:
     effective_batch_size: int | None = None  # per device x processes x gradient accumulation
     strategy: str = "ddp"
     replica_checksums: list[str] | None = None  # adapter checksum of every process (DDP / ZeRO-2 runs)
+    method: str = "lora"
+    total_parameters: int = 0
+    trainable_percent: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -55,13 +58,17 @@ def train(
     from its newest complete checkpoint (see `lora_tune.resume`)."""
     started = time.monotonic()
     _quiet_third_party_noise()
+    if recipe.task.type == "classification":
+        from lora_tune.classification import train_classifier
+
+        return train_classifier(recipe, overwrite=overwrite)
     from lora_tune import distributed as dist
     from lora_tune import ranks
-    from lora_tune.adapters import build_peft_config
     from lora_tune.check import PREFLIGHT_FILE, preflight
     from lora_tune.checkpoints import checkpoint_callback
     from lora_tune.data import write_test_split
     from lora_tune.faults import check_free_disk, translate_faults
+    from lora_tune.methods import runtime as methods
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
     from lora_tune.resume import open_run, resume_hint, resume_point_of
@@ -88,6 +95,8 @@ def train(
         run = RunDir(Path(recipe.output_dir))
         start = resume_point_of(run, recipe, resume=resume, overwrite=overwrite)
     hint, stop = resume_hint(recipe_path, overrides), StopRequest()
+    if procs.is_main:
+        write_json_atomic(run.root / methods.LINEAGE_FILE, methods.lineage(recipe))
 
     # 2. Tokenizer. From here to step 4, everything that can fail on the user's data fails before the model loads.
     tokenizer = load_tokenizer(recipe.model)
@@ -120,6 +129,7 @@ def train(
     ranks.set_loading_environment(strategy, procs)
     model = load_model(recipe.model, recipe.quantization, recipe.training, strategy)
     quantized_layers = count_quantized_layers(model)
+    model, peft_config = methods.prepare_model(recipe, model)  # frozen/unfrozen, or an adapter config to apply
     if recipe.training.liger:
         apply_liger(model)
     log.info("speed: %s", describe_levers(recipe, resolve_dtype(recipe.model.dtype)))
@@ -131,7 +141,7 @@ def train(
         train_dataset=train_set,
         eval_dataset=eval_set,
         processing_class=tokenizer,
-        peft_config=build_peft_config(recipe.adapter),
+        peft_config=peft_config,
         callbacks=[
             metrics_callback(run.metrics),
             *early_stopping_callbacks(recipe),
@@ -139,6 +149,7 @@ def train(
             stop_callback(stop),
         ],
     )
+    methods.attach(recipe, trainer, run.root)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
     check_free_disk(run.root, recipe, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
     _use_compact_progress(trainer, compact_progress_callback())
 
@@ -159,14 +170,15 @@ def train(
         ranks.save_sharded_adapter(trainer, run.root / ".adapter.tmp")
     if trainer.is_world_process_zero():
         with translate_faults(recipe, run.checkpoints, hint):
-            _save_adapter(trainer, tokenizer, run, gathered=strategy in dist.SHARDED and procs.distributed)
+            _save_adapter(trainer, tokenizer, run, recipe, gathered=strategy in dist.SHARDED and procs.distributed)
     ranks.remove_prepared_data(run.root, procs)
 
     # 10. Summary: metrics file, loss curve, summary.json.
     records = read_metrics(run.metrics)
+    trainable, total = methods.parameter_counts(trainer.model)
     result = RunResult(
         run_dir=run.root,
-        adapter_dir=run.adapter,
+        adapter_dir=run.root / methods.artifact_name(recipe),
         steps=output.global_step,
         train_loss=_last(records, "loss"),
         eval_loss=eval_loss,
@@ -174,7 +186,7 @@ def train(
         trained_token_share=round(prepared.stats.train.trained_share, 4),
         train_rows=len(train_set),
         validation_rows=len(eval_set) if eval_set is not None else 0,
-        trainable_parameters=sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        trainable_parameters=trainable,
         quantized_layers=quantized_layers,
         wall_seconds=round(time.monotonic() - started, 1),
         memory=peak_memory(),
@@ -183,7 +195,11 @@ def train(
         effective_batch_size=ranks.effective_batch_size(*batch),
         strategy=strategy,
         replica_checksums=checksums,
+        method=recipe.adapter.method,
+        total_parameters=total,
+        trainable_percent=round(100 * trainable / max(total, 1), 4),
     )
+    log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, result.trainable_percent)
     if trainer.is_world_process_zero():
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
         write_json_atomic(run.summary, result.to_json())
@@ -212,12 +228,15 @@ def count_quantized_layers(model: Any) -> int:
     return sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
 
 
-def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, *, gathered: bool = False) -> None:
+def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, recipe: Recipe, *, gathered: bool = False) -> None:
+    from lora_tune.methods.runtime import artifact_name, save_artifact
+
     build = run.root / ".adapter.tmp"
-    if not gathered:
-        trainer.model.save_pretrained(build)
-    tokenizer.save_pretrained(build)
-    replace_dir_atomic(build, run.adapter)
+    if gathered:  # FSDP / ZeRO-3: the adapter was gathered and written by every process together
+        tokenizer.save_pretrained(build)
+    else:
+        save_artifact(recipe, trainer, tokenizer, build, run.root)
+    replace_dir_atomic(build, run.root / artifact_name(recipe))
 
 
 def _use_compact_progress(trainer: Any, compact: type) -> None:

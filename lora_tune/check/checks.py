@@ -27,6 +27,10 @@ def run_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreflightR
     `tokenizer` is the one training uses (`modeling.load_tokenizer`, with `model.chat_template` applied). Reads the
     model's generation config (generation_config.json, else config.json), never its weights.
     """
+    if recipe.task.type == "classification":  # no chat turns or stop tokens: check the labelled rows instead
+        from lora_tune.classification import preflight_report
+
+        return preflight_report(recipe, tokenizer)
     skip_bad = recipe.data.on_bad_rows == "skip"
     rows, sources = sample_rows(recipe.datasets, recipe.preflight.sample_rows, recipe.training.seed, skip_bad=skip_bad)
     max_length = recipe.training.max_length

@@ -109,6 +109,7 @@ def build_card(
         "",
         "| | |",
         "|---|---|",
+        f"| method | {adapter.method} |",
         f"| rank / alpha | {adapter.r} / {adapter.alpha:g} |",
         f"| target modules | {adapter.target_modules if isinstance(adapter.target_modules, str) else ', '.join(adapter.target_modules)} |",  # noqa: E501
         f"| modules_to_save | {', '.join(adapter.modules_to_save) or 'none'} |",
@@ -119,10 +120,14 @@ def build_card(
         f"| data | {', '.join(d.path if is_hub_dataset(d.path) else Path(d.path).name for d in recipe.datasets)} |",
         "",
     ]
+    ancestry = lineage_lines(run)
+    if ancestry:
+        lines += ["## Lineage (sequential fine-tuning)", "", *[f"- {line}" for line in ancestry], ""]
     if details:
         lines += ["## Export", "", *details, ""]
     if summary:
-        keys = ("steps", "train_loss", "eval_loss", "tokens_seen", "train_rows", "validation_rows", "wall_seconds")
+        keys = ("steps", "train_loss", "eval_loss", "tokens_seen", "train_rows", "validation_rows", "wall_seconds",
+                "trainable_parameters", "total_parameters", "trainable_percent")  # fmt: skip
         lines += ["## Training results", "", "| | |", "|---|---|"]
         lines += [f"| {k.replace('_', ' ')} | {_fmt(summary[k])} |" for k in keys if summary.get(k) is not None]
         lines.append("")
@@ -151,6 +156,24 @@ def build_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def lineage_lines(run: RunDir) -> list[str]:
+    """Earlier runs this one continues, oldest first (from lineage.json; empty for a first fine-tune)."""
+    from lora_tune.methods.runtime import LINEAGE_FILE, lineage_chain
+
+    data = _read_json(run.root / LINEAGE_FILE)
+    if not data or not data.get("parents"):
+        return []
+    return [f"base: `{_first_base(data)}`", *lineage_chain(data), f"this run: `{run.root.name}`"]
+
+
+def _first_base(data: dict[str, Any]) -> str:
+    for parent in data.get("parents", []):
+        inner = parent.get("lineage") or {}
+        if inner:
+            return _first_base(inner)
+    return str(data.get("base_model"))
 
 
 def recipe_yaml(recipe: Recipe) -> str:

@@ -90,6 +90,11 @@ def merge(
 
     # 1. The run: resolved recipe and adapter.
     run = RunDir(Path(run_dir))
+    if run.is_run() and (run.root / "model" / "config.json").is_file():
+        raise ExportError(
+            f"{run.root}: partial or full fine-tuning saved the whole model in model/; there is no adapter to merge "
+            "(load that folder with from_pretrained, or push it)"
+        )
     if not run.is_run() or not (run.adapter / "adapter_config.json").is_file():
         raise ExportError(f"{run.root}: not a finished lora-tune run (no recipe.yaml or adapter/adapter_config.json)")
     recipe = load_recipe(run.recipe, check_paths=False)
@@ -149,6 +154,7 @@ def merge(
         result.output, result.dtype = output, dtype
         finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
         copy_tokenizer(run.adapter, build, recipe)
+        _copy_lineage(run, build)
 
         # 4. Verify: the merged folder must compute what base + adapter computes.
         if verify:
@@ -166,6 +172,18 @@ def merge(
         shutil.rmtree(build, ignore_errors=True)
         raise
     return result
+
+
+def _copy_lineage(run: RunDir, build: Path) -> None:
+    """A later run that starts from this merged model reads where it came from (sequential fine-tuning)."""
+    from lora_tune.methods.runtime import LINEAGE_FILE
+
+    lineage = (
+        json.loads((run.root / LINEAGE_FILE).read_text(encoding="utf-8"))
+        if (run.root / LINEAGE_FILE).is_file()
+        else {}
+    )
+    (build / LINEAGE_FILE).write_text(json.dumps({**lineage, "run": str(run.root)}, indent=2), encoding="utf-8")
 
 
 def resolve_base(model: ModelConfig) -> Path:
