@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lora_tune.config import Recipe
+from lora_tune.config import PROMPT_LEARNING, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,12 @@ def packing_plan(recipe: Recipe) -> PackingPlan:
         return PackingPlan(False, "training.packing is false")
     if t.max_length is None:
         return PackingPlan(False, "packing needs training.max_length, which is null")
+    if recipe.adapter.method in PROMPT_LEARNING:
+        return PackingPlan(
+            False,
+            f"packing turned off for {recipe.adapter.method}: padding-free packing drops the attention mask and "
+            "restarts positions per example, which the virtual tokens rely on",
+        )
     if model.trust_remote_code:
         return PackingPlan(
             False,

@@ -42,7 +42,8 @@ def check_adapter(cfg: AdapterConfig) -> None:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Cross-section rules: method x quantization, method x packing, method x task."""
+    """Cross-section rules: method x quantization, method x task. (Packing, on by default, turns itself off for the
+    methods it would break: `lora_tune.data.packing.packing_plan`.)"""
     method, bits = recipe.adapter.method, recipe.quantization.bits
     if bits is not None and method not in QUANTIZABLE:
         why = {
@@ -51,12 +52,6 @@ def check_recipe(recipe: Recipe) -> None:
         }.get(method, f"peft has no {bits}-bit (bitsandbytes) layer for {method}")
         raise FieldError("quantization.bits", f"{bits} cannot be used with adapter.method {method}: {why}")
     _check_init(recipe)
-    if method in PROMPT_LEARNING and recipe.training.packing:
-        raise FieldError(
-            "training.packing",
-            f"cannot be used with {method}: padding-free packing drops the attention mask and restarts positions "
-            "per example, which the virtual tokens rely on; set packing: false",
-        )
     if method == "prefix_tuning" and recipe.training.gradient_checkpointing:
         # Measured: checkpointed layers recompute attention without the prefix cache (shape mismatch in backward).
         raise FieldError(
@@ -67,8 +62,6 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.task.type == "classification":
         if method in PROMPT_LEARNING:
             raise FieldError("adapter.method", f"{method} is not offered for classification; use lora, ia3 or full")
-        if recipe.training.packing:
-            raise FieldError("training.packing", "cannot be used with task.type classification (one text per row)")
 
 
 def _check_init(recipe: Recipe) -> None:

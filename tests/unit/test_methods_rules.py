@@ -46,11 +46,6 @@ def load(tmp_path: Path, extra: str, overrides: tuple[str, ...] = ()) -> object:
         ("quantization: {bits: 8}\nadapter: {init: olora}", "adapter.init", "unquantized base"),
         ("adapter: {init: loftq}", "adapter.init", "bits: 4"),
         ("quantization: {bits: 8}\nadapter: {init: loftq}", "adapter.init", "bits: 4"),
-        (
-            "adapter: {method: prefix_tuning}\ntraining: {packing: true, gradient_checkpointing: false}",
-            "training.packing",
-            "packing: false",
-        ),
         ("adapter: {method: prefix_tuning}", "training.gradient_checkpointing", "prefix_tuning"),
         ("adapter: {init_from: runs/a, r: 4}", "adapter.r", "init_from"),
         ("adapter: {init: pissa, use_rslora: true, rank_pattern: {q_proj: 4}}", "adapter.init", "plain LoRA"),
@@ -126,3 +121,16 @@ def test_peft_config_mapping():
     assert build_peft_config(AdapterConfig(method="ia3", target_modules=["v_proj"])).peft_type.value == "IA3"
     assert build_peft_config(AdapterConfig(method="lora"), task_type="SEQ_CLS").task_type == "SEQ_CLS"
     assert build_peft_config(AdapterConfig(method="full")) is None
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning", "p_tuning"])
+def test_packing_turns_itself_off_for_prompt_learning(tmp_path: Path, method: str):
+    from lora_tune.data.packing import packing_plan, sft_packing_args
+
+    recipe = load(
+        tmp_path, f"adapter: {{method: {method}}}\ntraining: {{packing: true, gradient_checkpointing: false}}"
+    )
+    plan = packing_plan(recipe)
+    assert not plan.enabled and "virtual tokens" in plan.reason
+    assert sft_packing_args(recipe) == {"packing": False}
+    assert packing_plan(load(tmp_path, "adapter: {method: lora}")).enabled  # the default packs otherwise
