@@ -68,6 +68,7 @@ def train(
     from lora_tune.checkpoints import checkpoint_callback
     from lora_tune.data import write_test_split
     from lora_tune.faults import check_free_disk, translate_faults
+    from lora_tune.keep_dtype import keep_trainable_dtypes
     from lora_tune.methods import runtime as methods
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
@@ -150,6 +151,7 @@ def train(
         ],
     )
     methods.attach(recipe, trainer, run.root)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
+    keep_trainable_dtypes(trainer)  # a resumed QLoRA adapter trains in bfloat16 again, as before the kill
     check_free_disk(run.root, recipe, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
     _use_compact_progress(trainer, compact_progress_callback())
 

@@ -47,17 +47,21 @@ output_dir: {out}
 """
 
 
-def write_recipe(root: Path, model: Path, name: str) -> Path:
-    """A run over 24 rows: 6 batches per epoch, so 8 steps cross an epoch boundary (the data order reshuffles)."""
+def write_recipe(root: Path, model: Path, name: str, quantized: bool = False) -> Path:
+    """A run over 24 rows: 6 batches per epoch, so 8 steps cross an epoch boundary (the data order reshuffles).
+
+    `quantized`: on a 4-bit NF4 base (QLoRA), whose adapter TRL trains in bfloat16.
+    """
     from tests.conftest import fruit_rows, write_jsonl
 
     data = root / "train.jsonl"
     if not data.exists():
         write_jsonl(data, fruit_rows(24, "alpaca"))
     recipe = root / f"{name}.yaml"
-    recipe.write_text(
-        RECIPE.format(model=model, data=data, out=root / name, max_steps=MAX_STEPS, save_steps=SAVE_STEPS)
-    )
+    text = RECIPE.format(model=model, data=data, out=root / name, max_steps=MAX_STEPS, save_steps=SAVE_STEPS)
+    if quantized:
+        text = text.replace("datasets:", "quantization:\n  bits: 4\ndatasets:")
+    recipe.write_text(text)
     return recipe
 
 
@@ -125,6 +129,22 @@ def test_sigkill_at_an_arbitrary_step_then_resume_matches_uninterrupted(
     # Both attempts are on record, the second one saying where it resumed from.
     attempts = [json.loads(line) for line in (run / "environment.jsonl").read_text().splitlines()]
     assert [a["resumed_from"] is not None for a in attempts] == [False, True]
+
+
+def test_sigkill_then_resume_on_a_4bit_base_matches_uninterrupted(work: Path, tiny_model_dir: Path):
+    """QLoRA: the adapter trains in bfloat16 on a 4-bit base; loading the checkpoint must not make it float32."""
+    import torch
+
+    assert main(["train", str(write_recipe(work, tiny_model_dir, "reference-4bit", quantized=True))]) == 0
+    reference = work / "reference-4bit"
+    assert {t.dtype for t in adapter(reference).values()} == {torch.bfloat16}
+
+    recipe = write_recipe(work, tiny_model_dir, "killed-4bit", quantized=True)
+    killed = run_cli("train", str(recipe), fault=("kill-at-step", 5))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert main(["train", str(recipe), "--resume"]) == 0
+    assert {t.dtype for t in adapter(work / "killed-4bit").values()} == {torch.bfloat16}
+    assert_same_run(work / "killed-4bit", reference)
 
 
 def test_kill_while_writing_a_checkpoint_and_a_corrupted_one_are_skipped(
