@@ -64,6 +64,20 @@ def load_splits(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, An
     return train, valid
 
 
+def write_test_split(recipe: Recipe, run_root: Path) -> Path | None:
+    """The recipe's test_datasets as the run's test.jsonl ({text_column, label_column} rows), for `lora-tune eval`."""
+    from lora_tune.data.sources import load_rows
+
+    task = recipe.task
+    rows = [r for d in recipe.test_datasets for r in encode_rows(recipe, load_rows(d), d.path)]
+    if not rows:
+        return None
+    path = run_root / "test.jsonl"
+    lines = [json.dumps({task.text_column: r["text"], task.label_column: task.labels[r["label"]]}) for r in rows]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
 def load_classifier(recipe: Recipe, tokenizer: Any) -> Any:
     """The base with a fresh classification head, quantized as the recipe says."""
     from transformers import AutoModelForSequenceClassification
@@ -121,6 +135,7 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     tokenizer = load_tokenizer(recipe.model)
     preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE)  # labels present, truncation; writes preflight.json
     train_rows, valid_rows = load_splits(recipe)
+    write_test_split(recipe, run.root)
 
     def tokenize(rows: list[dict[str, Any]]) -> Any:
         encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=recipe.training.max_length)

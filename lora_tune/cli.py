@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(handler=cmd_data)
 
     evaluate = verbs.add_parser(
-        "eval", help="score a run's adapter and its base side by side on held-out data; writes eval.json and eval.md"
+        "eval",
+        help="score a run (adapter, model/ folder or classification head) on held-out data, side by side with "
+        "its base; writes eval.json and eval.md",
     )
     evaluate.add_argument("run_dir", help="run directory written by `lora-tune train`")
     evaluate.add_argument("--data", default=None, help="a .jsonl file in alpaca or messages form")

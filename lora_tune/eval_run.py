@@ -7,6 +7,7 @@ normalised exact match, classification metrics for label-style tasks, the loss c
 
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ class EvalReport:
     # A few rows: input, reference, tuned (and base) output.
     examples: list[dict[str, str]] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    # A classification head (task "head"): the majority-class baseline, and what the report compares.
+    baseline: Score | None = None
+    note: str = ""
 
 
 def resolve_eval_data(run: RunDir, data: str | None, split: str | None) -> Path:
@@ -76,9 +80,13 @@ def evaluate_run(
     progress: bool = True,
 ) -> EvalReport:
     """Answers and scores of base + adapter (and, with `base`, of the base alone); writes eval.json and eval.md."""
+    from lora_tune.interact import ModelFolderError, run_artifact
+
     run = RunDir(Path(run_dir))
-    if not run.is_run() or not (run.adapter / "adapter_config.json").is_file():
-        raise RunNotFoundError(f"{run.root}: not a finished lora-tune run (no recipe.yaml or adapter/)")
+    try:
+        run_artifact(run)
+    except ModelFolderError as exc:
+        raise RunNotFoundError(str(exc)) from None
     from lora_tune.config import DatasetConfig
     from lora_tune.data import load_rows, normalize_rows
     from lora_tune.evaluate import reference_answer
@@ -89,6 +97,12 @@ def evaluate_run(
         update={k: v for k, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)) if v is not None}
     )
     path = resolve_eval_data(run, data, split)
+    if recipe.task.type == "classification":
+        from lora_tune.eval_head import evaluate_head
+
+        report = evaluate_head(run, recipe, path, limit=limit, batch_size=settings.batch_size, baseline=base)
+        write_report(run, report)
+        return report
     source = DatasetConfig(path=str(path), limit=limit)
     conversations = normalize_rows(load_rows(source), source)
     references = [reference_answer(c) for c in conversations]
@@ -112,9 +126,16 @@ def evaluate_run(
         scored_tokens=tokens,
     )
     base_answers: list[str] | None = None
-    if base:
+    if base and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             report.base, base_answers, _ = score()
+    elif base:  # partial or full fine-tuning: the tuned weights are the model's own, so load the base anew
+        from lora_tune.interact import load_base_model
+
+        del model
+        gc.collect()
+        model = load_base_model(recipe)
+        report.base, base_answers, _ = score()
     report.examples = _examples(conversations, references, tuned_answers, base_answers, settings.examples)
     write_report(run, report)
     return report
@@ -207,6 +228,10 @@ def format_report(report: EvalReport, run_dir: str) -> str:
     """The console summary: the headline scores, base vs fine-tuned, and where the full report is."""
     from lora_tune.eval_report import headline_rows
 
+    if report.task == "head":
+        from lora_tune.eval_head import format_console
+
+        return format_console(report, run_dir)
     lines = [f"Held-out evaluation on {report.data} ({report.rows} rows):"]
     width = max(len(name) for name, _, _ in headline_rows(report))
     header = (

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 EXIT_COMMANDS = {"/exit", "/quit"}
 RESET_COMMAND = "/reset"
+MODEL_DIR = "model"  # what partial and full fine-tuning save (methods.runtime.artifact_name)
 
 
 class ModelFolderError(LoraTuneError):
@@ -34,24 +35,62 @@ class LoadedModel:
     description: str
 
 
-def load_run_model(run: RunDir) -> tuple[Any, Any]:
-    """The run's base (quantized as in training) with the adapter on it, and the tokenizer saved with the adapter."""
-    if not run.is_run() or not (run.adapter / "adapter_config.json").is_file():
-        raise ModelFolderError(f"{run.root}: not a finished lora-tune run (no recipe.yaml or adapter/)")
-    from peft import PeftModel
+def run_artifact(run: RunDir) -> Path:
+    """The run's trained artefact: `adapter/` (a peft adapter) or `model/` (partial or full fine-tuning)."""
+    if run.is_run():
+        if (run.adapter / "adapter_config.json").is_file():
+            return run.adapter
+        if (run.root / MODEL_DIR / "config.json").is_file():
+            return run.root / MODEL_DIR
+    raise ModelFolderError(f"{run.root}: not a finished lora-tune run (no recipe.yaml, or no adapter/ nor model/)")
 
-    from lora_tune.modeling import load_model, load_tokenizer
+
+def load_base_model(recipe: Any) -> Any:
+    """The recipe's base model, loaded (and quantized) as in training, in eval mode."""
+    from lora_tune.modeling import load_model
+
+    training = recipe.training.model_copy(update={"gradient_checkpointing": False})
+    model = load_model(recipe.model, recipe.quantization, training)
+    model.eval()
+    return model
+
+
+def load_run_model(run: RunDir) -> tuple[Any, Any]:
+    """The tuned model and the tokenizer saved with it: the base (quantized as in training) with the adapter on it,
+    or the saved `model/` folder of a partial or full fine-tuning run (safetensors only)."""
+    artifact = run_artifact(run)
+    from lora_tune.modeling import load_tokenizer
     from lora_tune.recipe import load_recipe
 
     recipe = load_recipe(run.recipe, check_paths=False)
-    # The tokenizer saved with the adapter is the one the training examples were built with.
-    tokenizer = load_tokenizer(recipe.model.model_copy(update={"tokenizer": str(run.adapter), "chat_template": None}))
-    model = load_model(
-        recipe.model, recipe.quantization, recipe.training.model_copy(update={"gradient_checkpointing": False})
-    )
-    model = PeftModel.from_pretrained(model, run.adapter)
+    if recipe.task.type == "classification":
+        raise ModelFolderError(
+            f"{run.root}: a classification-head run predicts labels, it does not generate; "
+            "score it with `lora-tune eval`"
+        )
+    # The tokenizer saved with the artefact is the one the training examples were built with.
+    tokenizer = load_tokenizer(recipe.model.model_copy(update={"tokenizer": str(artifact), "chat_template": None}))
+    if artifact.name == MODEL_DIR:
+        return load_model_folder(artifact, recipe.model.dtype), tokenizer
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base_model(recipe), artifact)
     model.eval()
     return model, tokenizer
+
+
+def load_model_folder(folder: Path, dtype: str = "auto", auto_class: str = "AutoModelForCausalLM") -> Any:
+    """A transformers folder lora-tune wrote, from its safetensors weights only (pickle weights are refused)."""
+    import transformers
+
+    from lora_tune.modeling import resolve_dtype
+    from lora_tune.safety import check_weights_format
+
+    check_weights_format(str(folder), "run model", allow_pickle=False, key=str(folder))
+    loader = getattr(transformers, auto_class)
+    model = loader.from_pretrained(folder, dtype=resolve_dtype(dtype), use_safetensors=True)
+    model.eval()
+    return model
 
 
 def load_for_inference(path: str | Path) -> LoadedModel:
@@ -65,7 +104,8 @@ def load_for_inference(path: str | Path) -> LoadedModel:
 
         model, tokenizer = load_run_model(run)
         settings = load_recipe(run.recipe, check_paths=False).eval
-        return LoadedModel(model, tokenizer, settings, f"{root} (adapter on its base)")
+        what = "adapter on its base" if run_artifact(run) == run.adapter else "fine-tuned model"
+        return LoadedModel(model, tokenizer, settings, f"{root} ({what})")
     if not (root / "config.json").is_file():
         raise ModelFolderError(
             f"{root}: neither a lora-tune run (recipe.yaml) nor a model folder (config.json); "
