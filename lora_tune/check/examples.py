@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 from lora_tune.config import DatasetConfig
 from lora_tune.data.formats import Conversation
-from lora_tune.data.masking import IGNORE_INDEX, Span, TokenizedExample, render_with_spans, tokenize_conversation
+from lora_tune.data.masking import (
+    IGNORE_INDEX,
+    Span,
+    TokenizedExample,
+    render_with_spans,
+    tokenize_conversation,
+    wrap_trained_runs,
+)
 from lora_tune.data.pipeline import load_source
 
 if TYPE_CHECKING:
@@ -115,16 +122,4 @@ def _prompt_text_trained(
 
 def mark_trained(example: TokenizedExample, tokenizer: PreTrainedTokenizerBase) -> str:
     """The example decoded, with each run of trained tokens wrapped in [[...]]."""
-    pieces: list[str] = []
-    group: list[int] = []
-    group_trained = False
-    for token, label in [*zip(example.input_ids, example.labels, strict=True), (None, None)]:
-        trained = label is not None and label != IGNORE_INDEX
-        if token is None or (group and trained != group_trained):
-            text = tokenizer.decode(group, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            pieces.append(f"[[{text}]]" if group_trained else text)
-            group = []
-        if token is not None:
-            group.append(token)
-            group_trained = trained
-    return "".join(pieces)
+    return wrap_trained_runs(example.input_ids, example.labels, tokenizer, "[[", "]]")

@@ -342,3 +342,22 @@ def _overlaps(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> list
 def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     ids = tokenizer("a")["input_ids"]
     return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def wrap_trained_runs(
+    ids: Sequence[int], labels: Sequence[int], tokenizer: PreTrainedTokenizerBase, start: str, end: str
+) -> str:
+    """The token ids decoded, each run of trained tokens (label != IGNORE_INDEX) wrapped in `start` ... `end`."""
+    pieces: list[str] = []
+    run: list[int] = []
+    run_trained = False
+    for token, label in [*zip(ids, labels, strict=True), (None, None)]:
+        trained = label is not None and label != IGNORE_INDEX
+        if token is None or (run and trained != run_trained):
+            text = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            pieces.append(f"{start}{text}{end}" if run_trained else text)
+            run = []
+        if token is not None:
+            run.append(token)
+            run_trained = trained
+    return "".join(pieces)

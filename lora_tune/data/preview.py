@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lora_tune.config import Recipe
-from lora_tune.data.masking import IGNORE_INDEX
+from lora_tune.data.masking import IGNORE_INDEX, wrap_trained_runs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -98,19 +98,7 @@ def format_preview(preview: Preview, tokenizer: PreTrainedTokenizerBase, *, colo
 def highlight(ids: Sequence[int], labels: Sequence[int], tokenizer: PreTrainedTokenizerBase, *, color: bool) -> str:
     """The token ids decoded, each run of trained tokens wrapped in colour or markers."""
     start, end = (ANSI_TRAINED, ANSI_RESET) if color else (OPEN, CLOSE)
-    parts: list[str] = []
-    run: list[int] = []
-    run_trained = False
-    for token, label in [*zip(ids, labels, strict=True), (None, None)]:
-        trained = label is not None and label != IGNORE_INDEX
-        if token is None or (run and trained != run_trained):
-            text = tokenizer.decode(run)
-            parts.append(f"{start}{text}{end}" if run_trained else text)
-            run = []
-        if token is not None:
-            run.append(token)
-            run_trained = trained
-    return "".join(parts)
+    return wrap_trained_runs(ids, labels, tokenizer, start, end)
 
 
 def _source_counts(recipe: Recipe, prepared: PreparedData) -> list[tuple[str, str, int]]:
