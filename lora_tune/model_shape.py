@@ -134,12 +134,14 @@ def _tied_default(cfg: dict[str, Any]) -> bool:
     return str(cfg.get("model_type", "")).startswith("gemma")
 
 
-def read_model_config(model: ModelConfig, override: str | Path | None = None) -> tuple[dict[str, Any], str]:
+def read_model_config(
+    model: ModelConfig, override: str | Path | None = None, *, offline: bool = False
+) -> tuple[dict[str, Any], str]:
     """config.json of the recipe's model and where it came from; never reads weights.
 
     In order: `override` (a config.json file or a folder with one); model.name as a local folder; a config shipped
     with the recipe catalog (recipes/configs/ORG/MODEL.json); the hub cache; the hub itself (config.json only) unless
-    HF_HUB_OFFLINE is set.
+    HF_HUB_OFFLINE is set or `offline` is true.
     """
     if override is not None:
         path = Path(override)
@@ -157,16 +159,16 @@ def read_model_config(model: ModelConfig, override: str | Path | None = None) ->
     shipped = _catalog_config(model.name)
     if shipped is not None and model.revision is None:
         return _read_json(shipped), f"lora-tune's copy of {model.name}'s config.json ({shipped})"
-    return _config_from_hub(model)
+    return _config_from_hub(model, offline=offline)
 
 
-def _config_from_hub(model: ModelConfig) -> tuple[dict[str, Any], str]:
+def _config_from_hub(model: ModelConfig, *, offline: bool) -> tuple[dict[str, Any], str]:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     cached = try_to_load_from_cache(model.name, "config.json", revision=model.revision)
     if isinstance(cached, str):
         return _read_json(Path(cached)), f"hub cache ({cached})"
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if offline or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise PlanError(f"model.name: no config.json for '{model.name}' offline; pass --config PATH")
     try:
         path = hf_hub_download(model.name, "config.json", revision=model.revision)

@@ -225,10 +225,12 @@ def logits_bytes(shape: ModelShape, act: int, tokens: int) -> int:
     return tile + weight_slice + hidden + 8 * tokens * 4  # + per-token fp32 statistics
 
 
-def plan(recipe: Recipe, *, config: str | Path | None = None, gpu_memory: str | None = None) -> MemoryPlan:
+def plan(
+    recipe: Recipe, *, config: str | Path | None = None, gpu_memory: str | None = None, offline: bool = False
+) -> MemoryPlan:
     """The recipe's memory plan against a GPU size (given, read from nvidia-smi, or 24 GiB assumed)."""
     budget, budget_source = resolve_gpu_memory(gpu_memory)
-    raw, source = read_model_config(recipe.model, config)
+    raw, source = read_model_config(recipe.model, config, offline=offline)
     shape = shape_from_config(raw)
     parts, details, params, paged = estimate(recipe, shape)
     t = recipe.training
@@ -376,14 +378,7 @@ def format_plan(p: MemoryPlan) -> str:
 def planned_peak_memory(recipe: Recipe) -> str | None:
     """The recipe's planned peak GPU memory on a 24 GiB GPU as text (e.g. '17.3 GiB'); None when its model's
     config.json is not at hand offline (the catalog listing never asks the hub)."""
-    offline = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        return f"{plan(recipe, gpu_memory='24GiB').total / GIB:.1f} GiB"
+        return f"{plan(recipe, gpu_memory='24GiB', offline=True).total / GIB:.1f} GiB"
     except PlanError:
         return None
-    finally:
-        if offline is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = offline
