@@ -72,7 +72,9 @@ def attach(recipe: Recipe, trainer: Any, run_root: Path) -> None:
     a = recipe.adapter
     model = trainer.model
     if a.init == "loftq" and a.init_from is None:
-        _loftq(recipe, model)
+        from lora_tune.methods.loftq import init_loftq
+
+        init_loftq(model, recipe.model)
     if a.init in ("pissa", "olora") and a.init_from is None:
         # The initial adapter, saved as peft asks, so the trained one can be saved as a plain LoRA on the original
         # (unmodified) base weights.
@@ -183,19 +185,6 @@ def _blocks(model: Any) -> Any:
     if not lists:
         raise MethodError(f"adapter.last_n_layers: no list of transformer blocks found in {type(model).__name__}")
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
-
-
-def _loftq(recipe: Recipe, model: Any) -> None:
-    """LoRA A/B chosen so base + adapter approximates the unquantized weights (peft reads them from safetensors)."""
-    import torch
-    from peft import replace_lora_weights_loftq
-
-    if not torch.cuda.is_available():
-        # peft computes the LoftQ decomposition on "cuda" (or "xpu") unconditionally.
-        raise MethodError("adapter.init: loftq needs a CUDA GPU (peft computes it there); use init: default")
-    base = Path(recipe.model.name)
-    # A local folder (one or sharded safetensors files); for a hub id peft finds the files in the local hub cache.
-    replace_lora_weights_loftq(model, model_path=str(base) if base.is_dir() else None)
 
 
 def _loraplus_optimizer(trainer: Any, ratio: float) -> Any:
