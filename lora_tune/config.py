@@ -49,11 +49,14 @@ class ModelConfig(StrictModel):
         description="Dtype of the unquantized weights and of 4-bit compute; auto = bfloat16 on GPUs that support it, "
         "else float16 on GPUs, float32 on the CPU.",
     )
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
-        "auto",
-        description="Attention kernel passed to transformers; auto = flash_attention_3 / flash_attention_2 when the "
-        "package is installed and the GPU supports it (Hopper / Ampere or newer, 16-bit dtype), else sdpa. The run "
-        "logs what it picked and why.",
+    attn_implementation: Literal["auto", "sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flash_attention_3"] = (
+        Field(
+            "auto",
+            description="Attention kernel passed to transformers; auto = flash_attention_3 / flash_attention_2 when "
+            "the package is installed and the GPU supports it (Hopper / Ampere or newer, 16-bit dtype), else sdpa; "
+            "on the CPU, when packing, sdpa becomes sdpa_varlen (SDPA run per packed example, no dense block mask) "
+            "for models with plain causal attention. The run logs what it picked and why.",
+        )
     )
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model repository. Off unless you trust its author."

@@ -104,7 +104,7 @@ def load_model(
             revision=model_cfg.revision,
             dtype=dtype,
             quantization_config=bnb_config,
-            attn_implementation=resolve_attention(model_cfg.attn_implementation, dtype).value,
+            attn_implementation=_loading_attention(resolve_attention(model_cfg.attn_implementation, dtype).value),
             trust_remote_code=model_cfg.trust_remote_code,
             device_map=device_map(strategy),
             use_safetensors=None if model_cfg.allow_pickle else True,
@@ -122,6 +122,13 @@ def load_model(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model
+
+
+def _loading_attention(name: str) -> str:
+    """sdpa_varlen is switched on after loading (speed.use_varlen_attention), where the model's config is known."""
+    from lora_tune.varlen_attention import NAME
+
+    return "sdpa" if name == NAME else name
 
 
 def _load_failure(what: str, source: str, exc: BaseException) -> str:

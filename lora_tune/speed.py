@@ -51,6 +51,36 @@ def resolve_attention(requested: str, dtype: torch.dtype) -> Choice:
     return Choice("sdpa", f"flash-attn is not installed (pip install flash-attn for varlen kernels on {gpu})")
 
 
+def use_varlen_attention(model: Any, recipe: Recipe, packed: bool) -> Choice:
+    """Switch a loaded model to SDPA per packed example (lora_tune/varlen_attention.py) where that is exact.
+
+    `auto` picks it on the CPU when transformers' SDPA was chosen, packing is padding-free and the model's attention
+    is plain causal attention; `sdpa_varlen` in the recipe asks for it and fails here when the model cannot use it.
+    """
+    from lora_tune import varlen_attention
+
+    requested = recipe.model.attn_implementation
+    current = model.config._attn_implementation
+    if requested not in ("auto", varlen_attention.NAME) or (requested == "auto" and current != "sdpa"):
+        return Choice(current, "set in the recipe" if requested != "auto" else "picked at load")
+    why_not = varlen_attention.unsupported_reason(model.config, recipe.training.max_length)
+    if requested == varlen_attention.NAME and why_not:
+        raise LeverError(f"model.attn_implementation: sdpa_varlen cannot run this model: {why_not}; use sdpa")
+    if requested == "auto" and not packed:
+        return Choice(current, "SDPA; no packing, so no packed rows to split")
+    if requested == "auto" and model.device.type != "cpu":
+        # Measured on the CPU only; on a GPU the per-example kernels and boundary reads are unmeasured.
+        return Choice(current, "SDPA with transformers' block-diagonal mask (install flash-attn for varlen kernels)")
+    if why_not:
+        return Choice(current, f"SDPA with transformers' block-diagonal mask: {why_not}")
+    varlen_attention.register()
+    model.set_attn_implementation(varlen_attention.NAME)
+    return Choice(
+        varlen_attention.NAME,
+        "SDPA per packed example (exact, like flash-attention's varlen kernels): no dense block mask over the row",
+    )
+
+
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -137,14 +167,15 @@ def run_shape(recipe: Recipe, model_dtype: torch.dtype) -> tuple[BatchShape, str
     return shape, resolve_optimizer(recipe, on_gpu).value
 
 
-def describe_levers(recipe: Recipe, model_dtype: torch.dtype) -> str:
-    """One line: what the run picked for attention, optimizer and batch shape, and why."""
+def describe_levers(recipe: Recipe, model_dtype: torch.dtype, attention: Choice | None = None) -> str:
+    """One line: what the run picked for attention (`attention`, when decided after loading), optimizer and batch
+    shape, and why."""
     import torch
 
     from lora_tune.data.packing import packing_plan
 
     on_gpu = torch.cuda.is_available()
-    attention = resolve_attention(recipe.model.attn_implementation, model_dtype)
+    attention = attention or resolve_attention(recipe.model.attn_implementation, model_dtype)
     optimizer = resolve_optimizer(recipe, on_gpu)
     shape = batch_shape(recipe, packed=packing_plan(recipe).enabled, attention=attention.value, on_gpu=on_gpu)
     parts = [f"attention {attention.value} ({attention.reason})", f"optimizer {optimizer.value} ({optimizer.reason})"]

@@ -74,7 +74,7 @@ def train(
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
     from lora_tune.resume import open_run, resume_hint, resume_point_of
     from lora_tune.signals import StopRequest, graceful_stop, raise_if_stopped, stop_callback
-    from lora_tune.speed import apply_liger, check_levers, describe_levers
+    from lora_tune.speed import apply_liger, check_levers, describe_levers, use_varlen_attention
     from lora_tune.trl_args import early_stopping_callbacks, to_sft_config
 
     # 0. Processes: under a launcher (torchrun, accelerate launch) building the trainer arguments joins the process
@@ -118,7 +118,7 @@ def train(
         write_test_split(prepared, run.root)
     train_set = prepared.datasets["train"]
     eval_set = prepared.datasets.get("validation")
-    from lora_tune.data.packing import log_batching  # padding fraction, packed and padded
+    from lora_tune.data.packing import log_batching, packing_plan  # padding fraction, packed and padded
 
     log_batching(recipe, [len(ids) for ids in train_set["input_ids"]], on_gpu=_on_gpu())
 
@@ -133,7 +133,8 @@ def train(
     model, peft_config = methods.prepare_model(recipe, model)  # frozen/unfrozen, or an adapter config to apply
     if recipe.training.liger:
         apply_liger(model)
-    log.info("speed: %s", describe_levers(recipe, resolve_dtype(recipe.model.dtype)))
+    attention = use_varlen_attention(model, recipe, packed=packing_plan(recipe).enabled)
+    log.info("speed: %s", describe_levers(recipe, resolve_dtype(recipe.model.dtype), attention))
 
     # 6. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
     trainer = SFTTrainer(

@@ -5,6 +5,8 @@ examples are concatenated with `position_ids` restarting at 0 for each example, 
 Examples then stay separate in attention because
 - flash_attention_2 / flash_attention_3 run varlen kernels on the sequence boundaries (`cu_seq_lens`) TRL's
   collator derives from the position ids;
+- sdpa_varlen (what `auto` picks on the CPU for plain causal attention) runs SDPA on each example separately, cut
+  at the same boundaries (lora_tune/varlen_attention.py);
 - sdpa / eager get a block-diagonal causal mask that transformers builds from the position ids (packed-sequence
   detection in `masking_utils.create_causal_mask`, used by the models transformers ships). Exact, but the mask is
   dense: O(L^2) for the L = batch_size x max_length tokens of a step, so keep rows bounded on the CPU.
@@ -28,10 +30,12 @@ from lora_tune.config import PROMPT_LEARNING, Recipe
 logger = logging.getLogger(__name__)
 
 EXACT_ATTENTION = {
-    "auto": "flash-attention varlen kernels or SDPA's block-diagonal mask, whichever the run picks (both exact)",
+    "auto": "flash-attention varlen kernels, SDPA per example or SDPA's block-diagonal mask, whichever the run "
+    "picks (all exact)",
     "flash_attention_2": "varlen kernel on the packed sequence boundaries",
     "flash_attention_3": "varlen kernel on the packed sequence boundaries",
     "sdpa": "block-diagonal causal mask built from the position ids (dense, O(L^2) in the packed length)",
+    "sdpa_varlen": "SDPA run on each packed example separately (no mask over the row)",
     "eager": "block-diagonal causal mask built from the position ids (dense, O(L^2) in the packed length)",
 }
 PACK_CHUNK = 1000  # datasets.map's default batch size, over which TRL's BFD packing runs

@@ -113,3 +113,43 @@ def test_messages_form_recipe_trains_and_loads(tiny_model_dir: Path, tmp_path: P
     assert main(["train", str(recipe), *overrides]) == 0
     config = PeftConfig.from_pretrained(tmp_path / "run" / "adapter")
     assert config.use_dora is True and config.r == 8
+
+
+def test_packed_cpu_run_uses_per_example_sdpa_and_trains_as_the_block_mask(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """`auto` attention on a packed CPU run is sdpa_varlen; it trains what SDPA with the block mask trains."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from lora_tune.recipe import load_recipe
+    from lora_tune.train import train
+    from tests.conftest import fruit_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", fruit_rows(40, "alpaca"))
+    runs = {}
+    for attention in ("auto", "sdpa"):
+        recipe = tmp_path / f"{attention}.yaml"
+        text = RECIPE.format(model=tiny_model_dir, data=data, out=tmp_path / attention)
+        text = text.replace("  packing: false", "  packing: true").replace("val_size: 0.1", "val_size: 0")
+        recipe.write_text(text.replace("  dtype: float32", f"  dtype: float32\n  attn_implementation: {attention}"))
+        overrides = ["training.max_steps=6", "training.logging_steps=1", "training.save_strategy=no"]
+        overrides += ["training.eval_strategy=no", "training.eval_steps=null", "data.dedupe=none"]
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="lora_tune"):
+            train(load_recipe(recipe, overrides))
+        speed_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("speed:"))
+        assert speed_line.startswith(f"speed: attention {'sdpa_varlen' if attention == 'auto' else 'sdpa'} ")
+        runs[attention] = tmp_path / attention
+
+    def losses(run: Path) -> list[float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r]
+
+    assert len(losses(runs["auto"])) == 6
+    assert losses(runs["auto"]) == pytest.approx(losses(runs["sdpa"]), abs=1e-4)
+    varlen, masked = (load_file(runs[a] / "adapter" / "adapter_model.safetensors") for a in ("auto", "sdpa"))
+    assert max((varlen[k].float() - masked[k].float()).abs().max().item() for k in varlen) < 1e-3
+    # ...and the adapters did train: far from their start (B = 0).
+    assert max(t.float().abs().max().item() for k, t in varlen.items() if "lora_B" in k) > 1e-2

@@ -106,7 +106,7 @@ def test_packing_plan_and_trl_args() -> None:
     # a default packing without max_length is simply off; asking for it explicitly is a recipe error
     assert sft_packing_args(recipe(max_length=None)) == {"packing": False}
     plan = packing_plan(recipe(packing=True))
-    assert plan.enabled and "auto: flash-attention varlen kernels or SDPA's block-diagonal mask" in plan.reason
+    assert plan.enabled and "auto: flash-attention varlen kernels, SDPA per example or SDPA's block" in plan.reason
 
 
 def test_sft_config_packs_padding_free(tmp_path) -> None:
