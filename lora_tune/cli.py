@@ -13,6 +13,7 @@ from lora_tune.errors import LoraTuneError
 from lora_tune.safety import install_log_redaction, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool whose reader closed the pipe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,6 +189,11 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`lora-tune recipes NAME | head`): stop quietly, as a Unix tool killed by SIGPIPE
+        # would; stdout goes to /dev/null so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
         if debug:
             raise

@@ -95,3 +95,13 @@ def test_overrides_may_follow_flags(recipe, capsys):
     assert "max_steps: 3" in out and "r: 4" in out
     with pytest.raises(SystemExit):
         main(["validate", str(recipe), "--bogus"])
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`lora-tune recipes NAME | head -1`: no error line, no traceback, SIGPIPE's exit status."""
+    command = [sys.executable, "-m", "lora_tune.cli", "recipes", "gemma/gemma-2-2b-it-lora-chat"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader goes away before the first line is written
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 141
+    assert stderr == ""
