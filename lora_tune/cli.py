@@ -371,7 +371,8 @@ def _batch_line(result) -> list[str]:  # noqa: ANN001 - RunResult
     if not getattr(result, "effective_batch_size", None):
         return []
     procs = f" on {result.processes} processes ({result.strategy})" if result.processes > 1 else ""
-    return [f"  effective batch {result.effective_batch_size} examples per optimizer step{procs}"]
+    unit = "packed rows" if getattr(result, "packed", False) else "examples"
+    return [f"  effective batch {result.effective_batch_size} {unit} per optimizer step{procs}"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -117,18 +117,20 @@ def effective_batch_size(per_device: int, processes: int, accumulation: int) -> 
     return per_device * processes * accumulation
 
 
-def describe_batch(per_device: int, processes: int, accumulation: int) -> str:
+def describe_batch(per_device: int, processes: int, accumulation: int, packed: bool = False) -> str:
+    """The batch arithmetic in one line; with packing a batch item is a packed row of several examples."""
     total = effective_batch_size(per_device, processes, accumulation)
+    unit = "packed rows (several examples each)" if packed else "examples"
     return (
         f"batch: {per_device} per device x {processes} process{'es' if processes > 1 else ''} x {accumulation} "
-        f"accumulation = {total} examples per optimizer step"
+        f"accumulation = {total} {unit} per optimizer step"
     )
 
 
-def batch_comment(per_device: int, processes: int, accumulation: int, strategy: str) -> str:
+def batch_comment(per_device: int, processes: int, accumulation: int, strategy: str, packed: bool = False) -> str:
     """A YAML comment for the resolved recipe: how the run was launched (comments leave the recipe re-runnable)."""
     launch = f"{processes} processes ({strategy})" if processes > 1 else "1 process"
-    return f"# run as {launch}; {describe_batch(per_device, processes, accumulation)}\n"
+    return f"# run as {launch}; {describe_batch(per_device, processes, accumulation, packed)}\n"
 
 
 def state_checksum(state: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ class RunResult:
     best: dict[str, Any] | None = None  # with keep_best / early stopping: the step the saved adapter comes from
     processes: int = 1
     effective_batch_size: int | None = None  # per device x processes x gradient accumulation
+    packed: bool = False  # the batch items are packed rows of several examples
     strategy: str = "ddp"
     replica_checksums: list[str] | None = None  # adapter checksum of every process (DDP / ZeRO-2 runs)
     method: str = "lora"
@@ -67,6 +68,7 @@ def train(
     from lora_tune.check import PREFLIGHT_FILE, preflight
     from lora_tune.checkpoints import checkpoint_callback
     from lora_tune.data import write_test_split
+    from lora_tune.data.packing import packing_plan
     from lora_tune.faults import check_free_disk, translate_faults
     from lora_tune.keep_dtype import keep_trainable_dtypes
     from lora_tune.methods import runtime as methods
@@ -90,7 +92,7 @@ def train(
     # 1. Run directory: refuse to clobber another run; on resume, check the recipe and data are unchanged and find
     #    the newest complete checkpoint; record the resolved recipe and environment first, so a crash is traceable.
     if procs.is_main:
-        launch = ranks.batch_comment(*batch, strategy)
+        launch = ranks.batch_comment(*batch, strategy, packed=packing_plan(recipe).enabled)
         run, start = open_run(recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, comment=launch)
     else:  # the main process has checked the run and set broken checkpoints aside: only read where it resumes
         run = RunDir(Path(recipe.output_dir))
@@ -112,13 +114,14 @@ def train(
     prepared = ranks.prepare_data(recipe, tokenizer, run.root, procs)
     main_first.release()
     ranks.fail_here_for_test(procs)
-    log.info("%s (%s)", ranks.describe_batch(*batch), strategy if procs.distributed else "one process")
+    packed = packing_plan(recipe).enabled
+    log.info("%s (%s)", ranks.describe_batch(*batch, packed), strategy if procs.distributed else "one process")
     log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
     if procs.is_main:
         write_test_split(prepared, run.root)
     train_set = prepared.datasets["train"]
     eval_set = prepared.datasets.get("validation")
-    from lora_tune.data.packing import log_batching, packing_plan  # padding fraction, packed and padded
+    from lora_tune.data.packing import log_batching  # padding fraction, packed and padded
 
     log_batching(recipe, [len(ids) for ids in train_set["input_ids"]], on_gpu=_on_gpu())
 
@@ -133,7 +136,7 @@ def train(
     model, peft_config = methods.prepare_model(recipe, model)  # frozen/unfrozen, or an adapter config to apply
     if recipe.training.liger:
         apply_liger(model)
-    attention = use_varlen_attention(model, recipe, packed=packing_plan(recipe).enabled)
+    attention = use_varlen_attention(model, recipe, packed=packed)
     log.info("speed: %s", describe_levers(recipe, resolve_dtype(recipe.model.dtype), attention))
 
     # 6. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
@@ -196,6 +199,7 @@ def train(
         best=best_checkpoint(trainer.state, recipe, output.global_step),
         processes=procs.world_size,
         effective_batch_size=ranks.effective_batch_size(*batch),
+        packed=packed,
         strategy=strategy,
         replica_checksums=checksums,
         method=recipe.adapter.method,

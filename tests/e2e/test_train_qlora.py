@@ -141,6 +141,7 @@ def test_packed_cpu_run_uses_per_example_sdpa_and_trains_as_the_block_mask(
             train(load_recipe(recipe, overrides))
         speed_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("speed:"))
         assert speed_line.startswith(f"speed: attention {'sdpa_varlen' if attention == 'auto' else 'sdpa'} ")
+        assert any("packed rows (several examples each) per optimizer step" in r.getMessage() for r in caplog.records)
         runs[attention] = tmp_path / attention
 
     def losses(run: Path) -> list[float]:
@@ -148,6 +149,7 @@ def test_packed_cpu_run_uses_per_example_sdpa_and_trains_as_the_block_mask(
         return [r["loss"] for r in records if "loss" in r]
 
     assert len(losses(runs["auto"])) == 6
+    assert json.loads((runs["auto"] / "summary.json").read_text())["packed"] is True
     assert losses(runs["auto"]) == pytest.approx(losses(runs["sdpa"]), abs=1e-4)
     varlen, masked = (load_file(runs[a] / "adapter" / "adapter_model.safetensors") for a in ("auto", "sdpa"))
     assert max((varlen[k].float() - masked[k].float()).abs().max().item() for k in varlen) < 1e-3

@@ -224,6 +224,7 @@ def test_launch_command(tmp_path: Path):
 
 def test_effective_batch_and_rank_prefix():
     assert describe_batch(2, 4, 8).endswith("= 64 examples per optimizer step")
+    assert describe_batch(2, 4, 8, packed=True).endswith("= 64 packed rows (several examples each) per optimizer step")
     assert Processes(1, 1, 4).prefix() == "[rank 1/4] " and Processes().prefix() == ""
 
 
