@@ -250,3 +250,23 @@ def resume_point_of(run: RunDir, recipe: Recipe, *, resume: bool, overwrite: boo
     if not _wants_resume(recipe, resume=resume, overwrite=overwrite):
         return ResumePoint(None)
     return find_resume_point(run.checkpoints)
+
+
+def restore_token_count(trainer: Any, checkpoint: Path | None) -> int | None:
+    """Carry TRL's running count of trained tokens over a resume; returns the count restored.
+
+    TRL keeps it in `_total_train_tokens`, which starts at 0 in every new trainer, so after a resume the logged
+    `num_tokens` (and the summary's `tokens_seen`) would count from the checkpoint. The checkpoint's
+    trainer_state.json holds the last logged count.
+    """
+    if checkpoint is None or not hasattr(trainer, "_total_train_tokens"):
+        return None
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return None
+    history = json.loads(state.read_text(encoding="utf-8")).get("log_history", [])
+    counts = [entry["num_tokens"] for entry in history if isinstance(entry.get("num_tokens"), (int, float))]
+    if not counts:
+        return None
+    trainer._total_train_tokens = counts[-1]
+    return int(counts[-1])

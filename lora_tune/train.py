@@ -74,7 +74,7 @@ def train(
     from lora_tune.methods import runtime as methods
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
-    from lora_tune.resume import open_run, resume_hint, resume_point_of
+    from lora_tune.resume import open_run, restore_token_count, resume_hint, resume_point_of
     from lora_tune.signals import StopRequest, graceful_stop, raise_if_stopped, stop_callback
     from lora_tune.speed import apply_liger, check_levers, describe_levers, use_varlen_attention
     from lora_tune.trl_args import early_stopping_callbacks, to_sft_config
@@ -162,6 +162,7 @@ def train(
     # 7. Train (from the checkpoint when resuming). SIGTERM/SIGINT save a checkpoint and stop; out-of-memory and a
     #    full disk become one line naming the last complete checkpoint.
     with graceful_stop(stop), translate_faults(recipe, run.checkpoints, hint):
+        restore_token_count(trainer, start.checkpoint)  # TRL's count of trained tokens restarts at 0 otherwise
         output = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
     raise_if_stopped(stop, trainer.state.global_step, str(run.checkpoints), hint)
 

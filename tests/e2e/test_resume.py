@@ -85,6 +85,11 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in records if "loss" in r]
 
 
+def token_counts(run: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["num_tokens"]) for r in records if "num_tokens" in r]
+
+
 def assert_same_run(run: Path, reference: Path) -> None:
     import torch
 
@@ -96,6 +101,10 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert [s for s, _ in losses(run)] == [s for s, _ in losses(reference)]
     for (_, a), (_, b) in zip(losses(run), losses(reference), strict=True):
         assert a == pytest.approx(b, abs=1e-6)
+    # The count of trained tokens carries over the resume: per logged step and in the summary.
+    assert token_counts(run) == token_counts(reference)
+    summary, want = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    assert summary["tokens_seen"] == want["tokens_seen"] > 0
 
 
 @pytest.fixture(scope="module")
