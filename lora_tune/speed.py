@@ -61,13 +61,12 @@ def use_varlen_attention(model: Any, recipe: Recipe, packed: bool) -> Choice:
 
     requested = recipe.model.attn_implementation
     current = model.config._attn_implementation
-    if requested not in ("auto", varlen_attention.NAME) or (requested == "auto" and current != "sdpa"):
-        return Choice(current, "set in the recipe" if requested != "auto" else "picked at load")
+    nothing_to_switch = requested == "auto" and (current != "sdpa" or not packed)
+    if requested not in ("auto", varlen_attention.NAME) or nothing_to_switch:
+        return resolve_attention(requested, model.dtype)  # what the model was loaded with, and why
     why_not = varlen_attention.unsupported_reason(model.config, recipe.training.max_length)
     if requested == varlen_attention.NAME and why_not:
         raise LeverError(f"model.attn_implementation: sdpa_varlen cannot run this model: {why_not}; use sdpa")
-    if requested == "auto" and not packed:
-        return Choice(current, "SDPA; no packing, so no packed rows to split")
     if requested == "auto" and model.device.type != "cpu":
         # Measured on the CPU only; on a GPU the per-example kernels and boundary reads are unmeasured.
         return Choice(current, "SDPA with transformers' block-diagonal mask (install flash-attn for varlen kernels)")

@@ -86,13 +86,14 @@ def train(
     dtype = resolve_dtype(recipe.model.dtype)
     args = to_sft_config(recipe, RunDir(Path(recipe.output_dir)).checkpoints, dtype)
     batch = (recipe.training.batch_size, procs.world_size, recipe.training.gradient_accumulation_steps)
+    packed = packing_plan(recipe).enabled  # batch items are packed rows of several examples
     main_first = ranks.MainFirst(procs)
     check_levers(recipe, _on_gpu())  # a lever that cannot run here (Liger on the CPU) fails before any work
 
     # 1. Run directory: refuse to clobber another run; on resume, check the recipe and data are unchanged and find
     #    the newest complete checkpoint; record the resolved recipe and environment first, so a crash is traceable.
     if procs.is_main:
-        launch = ranks.batch_comment(*batch, strategy, packed=packing_plan(recipe).enabled)
+        launch = ranks.batch_comment(*batch, strategy, packed=packed)
         run, start = open_run(recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, comment=launch)
     else:  # the main process has checked the run and set broken checkpoints aside: only read where it resumes
         run = RunDir(Path(recipe.output_dir))
@@ -114,7 +115,6 @@ def train(
     prepared = ranks.prepare_data(recipe, tokenizer, run.root, procs)
     main_first.release()
     ranks.fail_here_for_test(procs)
-    packed = packing_plan(recipe).enabled
     log.info("%s (%s)", ranks.describe_batch(*batch, packed), strategy if procs.distributed else "one process")
     log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
     if procs.is_main:

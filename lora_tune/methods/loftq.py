@@ -61,13 +61,12 @@ def init_loftq(model: Any, base: ModelConfig, adapter: str = "default") -> int:
     folder = resolve_base(base)
     shard_of = {name: shard for shard, names in base_layout(folder).items() for name in names}
     tensor_of = match_names([f"{name}.weight" for name in layers], list(shard_of), "LoftQ weight")
-    readers: dict[str, ShardReader] = {}
+    readers = {shard: ShardReader(folder / shard) for shard in {shard_of[t] for t in tensor_of.values()}}
     started = time.perf_counter()
     for name, module in layers.items():
         tensor = tensor_of[f"{name}.weight"]
-        shard = shard_of[tensor]
-        reader = readers.setdefault(shard, ShardReader(folder / shard))
-        A, B = loftq_factors(module.weight, reader.read(tensor), module.r[adapter], module.scaling[adapter])
+        original = readers[shard_of[tensor]].read(tensor)
+        A, B = loftq_factors(module.weight, original, module.r[adapter], module.scaling[adapter])
         for factor, value in ((module.lora_A[adapter].weight, A), (module.lora_B[adapter].weight, B)):
             factor.data = value.to(dtype=factor.dtype)
     log.info("LoftQ: %d layers initialised from %s in %.1f s", len(layers), folder, time.perf_counter() - started)
