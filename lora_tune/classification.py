@@ -78,11 +78,11 @@ def write_test_split(recipe: Recipe, run_root: Path) -> Path | None:
     return path
 
 
-def load_classifier(recipe: Recipe, tokenizer: Any) -> Any:
-    """The base with a fresh classification head, quantized as the recipe says."""
+def load_classifier(recipe: Recipe, tokenizer: Any, *, inference: bool = False) -> Any:
+    """The base with a fresh classification head, quantized as the recipe says (4-bit packing: see load_model)."""
     from transformers import AutoModelForSequenceClassification
 
-    from lora_tune.modeling import ModelLoadError, build_bnb_config, device_map, resolve_dtype
+    from lora_tune.modeling import ModelLoadError, build_bnb_config, device_map, resolve_dtype, settle_4bit_packing
 
     labels = list(recipe.task.labels)
     dtype = resolve_dtype(recipe.model.dtype)
@@ -102,6 +102,7 @@ def load_classifier(recipe: Recipe, tokenizer: Any) -> Any:
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"model.name: cannot load '{recipe.model.name}' for classification: {exc}") from exc
+    settle_4bit_packing(model, inference)
     # The head reads the last non-padding token, which it finds through the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
     if bnb_config is not None:

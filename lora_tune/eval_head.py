@@ -83,7 +83,7 @@ def load_head_model(run: RunDir, recipe: Recipe) -> tuple[Any, Any, list[str]]:
         from peft import PeftModel
 
         # The base with a head of len(labels) outputs; the adapter carries the trained head (modules_to_save).
-        model = PeftModel.from_pretrained(load_classifier(recipe, tokenizer), artifact)
+        model = PeftModel.from_pretrained(load_classifier(recipe, tokenizer, inference=True), artifact)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-padding token
     model.eval()
     return model, tokenizer, labels

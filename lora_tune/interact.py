@@ -46,11 +46,12 @@ def run_artifact(run: RunDir) -> Path:
 
 
 def load_base_model(recipe: Any) -> Any:
-    """The recipe's base model, loaded (and quantized) as in training, in eval mode."""
+    """The recipe's base model, loaded (and quantized) as in training, in eval mode, for inference only (4-bit layers
+    may compute in bfloat16 on an AVX512-BF16 CPU: the load logs it)."""
     from lora_tune.modeling import load_model
 
     training = recipe.training.model_copy(update={"gradient_checkpointing": False})
-    model = load_model(recipe.model, recipe.quantization, training)
+    model = load_model(recipe.model, recipe.quantization, training, inference=True)
     model.eval()
     return model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,9 @@ from lora_tune.errors import LoraTuneError
 if TYPE_CHECKING:
     import torch
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(LoraTuneError):
@@ -84,9 +88,18 @@ def device_map(strategy: str = "ddp") -> dict[str, int] | str | None:
 
 
 def load_model(
-    model_cfg: ModelConfig, quant: QuantizationConfig, training: TrainingConfig, strategy: str = "ddp"
+    model_cfg: ModelConfig,
+    quant: QuantizationConfig,
+    training: TrainingConfig,
+    strategy: str = "ddp",
+    *,
+    inference: bool = False,
 ) -> PreTrainedModel:
-    """The base model, quantized per the recipe and prepared for k-bit training when quantized."""
+    """The base model, quantized per the recipe and prepared for k-bit training when quantized.
+
+    4-bit layers keep bitsandbytes' standard layout unless `inference` (see lora_tune.packed_4bit): a model that
+    trains or whose float32 function is compared must never be repacked by an eval forward on an AVX512-BF16 CPU.
+    """
     from transformers import AutoModelForCausalLM
 
     from lora_tune.distributed import SHARDED
@@ -111,6 +124,7 @@ def load_model(
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(_load_failure("model", model_cfg.name, exc)) from exc
+    settle_4bit_packing(model, inference)
     # Sharded strategies skip peft's preparation: it casts norms to float32, and FSDP needs every weight of a
     # wrapped layer in one dtype (the 4-bit storage dtype); Trainer still enables checkpointing and input grads.
     if bnb_config is not None and not sharded:
@@ -122,6 +136,16 @@ def load_model(
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model
+
+
+def settle_4bit_packing(model: PreTrainedModel, inference: bool) -> None:
+    """Forbid bitsandbytes' packed CPU layout for training; allow it for inference and say so in the log."""
+    from lora_tune.packed_4bit import allow_packing, inference_note
+
+    allow_packing(model, inference)
+    note = inference_note(model) if inference else None
+    if note:
+        log.info(note)
 
 
 def _loading_attention(name: str) -> str:

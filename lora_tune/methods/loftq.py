@@ -32,10 +32,11 @@ def loftq_factors(
     quantized: Any, original: torch.Tensor, rank: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) for one bitsandbytes 4-bit weight and its original values; float32, on the quantized weight's device."""
-    import bitsandbytes as bnb
     import torch
 
-    dequantized = bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state).float()
+    from lora_tune.packed_4bit import dequantize
+
+    dequantized = dequantize(quantized).float()
     residual = original.to(device=dequantized.device, dtype=torch.float32) - dequantized
     U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
     root = (S[:rank] / scale).sqrt()
@@ -50,7 +51,9 @@ def init_loftq(model: Any, base: ModelConfig, adapter: str = "default") -> int:
     from lora_tune.export.streaming import base_layout, match_names
     from lora_tune.export.tensor_io import ShardReader
     from lora_tune.methods.runtime import MethodError
+    from lora_tune.packed_4bit import keep_unpacked
 
+    keep_unpacked(model)  # an eval forward on an AVX512-BF16 CPU may have repacked them: LoftQ fits the NF4 values
     layers = {
         name.removeprefix(PEFT_PREFIX): module
         for name, module in model.named_modules()

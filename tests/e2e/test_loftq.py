@@ -11,6 +11,7 @@ import torch
 
 from lora_tune.config import ModelConfig
 from lora_tune.methods.loftq import init_loftq, loftq_factors
+from lora_tune.packed_4bit import cpu_packs_4bit
 
 
 def nf4(weight: torch.Tensor):
@@ -45,18 +46,33 @@ def test_factors_are_the_best_rank_r_correction_of_the_quantization_error(scale)
         assert torch.allclose(peft_out["R"], A, atol=1e-5) and torch.allclose(peft_out["L"], B, atol=1e-5)
 
 
-def test_a_loftq_model_starts_closer_to_the_unquantized_base(tiny_model_dir: Path):
+@pytest.mark.parametrize(
+    "packing",
+    [
+        False,
+        pytest.param(True, marks=pytest.mark.skipif(not cpu_packs_4bit(), reason="this CPU lacks AVX512-BF16")),
+    ],
+    ids=["unpacked", "packed"],
+)
+def test_a_loftq_model_starts_closer_to_the_unquantized_base(tiny_model_dir: Path, packing: bool):
+    """Also after an eval forward that let bitsandbytes repack the 4-bit weights (AVX512-BF16 CPUs): init_loftq
+    restores their layout before fitting, where it once fitted scrambled values (8x worse than plain QLoRA)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_tune.packed_4bit import FLAG, four_bit_layers, is_packed
 
     four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, quantization_config=four_bit)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")).eval()
+    for layer in four_bit_layers(model):
+        setattr(layer, FLAG, packing)
     ids = torch.randint(0, full.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = full(input_ids=ids).logits
         qlora_error = (model(input_ids=ids).logits - reference).abs().mean().item()  # B = 0: the 4-bit base
+        assert all(is_packed(layer.weight) for layer in four_bit_layers(model)) == packing
         layers = init_loftq(model, ModelConfig(name=str(tiny_model_dir)))
         loftq_error = (model(input_ids=ids).logits - reference).abs().mean().item()
     linear_layers = sum(isinstance(m, torch.nn.Linear) for m in full.model.layers.modules())

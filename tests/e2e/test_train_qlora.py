@@ -71,7 +71,10 @@ def test_loss_fell(trained_run: Path):
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) >= 3
-    assert losses[-1] < losses[0] - 0.4, losses  # nats; a random-init base moves slowly (frozen lm_head)
+    # Nats. A random-init base moves slowly (frozen lm_head) and settles on a plateau near 5.41 from 5.81: the drop
+    # measured 0.398 / 0.403 / 0.397 with ATEN_CPU_CAPABILITY=default / avx2 / native (AVX512-BF16 host), so 0.3
+    # keeps a 0.097 margin on every kernel path (0.4 sat on the plateau and failed on two of them).
+    assert losses[-1] < losses[0] - 0.3, losses
     assert any("eval_loss" in r for r in records)
 
 
