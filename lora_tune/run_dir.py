@@ -50,28 +50,128 @@ class RunDir:
         return self.recipe.is_file()
 
 
+MARKER = ".lora-tune-run"  # written when a run starts: the proof that lora-tune made this directory
+LOCK = ".lora-tune.lock"  # held by the process that trains into the directory (lora_tune.locks)
+# Every top-level name a run writes (its marker and lock included). `--overwrite` removes these and nothing else;
+# a directory with anything more refuses. tests/e2e/test_run_dir.py checks a real run writes nothing outside it.
+RUN_ENTRIES = frozenset(
+    {
+        MARKER,
+        LOCK,
+        "recipe.yaml",
+        "environment.jsonl",
+        "data_fingerprint.json",
+        "lineage.json",
+        "preflight.json",
+        "metrics.jsonl",
+        "summary.json",
+        "loss.png",
+        "test.jsonl",
+        "eval.json",
+        "eval.md",
+        "checkpoints",
+        "adapter",
+        "adapter_init",
+        "model",
+        ".adapter.tmp",
+        ".adapter.old",
+        ".model.tmp",
+        ".model.old",
+        ".prepared-data",
+    }
+)
+_HELD: dict[Path, Any] = {}  # run directory -> the lock this process holds on it
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """Top-level names in `root` that no lora-tune run writes (a half-written `.NAME.xxx.tmp` of ours counts as
+    ours)."""
+    return sorted(p.name for p in root.iterdir() if not _ours(p.name))
+
+
+def _ours(name: str) -> bool:
+    if name in RUN_ENTRIES:
+        return True
+    if name.startswith(".") and name.endswith(".tmp"):  # write_text_atomic's temporary: .recipe.yaml.x1y2.tmp
+        return name[1:].split(".tmp")[0].rsplit(".", 1)[0] in RUN_ENTRIES
+    return False
+
+
+def is_lora_tune_run(run: RunDir) -> bool:
+    """Made by lora-tune: its marker, or (a run from before the marker) recipe.yaml and only names runs write."""
+    if (run.root / MARKER).is_file():
+        return True
+    return run.recipe.is_file() and not foreign_entries(run.root)
+
+
 def prepare_run_dir(root: str | Path, *, overwrite: bool, resume: bool = False) -> RunDir:
-    """Create the run directory; refuse to write into another run (unless overwrite or resume) or foreign files."""
+    """Create the run directory and lock it for this process (release_run_dir lets go); refuse to write into another
+    run (unless overwrite or resume) or into a directory lora-tune did not make. --overwrite removes only what a run
+    writes, and refuses when anything else is there."""
     run = RunDir(Path(root))
     if overwrite and resume:
         raise RunDirError("--overwrite and resume exclude each other: replace the run, or continue it")
     if run.root.exists() and not run.root.is_dir():
         raise RunDirError(f"output_dir: '{run.root}' is a file, expected a directory")
     if run.root.is_dir() and any(run.root.iterdir()):
-        if not run.is_run():
+        if not is_lora_tune_run(run):
             raise RunDirError(
-                f"output_dir: '{run.root}' is not empty and holds no lora-tune run; choose an empty or new directory"
+                f"output_dir: '{run.root}' is not empty and holds no lora-tune run "
+                f"({_listing(foreign_entries(run.root))}); choose an empty or new directory"
             )
-        if resume:
-            return run
-        if not overwrite:
-            raise RunDirError(
-                f"output_dir: '{run.root}' already holds a run; pass --resume to continue it, --overwrite to "
-                f"replace it, or set output_dir=runs/another-name"
-            )
-        shutil.rmtree(run.root)
-    run.root.mkdir(parents=True, exist_ok=True)
+        _lock(run)
+        if not resume:
+            _clear_for_overwrite(run, overwrite)
+    else:
+        run.root.mkdir(parents=True, exist_ok=True)
+        _lock(run)
+    (run.root / MARKER).write_text("lora-tune run directory: --overwrite removes only what lora-tune wrote\n")
     return run
+
+
+def _clear_for_overwrite(run: RunDir, overwrite: bool) -> None:
+    if not overwrite:
+        release_run_dir(run)
+        raise RunDirError(
+            f"output_dir: '{run.root}' already holds a run; pass --resume to continue it, --overwrite to "
+            f"replace it, or set output_dir=runs/another-name"
+        )
+    foreign = foreign_entries(run.root)
+    if foreign:
+        release_run_dir(run)
+        raise RunDirError(
+            f"output_dir: '{run.root}' holds files lora-tune did not write ({_listing(foreign)}); --overwrite "
+            "removes only a run's own files: move these away or choose another output_dir (nothing was deleted)"
+        )
+    for entry in run.root.iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _lock(run: RunDir) -> None:
+    from lora_tune.locks import acquire
+
+    key = run.root.resolve()
+    if key not in _HELD:
+        _HELD[key] = acquire(run.root / LOCK, f"output_dir '{run.root}'")
+
+
+def release_run_dir(run: RunDir) -> None:
+    """Let go of the run directory's lock (the process's exit does it too)."""
+    from lora_tune.locks import release
+
+    lock = _HELD.pop(run.root.resolve(), None)
+    if lock is not None:
+        release(lock)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.config import Recipe
-from lora_tune.run_dir import RunDir, replace_dir_atomic, write_json_atomic
+from lora_tune.run_dir import RunDir, release_run_dir, replace_dir_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,22 @@ def train(
     overrides: Sequence[str] = (),
 ) -> RunResult:
     """Train the recipe's adapter; return where it is and the key numbers. `resume` continues the run in output_dir
-    from its newest complete checkpoint (see `lora_tune.resume`)."""
+    from its newest complete checkpoint (see `lora_tune.resume`). The run directory stays locked to this process
+    until the run ends (lora_tune.run_dir)."""
+    try:
+        return _train(recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, overrides=overrides)
+    finally:
+        release_run_dir(RunDir(Path(recipe.output_dir)))
+
+
+def _train(
+    recipe: Recipe,
+    *,
+    overwrite: bool,
+    resume: bool,
+    recipe_path: str | None,
+    overrides: Sequence[str],
+) -> RunResult:
     started = time.monotonic()
     _quiet_third_party_noise()
     if recipe.task.type == "classification":

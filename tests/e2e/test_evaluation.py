@@ -168,6 +168,9 @@ def test_eval_writes_json_markdown_and_plot_with_base_and_tuned(run: Path, capsy
     assert "| metric | base | fine-tuned |" in markdown and "![train and eval loss" in markdown
     assert "confusion matrix" in markdown and "| fruit number 0? | apple |" in markdown
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from lora_tune.run_dir import foreign_entries
+
+    assert foreign_entries(run) == []  # train + eval wrote only names that --overwrite may remove
 
 
 def test_reference_perplexity_matches_the_trainers_eval_loss(run: Path) -> None:

@@ -60,6 +60,9 @@ def test_run_directory_layout(trained_run: Path):
     assert resolved["training"]["max_steps"] == 30 and resolved["quantization"]["bits"] == 4
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["tokens_seen"] > 0 and summary["eval_loss"] is not None
+    from lora_tune.run_dir import MARKER, foreign_entries
+
+    assert (trained_run / MARKER).is_file() and foreign_entries(trained_run) == []
     # 2 layers x 7 linear projections, all bitsandbytes 4-bit: the base really was QLoRA's NF4 base.
     assert summary["quantized_layers"] == 14
     # LoRA r=8 on all 7 linears of 2 layers: r * (in + out) each = 2 * 8 * (4 * 128 + 3 * 320) = 23,552.
