@@ -35,9 +35,13 @@ class FieldError(ValueError):
 
 
 class StrictModel(BaseModel):
-    """Base of every recipe section: unknown keys are refused and objects cannot change after validation."""
+    """Base of every recipe section: unknown keys are refused and objects cannot change after validation.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Every float, in every section and inside its lists and mappings, must be finite: YAML reads `.inf`, `.nan` and
+    `1e999` as floats, and one of them as a learning rate or alpha trains an adapter of NaNs without an error.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):
@@ -327,10 +331,13 @@ Optimizer = Literal[
 ]
 
 
+MAX_EPOCHS = 10_000  # bounded so that epochs x steps per epoch stays a step count; longer runs set max_steps
+
+
 class TrainingConfig(StrictModel):
     learning_rate: PositiveFloat = Field(2e-4, description="Peak learning rate.")
     num_epochs: PositiveFloat = Field(
-        1.0, description="Passes over the training data (ignored when max_steps is set)."
+        1.0, le=MAX_EPOCHS, description="Passes over the training data (ignored when max_steps is set)."
     )
     max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
     batch_size: PositiveInt = Field(4, description="Examples per device per forward pass.")

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+ECHO_LIMIT = 80  # characters of a user's value quoted in an error line
+LINE_LIMIT = 1000  # characters of a whole message: one error, one line, never more than a screen
+
+
+def shorten(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` as an error line may quote it: cut to `limit` characters with an ellipsis and the original length
+    when longer (a 4 MB value must not make a 4 MB error line), and line breaks and other control characters
+    escaped, so it stays one line."""
+    flat = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    return flat if len(text) <= limit else f"{flat}… ({len(text):,} characters)"
+
 
 class LoraTuneError(Exception):
     """Base class of errors that the CLI prints as one line (exit code 2), without a traceback."""
@@ -23,8 +34,8 @@ class RecipeError(LoraTuneError):
         where = self.file or "<recipe>"
         if self.line is not None:
             where += f":{self.line}"
-        key = f" {self.key}:" if self.key else ""
-        return f"{where}:{key} {self.message}"
+        key = f" {shorten(self.key)}:" if self.key else ""
+        return f"{where}:{key} {shorten(self.message, LINE_LIMIT)}"
 
 
 class DataError(LoraTuneError):
