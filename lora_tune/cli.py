@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--dry-run", action="store_true", help="list the files and sizes; upload nothing")
     push.add_argument("--message", default=None, help="commit message (default names the run)")
+    push.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="give up on a hub request after this long without an answer, 3 tries per call "
+        "(default: LORA_TUNE_HUB_TIMEOUT, else 30)",
+    )
     push.set_defaults(handler=cmd_push)
 
     recipes = verbs.add_parser("recipes", help="list the recipe catalog, or show one recipe; imports no torch")
@@ -466,7 +474,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from lora_tune.export.push import format_push, push
 
-    result = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run, message=args.message)
+    result = push(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        dry_run=args.dry_run,
+        message=args.message,
+        timeout=args.timeout,
+    )
     print(format_push(result))
     return EXIT_OK
 

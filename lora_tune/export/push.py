@@ -2,14 +2,21 @@
 
 The token comes from huggingface_hub's own defaults (HF_TOKEN, or `hf auth login`), and the endpoint from
 HF_ENDPOINT; neither is printed or written by lora-tune.
+
+Exit codes (README, "Errors and exit codes"): what the user gave is wrong (the folder, the repo id, no token or one
+the hub refuses with 401/403, HF_HUB_OFFLINE set, a bad timeout) is an `ExportError`, exit 2; the hub unreachable,
+silent, failing after the retries, or refusing the commit for another reason is a `HubError`, exit 1.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,16 @@ REPO_ID = r"^[\w.-]+/[\w.-]+$"
 ATTEMPTS = 3  # per hub call (create_repo, create_commit)
 BACKOFF_S = 2.0  # seconds before the 2nd attempt, doubled before each next one
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}  # transient; any other status fails at once
+CREDENTIAL_STATUS = {401, 403}  # the token is missing, wrong, or may not write to this repo: the user's to fix
+DEFAULT_TIMEOUT_S = 30.0  # per request: connect, and each wait for the hub's next bytes
+TIMEOUT_ENV = "LORA_TUNE_HUB_TIMEOUT"  # also reaches `merge --push-to-hub`, which has no --timeout flag
 sleep = time.sleep  # monkeypatched by tests
+
+
+class HubError(ExportError):
+    """The hub was unreachable or silent, kept failing, or refused for a reason other than credentials (exit 1)."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -34,35 +50,66 @@ class PushResult:
     message: str
     url: str | None = None  # commit URL; None on a dry run
     dry_run: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path in the folder, why it is not uploaded)
     total_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.total_bytes = sum(size for _, size in self.files)
 
 
-def collect(folder: Path) -> tuple[str, dict[str, Path | bytes], str]:
-    """What to upload: (kind, {path in repo: file or bytes}, run name)."""
+def vetted_files(folder: Path, *, recursive: bool) -> tuple[dict[str, Path], list[tuple[str, str]]]:
+    """The regular files under `folder` ({posix path relative to it: file}), and what was left out, with why.
+
+    A symlink is never followed, to a file or a folder, inside or outside: it can point at a key or a home folder,
+    and what `ls` shows in the folder should be all that leaves the machine. Hidden names (.env, .git, .cache)
+    hold credentials and tool state, not model files. Without `recursive`, sub-folders are left out too.
+    """
+    files: dict[str, Path] = {}
+    skipped: list[tuple[str, str]] = []
+    pending = [folder]
+    while pending:  # no link is followed, so this walks a finite tree once
+        current = pending.pop()
+        with os.scandir(current) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                rel = path.relative_to(folder).as_posix()
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if entry.is_symlink():
+                    skipped.append((rel, "symlink, not followed"))
+                elif entry.name.startswith("."):
+                    skipped.append((rel + "/" if is_dir else rel, "hidden"))
+                elif is_dir and recursive:
+                    pending.append(path)
+                elif is_dir:
+                    skipped.append((rel + "/", "sub-folder"))
+                elif entry.is_file(follow_symlinks=False):
+                    files[rel] = path
+                else:
+                    skipped.append((rel, "not a regular file"))
+    return dict(sorted(files.items())), sorted(skipped)
+
+
+def collect(folder: Path) -> tuple[str, dict[str, Path | bytes], str, list[tuple[str, str]]]:
+    """What to upload: (kind, {path in repo: file or bytes}, run name, [(skipped path, why)]).
+
+    The returned dict is the whole upload: push() commits exactly these entries and nothing else.
+    """
     run = RunDir(folder)
     if run.is_run():
-        if not (run.adapter / "adapter_config.json").is_file():
+        found, skipped = vetted_files(run.adapter, recursive=False) if run.adapter.is_dir() else ({}, [])
+        if "adapter_config.json" not in found:
             raise ExportError(f"{folder}: this run has no adapter/ yet (did training finish?)")
         from lora_tune.export.card import adapter_card
         from lora_tune.recipe import load_recipe
 
-        files: dict[str, Path | bytes] = {
-            p.name: p for p in sorted(run.adapter.iterdir()) if p.is_file() and p.name != "README.md"
-        }
+        files: dict[str, Path | bytes] = {name: p for name, p in found.items() if name != "README.md"}
         files["README.md"] = adapter_card(run, load_recipe(run.recipe, check_paths=False)).encode("utf-8")
-        return "adapter", files, folder.resolve().name
-    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-        files = {
-            p.relative_to(folder).as_posix(): p
-            for p in sorted(folder.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        }
-        card = folder / "README.md"
-        named = re.search(r"lora-tune run `([^`]+)`", card.read_text(encoding="utf-8")) if card.is_file() else None
-        return "merged model", files, named.group(1) if named else folder.resolve().name
+        return "adapter", files, folder.resolve().name, [(f"adapter/{path}", why) for path, why in skipped]
+    found, skipped = vetted_files(folder, recursive=True)
+    if "config.json" in found and any(name.endswith(".safetensors") and "/" not in name for name in found):
+        card = found.get("README.md")
+        named = re.search(r"lora-tune run `([^`]+)`", card.read_text(encoding="utf-8")) if card else None
+        return "merged model", dict(found), named.group(1) if named else folder.resolve().name, skipped
     raise ExportError(
         f"{folder}: neither a lora-tune run directory (recipe.yaml + adapter/) nor a merged model folder "
         "(config.json + *.safetensors)"
@@ -77,24 +124,40 @@ def push(
     dry_run: bool = False,
     message: str | None = None,
     endpoint: str | None = None,
+    timeout: float | None = None,
 ) -> PushResult:
-    """Create the repo if needed (exist_ok) and upload every file in a single commit."""
+    """Create the repo if needed (exist_ok) and upload every vetted file in a single commit.
+
+    `timeout` (seconds; default LORA_TUNE_HUB_TIMEOUT, else 30) bounds each request's connect and each wait for
+    an answer; each hub call is tried ATTEMPTS times.
+    """
     folder = Path(folder)
-    if not re.match(REPO_ID, repo_id):
-        raise ExportError(f"repo id: expected ORG/NAME, got '{repo_id}'")
+    check_repo_id(repo_id)
+    seconds = _timeout(timeout)
     if not folder.is_dir():
         raise ExportError(f"{folder}: not a directory")
-    kind, files, name = collect(folder)
+    kind, files, name, skipped = collect(folder)
     message = message or f"Upload {kind} of lora-tune run '{name}'"
     sizes = [(path, len(src) if isinstance(src, bytes) else src.stat().st_size) for path, src in files.items()]
-    result = PushResult(repo_id=repo_id, files=sizes, kind=kind, message=message, dry_run=dry_run)
+    result = PushResult(repo_id=repo_id, files=sizes, kind=kind, message=message, dry_run=dry_run, skipped=skipped)
     if dry_run:
         return result
+    with _client_timeout(seconds):
+        result.url = _upload(repo_id, files, message, private=private, endpoint=endpoint, timeout=seconds)
+    return result
 
+
+def _upload(
+    repo_id: str, files: dict[str, Path | bytes], message: str, *, private: bool, endpoint: str | None, timeout: float
+) -> str:
+    """create_repo + create_commit with retries; every failure becomes one line (ExportError or HubError)."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    if _token() is None:
+        raise ExportError("push: no hub token; log in with `hf auth login` or set HF_TOKEN")
     api = HfApi(endpoint=endpoint)
+    started = time.monotonic()
     try:
         with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True), "create repo")
         # create_commit rather than upload_folder: with hf_xet installed, upload_folder may split a folder into
@@ -110,16 +173,97 @@ def push(
     except OfflineModeIsEnabled:
         raise ExportError("push: HF_HUB_OFFLINE is set; unset it to reach the hub") from None
     except HfHubHTTPError as exc:
-        status = _status(exc) or "?"
-        hint = " (log in with `hf auth login` or set HF_TOKEN)" if status in (401, 403) else ""
-        raise ExportError(f"push to {repo_id} failed: HTTP {status}: {_first_line(exc)}{hint}") from None
-    except _connection_errors() as exc:
-        raise ExportError(
-            f"push to {repo_id} failed: cannot reach the hub after {ATTEMPTS} attempts: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
+        status = _status(exc)
+        if status in CREDENTIAL_STATUS:
+            raise ExportError(
+                f"push to {repo_id} failed: HTTP {status}: {_first_line(exc)} (log in with `hf auth login` or set "
+                "HF_TOKEN, with write access to this repo)"
+            ) from None
+        tries = (
+            f" after {ATTEMPTS} tries ({time.monotonic() - started:.0f} s in all)" if status in RETRY_STATUS else ""
+        )
+        raise HubError(f"push to {repo_id} failed: HTTP {status or '?'}{tries}: {_first_line(exc)}") from None
+    except _timeout_errors():
+        raise HubError(
+            f"push: the hub at {api.endpoint} did not answer within {timeout:g} s ({ATTEMPTS} tries, "
+            f"{time.monotonic() - started:.0f} s in all); check the network or HF_ENDPOINT, "
+            f"or raise --timeout ({TIMEOUT_ENV})"
         ) from None
-    result.url = info.commit_url
-    return result
+    except _connection_errors() as exc:
+        raise HubError(
+            f"push: cannot reach the hub at {api.endpoint} ({ATTEMPTS} tries, {time.monotonic() - started:.0f} s "
+            f"in all): {type(exc).__name__}: {_first_line(exc)}; check the network or HF_ENDPOINT"
+        ) from None
+    return info.commit_url
+
+
+def check_repo_id(repo_id: str) -> None:
+    """ORG/NAME, also by the hub's rules (no '--' or '..', no leading '-'): refused before any upload, exit 2."""
+    if not re.match(REPO_ID, repo_id):
+        raise ExportError(f"repo id: expected ORG/NAME, got '{repo_id}'")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ExportError(f"repo id: {_first_line(exc)}") from None
+
+
+def _timeout(value: float | None) -> float:
+    """Seconds per request: the argument, else LORA_TUNE_HUB_TIMEOUT, else DEFAULT_TIMEOUT_S."""
+    source, raw = ("--timeout", value) if value is not None else (TIMEOUT_ENV, os.environ.get(TIMEOUT_ENV))
+    if raw is None or raw == "":
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ExportError(f"{source}: expected a number of seconds > 0, got '{raw}'")
+    return seconds
+
+
+class NoAnswer(TimeoutError):
+    """A request got no answer within the timeout.
+
+    Deliberately a plain TimeoutError, not the HTTP client's timeout class: huggingface_hub retries that one itself in
+    some calls (preupload, LFS: 5 more tries and 23 s of sleeps), nested inside our ATTEMPTS, which turned 3 tries
+    into 18 waits and made the count in the error wrong.
+    """
+
+
+@contextmanager
+def _client_timeout(seconds: float) -> Iterator[None]:
+    """Inside, every request huggingface_hub sends has connect/read/write/pool timeouts of `seconds`.
+
+    Its shared client is built with timeout=None and create_repo/create_commit pass none, so a hub that accepts the
+    connection and never answers would hang a push forever. The current client factory (a user's own, with proxies
+    or certificates, if one was set) is wrapped rather than replaced, and put back afterwards.
+    """
+    from huggingface_hub.utils import _http, set_client_factory
+
+    previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
+    client_timeouts = _timeout_errors()
+
+    def factory() -> Any:
+        client = previous()
+        client.timeout = type(client.timeout)(seconds)  # httpx2.Timeout in huggingface_hub 2.x, httpx.Timeout in 1.x
+        send = client.send  # every request goes through send(): get/post/request/stream alike
+
+        def send_or_give_up(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return send(*args, **kwargs)
+            except client_timeouts as exc:
+                raise NoAnswer(f"no answer within {seconds:g} s") from exc
+
+        client.send = send_or_give_up
+        return client
+
+    set_client_factory(factory)
+    try:
+        yield
+    finally:
+        set_client_factory(previous)
 
 
 def with_retries(call: Callable[[], Any], what: str) -> Any:
@@ -139,7 +283,9 @@ def with_retries(call: Callable[[], Any], what: str) -> Any:
             if attempt == ATTEMPTS:
                 raise
             delay = BACKOFF_S * 2 ** (attempt - 1)
-            reason = f"HTTP {status}" if status is not None else type(exc).__name__
+            reason = str(exc) if isinstance(exc, NoAnswer) else type(exc).__name__
+            if status is not None:
+                reason = f"HTTP {status}"
             log.warning(
                 "push: %s failed (%s), retrying in %.0fs (attempt %d/%d)", what, reason, delay, attempt + 1, ATTEMPTS
             )
@@ -164,24 +310,43 @@ def _token() -> str | None:
         from huggingface_hub import get_token
 
         return get_token()
-    except Exception:  # noqa: BLE001 - only used to scrub messages
+    except Exception:  # noqa: BLE001 - only used to scrub messages and to say "log in" before any request
         return None
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
     """Connection-level errors of the HTTP client huggingface_hub uses (httpx2 in 2.4; httpx/requests before)."""
-    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, name in (
-        ("httpx2", "TransportError"),
-        ("httpx", "TransportError"),
-        ("requests", "ConnectionError"),
-        ("requests", "Timeout"),
-    ):
+    return (
+        ConnectionError,
+        TimeoutError,
+        *_client_errors(
+            ("httpx2", "TransportError"),
+            ("httpx", "TransportError"),
+            ("requests", "ConnectionError"),
+            ("requests", "Timeout"),
+        ),
+    )
+
+
+def _timeout_errors() -> tuple[type[BaseException], ...]:
+    """The part of `_connection_errors` that means "no answer came in time" (connect, read or write)."""
+    return (
+        TimeoutError,
+        *_client_errors(("httpx2", "TimeoutException"), ("httpx", "TimeoutException"), ("requests", "Timeout")),
+    )
+
+
+def _client_errors(*names: tuple[str, str]) -> list[type[BaseException]]:
+    """(module, class) pairs that are importable here; a client that is not installed cannot raise its errors."""
+    errors: list[type[BaseException]] = []
+    for module, name in names:
         try:
-            errors.append(getattr(__import__(module), name))
+            cls = getattr(__import__(module), name)
         except (ImportError, AttributeError):
             continue
-    return tuple(errors)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            errors.append(cls)
+    return errors
 
 
 def format_push(result: PushResult) -> str:
@@ -189,6 +354,7 @@ def format_push(result: PushResult) -> str:
         f"{'Would upload' if result.dry_run else 'Uploaded'} {result.kind}: {len(result.files)} files, "
         f"{_size(result.total_bytes)} -> {result.repo_id}",
         *(f"  {path}  {_size(size)}" for path, size in result.files),
+        *(f"  skipped {path} ({why})" for path, why in result.skipped),
         f"  commit message: {result.message}",
     ]
     if result.url:

@@ -20,7 +20,10 @@ class FakeHub(BaseHTTPRequestHandler):
     requests: list[tuple[str, str]] = []
     repos: dict[str, dict] = {}
     commits: list[dict] = []
-    failures: dict[str, list[int]] = {}  # endpoint kind ("create", "commit") -> statuses to answer first, in order
+    failures: dict[str, list[int]] = {}  # endpoint kind (see `kinds`) -> statuses to answer first, in order
+    stalled: set[str] = set()  # endpoint kinds that get no answer until the test ends
+    kinds = {"create": "/api/repos/create", "preupload": "/preupload/", "commit": "/commit/"}  # kind -> path part
+    release = threading.Event()
 
     def log_message(self, *args) -> None:  # noqa: ANN002 - keep the test output clean
         pass
@@ -41,7 +44,10 @@ class FakeHub(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         path = self.path.split("?")[0]
         self.requests.append(("POST", path))
-        kind = "create" if path == "/api/repos/create" else "commit" if "/commit/" in path else None
+        kind = next((kind for kind, part in self.kinds.items() if part in path), None)
+        if kind in self.stalled:
+            self.release.wait(timeout=30)  # silent, then let the connection go; bounded if teardown never comes
+            return None
         if kind and self.failures.get(kind):
             status = self.failures[kind].pop(0)
             return self._reply(status, {"error": f"fake hub answers {status}"})
@@ -81,6 +87,7 @@ def hub(monkeypatch):
     push_module = importlib.import_module("lora_tune.export.push")  # the package's `push` shadows the module name
 
     FakeHub.requests, FakeHub.repos, FakeHub.commits, FakeHub.failures = [], {}, [], {}
+    FakeHub.stalled, FakeHub.release = set(), threading.Event()
     FakeHub.sleeps = []
     monkeypatch.setattr(push_module, "sleep", FakeHub.sleeps.append)
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
@@ -92,6 +99,7 @@ def hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
     monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
     yield FakeHub
+    FakeHub.release.set()
     server.shutdown()
     server.server_close()
 
@@ -167,17 +175,18 @@ def test_transient_hub_error_is_retried_with_backoff(hub, merged_and_run, capsys
 def test_persistent_5xx_gives_up_after_the_attempts(hub, merged_and_run, capsys):
     merged, _ = merged_and_run
     hub.failures = {"create": [502, 502, 502]}
-    assert main(["push", str(merged), "me/tiny-down"]) == 2
+    assert main(["push", str(merged), "me/tiny-down"]) == 1, "the hub's trouble, not the user's: exit 1"
     assert hub.sleeps == [2.0, 4.0] and hub.commits == []
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "HTTP 502" in err
+    assert len(err.splitlines()) == 1 and "HTTP 502 after 3 tries (" in err
 
 
-@pytest.mark.parametrize("status", [401, 403, 404])
-def test_client_errors_fail_at_once_without_the_token(hub, merged_and_run, capsys, status):
+@pytest.mark.parametrize(("status", "code"), [(401, 2), (403, 2), (404, 1), (422, 1)])
+def test_client_errors_fail_at_once_without_the_token(hub, merged_and_run, capsys, status, code):
+    """401/403: the token is missing, wrong or may not write there (the user's to fix, 2); other refusals: 1."""
     merged, _ = merged_and_run
     hub.failures = {"commit": [status]}
-    assert main(["push", str(merged), "me/tiny-denied"]) == 2
+    assert main(["push", str(merged), "me/tiny-denied"]) == code
     assert [path for _, path in hub.requests if "/commit/" in path] == ["/api/models/me/tiny-denied/commit/main"]
     assert hub.sleeps == [] and hub.commits == []
     captured = capsys.readouterr()
@@ -186,6 +195,52 @@ def test_client_errors_fail_at_once_without_the_token(hub, merged_and_run, capsy
     assert "hf_fake_token" not in captured.err + captured.out
     if status == 401:
         assert "hf auth login" in err
+
+
+def test_commit_carries_only_regular_files_never_links_or_hidden_ones(hub, tmp_path: Path, capsys):
+    from tests.unit.test_push_hardening import adapter_run, model_folder, plant_hazards
+
+    merged, run = model_folder(tmp_path / "m"), adapter_run(tmp_path / "r")
+    plant_hazards(merged, tmp_path / "outside-m")
+    plant_hazards(run / "adapter", tmp_path / "outside-r")
+    assert main(["push", str(merged), "me/m"]) == 0
+    assert main(["push", str(run), "me/r"]) == 0
+    merged_commit, adapter_commit = hub.commits
+    assert set(merged_commit["files"]) == {"README.md", "config.json", "model.safetensors", "tokenizer/tokenizer.json"}
+    assert set(adapter_commit["files"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    for commit in hub.commits:
+        assert not any(b"PRIVATE KEY" in data or b"secret plans" in data for data in commit["files"].values())
+    out = capsys.readouterr().out
+    assert "skipped key.txt (symlink, not followed)" in out and "skipped adapter/.env (hidden)" in out
+
+
+def test_missing_token_fails_before_any_request(hub, merged_and_run, capsys, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    merged, _ = merged_and_run
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))  # no saved login
+    assert main(["push", str(merged), "me/tiny-anon"]) == 2
+    assert hub.requests == [] and hub.repos == {}
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no hub token" in err and "hf auth login" in err
+
+
+def test_hub_that_stalls_mid_commit_is_tried_3_times_in_all(hub, tmp_path: Path, capsys):
+    """huggingface_hub retries a timed-out preupload 5 times itself; only our 3 tries may count (3 waits, not 18)."""
+    from tests.unit.test_push_hardening import model_folder, run_bounded
+
+    hub.stalled = {"preupload"}
+    rc, seconds = run_bounded(["push", str(model_folder(tmp_path)), "me/stalled", "--timeout", "0.2"])
+    assert rc == 1 and seconds < 3
+    assert [path for _, path in hub.requests if "/preupload/" in path] == ["/api/models/me/stalled/preupload/main"] * 3
+    assert hub.sleeps == [2.0, 4.0] and hub.commits == []
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "did not answer within 0.2 s (3 tries, " in err
+    assert "commit failed (no answer within 0.2 s), retrying in 2s (attempt 2/3)" in captured.out
+    assert "hf_fake_token" not in captured.out + captured.err
 
 
 def test_connection_error_is_retried(hub, merged_and_run, monkeypatch):

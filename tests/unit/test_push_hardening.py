@@ -1,0 +1,229 @@
+"""`lora-tune push` hardening: timeouts against a silent loopback hub, exit codes, and an upload list that never
+follows a symlink or carries a hidden file. No torch, no network beyond 127.0.0.1; each test takes about a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from lora_tune.cli import main
+
+push_module = importlib.import_module("lora_tune.export.push")  # the package's `push` shadows the module name
+
+TOKEN = "hf_SilentHubTestToken0123456789abcdefXYZ"
+TIMEOUT_ENV = "LORA_TUNE_HUB_TIMEOUT"  # documented, so spelled out here rather than imported
+RECIPE = """\
+model:
+  name: org/base-model
+adapter:
+  r: 4
+  alpha: 8
+datasets:
+  - path: data.jsonl
+output_dir: {out}
+"""
+
+
+def model_folder(root: Path) -> Path:
+    """What `merge` writes, as far as push looks: config.json, a safetensors shard, a card, one nested file."""
+    folder = root / "merged"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    (folder / "README.md").write_text("Merged from lora-tune run `my-run`.\n")
+    (folder / "tokenizer" / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def adapter_run(root: Path) -> Path:
+    """A run directory as `train` leaves it, with placeholder adapter files (push reads only names and sizes)."""
+    run = root / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(RECIPE.format(out=run))
+    (run / "summary.json").write_text(json.dumps({"steps": 3, "train_loss": 1.5, "eval_loss": None}))
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    return run
+
+
+def plant_hazards(folder: Path, outside: Path) -> list[str]:
+    """Links out of `folder` (to a file, to a folder) and hidden entries; returns the names push must skip."""
+    outside.mkdir()
+    (outside / "id_rsa").write_text("PRIVATE KEY")
+    (outside / "notes").mkdir()
+    (outside / "notes" / "todo.txt").write_text("secret plans")
+    (folder / "key.txt").symlink_to(outside / "id_rsa")
+    (folder / "home").symlink_to(outside / "notes", target_is_directory=True)
+    (folder / ".env").write_text(f"HF_TOKEN={TOKEN}\n")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("[core]\n")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "upload.lock").write_text("")
+    return ["key.txt", "home", ".env", ".git/", ".cache/"]
+
+
+def listed_and_skipped(out: str) -> tuple[set[str], dict[str, str]]:
+    """From `format_push` output: the listed file paths, and {skipped path: reason}."""
+    listed = {m.group(1) for m in re.finditer(r"^  (\S+)  \d", out, re.M)}
+    skipped = {m.group(1): m.group(2) for m in re.finditer(r"^  skipped (\S+) \((.+)\)$", out, re.M)}
+    return listed, skipped
+
+
+def test_merged_push_lists_regular_files_only_and_names_what_it_skipped(tmp_path: Path, capsys):
+    folder = model_folder(tmp_path)
+    hazards = plant_hazards(folder, tmp_path / "outside")
+    assert main(["push", str(folder), "me/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed, skipped = listed_and_skipped(out)
+    assert listed == {"README.md", "config.json", "model.safetensors", "tokenizer/tokenizer.json"}
+    assert set(skipped) == set(hazards)
+    assert skipped["key.txt"] == skipped["home"] == "symlink, not followed"
+    assert skipped[".env"] == skipped[".git/"] == "hidden"
+    assert "todo.txt" not in out and "id_rsa" not in out
+
+
+def test_adapter_push_lists_regular_files_only_and_names_what_it_skipped(tmp_path: Path, capsys):
+    run = adapter_run(tmp_path)
+    hazards = plant_hazards(run / "adapter", tmp_path / "outside")
+    (run / "adapter" / "checkpoint-3").mkdir()  # an adapter is pushed flat
+    assert main(["push", str(run), "me/x", "--dry-run"]) == 0
+    listed, skipped = listed_and_skipped(capsys.readouterr().out)
+    assert listed == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert set(skipped) == {f"adapter/{name}" for name in [*hazards, "checkpoint-3/"]}
+
+
+def test_a_linked_shard_does_not_make_a_model_folder(tmp_path: Path, capsys):
+    folder = tmp_path / "looks-merged"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"\0")
+    (folder / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    assert main(["push", str(folder), "me/x", "--dry-run"]) == 2
+    assert "neither a lora-tune run directory" in capsys.readouterr().err
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Callable[[str], None], list[float]]]:
+    """The suite runs offline: here huggingface_hub may reach loopback endpoints only, with a token, no real sleeps."""
+    import huggingface_hub.constants
+    import huggingface_hub.utils
+
+    # huggingface_hub 2.4 fetches an agent registry from the endpoint once per process (its own 3 s timeout) when
+    # it first builds headers; resolving it now, while the suite is still offline, leaves only the push to time.
+    if hasattr(huggingface_hub.utils, "is_agent"):
+        huggingface_hub.utils.is_agent()
+
+    def point_at(url: str) -> None:
+        assert url.startswith("http://127.0.0.1:")
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)  # read from HF_ENDPOINT once, at import
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    sleeps: list[float] = []
+    monkeypatch.setattr(push_module, "sleep", sleeps.append)
+    yield point_at, sleeps
+
+
+@pytest.fixture
+def silent_hub(online) -> Iterator[tuple[str, list[socket.socket], list[float]]]:
+    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte; HF_ENDPOINT points at it."""
+    point_at, sleeps = online
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        for _ in range(1200):  # 60 s at most, whatever happens to the test
+            if stop.is_set():
+                return
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    point_at(url)
+    yield url, accepted, sleeps
+    stop.set()
+    thread.join(timeout=2)
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def run_bounded(argv: Sequence[str], limit_s: float = 5.0) -> tuple[int | None, float]:
+    """`main(argv)` in a thread: (exit code, or None if it was still running after `limit_s`; seconds taken)."""
+    result: dict[str, int] = {}
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: result.setdefault("rc", main(argv)), daemon=True)
+    thread.start()
+    thread.join(timeout=limit_s)
+    return result.get("rc"), time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_silent_hub_times_out_with_one_line_and_exit_1(silent_hub, tmp_path: Path, capsys, monkeypatch, how):
+    from huggingface_hub.utils import _http
+
+    url, accepted, sleeps = silent_hub
+    factory = _http._GLOBAL_CLIENT_FACTORY
+    argv = ["push", str(model_folder(tmp_path)), "me/x"]
+    if how == "flag":
+        argv += ["--timeout", "0.2"]
+    else:
+        monkeypatch.setenv(TIMEOUT_ENV, "0.2")  # the way to reach `merge --push-to-hub`
+    rc, seconds = run_bounded(argv)
+    assert rc == 1, "a push to a hub that never answers must end, with exit 1"
+    assert seconds < 3, "3 tries of 0.2 s, backoff sleeps stubbed"
+    assert len(accepted) == push_module.ATTEMPTS and sleeps == [2.0, 4.0]
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"the hub at {url} did not answer within 0.2 s (3 tries, " in err and " s in all)" in err
+    assert "HF_ENDPOINT" in err and "--timeout" in err
+    assert TOKEN not in captured.out + captured.err
+    assert _http._GLOBAL_CLIENT_FACTORY is factory, "the client factory is put back after the push"
+
+
+def test_unreachable_hub_fails_with_exit_1_after_the_tries(online, tmp_path: Path, capsys):
+    point_at, sleeps = online
+    closed = socket.create_server(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there now: connection refused
+    point_at(url)
+    rc, _ = run_bounded(["push", str(model_folder(tmp_path)), "me/x"])
+    assert rc == 1 and sleeps == [2.0, 4.0]
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and f"cannot reach the hub at {url} (3 tries, " in err
+    assert TOKEN not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("repo_id", ["me/a..b", "me/-x", "me/x--y"])
+def test_repo_id_the_hub_would_refuse_fails_before_anything_with_exit_2(tmp_path: Path, capsys, repo_id):
+    assert main(["push", str(model_folder(tmp_path)), repo_id, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: repo id:") and repo_id in err
+
+
+@pytest.mark.parametrize(("argv", "env"), [(["--timeout", "0"], None), (["--timeout", "nan"], None), ([], "soon")])
+def test_bad_timeout_is_a_user_error(tmp_path: Path, capsys, monkeypatch, argv, env):
+    if env is not None:
+        monkeypatch.setenv(TIMEOUT_ENV, env)
+    assert main(["push", str(model_folder(tmp_path)), "me/x", "--dry-run", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "expected a number of seconds > 0" in err
