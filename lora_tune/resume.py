@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -270,3 +272,66 @@ def restore_token_count(trainer: Any, checkpoint: Path | None) -> int | None:
         return None
     trainer._total_train_tokens = counts[-1]
     return int(counts[-1])
+
+
+def evaluation_keeps_rng(trainer: Any) -> None:
+    """Make the trainer's evaluations leave every random generator as they found it.
+
+    An evaluation draws from the global generators (each DataLoader iterator draws its base seed), and a checkpoint
+    saved at the end of an epoch holds the state from before the epoch's evaluation. A run resumed there shuffled
+    the next epoch from that state, the uninterrupted run from the state after the evaluation: another data order
+    and other dropout masks from the first step after the resume on (measured: losses apart from step 7 of 40 and
+    the adapters 0.19 apart). With evaluation side-effect free, both continue from the same state.
+    """
+    evaluate = trainer.evaluate
+
+    def evaluate_keeping_rng(*args: Any, **kwargs: Any) -> Any:
+        with preserved_rng():
+            return evaluate(*args, **kwargs)
+
+    trainer.evaluate = evaluate_keeping_rng
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Python's, numpy's and torch's generators (CPU and every CUDA device) restored on exit."""
+    import random
+
+    import numpy as np
+    import torch
+
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def train_or_finish(trainer: Any, checkpoint: Path | None) -> Any:
+    """`trainer.train`, resuming from `checkpoint`; or, when that checkpoint is the run's last step (the process
+    died after sealing it, before the adapter was saved), its weights and state without training again.
+
+    The Trainer resumed at global_step == max_steps in the middle of an epoch runs one step more (it checks the
+    step count only after a step): a run of 8 steps ended with 9, and its adapter 0.0098 away from the unbroken one.
+    """
+    if checkpoint is None or not _is_last_step(checkpoint):
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    log.info("resume: %s is the run's last step; training is complete, finishing the run", checkpoint.name)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+        trainer._load_best_model()  # as the Trainer does when it finishes training
+    return TrainOutput(trainer.state.global_step, float("nan"), {})
+
+
+def _is_last_step(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]

@@ -194,6 +194,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def replace_dir_atomic(build: Path, target: Path) -> None:
     """Move a fully written directory into place; an older one at `target` is removed only after that succeeds."""
     old = target.with_name(f".{target.name}.old")
+    if old.exists():  # left by a process killed between the two renames below; target is then the newer one
+        shutil.rmtree(old)
     if target.exists():
         os.replace(target, old)
     os.replace(build, target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -89,7 +90,14 @@ def _train(
     from lora_tune.methods import runtime as methods
     from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
-    from lora_tune.resume import open_run, restore_token_count, resume_hint, resume_point_of
+    from lora_tune.resume import (
+        evaluation_keeps_rng,
+        open_run,
+        restore_token_count,
+        resume_hint,
+        resume_point_of,
+        train_or_finish,
+    )
     from lora_tune.signals import StopRequest, graceful_stop, raise_if_stopped, stop_callback
     from lora_tune.speed import apply_liger, check_levers, describe_levers, use_varlen_attention
     from lora_tune.trl_args import early_stopping_callbacks, to_sft_config
@@ -169,6 +177,7 @@ def _train(
             stop_callback(stop),
         ],
     )
+    evaluation_keeps_rng(trainer)  # so a run resumed at an epoch's end shuffles the next epoch as the unbroken one
     methods.attach(recipe, trainer, run.root)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
     keep_trainable_dtypes(trainer)  # a resumed QLoRA adapter trains in bfloat16 again, as before the kill
     check_free_disk(run.root, recipe, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
@@ -178,7 +187,7 @@ def _train(
     #    full disk become one line naming the last complete checkpoint.
     with graceful_stop(stop), translate_faults(recipe, run.checkpoints, hint):
         restore_token_count(trainer, start.checkpoint)  # TRL's count of trained tokens restarts at 0 otherwise
-        output = trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+        output = train_or_finish(trainer, start.checkpoint)
     raise_if_stopped(stop, trainer.state.global_step, str(run.checkpoints), hint)
 
     # 8. Evaluate once more at the end, when there is validation data (with keep_best: the best checkpoint, which
@@ -255,6 +264,8 @@ def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, recipe: Recipe, *, 
     from lora_tune.methods.runtime import artifact_name, save_artifact
 
     build = run.root / ".adapter.tmp"
+    if build.is_dir() and not gathered:  # left by a process killed while saving: start the folder anew
+        shutil.rmtree(build)
     if gathered:  # FSDP / ZeRO-3: the adapter was gathered and written by every process together
         tokenizer.save_pretrained(build)
     else:

@@ -181,6 +181,60 @@ def test_kill_while_writing_a_checkpoint_and_a_corrupted_one_are_skipped(
     assert_same_run(work / "torn", reference)
 
 
+@pytest.mark.parametrize("fault", ["kill-after-training", "kill-in-final-save", "sigterm-in-step"])
+def test_stopped_after_the_last_step_then_resume_matches_uninterrupted(
+    fault: str, work: Path, tiny_model_dir: Path, reference: Path, capsys: pytest.CaptureFixture
+):
+    """Every step trained, the final checkpoint sealed, then the process died before the adapter was in place (or
+    was told to stop during the last step): the resume finishes the run without a step past max_steps."""
+    name = f"last-{fault}"
+    recipe = write_recipe(work, tiny_model_dir, name)
+    stopped = run_cli("train", str(recipe), fault=(fault, MAX_STEPS - 1))
+    expected = 128 + signal.SIGTERM if fault == "sigterm-in-step" else -signal.SIGKILL
+    assert stopped.returncode == expected, stopped.stderr[-2000:]
+    run = work / name
+    assert (run / "checkpoints" / f"checkpoint-{MAX_STEPS}" / MANIFEST).is_file()
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+    assert (run / ".adapter.tmp").is_dir() == (fault == "kill-in-final-save")
+
+    assert main(["train", str(recipe), "--resume"]) == 0
+    assert f"checkpoint-{MAX_STEPS} is the run's last step; training is complete" in capsys.readouterr().out
+    assert json.loads((run / "summary.json").read_text())["steps"] == MAX_STEPS
+    assert not (run / ".adapter.tmp").exists()
+    assert_same_run(run, reference)
+
+
+def test_resume_at_an_epoch_end_after_an_evaluation_matches_uninterrupted(work: Path, tiny_model_dir: Path):
+    """Several epochs of packed rows on a 4-bit base, an evaluation at each epoch's end, a constant schedule: the
+    review's case. The evaluation drew from the global random generators after the epoch's last checkpoint was
+    saved, so the resumed run shuffled the next epoch differently (adapters 0.19 apart); now it must not."""
+    import torch
+
+    overrides = [
+        "training.max_steps=12",
+        "val_size=0.2",
+        "training.eval_strategy=epoch",
+        "training.lr_scheduler=constant",
+        "training.warmup_steps=0",
+        "training.save_total_limit=null",
+    ]
+    reference = work / "epochs-reference"
+    assert main(["train", str(write_recipe(work, tiny_model_dir, reference.name, quantized=True)), *overrides]) == 0
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval_loss" in r for r in records) >= 2, "needs evaluations at several epoch ends"
+    epoch_ends = [r["step"] for r in records if "eval_loss" in r and r["step"] % SAVE_STEPS == 0]
+    kill_after = epoch_ends[0]  # the newest checkpoint is the one saved at the end of the first such epoch
+
+    recipe = write_recipe(work, tiny_model_dir, "epochs-killed", quantized=True)
+    killed = run_cli("train", str(recipe), *overrides, fault=("kill-at-step", kill_after + 1))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert main(["train", str(recipe), *overrides, "--resume"]) == 0
+    got, want = adapter(work / "epochs-killed"), adapter(reference)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    assert losses(work / "epochs-killed") == losses(reference)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_with_a_resume_hint(work: Path, tiny_model_dir: Path, reference: Path):
     recipe = write_recipe(work, tiny_model_dir, "preempted")
     run = work / "preempted"

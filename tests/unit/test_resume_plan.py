@@ -135,9 +135,13 @@ def test_resume_auto_in_the_recipe_and_refusals(recipe_file: Path, tmp_path: Pat
     with pytest.raises(RunDirError, match="exclude each other"):
         open_run(recipe, overwrite=True, resume=True)
     run, _ = open_run(load_recipe(recipe_file, ["training.resume=auto"]), overwrite=False, resume=False)
-    (run.root / "keep.txt").write_text("x")
+    (run.root / "eval.json").write_text("{}")
     run, _ = open_run(load_recipe(recipe_file, ["training.resume=auto"]), overwrite=True, resume=False)
-    assert not (run.root / "keep.txt").exists(), "--overwrite wins over the recipe's resume: auto"
+    assert not (run.root / "eval.json").exists(), "--overwrite wins over the recipe's resume: auto"
+    (run.root / "keep.txt").write_text("x")  # but it removes nothing lora-tune did not write
+    with pytest.raises(RunDirError, match=r"did not write \(keep.txt\)"):
+        open_run(load_recipe(recipe_file, ["training.resume=auto"]), overwrite=True, resume=False)
+    (run.root / "keep.txt").unlink()
     (run.root / "summary.json").write_text("{}")
     with pytest.raises(ResumeError, match="already finished"):
         open_run(recipe, overwrite=False, resume=True)
