@@ -47,6 +47,28 @@ def redact(text: str) -> str:
     return TOKEN_SHAPE.sub(MASK, text)
 
 
+# Credentials by shape, for text that is published (model cards): a false alarm costs a few masked characters, a
+# leak cannot be taken back. Unlike TOKEN_SHAPE these match inside names too ("data/hf_<token>_train.jsonl").
+CREDENTIAL_SHAPES = [
+    (re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{20,}"), MASK),  # Hugging Face
+    (re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_-]{20,}"), "sk-***"),  # OpenAI, Anthropic (sk-ant-...)
+    (re.compile(r"(?<![A-Za-z0-9])(AKIA|ASIA)[A-Z0-9]{16,}"), r"\1***"),  # AWS access key id
+    (re.compile(r"(?<![A-Za-z0-9])(gh[pousr]_)[A-Za-z0-9]{20,}"), r"\1***"),  # GitHub
+    (re.compile(r"(?<![A-Za-z0-9])github_pat_[A-Za-z0-9_]{20,}"), "github_pat_***"),  # GitHub fine-grained
+    (re.compile(r"(?<![A-Za-z0-9])(xox[abprs]-)[A-Za-z0-9-]{10,}"), r"\1***"),  # Slack
+    # user:password@ (or a token as the user) of a URL: up to the last "@" before the host's path
+    (re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#]+@"), r"\1***@"),
+]
+
+
+def mask_credentials(text: str) -> str:
+    """`redact`, then every credential shape of CREDENTIAL_SHAPES masked: for text that lora-tune publishes."""
+    text = redact(text)
+    for shape, mask in CREDENTIAL_SHAPES:
+        text = shape.sub(mask, text)
+    return text
+
+
 class RedactingFilter(logging.Filter):
     """Logging filter that rewrites each record's message through `redact`."""
 

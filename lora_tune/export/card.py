@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lora_tune.safety import mask_credentials
+
 if TYPE_CHECKING:
     from lora_tune.config import Recipe
     from lora_tune.export.merging import MergeResult
@@ -73,6 +75,8 @@ def build_card(
     usage: str,
     details: list[str] | None = None,
 ) -> str:
+    """The card's text. Every card goes through here, and its whole text through `mask_credentials`: recipe values,
+    dataset and model names, the run's name and lineage may hold a token or a URL's password."""
     method = "qlora" if recipe.quantization.bits == 4 else "lora"
     tags = ["lora-tune", method, *(["dora"] if recipe.adapter.use_dora else []), kind, "text-generation"]
     meta: dict[str, Any] = {
@@ -155,7 +159,7 @@ def build_card(
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return mask_credentials("\n".join(lines))
 
 
 def lineage_lines(run: RunDir) -> list[str]:
@@ -181,11 +185,14 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 def drop_secrets(data: Any) -> Any:
-    """Remove every key that looks like a credential, at any depth."""
+    """Remove every key that looks like a credential and mask every value that does, at any depth. Values are masked
+    before the YAML dump too, which may fold a long string over lines where a shape would no longer match."""
     if isinstance(data, dict):
-        return {k: drop_secrets(v) for k, v in data.items() if not SECRET_KEY.search(str(k))}
+        return {drop_secrets(k): drop_secrets(v) for k, v in data.items() if not SECRET_KEY.search(str(k))}
     if isinstance(data, list):
         return [drop_secrets(v) for v in data]
+    if isinstance(data, str):
+        return mask_credentials(data)
     return data
 
 

@@ -1,16 +1,18 @@
 """`merge(run_dir, output)`: fold a run's adapter into its base model and write a standalone transformers folder.
 
-Steps, top to bottom: read the run's resolved recipe -> find the base's unquantized safetensors -> refuse a
-destination that would lose data or not fit -> merge into a temporary folder beside the destination (streaming
-for LoRA/DoRA, peft's merge_and_unload() for other adapter types) -> config, generation config, tokenizer, model
-card -> verify the logits against base + adapter -> rename into place. Nothing is pickled; an interruption leaves
-the destination as it was.
+Steps, top to bottom: read the run's resolved recipe -> find the base's unquantized safetensors -> lock the
+destination (a second merge to it refuses), refuse it if that would lose data, remove what killed merges left beside
+it, refuse if the merge would not fit -> merge into a temporary folder beside the destination (streaming for
+LoRA/DoRA, peft's merge_and_unload() for other adapter types) -> config, generation config, tokenizer, model card ->
+verify the logits against base + adapter -> rename into place. Nothing is pickled; an interruption leaves the
+destination as it was.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -34,6 +36,7 @@ from lora_tune.export.streaming import (
     read_adapter,
 )
 from lora_tune.export.tensor_io import ShardReader, write_safetensors
+from lora_tune.locks import held
 from lora_tune.run_dir import RunDir, replace_dir_atomic, write_json_atomic
 
 if TYPE_CHECKING:
@@ -106,72 +109,77 @@ def merge(
             f"weights; ship the adapter instead: lora-tune push {run.root} ORG/NAME"
         )
 
-    # 2. Destination and base model.
+    # 2. Destination and base model. One merge at a time per destination, under a lock beside it (the destination
+    # may not exist yet and is replaced whole by a rename); what killed merges left there is removed under it.
     output = Path(output)
-    _check_destination(output, overwrite=overwrite, protected=[run.root])
+    _check_destination(output, overwrite=overwrite, protected=[run.root])  # before the base is downloaded
     base_dir = resolve_base(recipe.model)
-    _check_destination(output, overwrite=overwrite, protected=[run.root, base_dir])
-    layout = base_layout(base_dir)
-    check_free_disk(output, estimate_bytes(base_dir, layout, torch_dtype.itemsize))
+    protected = [run.root, base_dir]
+    _check_destination(output, overwrite=overwrite, protected=protected)  # before a lock file is put beside it
+    with held(merge_lock_path(output), f"--output '{output}'"):
+        _check_destination(output, overwrite=overwrite, protected=protected)  # again: decided under the lock
+        remove_leftovers(output)
+        layout = base_layout(base_dir)
+        check_free_disk(output, estimate_bytes(base_dir, layout, torch_dtype.itemsize))
 
-    plan = read_adapter(run.adapter) if peft_type == "LORA" else None
-    streaming = plan is not None and not plan.unsupported
-    if from_dequantized and not streaming:
-        raise ExportError("--from-dequantized needs a LoRA adapter that the streaming merge handles")
-    if from_dequantized and recipe.quantization.bits != 4:
-        raise ExportError(
-            f"--from-dequantized: the run's base was not 4-bit (quantization.bits: {recipe.quantization.bits})"
-        )
+        plan = read_adapter(run.adapter) if peft_type == "LORA" else None
+        streaming = plan is not None and not plan.unsupported
+        if from_dequantized and not streaming:
+            raise ExportError("--from-dequantized needs a LoRA adapter that the streaming merge handles")
+        if from_dequantized and recipe.quantization.bits != 4:
+            raise ExportError(
+                f"--from-dequantized: the run's base was not 4-bit (quantization.bits: {recipe.quantization.bits})"
+            )
 
-    # 3. Merge into a temporary folder beside the destination; it becomes the destination only when complete.
-    output.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
-    try:
-        result = None
-        if streaming:
-            prepare = nf4_round_trip(recipe, base_dir) if from_dequantized else None
-            try:
-                result = stream_merge(base_dir, layout, plan, build, torch_dtype, recipe, prepare=prepare)
-            except _NeedsPeft as exc:
-                if from_dequantized:
-                    raise ExportError(
-                        f"--from-dequantized: {exc}; the streaming merge cannot take this adapter"
-                    ) from None
+        # 3. Merge into a temporary folder beside the destination; it becomes the destination only when complete.
+        output.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
+        try:
+            result = None
+            if streaming:
+                prepare = nf4_round_trip(recipe, base_dir) if from_dequantized else None
+                try:
+                    result = stream_merge(base_dir, layout, plan, build, torch_dtype, recipe, prepare=prepare)
+                except _NeedsPeft as exc:
+                    if from_dequantized:
+                        raise ExportError(
+                            f"--from-dequantized: {exc}; the streaming merge cannot take this adapter"
+                        ) from None
+                    log.warning(
+                        "merge: %s; using peft's merge_and_unload(), which holds the whole model in float32 memory, "
+                        "and fills rows the adapter does not carry as a seeded resize_token_embeddings() does",
+                        exc,
+                    )
+                    result = peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
+            if result is None:
+                reason = f"{peft_type} adapter" if plan is None else ", ".join(plan.unsupported)
                 log.warning(
-                    "merge: %s; using peft's merge_and_unload(), which holds the whole model in float32 memory, "
-                    "and fills rows the adapter does not carry as a seeded resize_token_embeddings() does",
-                    exc,
+                    "merge: %s has no streaming merge; using peft's merge_and_unload(), which holds the whole model "
+                    "in float32 memory",
+                    reason,
                 )
                 result = peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
-        if result is None:
-            reason = f"{peft_type} adapter" if plan is None else ", ".join(plan.unsupported)
-            log.warning(
-                "merge: %s has no streaming merge; using peft's merge_and_unload(), which holds the whole model "
-                "in float32 memory",
-                reason,
-            )
-            result = peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
-        result.output, result.dtype = output, dtype
-        finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
-        copy_tokenizer(run.adapter, build, recipe)
-        _copy_lineage(run, build)
+            result.output, result.dtype = output, dtype
+            finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
+            copy_tokenizer(run.adapter, build, recipe)
+            _copy_lineage(run, build)
 
-        # 4. Verify: the merged folder must compute what base + adapter computes.
-        if verify:
-            from lora_tune.export.verify import verify_merge
+            # 4. Verify: the merged folder must compute what base + adapter computes.
+            if verify:
+                from lora_tune.export.verify import verify_merge
 
-            verify_merge(build, base_dir, run.adapter, recipe, dtype, result, from_dequantized=from_dequantized)
+                verify_merge(build, base_dir, run.adapter, recipe, dtype, result, from_dequantized=from_dequantized)
 
-        # 5. Model card, then the rename that makes it all appear at once.
-        from lora_tune.export.card import merged_card
+            # 5. Model card, then the rename that makes it all appear at once.
+            from lora_tune.export.card import merged_card
 
-        (build / "README.md").write_text(merged_card(run, recipe, base_dir, result), encoding="utf-8")
-        result.seconds = round(time.monotonic() - started, 1)
-        replace_dir_atomic(build, output)
-    except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
-        raise
-    return result
+            (build / "README.md").write_text(merged_card(run, recipe, base_dir, result), encoding="utf-8")
+            result.seconds = round(time.monotonic() - started, 1)
+            replace_dir_atomic(build, output)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        return result
 
 
 def _copy_lineage(run: RunDir, build: Path) -> None:
@@ -212,6 +220,49 @@ def _check_destination(output: Path, *, overwrite: bool, protected: list[Path]) 
         raise ExportError(f"--output: '{output}' is a file, expected a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ExportError(f"--output: '{output}' is not empty; pass --overwrite to replace it, or choose a new folder")
+
+
+def merge_lock_path(output: Path) -> Path:
+    """The lock of a merge destination, beside it: the destination may not exist yet and is replaced whole."""
+    return output.parent / f".{output.name}.merge.lock"
+
+
+def remove_leftovers(output: Path) -> None:
+    """Remove what merges to `output` that were killed left beside it: build folders `.NAME.merge-XXXXXXXX` (mkdtemp)
+    and `.NAME.old` (replace_dir_atomic's previous destination). Call it holding the destination's lock, so no live
+    merge owns them; nothing but these exact names of this destination is touched."""
+    if not output.parent.is_dir():
+        return
+    build = re.compile(rf"\.{re.escape(output.name)}\.merge-[a-z0-9_]+")  # mkdtemp's names: a-z, 0-9 and _
+    found = sorted(
+        path
+        for path in output.parent.iterdir()
+        if (build.fullmatch(path.name) or path.name == f".{output.name}.old")
+        and path.is_dir()
+        and not path.is_symlink()
+    )
+    if not found:
+        return
+    size = sum(_tree_bytes(path) for path in found)
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    log.info(
+        "merge: removed what an interrupted merge to '%s' left behind: %s (%s)",
+        output,
+        ", ".join(path.name for path in found),
+        f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB",
+    )
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for folder, _, files in os.walk(root):  # does not follow links
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def check_free_disk(output: Path, needed: int) -> None:

@@ -85,6 +85,11 @@ def logit_diff(merged: Path, run: Path, base_dir: Path) -> float:
     return float((merged_logits - reference).abs().max())
 
 
+def names(folder: Path) -> list[str]:
+    """What a merge left in `folder`, but the empty lock file it keeps beside each destination (locks.release)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".merge.lock"))
+
+
 @pytest.fixture(scope="module")
 def sharded_base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_base(tiny_model_dir, tmp_path_factory.mktemp("sharded-base"), max_shard_size="200KB")
@@ -189,7 +194,7 @@ def test_interrupted_merge_leaves_no_partial_output_and_keeps_the_old_one(
     monkeypatch.setattr(merge_module, "write_shard", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         merge(run, out, overwrite=True, verify=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"], "no temporary folder left behind"
+    assert names(tmp_path) == ["merged", "run"], "no temporary folder left behind"
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "previous export"
 
 
@@ -216,7 +221,7 @@ def test_not_enough_disk_is_refused_before_writing(tiny_model_dir: Path, tmp_pat
     monkeypatch.setattr(shutil, "disk_usage", lambda _path: usage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(ExportError, match="not enough free disk"):
         merge(run, tmp_path / "merged")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert names(tmp_path) == ["run"]
 
 
 def test_prompt_tuning_adapter_gives_a_clear_error(tiny_model_dir: Path, tmp_path: Path, capsys):
@@ -258,7 +263,7 @@ def test_a_wrong_merge_fails_verification_and_writes_nothing(tiny_model_dir: Pat
     monkeypatch.setattr(LoraUpdate, "delta", lambda self, fan_in_fan_out: 3 * real_delta(self, fan_in_fan_out))
     with pytest.raises(VerificationError, match="verification failed"):
         merge(run, tmp_path / "merged", dtype="bf16")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert names(tmp_path) == ["run"]
 
 
 def make_resized_run(root: Path, base_dir: Path, modules_to_save: list[str], peft_config=None) -> tuple[Path, int]:  # noqa: ANN001
