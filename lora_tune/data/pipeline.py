@@ -2,7 +2,8 @@
 
 Steps, all before any token is trained on:
 1. read every source (bad rows raise, or are skipped and counted with `data.on_bad_rows: skip`) and convert each
-   row to the canonical form (`formats`);
+   row to the canonical form (`formats`); a row with more text than 16 x `max_length` characters is a bad row
+   (`sources.RowLimit`), refused before it is tokenized;
 2. clean: drop examples with an empty turn, then duplicates (`data.dedupe`), keeping the copy in the most held-out
    split (test, then validation, then train), so an example is never in two splits;
 3. split: explicit `eval_datasets` / `test_datasets`, or a seeded ratio split of the training sources
@@ -28,7 +29,7 @@ from lora_tune.config import DataConfig, DatasetConfig, Recipe
 from lora_tune.data.cleaning import apply_weight, key_function, split_counts, split_groups, strip_empty
 from lora_tune.data.formats import Example, map_columns, resolve_format, to_example
 from lora_tune.data.masking import TemplateError, TrainOn, tokenize_dataset
-from lora_tune.data.sources import Origin, read_source
+from lora_tune.data.sources import DEFAULT_ROW_LIMIT, Origin, RowLimit, read_source, text_chars
 from lora_tune.data.stats import DataStats, DropStats, SourceStats, SplitStats
 from lora_tune.errors import DataError
 
@@ -127,9 +128,14 @@ def write_test_split(prepared: PreparedData, run_root: str | Path) -> Path | Non
     return path
 
 
-def load_source(cfg: DatasetConfig, *, skip_bad: bool = False) -> tuple[list[tuple[Origin, Example]], list[DataError]]:
-    """A source's rows converted to canonical examples, and (with skip_bad) the errors of the rows skipped."""
-    raw = read_source(cfg, skip_bad=skip_bad)
+def load_source(
+    cfg: DatasetConfig, *, skip_bad: bool = False, row_limit: RowLimit = DEFAULT_ROW_LIMIT
+) -> tuple[list[tuple[Origin, Example]], list[DataError]]:
+    """A source's rows converted to canonical examples, and (with skip_bad) the errors of the rows skipped.
+
+    An example with more than `row_limit.chars` characters of text (contents, text, tools) is a bad row.
+    """
+    raw = read_source(cfg, skip_bad=skip_bad, row_limit=row_limit)
     bad = list(raw.bad)
     if not raw.rows:
         raise DataError("has no rows" + (f" left after {len(bad)} bad rows" if bad else ""), file=cfg.path)
@@ -139,7 +145,11 @@ def load_source(cfg: DatasetConfig, *, skip_bad: bool = False) -> tuple[list[tup
     for origin, row in raw.rows:
         try:
             mapped = map_columns(row, cfg.columns, origin)
-            examples.append((origin, to_example(mapped, fmt, origin, cfg.system_prompt)))
+            example = to_example(mapped, fmt, origin, cfg.system_prompt)
+            size = text_chars([example.messages, example.tools, example.text])
+            if size > row_limit.chars:
+                raise origin.error(row_limit.refusal(f"has {size:,} characters of text"))
+            examples.append((origin, example))
         except DataError as e:
             if not skip_bad:
                 raise
@@ -150,11 +160,12 @@ def load_source(cfg: DatasetConfig, *, skip_bad: bool = False) -> tuple[list[tup
 
 def _load_all(recipe: Recipe) -> _Loaded:
     skip = recipe.data.on_bad_rows == "skip"
+    row_limit = RowLimit.for_max_length(recipe.training.max_length)
     loaded = _Loaded({name: [] for name in SPLITS}, [], [])
     sections = (("train", recipe.datasets), ("validation", recipe.eval_datasets), ("test", recipe.test_datasets))
     for split, configs in sections:
         for index, cfg in enumerate(configs):
-            examples, bad = load_source(cfg, skip_bad=skip)
+            examples, bad = load_source(cfg, skip_bad=skip, row_limit=row_limit)
             source = index if split == "train" else -1
             loaded.records[split] += [_Record(example, origin, source) for origin, example in examples]
             loaded.sources.append(SourceStats(split, cfg.path, len(examples), len(bad)))

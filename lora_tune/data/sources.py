@@ -3,6 +3,11 @@
 Rows come back as plain dicts, each with its `Origin` (file and line or row number); `formats` turns them into
 conversations. Errors name the file and the line (JSON Lines, CSV) or row (JSON arrays, Parquet, Arrow folders).
 With `skip_bad`, unreadable rows are collected instead of raised, so the pipeline can drop and count them.
+
+A row far longer than training can use is a bad row too (`RowLimit`), refused here before anything parses or
+tokenizes it: a JSON line longer than `RowLimit.raw` bytes is skipped unparsed, read in chunks and never held whole,
+and a row of another source whose values add up to more than `RowLimit.raw` characters is refused as it is produced.
+`pipeline.load_source` then holds the text the format uses to the tighter `RowLimit.chars`.
 """
 
 from __future__ import annotations
@@ -12,12 +17,23 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from lora_tune.config import DatasetConfig
 from lora_tune.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# A token is rarely more than 8-10 characters in any real tokenizer (English averages about 4, code and CJK fewer),
+# so a row with more than 16 characters of text per token of training.max_length is truncated to a small part of
+# itself at best; tokenizing it whole first is what costs minutes and gigabytes (a 50 MB row: 212 s, 12.8 GB).
+CHARS_PER_TOKEN = 16
+# With training.max_length null nothing is truncated: 1,000,000 characters (about 250,000 tokens) is past the
+# context of the models this toolkit tunes and past what one training step holds in memory, yet tokenizes in seconds.
+MAX_ROW_CHARS = 1_000_000
+# The reader's coarse bound, before a row is parsed or converted: JSON writes a character in at most 12 bytes (an
+# emoji as \ud83d\ude00), and the rest of the factor is room for keys, punctuation and columns the format ignores.
+RAW_PER_CHAR = 16
+_CHUNK = 1 << 20  # bytes read at a time from a JSON line that is over the bound
 # Suffixes that mark a path as a file the user meant to read locally, even when it is missing or unsupported.
 # Hub ids may contain dots ("teknium/OpenHermes-2.5"), so any other suffix is not evidence of a local path.
 _FILE_SUFFIXES = (*LOCAL_SUFFIXES, ".tsv", ".arrow", ".txt")
@@ -35,6 +51,37 @@ class Origin:
         return DataError(message, file=self.file, field=field, **{self.unit: self.number})
 
 
+@dataclass(frozen=True)
+class RowLimit:
+    """The most characters of text a row may have (`chars`) and how that number came about (`why`, for errors)."""
+
+    chars: int
+    why: str
+
+    @classmethod
+    def for_max_length(cls, max_length: int | None) -> RowLimit:
+        """CHARS_PER_TOKEN x training.max_length characters, or MAX_ROW_CHARS when max_length is null."""
+        if max_length is None:
+            return cls(MAX_ROW_CHARS, "the cap for a row when training.max_length is null")
+        return cls(CHARS_PER_TOKEN * max_length, f"{CHARS_PER_TOKEN} x training.max_length {max_length}")
+
+    @property
+    def raw(self) -> int:
+        """The reader's bound: bytes of a JSON line, or characters of all of a row's values, whatever the format."""
+        return RAW_PER_CHAR * self.chars
+
+    def refusal(self, size: str, *, unread: str | None = None) -> str:
+        """Why a row of `size` is refused and what to do, for a DataError; `unread`: what the reader skips unread."""
+        far, tail = ("far ", f"; {unread} are not read") if unread else ("", "")
+        return (
+            f"{size}, {far}over the {self.chars:,} characters of text a row may have ({self.why}{tail}); "
+            "shorten or split the row, or drop such rows with data.on_bad_rows: skip"
+        )
+
+
+DEFAULT_ROW_LIMIT = RowLimit(MAX_ROW_CHARS, "the cap for any row")
+
+
 @dataclass
 class SourceRows:
     """The rows read from one source, and (with skip_bad) the errors of the rows that could not be read."""
@@ -43,17 +90,25 @@ class SourceRows:
     bad: list[tuple[Origin, DataError]] = field(default_factory=list)
 
 
-def load_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
+def load_rows(cfg: DatasetConfig, *, row_limit: RowLimit = DEFAULT_ROW_LIMIT) -> list[dict[str, Any]]:
     """The first `cfg.limit` rows (all when None) of the dataset at `cfg.path`, each a dict of columns."""
-    return [row for _, row in read_source(cfg).rows]
+    return [row for _, row in read_source(cfg, row_limit=row_limit).rows]
 
 
-def read_source(cfg: DatasetConfig, *, skip_bad: bool = False) -> SourceRows:
-    """Rows of `cfg.path` with their origins, up to `cfg.limit` good rows; bad rows raise unless `skip_bad`."""
+def read_source(cfg: DatasetConfig, *, skip_bad: bool = False, row_limit: RowLimit = DEFAULT_ROW_LIMIT) -> SourceRows:
+    """Rows of `cfg.path` with their origins, up to `cfg.limit` good rows; bad rows raise unless `skip_bad`.
+
+    A row over `row_limit.raw` (bytes of a JSON line, else characters of its values) is a bad row.
+    """
     result = SourceRows()
-    for origin, row in _rows(cfg):
+    for origin, row in _rows(cfg, row_limit):
         if cfg.limit is not None and len(result.rows) >= cfg.limit:
             break
+        if not isinstance(row, DataError) and origin.unit == "row":  # JSON Lines and CSV are measured as read
+            size = text_chars(row)
+            if size > row_limit.raw:
+                unread = f"rows over {row_limit.raw:,}"
+                row = origin.error(row_limit.refusal(f"has {size:,} characters in its values", unread=unread))
         if isinstance(row, DataError):
             if not skip_bad:
                 raise row
@@ -63,11 +118,27 @@ def read_source(cfg: DatasetConfig, *, skip_bad: bool = False) -> SourceRows:
     return result
 
 
-def _rows(cfg: DatasetConfig) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
+def text_chars(value: Any) -> int:
+    """Characters of text in `value`: its strings, inside dicts (values, not keys) and lists at any depth."""
+    total, pending = 0, [value]
+    while pending:  # a loop, not recursion: rows nest as deep as the JSON parser allows
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return total
+
+
+def _rows(cfg: DatasetConfig, limit: RowLimit) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
     path = Path(cfg.path).expanduser()
     if path.is_file():
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-        reader = readers.get(path.suffix.lower())
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".csv"):  # these two measure each row as they read it
+            return (_read_jsonl if suffix == ".jsonl" else _read_csv)(path, cfg.path, limit)
+        reader = {".json": _read_json, ".parquet": _read_parquet}.get(suffix)
         if reader is None:
             raise DataError(f"unsupported file type '{path.suffix}'; use {', '.join(LOCAL_SUFFIXES)}", file=cfg.path)
         return reader(path, cfg.path)
@@ -88,15 +159,21 @@ def _looks_local(path: str) -> bool:
     )
 
 
-def _read_jsonl(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
+def _read_jsonl(path: Path, name: str, limit: RowLimit) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
     with path.open("rb") as f:
-        for line_number, line in enumerate(f, start=1):
+        for line_number, line in enumerate(_lines(f, limit.raw), start=1):
+            origin = Origin(name, line_number, "line")
+            if isinstance(line, int):  # its length: the line was over the bound, and was not kept
+                message = limit.refusal(
+                    f"line {line_number} is {line:,} bytes long", unread=f"lines over {limit.raw:,} bytes"
+                )
+                yield origin, DataError(message, file=name)
+                continue
             if not line.strip():
                 continue
-            origin = Origin(name, line_number, "line")
             try:
                 row = json.loads(line)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; nested too deep
                 yield origin, DataError(f"line {line_number} is not valid JSON: {_reason(e)}", file=name)
                 continue
             if not isinstance(row, dict):
@@ -106,10 +183,23 @@ def _read_jsonl(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] 
             yield origin, row
 
 
+def _lines(f: BinaryIO, limit: int) -> Iterator[bytes | int]:
+    """Each line of `f`; one over `limit` bytes (newline not counted) comes back as its length, read in chunks and
+    never held whole."""
+    while line := f.readline(limit + 1):
+        if len(line) - line.endswith(b"\n") <= limit:
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n") and (line := f.readline(_CHUNK)):
+            size += len(line)
+        yield size - line.endswith(b"\n")
+
+
 def _read_json(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
     try:
         data = json.loads(path.read_bytes())
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise DataError(f"not valid JSON: {_reason(e)}", file=name) from e
     if not isinstance(data, list):
         keys = f" with keys {sorted(data)}" if isinstance(data, dict) else ""
@@ -126,7 +216,7 @@ def _read_json(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] |
             yield Origin(name, row_number), error
 
 
-def _read_csv(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
+def _read_csv(path: Path, name: str, limit: RowLimit) -> Iterator[tuple[Origin, dict[str, Any] | DataError]]:
     """CSV with a header row; every value is text, and an empty cell is read as missing (None)."""
     csv.field_size_limit(2**31 - 1)  # the default (131,072 characters) refuses long documents
     with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a byte-order mark
@@ -147,6 +237,11 @@ def _read_csv(path: Path, name: str) -> Iterator[tuple[Origin, dict[str, Any] | 
                 yield Origin(name, line, "line"), DataError(f"not valid CSV: {e}", file=name, line=line)
                 continue
             if not any(v.strip() for v in values):
+                continue
+            size = sum(len(v) for v in values)
+            if size > limit.raw:
+                message = limit.refusal(f"has {size:,} characters in its values", unread=f"rows over {limit.raw:,}")
+                yield Origin(name, line, "line"), DataError(message, file=name, line=line)
                 continue
             if len(values) != len(header):
                 message = f"has {len(values)} values, the header has {len(header)} columns ({', '.join(header)})"

@@ -72,6 +72,18 @@ def test_json_array_item_that_is_not_an_object_names_the_row(tmp_path: Path) -> 
         load_rows(DatasetConfig(path=str(path)))
 
 
+def test_json_nested_too_deeply_is_invalid_json_not_a_crash(tmp_path: Path) -> None:
+    deep = "[" * 100_000  # the parser gives up with RecursionError, which is not a ValueError
+    lines = tmp_path / "data.jsonl"
+    lines.write_text('{"a": 1}\n' + deep + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"data\.jsonl: line 2 is not valid JSON: maximum recursion depth"):
+        load_rows(DatasetConfig(path=str(lines)))
+    array = tmp_path / "data.json"
+    array.write_text(deep, encoding="utf-8")
+    with pytest.raises(DataError, match=r"data\.json: not valid JSON: maximum recursion depth"):
+        load_rows(DatasetConfig(path=str(array)))
+
+
 @pytest.mark.parametrize("name", ["missing.jsonl", "missing.json", "sub/dir/train", "./train"])
 def test_missing_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.chdir(tmp_path)
