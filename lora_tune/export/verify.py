@@ -39,11 +39,14 @@ def verification_inputs(vocab_size: int) -> torch.Tensor:
 
 
 def logits_of(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Float32 logits on the CPU, wherever the model sits: the 4-bit reference loads onto the GPU when there is one
+    (bitsandbytes 0.50 adds no hook that would move CPU inputs there), the merged folder onto the CPU."""
     import torch
 
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return model(input_ids=input_ids).logits.float()
+        return model(input_ids=input_ids.to(device)).logits.float().cpu()
 
 
 def reference_logits(base_dir: Path, adapter: Path, recipe: Recipe, input_ids: torch.Tensor, *, quantized: bool):
