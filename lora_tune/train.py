@@ -85,6 +85,7 @@ def _train(
     from lora_tune.checkpoints import checkpoint_callback
     from lora_tune.data import write_test_split
     from lora_tune.data.packing import packing_plan
+    from lora_tune.divergence import Divergence, divergence_callback, raise_if_diverged
     from lora_tune.faults import check_free_disk, translate_faults
     from lora_tune.keep_dtype import keep_trainable_dtypes
     from lora_tune.methods import runtime as methods
@@ -121,7 +122,7 @@ def _train(
     else:  # the main process has checked the run and set broken checkpoints aside: only read where it resumes
         run = RunDir(Path(recipe.output_dir))
         start = resume_point_of(run, recipe, resume=resume, overwrite=overwrite)
-    hint, stop = resume_hint(recipe_path, overrides), StopRequest()
+    hint, stop, diverged = resume_hint(recipe_path, overrides), StopRequest(), Divergence()
     if procs.is_main:
         write_json_atomic(run.root / methods.LINEAGE_FILE, methods.lineage(recipe))
 
@@ -175,6 +176,7 @@ def _train(
             *early_stopping_callbacks(recipe),
             checkpoint_callback(run.checkpoints, recipe.training.save_total_limit),
             stop_callback(stop),
+            divergence_callback(diverged),  # last: it cancels a save the others asked for at a non-finite step
         ],
     )
     evaluation_keeps_rng(trainer)  # so a run resumed at an epoch's end shuffles the next epoch as the unbroken one
@@ -189,6 +191,7 @@ def _train(
         restore_token_count(trainer, start.checkpoint)  # TRL's count of trained tokens restarts at 0 otherwise
         output = train_or_finish(trainer, start.checkpoint)
     raise_if_stopped(stop, trainer.state.global_step, str(run.checkpoints), hint)
+    raise_if_diverged(diverged, run.checkpoints, recipe.training.learning_rate)
 
     # 8. Evaluate once more at the end, when there is validation data (with keep_best: the best checkpoint, which
     #    the trainer has loaded back).
