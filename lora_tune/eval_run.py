@@ -87,6 +87,9 @@ def evaluate_run(
         run_artifact(run)
     except ModelFolderError as exc:
         raise RunNotFoundError(str(exc)) from None
+    from lora_tune.run_dir import ensure_writable
+
+    ensure_writable(run.root, "eval")  # eval.json and eval.md go there: fail now, not after scoring
     from lora_tune.config import DatasetConfig
     from lora_tune.data import load_rows, normalize_rows
     from lora_tune.evaluate import reference_answer

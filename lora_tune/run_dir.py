@@ -83,6 +83,29 @@ RUN_ENTRIES = frozenset(
 _HELD: dict[Path, Any] = {}  # run directory -> the lock this process holds on it
 
 
+def ensure_writable(folder: Path, what: str) -> None:
+    """Refuse, in one line and before any work, a folder this command could not write its results into: a file is
+    created and removed there (a permission check alone would pass for root on a read-only mount)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lora-tune-write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunDirError(
+            f"{what}: '{folder}' is not writable ({exc.strerror or type(exc).__name__}); choose a folder you can "
+            "write to"
+        ) from None
+
+
+def make_dir(folder: Path, what: str) -> None:
+    """mkdir -p, failing in one line (a read-only or forbidden parent) instead of with a raw OSError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"{what}: cannot create '{folder}' ({exc.strerror or type(exc).__name__})") from None
+    ensure_writable(folder, what)
+
+
 def foreign_entries(root: Path) -> list[str]:
     """Top-level names in `root` that no lora-tune run writes (a half-written `.NAME.xxx.tmp` of ours counts as
     ours)."""
@@ -119,11 +142,12 @@ def prepare_run_dir(root: str | Path, *, overwrite: bool, resume: bool = False) 
                 f"output_dir: '{run.root}' is not empty and holds no lora-tune run "
                 f"({_listing(foreign_entries(run.root))}); choose an empty or new directory"
             )
+        ensure_writable(run.root, "output_dir")
         _lock(run)
         if not resume:
             _clear_for_overwrite(run, overwrite)
     else:
-        run.root.mkdir(parents=True, exist_ok=True)
+        make_dir(run.root, "output_dir")
         _lock(run)
     (run.root / MARKER).write_text("lora-tune run directory: --overwrite removes only what lora-tune wrote\n")
     return run

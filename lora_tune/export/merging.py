@@ -37,7 +37,7 @@ from lora_tune.export.streaming import (
 )
 from lora_tune.export.tensor_io import ShardReader, write_safetensors
 from lora_tune.locks import held
-from lora_tune.run_dir import RunDir, replace_dir_atomic, write_json_atomic
+from lora_tune.run_dir import RunDir, make_dir, replace_dir_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -116,6 +116,7 @@ def merge(
     base_dir = resolve_base(recipe.model)
     protected = [run.root, base_dir]
     _check_destination(output, overwrite=overwrite, protected=protected)  # before a lock file is put beside it
+    make_dir(output.parent, "--output")  # the lock, the build folder and the result all go there
     with held(merge_lock_path(output), f"--output '{output}'"):
         _check_destination(output, overwrite=overwrite, protected=protected)  # again: decided under the lock
         remove_leftovers(output)

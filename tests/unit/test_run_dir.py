@@ -140,3 +140,57 @@ def test_train_releases_the_lock_when_it_fails(tmp_path: Path, alpaca_file: Path
     recipe.write_text(RECIPE.format(data=alpaca_file, out=tmp_path / "run"))
     assert main(["train", str(recipe)]) != 0  # some/model cannot be loaded offline
     release_run_dir(prepare_run_dir(RunDir(tmp_path / "run").root, overwrite=False, resume=True))
+
+
+def _sysfs_is_read_only() -> bool:
+    try:
+        (Path("/sys") / ".lora-tune-probe").touch()
+    except OSError:
+        return True
+    return False
+
+
+needs_read_only_dir = pytest.mark.skipif(
+    not Path("/sys").is_dir() or not _sysfs_is_read_only(), reason="no folder here that even root cannot write"
+)
+
+
+@needs_read_only_dir
+def test_train_into_a_folder_it_cannot_create_is_one_line_before_any_work(tmp_path: Path, alpaca_file: Path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(data=alpaca_file, out="/sys/lora-tune-run"))
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: output_dir: cannot create '/sys/lora-tune-run'") and len(err.splitlines()) == 1
+
+
+@needs_read_only_dir
+def test_a_folder_even_root_cannot_write_is_refused_in_one_line():
+    from lora_tune.run_dir import ensure_writable
+
+    with pytest.raises(RunDirError, match="'/sys' is not writable"):
+        ensure_writable(Path("/sys"), "--output")
+
+
+def test_eval_refuses_an_unwritable_run_directory_before_loading_anything(tmp_path: Path, monkeypatch, capsys):
+    """Root writes through permission bits, so the folder's refusal is simulated where the probe writes."""
+    import tempfile
+
+    import lora_tune.interact
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "recipe.yaml").write_text("model:\n  name: some/model\ndatasets:\n  - path: x.jsonl\noutput_dir: run\n")
+
+    def read_only(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise PermissionError(13, "Permission denied")
+
+    def never(*args, **kwargs):  # noqa: ANN002, ANN003
+        raise AssertionError("the model was loaded before the write check")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(lora_tune.interact, "load_run_model", never)
+    assert main(["eval", str(run), "--data", str(tmp_path / "held_out.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"eval: '{run}' is not writable (Permission denied)" in err and len(err.splitlines()) == 1
