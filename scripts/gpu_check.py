@@ -680,25 +680,13 @@ def child_plan_stub(argv: list[str]) -> int:
         res["argv_ok"] = vp.main(argv) == 2  # its "needs a CUDA GPU" return, not argparse's SystemExit(2)
     except SystemExit as exc:
         res["argv_ok"], res["argv_error"] = False, f"argparse rejected the command line (exit {exc.code})"
-    from transformers import LlamaConfig
-
     from lora_tune.plan import GIB, plan
     from lora_tune.recipe import load_recipe
 
     args = dict(zip(argv[::2], argv[1::2], strict=False))
     hidden, layers, vocab = int(args["--hidden"]), int(args["--layers"]), int(args["--vocab"])
     root = Path(tempfile.mkdtemp(prefix="plan-stub-"))
-    # validate_plan.build_assets' shape, as a config alone: the planner reads no weights.
-    LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=max(1, hidden // 256),
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-    ).save_pretrained(root / "model")
+    vp.model_config(hidden, layers, vocab).save_pretrained(root / "model")  # the planner reads no weights
     data = root / "data.jsonl"
     data.write_text(
         json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})

@@ -45,18 +45,11 @@ output_dir: {out}
 """
 
 
-def build_assets(root: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, Path]:
-    """A random bf16 Llama (GQA 4:1, untied, MLP 4x hidden) and 64 chats of ~6,000 words each."""
-    import random
+def model_config(hidden: int, layers: int, vocab: int, **special_tokens: int) -> object:
+    """The benchmark's shape: Llama, GQA 4:1, untied, MLP 4x hidden (scripts/gpu_check.py plans the same one)."""
+    from transformers import LlamaConfig
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lora_tune.tiny import build_tokenizer
-
-    words = [f"w{i}" for i in range(400)]
-    tokenizer = build_tokenizer([" ".join(words)] * 4, vocab_size=600)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
@@ -64,11 +57,24 @@ def build_assets(root: Path, hidden: int, layers: int, vocab: int) -> tuple[Path
         num_attention_heads=hidden // 64,
         num_key_value_heads=max(1, hidden // 256),
         max_position_embeddings=8192,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        **special_tokens,
     )
+
+
+def build_assets(root: Path, hidden: int, layers: int, vocab: int) -> tuple[Path, Path]:
+    """A random bf16 Llama (GQA 4:1, untied, MLP 4x hidden) and 64 chats of ~6,000 words each."""
+    import random
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lora_tune.tiny import build_tokenizer
+
+    words = [f"w{i}" for i in range(400)]
+    tokenizer = build_tokenizer([" ".join(words)] * 4, vocab_size=600)
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+    config = model_config(hidden, layers, vocab, **{name: getattr(tokenizer, name) for name in ids})
     model_dir = root / "model"
     with torch.device("cuda"):
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
