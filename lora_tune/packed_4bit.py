@@ -113,5 +113,5 @@ def inference_note(model: Any) -> str | None:
         return None
     return (
         f"4-bit: this CPU has AVX512-BF16, so bitsandbytes computes the {len(layers)} 4-bit layers in bfloat16 "
-        "for inference; scores can differ slightly from a machine without it (training computes in float32)"
+        "for inference; scores can differ slightly from a machine without it (training keeps the standard kernels)"
     )
