@@ -244,6 +244,7 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", module=r"(transformers|peft|trl|bitsandbytes|torch|accelerate)\b.*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings; push says what failed
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -434,13 +435,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import re
 
     from lora_tune.export import ExportError, merge
-    from lora_tune.export.push import REPO_ID
+    from lora_tune.export.push import REPO_ID, check_repo_id
 
     push_to = getattr(args, "push_to_hub", None)
     if getattr(args, "private", False) and not push_to:
         raise ExportError("--private needs --push-to-hub ORG/NAME")
     if push_to and not re.match(REPO_ID, push_to):
         raise ExportError(f"--push-to-hub: expected ORG/NAME, got '{push_to}'")
+    if push_to:
+        check_repo_id(push_to)  # by the hub's own rules too, before a merge of many minutes
     result = merge(
         args.run_dir,
         args.output,

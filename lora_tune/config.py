@@ -22,6 +22,11 @@ from pydantic import (
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
+MAX_EPOCHS = 10_000  # bounded so that epochs x steps per epoch stays a step count; longer runs set max_steps
+MAX_STEPS = 1_000_000_000  # far past any real run; a larger count is a typo or an overflow waiting to happen
+MAX_SEED = 2**32 - 1  # numpy's seeds end there: transformers.set_seed would crash with a larger one mid-setup
+MAX_WEIGHT = 1_000.0  # a source repeated more than a thousand times is a typo; rows are built in memory
+
 
 class FieldError(ValueError):
     """A cross-field check failed; `key` is the path (relative to the section) the message is about.
@@ -253,6 +258,7 @@ class DatasetConfig(StrictModel):
     limit: PositiveInt | None = Field(None, description="Use at most this many rows (the first ones).")
     weight: PositiveFloat = Field(
         1.0,
+        le=MAX_WEIGHT,
         description="Mixing weight of a training source: its training rows are repeated (weight > 1) or sampled "
         "(weight < 1) to round(weight x rows), seeded; applied after the held-out splits are taken.",
     )
@@ -331,15 +337,12 @@ Optimizer = Literal[
 ]
 
 
-MAX_EPOCHS = 10_000  # bounded so that epochs x steps per epoch stays a step count; longer runs set max_steps
-
-
 class TrainingConfig(StrictModel):
     learning_rate: PositiveFloat = Field(2e-4, description="Peak learning rate.")
     num_epochs: PositiveFloat = Field(
         1.0, le=MAX_EPOCHS, description="Passes over the training data (ignored when max_steps is set)."
     )
-    max_steps: PositiveInt | None = Field(None, description="Stop after this many optimizer steps.")
+    max_steps: PositiveInt | None = Field(None, le=MAX_STEPS, description="Stop after this many optimizer steps.")
     batch_size: PositiveInt = Field(4, description="Examples per device per forward pass.")
     eval_batch_size: PositiveInt | None = Field(
         None, description="Examples per device when evaluating; default batch_size."
@@ -368,7 +371,7 @@ class TrainingConfig(StrictModel):
         description="Optimizer; auto = paged_adamw_8bit for a quantized base on a GPU (a quarter of AdamW's state, "
         "paged to CPU RAM under memory pressure), else adamw_torch.",
     )
-    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for initialisation, shuffling and dropout.")
     gradient_checkpointing: bool = Field(
         True, description="Recompute activations in backward to save memory (non-reentrant checkpointing)."
     )

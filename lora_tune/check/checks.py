@@ -32,7 +32,13 @@ def run_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreflightR
 
         return preflight_report(recipe, tokenizer)
     skip_bad = recipe.data.on_bad_rows == "skip"
-    rows, sources = sample_rows(recipe.datasets, recipe.preflight.sample_rows, recipe.training.seed, skip_bad=skip_bad)
+    rows, sources = sample_rows(
+        recipe.datasets,
+        recipe.preflight.sample_rows,
+        recipe.training.seed,
+        skip_bad=skip_bad,
+        max_length=recipe.training.max_length,
+    )
     max_length = recipe.training.max_length
     facts: list[ExampleFacts] = []
     refused: list[tuple[str, int, str]] = []

@@ -52,13 +52,22 @@ class ExampleFacts:
 
 
 def sample_rows(
-    configs: Sequence[DatasetConfig], limit: int | None, seed: int, *, skip_bad: bool = False
+    configs: Sequence[DatasetConfig],
+    limit: int | None,
+    seed: int,
+    *,
+    skip_bad: bool = False,
+    max_length: int | None = None,
 ) -> tuple[list[SampledRow], dict[str, dict[str, int]]]:
-    """Up to `limit` rows of each dataset (a seeded sample, in file order, when it has more), as conversations."""
+    """Up to `limit` rows of each dataset (a seeded sample, in file order, when it has more), as conversations; a
+    row longer than training would read (RowLimit.for_max_length) is a bad row here too."""
+    from lora_tune.data.sources import RowLimit
+
+    row_limit = RowLimit.for_max_length(max_length)
     rows: list[SampledRow] = []
     sources: dict[str, dict[str, int]] = {}
     for index, cfg in enumerate(configs):
-        examples, _ = load_source(cfg, skip_bad=skip_bad)
+        examples, _ = load_source(cfg, skip_bad=skip_bad, row_limit=row_limit)
         conversational = [(origin, e) for origin, e in examples if e.text is None]
         picked: Sequence[int] = range(len(conversational))
         if limit is not None and len(conversational) > limit:

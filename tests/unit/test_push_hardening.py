@@ -227,3 +227,12 @@ def test_bad_timeout_is_a_user_error(tmp_path: Path, capsys, monkeypatch, argv, 
     assert main(["push", str(model_folder(tmp_path)), "me/x", "--dry-run", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "expected a number of seconds > 0" in err
+
+
+def test_merge_push_to_hub_checks_the_repo_id_before_merging(tmp_path: Path, capsys):
+    """`merge --push-to-hub me/a..b` used to merge for minutes and then fail at the push."""
+    assert (
+        main(["merge", str(tmp_path / "no-run"), "--output", str(tmp_path / "out"), "--push-to-hub", "me/a..b"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: repo id:") and not (tmp_path / "out").exists()

@@ -101,6 +101,11 @@ def test_every_float_field_refuses_infinity(capsys, tmp_path, data, key, value):
         ("training.num_epochs=1e999", "expected a finite number; got inf"),  # YAML reads 1e999 as inf
         ("training.learning_rate=0", "expected greater than 0"),
         ("adapter.dropout=1", "expected less than 1"),
+        ("training.seed=4294967296", "expected less than or equal to 4294967295"),  # numpy's limit: a crash later
+        ("training.seed=-1", "expected greater than or equal to 0"),
+        ("training.max_steps=1e308", "Unable to parse input string as an integer, exceeded maximum size"),
+        ("training.max_steps=10000000000", "expected less than or equal to 1000000000"),
+        ("datasets.0.weight=1e300", "expected less than or equal to 1000"),  # rows are repeated in memory
     ],
 )
 def test_absurd_hyper_parameters_on_the_command_line(capsys, recipe, override, fragment):
