@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-tune",
         description="Recipe-driven LoRA / QLoRA fine-tuning of causal language models.",
-        epilog="Exit codes: 0 ok, 2 recipe or data error, 1 anything else. See README.md for the recipe format.",
+        epilog="Exit codes: 0 ok, 2 recipe or data error, 1 anything else. See docs/recipes.md for the recipe format.",
     )
     parser.add_argument("--version", action="version", version=f"lora-tune {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")

@@ -1,7 +1,8 @@
 """Typed, frozen recipe objects: the single source of truth of a run.
 
 Every section forbids unknown keys, so a typo is an error rather than a silently ignored setting. Field
-descriptions are the documentation of each option (`lora-tune validate --explain` and the README table read them).
+descriptions are the documentation of each option (`lora-tune validate --explain` and the table in docs/recipes.md
+read them).
 This module must not import torch or any training library: `lora-tune validate` runs on it alone.
 """
 
@@ -159,7 +160,7 @@ class AdapterConfig(StrictModel):
         "lora",
         description="What is trained: lora (QLoRA = lora + quantization.bits: 4), ia3, adalora, loha, lokr, "
         "prompt_tuning, prefix_tuning, p_tuning, partial (the last blocks and/or named modules) or full; each method "
-        "reads only its own keys (README: Methods).",
+        "reads only its own keys (docs/methods.md).",
     )
     r: PositiveInt = Field(16, description="Rank (lora, loha, lokr; adalora: the initial rank).")
     alpha: PositiveFloat = Field(32, description="LoRA scaling numerator: the update is scaled by alpha / r.")
@@ -353,7 +354,7 @@ class TrainingConfig(StrictModel):
         True,
         description="Pack several examples into each max_length row, padding-free with position ids restarting per "
         "example so examples never attend to each other (needs max_length; off when max_length is null; see "
-        "README: Packing).",
+        "docs/data.md#packing).",
     )
     train_on: Literal["assistant", "all"] = Field(
         "assistant",
@@ -545,7 +546,7 @@ class PreflightConfig(StrictModel):
 
 class DistributedConfig(StrictModel):
     """How several processes share the work when a launcher starts them (`lora-tune train --nproc N`, torchrun,
-    accelerate launch); a single process ignores it. See README: More than one GPU."""
+    accelerate launch); a single process ignores it. See docs/multi-gpu.md."""
 
     strategy: Literal["ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
         "ddp",
@@ -568,7 +569,8 @@ class TaskConfig(StrictModel):
     type: Literal["sft", "classification"] = Field(
         "sft",
         description="sft: supervised fine-tuning of the causal LM on chat/instruction data; classification: a new "
-        "sequence-classification head on the causal LM base, trained on text/label rows (README: Task heads).",
+        "sequence-classification head on the causal LM base, trained on text/label rows "
+        "(docs/methods.md#task-heads-classification).",
     )
     text_column: str = Field("text", description="Classification: the column holding the text.")
     label_column: str = Field("label", description="Classification: the column holding the label name.")

@@ -1,7 +1,7 @@
 """Print the recipe reference table (Markdown) from the typed config's field descriptions.
 
-The README embeds this output between markers; tests/unit/test_readme.py checks that it is up to date.
-Run `python scripts/recipe_reference.py --write` to refresh README.md.
+docs/recipes.md embeds this output between markers; tests/unit/test_readme.py checks that it is up to date.
+Run `python scripts/recipe_reference.py --write` to refresh docs/recipes.md.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pydantic_core import PydanticUndefined
 from lora_tune.config import Recipe
 
 START, END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
+TARGET = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"  # the page that holds the table
 
 
 def _type_name(annotation: typing.Any) -> str:
@@ -75,19 +76,19 @@ def _row(key: str, field: typing.Any) -> str:
     return f"| `{key}` | {kind} | `{_default(field)}` | {field.description or ''} |"
 
 
-def embed(readme: str) -> str:
-    head, _, rest = readme.partition(START)
+def embed(page: str) -> str:
+    """`page` (the text of TARGET) with the table between the markers regenerated."""
+    head, _, rest = page.partition(START)
     _, _, tail = rest.partition(END)
     return f"{head}{START}\n{reference()}\n{END}{tail}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="refresh the table in README.md")
+    parser.add_argument("--write", action="store_true", help="refresh the table in docs/recipes.md")
     args = parser.parse_args()
     if args.write:
-        path = Path(__file__).resolve().parent.parent / "README.md"
-        path.write_text(embed(path.read_text(encoding="utf-8")), encoding="utf-8")
+        TARGET.write_text(embed(TARGET.read_text(encoding="utf-8")), encoding="utf-8")
     else:
         print(reference())
     return 0

@@ -1,6 +1,6 @@
-"""The README's "From zero to a pushed model" guide, run as written on a tiny model; and `lora-tune new` output.
+"""The "From zero to a pushed model" guide (docs/guide.md), run as written on a tiny model; and `lora-tune new` output.
 
-The guide's commands are read from the README (between the guide markers), so the test and the docs cannot drift.
+The guide's commands are read from docs/guide.md (between the guide markers), so the test and the docs cannot drift.
 Recipe verbs get overrides for the tiny model, the run length and the CPU only; everything else is the catalog
 recipe the guide extends.
 """
@@ -34,8 +34,8 @@ def tiny_overrides(model_dir: Path) -> list[str]:
 
 def guide_steps() -> list[tuple[str, str]]:
     """The guide's steps: ('file', text) for the heredoc that writes my.yaml, ('run', command) for the others."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = readme.split("<!-- guide:start -->", 1)[1].split("<!-- guide:end -->", 1)[0]
+    guide = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
+    block = guide.split("<!-- guide:start -->", 1)[1].split("<!-- guide:end -->", 1)[0]
     lines = block.strip().removeprefix("```bash").removesuffix("```").strip().splitlines()
     steps: list[tuple[str, str]] = []
     while lines:
