@@ -53,7 +53,8 @@ class RunDir:
 MARKER = ".lora-tune-run"  # written when a run starts: the proof that lora-tune made this directory
 LOCK = ".lora-tune.lock"  # held by the process that trains into the directory (lora_tune.locks)
 # Every top-level name a run writes (its marker and lock included). `--overwrite` removes these and nothing else;
-# a directory with anything more refuses. tests/e2e/test_run_dir.py checks a real run writes nothing outside it.
+# a directory with anything more refuses. tests/unit/test_run_dir.py tests the rules; the e2e runs (test_train_qlora,
+# test_methods, test_evaluation) check that real runs write nothing outside the list.
 RUN_ENTRIES = frozenset(
     {
         MARKER,
@@ -80,6 +81,7 @@ RUN_ENTRIES = frozenset(
         ".prepared-data",
     }
 )
+WRITE_PROBE = ".lora-tune-write-check."  # ensure_writable's file, removed at once (a kill may leave one)
 _HELD: dict[Path, Any] = {}  # run directory -> the lock this process holds on it
 
 
@@ -87,7 +89,7 @@ def ensure_writable(folder: Path, what: str) -> None:
     """Refuse, in one line and before any work, a folder this command could not write its results into: a file is
     created and removed there (a permission check alone would pass for root on a read-only mount)."""
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".lora-tune-write-check.")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=WRITE_PROBE)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
@@ -113,7 +115,7 @@ def foreign_entries(root: Path) -> list[str]:
 
 
 def _ours(name: str) -> bool:
-    if name in RUN_ENTRIES:
+    if name in RUN_ENTRIES or name.startswith(WRITE_PROBE):
         return True
     if name.startswith(".") and name.endswith(".tmp"):  # write_text_atomic's temporary: .recipe.yaml.x1y2.tmp
         return name[1:].split(".tmp")[0].rsplit(".", 1)[0] in RUN_ENTRIES
