@@ -41,10 +41,15 @@ def _secrets() -> list[str]:
 
 
 def redact(text: str) -> str:
-    """`text` with every known token value and every token-shaped string replaced by a mask."""
+    """`text` with every known token value, every token-shaped string and every credential shape of
+    CREDENTIAL_SHAPES (keys of other services, a password in a URL) replaced by a mask: for logs, error lines, the
+    saved command line and everything lora-tune publishes alike."""
     for secret in _secrets():
         text = text.replace(secret, MASK)
-    return TOKEN_SHAPE.sub(MASK, text)
+    text = TOKEN_SHAPE.sub(MASK, text)
+    for shape, mask in CREDENTIAL_SHAPES:
+        text = shape.sub(mask, text)
+    return text
 
 
 # Credentials by shape, for text that is published (model cards): a false alarm costs a few masked characters, a
@@ -62,11 +67,8 @@ CREDENTIAL_SHAPES = [
 
 
 def mask_credentials(text: str) -> str:
-    """`redact`, then every credential shape of CREDENTIAL_SHAPES masked: for text that lora-tune publishes."""
-    text = redact(text)
-    for shape, mask in CREDENTIAL_SHAPES:
-        text = shape.sub(mask, text)
-    return text
+    """What lora-tune publishes (model cards) goes through the same masks as its logs."""
+    return redact(text)
 
 
 class RedactingFilter(logging.Filter):

@@ -105,3 +105,17 @@ def test_a_closed_pipe_stops_quietly():
     stderr = process.stderr.read().decode()
     assert process.wait() == 141
     assert stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("path", "secret"),
+    [
+        ("data/hf_abcdefghijklmnopqrstuvwxyz12_train.jsonl", "hf_abcdefghijklmnopqrstuvwxyz12"),  # inside a name
+        ("https://alice:PA55word-secret@example.org/train.jsonl", "PA55word-secret"),
+        ("keys/sk-abcdefghijklmnopqrstuvwx.jsonl", "sk-abcdefghijklmnopqrstuvwx"),
+    ],
+)
+def test_error_lines_mask_credential_shaped_values(recipe, capsys, path, secret):
+    assert main(["validate", str(recipe), f"datasets.0.path={path}"]) == 2
+    err = capsys.readouterr().err
+    assert secret not in err and "***" in err, err
