@@ -269,3 +269,10 @@ def test_a_null_value_says_null_not_missing(capsys, tmp_path, data, extra, line,
 def test_a_null_override_says_null(capsys, recipe):
     code, err = validate(capsys, recipe, "output_dir=null")
     assert code == 2 and err.startswith("error: command line: output_dir: null is not allowed here; expected a valid")
+
+
+def test_a_recipe_of_megabytes_is_refused_before_parsing(capsys, tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("model:\n  name: m\n" + "# padding\n" * 200_000)  # 2 MB of comments
+    code, err = validate(capsys, path)
+    assert code == 2 and err.startswith(f"error: {path}: the recipe is 2,000,017 bytes"), err
