@@ -84,30 +84,11 @@ def merge(
     """Merge the run's adapter into its base and write a folder that plain `from_pretrained` loads."""
     import torch
 
-    from lora_tune.recipe import load_recipe
-
     started = time.monotonic()
     if dtype not in DTYPES:
         raise ExportError(f"--dtype: expected one of {', '.join(DTYPES)}, got '{dtype}'")
     torch_dtype = getattr(torch, DTYPES[dtype])
-
-    # 1. The run: resolved recipe and adapter.
-    run = RunDir(Path(run_dir))
-    if run.is_run() and (run.root / "model" / "config.json").is_file():
-        raise ExportError(
-            f"{run.root}: partial or full fine-tuning saved the whole model in model/; there is no adapter to merge "
-            "(load that folder with from_pretrained, or push it)"
-        )
-    if not run.is_run() or not (run.adapter / "adapter_config.json").is_file():
-        raise ExportError(f"{run.root}: not a finished lora-tune run (no recipe.yaml or adapter/adapter_config.json)")
-    recipe = load_recipe(run.recipe, check_paths=False)
-    adapter_config = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    peft_type = str(adapter_config.get("peft_type", "LORA")).upper()
-    if peft_type in PROMPT_LEARNING:
-        raise ExportError(
-            f"{run.adapter}: a {peft_type.lower()} adapter adds virtual tokens at run time and cannot be merged into "
-            f"weights; ship the adapter instead: lora-tune push {run.root} ORG/NAME"
-        )
+    run, recipe, peft_type = _finished_run(RunDir(Path(run_dir)))  # 1. the run: resolved recipe and adapter
 
     # 2. Destination and base model. One merge at a time per destination, under a lock beside it (the destination
     # may not exist yet and is replaced whole by a rename); what killed merges left there is removed under it.
@@ -122,44 +103,14 @@ def merge(
         remove_leftovers(output)
         layout = base_layout(base_dir)
         check_free_disk(output, estimate_bytes(base_dir, layout, torch_dtype.itemsize))
-
-        plan = read_adapter(run.adapter) if peft_type == "LORA" else None
-        streaming = plan is not None and not plan.unsupported
-        if from_dequantized and not streaming:
-            raise ExportError("--from-dequantized needs a LoRA adapter that the streaming merge handles")
-        if from_dequantized and recipe.quantization.bits != 4:
-            raise ExportError(
-                f"--from-dequantized: the run's base was not 4-bit (quantization.bits: {recipe.quantization.bits})"
-            )
+        plan = _streaming_plan(run, recipe, peft_type, from_dequantized)
 
         # 3. Merge into a temporary folder beside the destination; it becomes the destination only when complete.
-        output.parent.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
         try:
-            result = None
-            if streaming:
-                prepare = nf4_round_trip(recipe, base_dir) if from_dequantized else None
-                try:
-                    result = stream_merge(base_dir, layout, plan, build, torch_dtype, recipe, prepare=prepare)
-                except _NeedsPeft as exc:
-                    if from_dequantized:
-                        raise ExportError(
-                            f"--from-dequantized: {exc}; the streaming merge cannot take this adapter"
-                        ) from None
-                    log.warning(
-                        "merge: %s; using peft's merge_and_unload(), which holds the whole model in float32 memory, "
-                        "and fills rows the adapter does not carry as a seeded resize_token_embeddings() does",
-                        exc,
-                    )
-                    result = peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
-            if result is None:
-                reason = f"{peft_type} adapter" if plan is None else ", ".join(plan.unsupported)
-                log.warning(
-                    "merge: %s has no streaming merge; using peft's merge_and_unload(), which holds the whole model "
-                    "in float32 memory",
-                    reason,
-                )
-                result = peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
+            result = _merged_weights(
+                run, recipe, base_dir, layout, plan, peft_type, build, torch_dtype, from_dequantized
+            )
             result.output, result.dtype = output, dtype
             finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
             copy_tokenizer(run.adapter, build, recipe)
@@ -181,6 +132,76 @@ def merge(
             shutil.rmtree(build, ignore_errors=True)
             raise
         return result
+
+
+def _finished_run(run: RunDir) -> tuple[RunDir, Recipe, str]:
+    """The run, its resolved recipe and its adapter's peft type; refuses what has no adapter a merge can fold."""
+    from lora_tune.recipe import load_recipe
+
+    if run.is_run() and (run.root / "model" / "config.json").is_file():
+        raise ExportError(
+            f"{run.root}: partial or full fine-tuning saved the whole model in model/; there is no adapter to merge "
+            "(load that folder with from_pretrained, or push it)"
+        )
+    if not run.is_run() or not (run.adapter / "adapter_config.json").is_file():
+        raise ExportError(f"{run.root}: not a finished lora-tune run (no recipe.yaml or adapter/adapter_config.json)")
+    recipe = load_recipe(run.recipe, check_paths=False)
+    adapter_config = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    peft_type = str(adapter_config.get("peft_type", "LORA")).upper()
+    if peft_type in PROMPT_LEARNING:
+        raise ExportError(
+            f"{run.adapter}: a {peft_type.lower()} adapter adds virtual tokens at run time and cannot be merged into "
+            f"weights; ship the adapter instead: lora-tune push {run.root} ORG/NAME"
+        )
+    return run, recipe, peft_type
+
+
+def _streaming_plan(run: RunDir, recipe: Recipe, peft_type: str, from_dequantized: bool) -> Any:
+    """The adapter as the streaming merge reads it (None for adapter types it does not take)."""
+    plan = read_adapter(run.adapter) if peft_type == "LORA" else None
+    streaming = plan is not None and not plan.unsupported
+    if from_dequantized and not streaming:
+        raise ExportError("--from-dequantized needs a LoRA adapter that the streaming merge handles")
+    if from_dequantized and recipe.quantization.bits != 4:
+        raise ExportError(
+            f"--from-dequantized: the run's base was not 4-bit (quantization.bits: {recipe.quantization.bits})"
+        )
+    return plan
+
+
+def _merged_weights(
+    run: RunDir,
+    recipe: Recipe,
+    base_dir: Path,
+    layout: Any,
+    plan: Any,
+    peft_type: str,
+    build: Path,
+    torch_dtype: Any,
+    from_dequantized: bool,
+) -> MergeResult:
+    """Write the merged weights into `build`: streaming, tensor by tensor, where the adapter allows; else peft's
+    merge_and_unload() on the whole model, said in a warning because of its memory."""
+    if plan is not None and not plan.unsupported:
+        prepare = nf4_round_trip(recipe, base_dir) if from_dequantized else None
+        try:
+            return stream_merge(base_dir, layout, plan, build, torch_dtype, recipe, prepare=prepare)
+        except _NeedsPeft as exc:
+            if from_dequantized:
+                raise ExportError(f"--from-dequantized: {exc}; the streaming merge cannot take this adapter") from None
+            log.warning(
+                "merge: %s; using peft's merge_and_unload(), which holds the whole model in float32 memory, "
+                "and fills rows the adapter does not carry as a seeded resize_token_embeddings() does",
+                exc,
+            )
+            return peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
+    reason = f"{peft_type} adapter" if plan is None else ", ".join(plan.unsupported)
+    log.warning(
+        "merge: %s has no streaming merge; using peft's merge_and_unload(), which holds the whole model "
+        "in float32 memory",
+        reason,
+    )
+    return peft_merge(base_dir, run.adapter, build, torch_dtype, recipe)
 
 
 def _copy_lineage(run: RunDir, build: Path) -> None:
