@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lora-tune-installed
 LATEST ?= .venv-latest
 QUICKSTART_BASE ?= runs/quickstart-base
 
-.PHONY: install lock quickstart test test-isa test-latest lint format clean
+.PHONY: install lock quickstart test test-isa test-latest docs lint format clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The manual (docs/) as a site in runs/site; --strict: a link between pages or an anchor that does not resolve fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # The suite once per torch CPU kernel path (default, avx2, native): thresholds must hold on all three.
 test-isa: $(STAMP)
