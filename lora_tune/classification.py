@@ -64,7 +64,7 @@ def load_splits(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, An
     return train, valid
 
 
-def write_test_split(recipe: Recipe, run_root: Path) -> Path | None:
+def write_labelled_test_split(recipe: Recipe, run_root: Path) -> Path | None:
     """The recipe's test_datasets as the run's test.jsonl ({text_column, label_column} rows), for `lora-tune eval`."""
     from lora_tune.data.sources import load_rows
 
@@ -136,7 +136,7 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     tokenizer = load_tokenizer(recipe.model)
     preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE)  # labels present, truncation; writes preflight.json
     train_rows, valid_rows = load_splits(recipe)
-    write_test_split(recipe, run.root)
+    write_labelled_test_split(recipe, run.root)
 
     def tokenize(rows: list[dict[str, Any]]) -> Any:
         encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=recipe.training.max_length)

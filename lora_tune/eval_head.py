@@ -108,7 +108,7 @@ def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_l
     return out
 
 
-def format_markdown(report: EvalReport, run_name: str) -> str:
+def format_head_markdown(report: EvalReport, run_name: str) -> str:
     """eval.md of a classification head: tuned vs majority class, per-class scores, confusion matrix."""
     from lora_tune.eval_report import _cell, _confusion, _per_class, _table
 

@@ -28,7 +28,7 @@ def headline_rows(report: EvalReport) -> list[tuple[str, str, str]]:
 
 def format_markdown(report: EvalReport, run_name: str) -> str:
     if report.task == "head":
-        from lora_tune.eval_head import format_markdown as head_markdown
+        from lora_tune.eval_head import format_head_markdown as head_markdown
 
         return head_markdown(report, run_name)
     lines = [f"# Evaluation of `{run_name}`", ""]

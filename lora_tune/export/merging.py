@@ -50,7 +50,14 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Files of the adapter folder that are not the tokenizer.
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "README.md"]  # README: the license
-PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT"}
+PROMPT_LEARNING_PEFT_TYPES = {
+    "PROMPT_TUNING",
+    "PREFIX_TUNING",
+    "P_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "ADAPTION_PROMPT",
+    "CPT",
+}
 DISK_MARGIN = 1.05  # weights + 5% for config, tokenizer and the card
 
 
@@ -102,7 +109,7 @@ def merge(
         _check_destination(output, overwrite=overwrite, protected=protected)  # again: decided under the lock
         remove_leftovers(output)
         layout = base_layout(base_dir)
-        check_free_disk(output, estimate_bytes(base_dir, layout, torch_dtype.itemsize))
+        check_disk_for_merge(output, estimate_bytes(base_dir, layout, torch_dtype.itemsize))
         plan = _streaming_plan(run, recipe, peft_type, from_dequantized)
 
         # 3. Merge into a temporary folder beside the destination; it becomes the destination only when complete.
@@ -148,7 +155,7 @@ def _finished_run(run: RunDir) -> tuple[RunDir, Recipe, str]:
     recipe = load_recipe(run.recipe, check_paths=False)
     adapter_config = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
     peft_type = str(adapter_config.get("peft_type", "LORA")).upper()
-    if peft_type in PROMPT_LEARNING:
+    if peft_type in PROMPT_LEARNING_PEFT_TYPES:
         raise ExportError(
             f"{run.adapter}: a {peft_type.lower()} adapter adds virtual tokens at run time and cannot be merged into "
             f"weights; ship the adapter instead: lora-tune push {run.root} ORG/NAME"
@@ -287,7 +294,7 @@ def _tree_bytes(root: Path) -> int:
     return total
 
 
-def check_free_disk(output: Path, needed: int) -> None:
+def check_disk_for_merge(output: Path, needed: int) -> None:
     """Refuse to start a merge that cannot fit, rather than fail on the last shard."""
     probe = output if output.exists() else next(p for p in output.absolute().parents if p.exists())
     free = shutil.disk_usage(probe).free
