@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lora_tune.config import Recipe
 from lora_tune.errors import DataError
 from lora_tune.recipe import dump_resolved
-from lora_tune.run_dir import prepare_run_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
+from lora_tune.run_dir import TEST_SPLIT, prepare_run_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from lora_tune.train import RunResult
@@ -72,7 +72,7 @@ def write_labelled_test_split(recipe: Recipe, run_root: Path) -> Path | None:
     rows = [r for d in recipe.test_datasets for r in encode_rows(recipe, load_rows(d), d.path)]
     if not rows:
         return None
-    path = run_root / "test.jsonl"
+    path = run_root / TEST_SPLIT
     lines = [json.dumps({task.text_column: r["text"], task.label_column: task.labels[r["label"]]}) for r in rows]
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path

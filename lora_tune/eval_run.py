@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.errors import LoraTuneError
-from lora_tune.run_dir import RunDir, write_json_atomic
-
-EVAL_JSON, EVAL_MARKDOWN = "eval.json", "eval.md"
+from lora_tune.run_dir import EVAL_JSON, EVAL_MARKDOWN, RunDir, write_json_atomic
 
 
 class RunNotFoundError(LoraTuneError):

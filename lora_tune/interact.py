@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from lora_tune.errors import LoraTuneError
-from lora_tune.run_dir import RunDir
+from lora_tune.run_dir import MODEL_DIR, RunDir
 
 if TYPE_CHECKING:
     from lora_tune.config import EvalConfig
 
 EXIT_COMMANDS = {"/exit", "/quit"}
 RESET_COMMAND = "/reset"
-MODEL_DIR = "model"  # what partial and full fine-tuning save (methods.runtime.artifact_name)
 
 
 class ModelFolderError(LoraTuneError):

@@ -18,9 +18,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lora_tune.run_dir import ENVIRONMENT_FILE
 from lora_tune.safety import redact
 
-ENVIRONMENT_FILE = "environment.jsonl"
 PACKAGES = (
     "lora-tune",
     "torch",

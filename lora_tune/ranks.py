@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.distributed import SHARDED, Processes
+from lora_tune.run_dir import PREPARED_DATA_DIR
 
 if TYPE_CHECKING:
     from lora_tune.config import Recipe
 
 log = logging.getLogger(__name__)
 
-PREPARED_DATA_DIR = ".prepared-data"  # in the run directory: the main process's tokenized data, for the others
 FAIL_RANK_ENV = "LORA_TUNE_FAIL_ON_RANK"  # test hook: this rank raises after the data step (see the e2e tests)
 
 

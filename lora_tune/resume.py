@@ -18,7 +18,7 @@ import yaml
 from lora_tune.checkpoints import ResumePoint, find_resume_point, set_aside, sha256_file
 from lora_tune.config import Recipe
 from lora_tune.errors import LoraTuneError
-from lora_tune.run_dir import RunDir, write_json_atomic
+from lora_tune.run_dir import DATA_FINGERPRINT, RunDir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,6 @@ def check_recipe_unchanged(saved_recipe: Path, recipe: Recipe) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data identity
-
-DATA_FINGERPRINT = "data_fingerprint.json"
 
 
 def data_fingerprint(recipe: Recipe) -> dict[str, Any]:

@@ -24,27 +24,27 @@ class RunDir:
     @property
     def adapter(self) -> Path:
         """Standard PEFT adapter folder, with the tokenizer (and its chat template) saved beside it."""
-        return self.root / "adapter"
+        return self.root / ADAPTER_DIR
 
     @property
     def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
+        return self.root / CHECKPOINTS_DIR
 
     @property
     def recipe(self) -> Path:
-        return self.root / "recipe.yaml"
+        return self.root / RECIPE_FILE
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS_FILE
 
     @property
     def summary(self) -> Path:
-        return self.root / "summary.json"
+        return self.root / SUMMARY_FILE
 
     @property
     def loss_plot(self) -> Path:
-        return self.root / "loss.png"
+        return self.root / LOSS_PLOT
 
     def is_run(self) -> bool:
         return self.recipe.is_file()
@@ -52,6 +52,22 @@ class RunDir:
 
 MARKER = ".lora-tune-run"  # written when a run starts: the proof that lora-tune made this directory
 LOCK = ".lora-tune.lock"  # held by the process that trains into the directory (lora_tune.locks)
+# The names of a run directory's files, here only; the modules that write them import them from here.
+RECIPE_FILE = "recipe.yaml"
+ENVIRONMENT_FILE = "environment.jsonl"  # one record per attempt (provenance)
+DATA_FINGERPRINT = "data_fingerprint.json"  # the data a resume must find unchanged
+LINEAGE_FILE = "lineage.json"  # where the run starts from (sequential fine-tuning)
+PREFLIGHT_FILE = "preflight.json"  # the pre-flight check's report
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+LOSS_PLOT = "loss.png"
+TEST_SPLIT = "test.jsonl"  # the held-out split `lora-tune eval` reads
+EVAL_JSON, EVAL_MARKDOWN = "eval.json", "eval.md"
+CHECKPOINTS_DIR = "checkpoints"
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"  # what partial and full fine-tuning save instead of adapter/
+PISSA_INIT_DIR = "adapter_init"  # the un-trained PiSSA/OLoRA adapter, needed to save the trained one as plain LoRA
+PREPARED_DATA_DIR = ".prepared-data"  # the main process's tokenized data, for the other processes
 # Every top-level name a run writes (its marker and lock included). `--overwrite` removes these and nothing else;
 # a directory with anything more refuses. tests/unit/test_run_dir.py tests the rules; the e2e runs (test_train_qlora,
 # test_methods, test_evaluation) check that real runs write nothing outside the list.
@@ -59,26 +75,23 @@ RUN_ENTRIES = frozenset(
     {
         MARKER,
         LOCK,
-        "recipe.yaml",
-        "environment.jsonl",
-        "data_fingerprint.json",
-        "lineage.json",
-        "preflight.json",
-        "metrics.jsonl",
-        "summary.json",
-        "loss.png",
-        "test.jsonl",
-        "eval.json",
-        "eval.md",
-        "checkpoints",
-        "adapter",
-        "adapter_init",
-        "model",
-        ".adapter.tmp",
-        ".adapter.old",
-        ".model.tmp",
-        ".model.old",
-        ".prepared-data",
+        RECIPE_FILE,
+        ENVIRONMENT_FILE,
+        DATA_FINGERPRINT,
+        LINEAGE_FILE,
+        PREFLIGHT_FILE,
+        METRICS_FILE,
+        SUMMARY_FILE,
+        LOSS_PLOT,
+        TEST_SPLIT,
+        EVAL_JSON,
+        EVAL_MARKDOWN,
+        CHECKPOINTS_DIR,
+        ADAPTER_DIR,
+        PISSA_INIT_DIR,
+        MODEL_DIR,
+        *(f".{name}.{end}" for name in (ADAPTER_DIR, MODEL_DIR) for end in ("tmp", "old")),  # their atomic swaps
+        PREPARED_DATA_DIR,
     }
 )
 WRITE_PROBE = ".lora-tune-write-check."  # ensure_writable's file, removed at once (a kill may leave one)

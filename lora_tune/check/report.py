@@ -11,7 +11,6 @@ from typing import Any, Literal
 from lora_tune.errors import LoraTuneError
 
 Status = Literal["pass", "warn", "fail"]
-PREFLIGHT_FILE = "preflight.json"  # the report's name in a run directory
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from lora_tune.data.masking import TemplateError, TrainOn, tokenize_dataset
 from lora_tune.data.sources import DEFAULT_ROW_LIMIT, Origin, RowLimit, read_source, text_chars
 from lora_tune.data.stats import DataStats, DropStats, SourceStats, SplitStats
 from lora_tune.errors import DataError
+from lora_tune.run_dir import TEST_SPLIT
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -123,7 +124,7 @@ def write_test_split(prepared: PreparedData, run_root: str | Path) -> Path | Non
         if example.tools:
             row["tools"] = example.tools
         lines.append(json.dumps(row, ensure_ascii=False))
-    path = Path(run_root) / "test.jsonl"
+    path = Path(run_root) / TEST_SPLIT
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 

@@ -14,14 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from lora_tune.config import Recipe
 from lora_tune.errors import LoraTuneError
+from lora_tune.run_dir import LINEAGE_FILE, PISSA_INIT_DIR
 
 if TYPE_CHECKING:
     from peft import PeftConfig
 
 log = logging.getLogger(__name__)
-
-LINEAGE_FILE = "lineage.json"
-PISSA_INIT_DIR = "adapter_init"  # the un-trained PiSSA/OLoRA adapter, needed to save the trained one as plain LoRA
 
 
 class MethodError(LoraTuneError):
