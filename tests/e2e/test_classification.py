@@ -4,65 +4,14 @@ held-out rows, and reloads with vanilla transformers + peft to the same predicti
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
 from lora_tune.errors import DataError
 from lora_tune.recipe import load_recipe
-from tests.conftest import FRUITS, write_jsonl
-
-NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-
-RECIPE = """\
-model:
-  name: {model}
-  dtype: float32
-adapter: {adapter}
-task:
-  type: classification
-  text_column: sentence
-  label_column: kind
-  labels: [fruit, number]
-datasets:
-  - path: {train}
-eval_datasets:
-  - path: {valid}
-training:
-  learning_rate: {lr}
-  max_steps: 30
-  batch_size: 8
-  max_length: 32
-  warmup_steps: 0
-  lr_scheduler: constant
-  logging_steps: 5
-  save_strategy: "no"
-  gradient_checkpointing: false
-output_dir: {out}
-"""
-
-
-def labelled_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """Sentences of four fruit names or four number words; the label says which. Balanced, shuffled."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        kind = "fruit" if i % 2 == 0 else "number"
-        words = rng.choices(FRUITS if kind == "fruit" else NUMBERS, k=4)
-        rows.append({"sentence": " ".join(words), "kind": kind})
-    rng.shuffle(rows)
-    return rows
-
-
-def write_case(root: Path, model: Path, adapter: dict, lr: float) -> Path:
-    train = write_jsonl(root / "train.jsonl", labelled_rows(96, seed=1))
-    valid = write_jsonl(root / "valid.jsonl", labelled_rows(40, seed=2))
-    path = root / "recipe.yaml"
-    path.write_text(
-        RECIPE.format(model=model, adapter=json.dumps(adapter), train=train, valid=valid, lr=lr, out=root / "run")
-    )
-    return path
+from tests.conftest import write_jsonl
+from tests.helpers import labelled_rows, write_case
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.e2e.test_resume import run_cli, write_recipe
+from tests.helpers import run_cli
+from tests.helpers import write_resume_recipe as write_recipe
 
 
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path: Path, tiny_model_dir: Path):

@@ -12,8 +12,7 @@ import pytest
 from lora_tune.cli import main
 from lora_tune.recipe import load_recipe
 from tests.conftest import fruit_rows, write_jsonl
-from tests.e2e.test_classification import labelled_rows, write_case
-from tests.e2e.test_methods import tiny_recipe
+from tests.helpers import labelled_rows, tiny_recipe, write_case
 
 
 @pytest.fixture(scope="module", params=["full", "partial"])

@@ -10,7 +10,8 @@ import pytest
 
 from lora_tune.checkpoints import MANIFEST
 from lora_tune.cli import main
-from tests.e2e.test_resume import MAX_STEPS, write_recipe
+from tests.helpers import MAX_STEPS
+from tests.helpers import write_resume_recipe as write_recipe
 
 
 def error_line(stderr: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.cli import main
-from tests.e2e.test_train_qlora import RECIPE
+from tests.helpers import QLORA_RECIPE as RECIPE
 
 
 @pytest.mark.gpu

@@ -19,59 +19,8 @@ import pytest
 
 from lora_tune.checkpoints import MANIFEST
 from lora_tune.cli import main
-
-ROOT = Path(__file__).resolve().parents[2]
-MAX_STEPS, SAVE_STEPS = 8, 2
-
-RECIPE = """\
-model:
-  name: {model}
-  dtype: float32
-adapter:
-  r: 4
-  alpha: 8
-  dropout: 0.1
-datasets:
-  - path: {data}
-training:
-  learning_rate: 1.0e-2
-  max_steps: {max_steps}
-  batch_size: 4
-  max_length: 64
-  warmup_steps: 2
-  logging_steps: 1
-  save_steps: {save_steps}
-  save_total_limit: 3
-  gradient_checkpointing: false
-output_dir: {out}
-"""
-
-
-def write_recipe(root: Path, model: Path, name: str, quantized: bool = False) -> Path:
-    """A run over 24 rows: 6 batches per epoch, so 8 steps cross an epoch boundary (the data order reshuffles).
-
-    `quantized`: on a 4-bit NF4 base (QLoRA), whose adapter TRL trains in bfloat16.
-    """
-    from tests.conftest import fruit_rows, write_jsonl
-
-    data = root / "train.jsonl"
-    if not data.exists():
-        write_jsonl(data, fruit_rows(24, "alpaca"))
-    recipe = root / f"{name}.yaml"
-    text = RECIPE.format(model=model, data=data, out=root / name, max_steps=MAX_STEPS, save_steps=SAVE_STEPS)
-    if quantized:
-        text = text.replace("datasets:", "quantization:\n  bits: 4\ndatasets:")
-    recipe.write_text(text)
-    return recipe
-
-
-def run_cli(*args: str, fault: tuple[str, int] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`lora-tune ARGS` in a fresh process (optionally with a fault injected), output captured."""
-    command = [sys.executable, "-m", "lora_tune.cli", *args]
-    if fault is not None:
-        command = [sys.executable, "-m", "tests.e2e.fault_runner", fault[0], str(fault[1]), "--", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+from tests.helpers import MAX_STEPS, ROOT, SAVE_STEPS, run_cli
+from tests.helpers import write_resume_recipe as write_recipe
 
 
 def adapter(run: Path) -> dict:

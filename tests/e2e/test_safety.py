@@ -13,7 +13,8 @@ import pytest
 from lora_tune.config import ModelConfig, QuantizationConfig, TrainingConfig
 from lora_tune.modeling import load_model
 from lora_tune.safety import MASK, UnsafeModelError, install_log_redaction, redact
-from tests.e2e.test_resume import ROOT, write_recipe
+from tests.helpers import ROOT
+from tests.helpers import write_resume_recipe as write_recipe
 
 TOKEN = "hf_" + "PlantedSecretToken0123456789abcdefXYZ"
 

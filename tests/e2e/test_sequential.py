@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from lora_tune.recipe import load_recipe
-from tests.e2e.test_methods import logged_losses, probe_logits, reload, train_capturing, write_recipe
+from tests.helpers import logged_losses, probe_logits, reload, train_capturing
+from tests.helpers import write_methods_recipe as write_recipe
 
 LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 

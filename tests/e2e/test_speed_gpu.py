@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.cli import main
-from tests.e2e.test_train_qlora import RECIPE
+from tests.helpers import QLORA_RECIPE as RECIPE
 
 
 def _train(tiny_model_dir: Path, tmp_path: Path, data: Path, name: str, *overrides: str) -> dict:

@@ -9,34 +9,7 @@ import pytest
 import yaml
 
 from lora_tune.cli import main
-
-RECIPE = """\
-model:
-  name: {model}
-  dtype: float32
-quantization:
-  bits: 4
-adapter:
-  r: 8
-  alpha: 16
-  dropout: 0.0
-datasets:
-  - path: {data}
-val_size: 0.1
-training:
-  learning_rate: 2.0e-2
-  max_steps: 30
-  batch_size: 4
-  max_length: 64
-  warmup_steps: 0
-  logging_steps: 5
-  eval_strategy: steps
-  eval_steps: 15
-  save_steps: 15
-  gradient_checkpointing: false
-  packing: false            # the loss-drop threshold below was set on padded batches (BFD packing groups by length)
-output_dir: {out}
-"""
+from tests.helpers import QLORA_RECIPE as RECIPE
 
 
 @pytest.fixture(scope="module")

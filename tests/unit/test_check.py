@@ -10,24 +10,19 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lora_tune.check import PreflightReport, run_checks
 from lora_tune.cli import main
 from lora_tune.modeling import load_tokenizer
 from lora_tune.recipe import load_recipe
-from lora_tune.tiny import CHAT_TEMPLATE, build_tokenizer
-from tests.conftest import CORPUS, fruit_rows, write_jsonl
+from lora_tune.tiny import CHAT_TEMPLATE
+from tests.conftest import fruit_rows
+from tests.helpers import NO_END_OF_TURN, model_dir
+from tests.helpers import write_check_recipe as write_recipe
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-# The assistant's content is not followed by an end-of-turn token: nothing teaches the model to stop.
-NO_END_OF_TURN = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
-    "{% if m['role'] != 'assistant' %}<|end|>{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # Renders nothing until the conversation ends with a reply: the reply cannot be told from the prompt.
 EVERYTHING_TRAINED = (
@@ -50,40 +45,10 @@ MULTI_TURN = [
 ]
 
 
-def model_dir(root: Path, *, template: str = CHAT_TEMPLATE, stops: list[str] | None = None, pad: str | None = None):
-    """A tokenizer-only model folder, with a generation config stopping on `stops` (default: the tokenizer's EOS)."""
-    from transformers import GenerationConfig
-
-    tokenizer = build_tokenizer(CORPUS * 20, vocab_size=320)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.chat_template = template
-    if pad is not None:
-        tokenizer.pad_token = pad
-    root.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(root)
-    eos = [tokenizer.convert_tokens_to_ids(t) for t in stops] if stops is not None else tokenizer.eos_token_id
-    GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id).save_pretrained(root)
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny tokenizer and CHAT_TEMPLATE with a generation config stopping on its EOS: no weights, no torch."""
     return model_dir(tmp_path_factory.mktemp("tiny-tokenizer"))
-
-
-def write_recipe(tmp_path: Path, model_path: Path, rows: list[dict] | None = None, **sections) -> Path:
-    data = write_jsonl(tmp_path / "train.jsonl", rows if rows is not None else fruit_rows(12, "messages"))
-    recipe = {
-        "model": {"name": str(model_path)},
-        "datasets": [{"path": str(data)}],
-        "output_dir": str(tmp_path / "run"),
-    }
-    for key, value in sections.items():
-        recipe.setdefault(key, {}).update(value)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def check(recipe_path: Path, *overrides: str) -> PreflightReport:

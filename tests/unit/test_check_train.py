@@ -11,7 +11,8 @@ import pytest
 
 from lora_tune.cli import main
 from lora_tune.tiny import CHAT_TEMPLATE
-from tests.unit.test_check import NO_END_OF_TURN, model_dir, write_recipe
+from tests.helpers import NO_END_OF_TURN, model_dir
+from tests.helpers import write_check_recipe as write_recipe
 
 
 def test_train_refuses_a_failing_check_before_loading_the_model(tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.cli import main
-from tests.unit.test_push_hardening import model_folder, online  # noqa: F401 - `online` is a fixture
+from tests.helpers import model_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "model:\n  name: some/model\ndatasets:\n  - path: {data}\noutput_dir: {out}\n"
@@ -60,7 +60,7 @@ def test_2_a_wrong_recipe_data_or_output_directory(tmp_path: Path, alpaca_file: 
     assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
 
 
-def test_1_a_hub_that_cannot_be_reached(online, tmp_path: Path, capsys):  # noqa: F811 - the fixture
+def test_1_a_hub_that_cannot_be_reached(online, tmp_path: Path, capsys):
     point_at, _ = online
     closed = socket.create_server(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{closed.getsockname()[1]}"

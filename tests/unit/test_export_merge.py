@@ -9,18 +9,8 @@ import pytest
 
 from lora_tune.cli import main
 from lora_tune.export import ExportError, merge
-
-RECIPE = """\
-model:
-  name: {model}
-  dtype: float32
-adapter:
-  r: 4
-  alpha: 8
-datasets:
-  - path: data.jsonl
-output_dir: {out}
-"""
+from tests.helpers import MERGE_RECIPE as RECIPE
+from tests.helpers import lora, make_run
 
 
 def save_base(tokenizer_dir: Path, out: Path, *, tied: bool = False, max_shard_size: str | None = None) -> Path:
@@ -38,34 +28,6 @@ def save_base(tokenizer_dir: Path, out: Path, *, tied: bool = False, max_shard_s
     model.save_pretrained(out, **kwargs)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
     return out
-
-
-def make_run(root: Path, base_dir: Path, peft_config, *, seed: int = 0) -> Path:  # noqa: ANN001 - a PeftConfig
-    """A run directory as `lora-tune train` lays it out, with an adapter whose update is far from zero."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    run = root / "run"
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), peft_config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name or "lora_embedding_B" in name:
-                param.add_(torch.randn_like(param) * 0.05)
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.1 * torch.rand_like(param))
-    model.save_pretrained(run / "adapter")
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run / "adapter")
-    (run / "recipe.yaml").write_text(RECIPE.format(model=base_dir, out=run))
-    (run / "summary.json").write_text(json.dumps({"steps": 3, "train_loss": 1.5, "eval_loss": None}))
-    return run
-
-
-def lora(**kwargs):  # noqa: ANN201
-    from peft import LoraConfig
-
-    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, **kwargs)
 
 
 def logit_diff(merged: Path, run: Path, base_dir: Path) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.cli import main
-from tests.unit.test_export_merge import lora, make_run
+from tests.helpers import adapter_run, lora, make_run, model_folder, plant_hazards, run_bounded
 
 
 class FakeHub(BaseHTTPRequestHandler):
@@ -198,8 +198,6 @@ def test_client_errors_fail_at_once_without_the_token(hub, merged_and_run, capsy
 
 
 def test_commit_carries_only_regular_files_never_links_or_hidden_ones(hub, tmp_path: Path, capsys):
-    from tests.unit.test_push_hardening import adapter_run, model_folder, plant_hazards
-
     merged, run = model_folder(tmp_path / "m"), adapter_run(tmp_path / "r")
     plant_hazards(merged, tmp_path / "outside-m")
     plant_hazards(run / "adapter", tmp_path / "outside-r")
@@ -229,8 +227,6 @@ def test_missing_token_fails_before_any_request(hub, merged_and_run, capsys, mon
 
 def test_hub_that_stalls_mid_commit_is_tried_3_times_in_all(hub, tmp_path: Path, capsys):
     """huggingface_hub retries a timed-out preupload 5 times itself; only our 3 tries may count (3 waits, not 18)."""
-    from tests.unit.test_push_hardening import model_folder, run_bounded
-
     hub.stalled = {"preupload"}
     rc, seconds = run_bounded(["push", str(model_folder(tmp_path)), "me/stalled", "--timeout", "0.2"])
     assert rc == 1 and seconds < 3

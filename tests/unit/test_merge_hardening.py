@@ -13,7 +13,7 @@ import yaml
 from lora_tune.cli import main
 from lora_tune.export import merge
 from lora_tune.locks import LockedError, acquire, release
-from tests.unit.test_export_merge import lora, make_run
+from tests.helpers import lora, make_run
 
 # The lock a merge takes: beside the destination, since the destination is replaced whole by a rename.
 HOLDER = """

@@ -5,70 +5,18 @@ follows a symlink or carries a hidden file. No torch, no network beyond 127.0.0.
 from __future__ import annotations
 
 import importlib
-import json
 import re
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lora_tune.cli import main
+from tests.helpers import TIMEOUT_ENV, TOKEN, adapter_run, model_folder, plant_hazards, run_bounded
 
 push_module = importlib.import_module("lora_tune.export.push")  # the package's `push` shadows the module name
-
-TOKEN = "hf_SilentHubTestToken0123456789abcdefXYZ"
-TIMEOUT_ENV = "LORA_TUNE_HUB_TIMEOUT"  # documented, so spelled out here rather than imported
-RECIPE = """\
-model:
-  name: org/base-model
-adapter:
-  r: 4
-  alpha: 8
-datasets:
-  - path: data.jsonl
-output_dir: {out}
-"""
-
-
-def model_folder(root: Path) -> Path:
-    """What `merge` writes, as far as push looks: config.json, a safetensors shard, a card, one nested file."""
-    folder = root / "merged"
-    (folder / "tokenizer").mkdir(parents=True)
-    (folder / "config.json").write_text("{}")
-    (folder / "model.safetensors").write_bytes(b"\0" * 16)
-    (folder / "README.md").write_text("Merged from lora-tune run `my-run`.\n")
-    (folder / "tokenizer" / "tokenizer.json").write_text("{}")
-    return folder
-
-
-def adapter_run(root: Path) -> Path:
-    """A run directory as `train` leaves it, with placeholder adapter files (push reads only names and sizes)."""
-    run = root / "run"
-    (run / "adapter").mkdir(parents=True)
-    (run / "recipe.yaml").write_text(RECIPE.format(out=run))
-    (run / "summary.json").write_text(json.dumps({"steps": 3, "train_loss": 1.5, "eval_loss": None}))
-    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
-    return run
-
-
-def plant_hazards(folder: Path, outside: Path) -> list[str]:
-    """Links out of `folder` (to a file, to a folder) and hidden entries; returns the names push must skip."""
-    outside.mkdir()
-    (outside / "id_rsa").write_text("PRIVATE KEY")
-    (outside / "notes").mkdir()
-    (outside / "notes" / "todo.txt").write_text("secret plans")
-    (folder / "key.txt").symlink_to(outside / "id_rsa")
-    (folder / "home").symlink_to(outside / "notes", target_is_directory=True)
-    (folder / ".env").write_text(f"HF_TOKEN={TOKEN}\n")
-    (folder / ".git").mkdir()
-    (folder / ".git" / "config").write_text("[core]\n")
-    (folder / ".cache").mkdir()
-    (folder / ".cache" / "upload.lock").write_text("")
-    return ["key.txt", "home", ".env", ".git/", ".cache/"]
 
 
 def listed_and_skipped(out: str) -> tuple[set[str], dict[str, str]]:
@@ -112,30 +60,6 @@ def test_a_linked_shard_does_not_make_a_model_folder(tmp_path: Path, capsys):
 
 
 @pytest.fixture
-def online(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Callable[[str], None], list[float]]]:
-    """The suite runs offline: here huggingface_hub may reach loopback endpoints only, with a token, no real sleeps."""
-    import huggingface_hub.constants
-    import huggingface_hub.utils
-
-    # huggingface_hub 2.4 fetches an agent registry from the endpoint once per process (its own 3 s timeout) when
-    # it first builds headers; resolving it now, while the suite is still offline, leaves only the push to time.
-    if hasattr(huggingface_hub.utils, "is_agent"):
-        huggingface_hub.utils.is_agent()
-
-    def point_at(url: str) -> None:
-        assert url.startswith("http://127.0.0.1:")
-        monkeypatch.setenv("HF_ENDPOINT", url)
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)  # read from HF_ENDPOINT once, at import
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
-    sleeps: list[float] = []
-    monkeypatch.setattr(push_module, "sleep", sleeps.append)
-    yield point_at, sleeps
-
-
-@pytest.fixture
 def silent_hub(online) -> Iterator[tuple[str, list[socket.socket], list[float]]]:
     """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte; HF_ENDPOINT points at it."""
     point_at, sleeps = online
@@ -163,16 +87,6 @@ def silent_hub(online) -> Iterator[tuple[str, list[socket.socket], list[float]]]
     for conn in accepted:
         conn.close()
     server.close()
-
-
-def run_bounded(argv: Sequence[str], limit_s: float = 5.0) -> tuple[int | None, float]:
-    """`main(argv)` in a thread: (exit code, or None if it was still running after `limit_s`; seconds taken)."""
-    result: dict[str, int] = {}
-    started = time.monotonic()
-    thread = threading.Thread(target=lambda: result.setdefault("rc", main(argv)), daemon=True)
-    thread.start()
-    thread.join(timeout=limit_s)
-    return result.get("rc"), time.monotonic() - started
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])

@@ -1,0 +1,445 @@
+"""Builders, recipe texts and runners that more than one test module uses.
+
+A plain module (neither a test module nor a conftest): test modules import their shared helpers from here, never
+from one another (tests/unit/test_layout.py checks that). Fixtures shared between modules live in a conftest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lora_tune.cli import main
+from lora_tune.recipe import load_recipe
+from lora_tune.tiny import CHAT_TEMPLATE, build_tokenizer
+from tests.conftest import CORPUS, FRUITS, fruit_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# QLoRA training (tests/e2e/test_train_qlora.py and the runs that reuse its recipe)
+
+QLORA_RECIPE = """\
+model:
+  name: {model}
+  dtype: float32
+quantization:
+  bits: 4
+adapter:
+  r: 8
+  alpha: 16
+  dropout: 0.0
+datasets:
+  - path: {data}
+val_size: 0.1
+training:
+  learning_rate: 2.0e-2
+  max_steps: 30
+  batch_size: 4
+  max_length: 64
+  warmup_steps: 0
+  logging_steps: 5
+  eval_strategy: steps
+  eval_steps: 15
+  save_steps: 15
+  gradient_checkpointing: false
+  packing: false            # the loss-drop threshold below was set on padded batches (BFD packing groups by length)
+output_dir: {out}
+"""
+
+
+# Kill-and-resume runs (tests/e2e/test_resume.py, test_faults.py, test_divergence.py, test_safety.py)
+
+MAX_STEPS, SAVE_STEPS = 8, 2
+
+RESUME_RECIPE = """\
+model:
+  name: {model}
+  dtype: float32
+adapter:
+  r: 4
+  alpha: 8
+  dropout: 0.1
+datasets:
+  - path: {data}
+training:
+  learning_rate: 1.0e-2
+  max_steps: {max_steps}
+  batch_size: 4
+  max_length: 64
+  warmup_steps: 2
+  logging_steps: 1
+  save_steps: {save_steps}
+  save_total_limit: 3
+  gradient_checkpointing: false
+output_dir: {out}
+"""
+
+
+def write_resume_recipe(root: Path, model: Path, name: str, quantized: bool = False) -> Path:
+    """A run over 24 rows: 6 batches per epoch, so 8 steps cross an epoch boundary (the data order reshuffles).
+
+    `quantized`: on a 4-bit NF4 base (QLoRA), whose adapter TRL trains in bfloat16.
+    """
+    data = root / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, fruit_rows(24, "alpaca"))
+    recipe = root / f"{name}.yaml"
+    text = RESUME_RECIPE.format(model=model, data=data, out=root / name, max_steps=MAX_STEPS, save_steps=SAVE_STEPS)
+    if quantized:
+        text = text.replace("datasets:", "quantization:\n  bits: 4\ndatasets:")
+    recipe.write_text(text)
+    return recipe
+
+
+def run_cli(*args: str, fault: tuple[str, int] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`lora-tune ARGS` in a fresh process (optionally with a fault injected), output captured."""
+    command = [sys.executable, "-m", "lora_tune.cli", *args]
+    if fault is not None:
+        command = [sys.executable, "-m", "tests.e2e.fault_runner", fault[0], str(fault[1]), "--", *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# Every fine-tuning method (tests/e2e/test_methods.py, test_sequential.py, test_eval_runs.py)
+
+# The shipped tiny method recipes.
+TINY_METHODS = ROOT / "recipes" / "methods" / "tiny"
+
+METHODS_RECIPE = """\
+model:
+  name: {model}
+  dtype: float32
+quantization:
+  bits: {bits}
+adapter: {adapter}
+datasets:
+  - path: {data}
+training:
+  learning_rate: {lr}
+  max_steps: {steps}
+  batch_size: 8
+  max_length: 64
+  warmup_steps: 0
+  lr_scheduler: constant
+  logging_steps: 1
+  save_strategy: "no"
+  gradient_checkpointing: false
+output_dir: {out}
+"""
+
+
+def write_methods_recipe(
+    root: Path, model: Path, adapter: dict[str, Any], lr: float, bits: int | None, steps: int
+) -> Path:
+    """A recipe written out in full (the sequential tests use it)."""
+    data = write_jsonl(root / "train.jsonl", fruit_rows(48, "alpaca"))
+    text = METHODS_RECIPE.format(
+        model=model,
+        bits="null" if bits is None else bits,
+        adapter=json.dumps(adapter),
+        data=data,
+        lr=lr,
+        steps=steps,
+        out=root / "run",
+    )
+    path = root / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def tiny_recipe(name: str, model: Path, root: Path, steps: int) -> Any:
+    """The shipped tiny recipe, pointed at the test's even tinier model and data, for a few steps."""
+    data = write_jsonl(root / "train.jsonl", fruit_rows(48, "alpaca"))
+    overrides = [
+        f"model.name={model}",
+        f"datasets.0.path={data}",
+        f"output_dir={root / 'run'}",
+        f"training.max_steps={steps}",
+        "training.logging_steps=1",
+        "training.max_length=64",
+        "data.dedupe=none",  # the fruit rows repeat on purpose: 48 rows, not 9 distinct ones
+    ]
+    return load_recipe(TINY_METHODS / f"{name}.yaml", overrides)
+
+
+LAST_LEARNING_RATES: list[float] = []  # the optimizer's distinct learning rates in the last captured run
+
+
+def train_capturing(recipe: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """Train the recipe; return the run result and the in-memory trained model, taken as it is saved."""
+    from lora_tune.methods import runtime
+    from lora_tune.train import train
+
+    captured: dict[str, Any] = {}
+    real_save = runtime.save_artifact
+
+    def spy(recipe, trainer, tokenizer, build, run_root):  # noqa: ANN001
+        captured["model"] = trainer.model
+        groups = [g for g in trainer.optimizer.param_groups if g["params"]]  # LoRA+ leaves some groups empty
+        LAST_LEARNING_RATES[:] = sorted({g.get("initial_lr", g["lr"]) for g in groups})
+        real_save(recipe, trainer, tokenizer, build, run_root)
+
+    monkeypatch.setattr(runtime, "save_artifact", spy)
+    result = train(recipe if not isinstance(recipe, Path) else load_recipe(recipe))
+    return result, captured["model"]
+
+
+def logged_losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def reload(run: Path, base_dir: Path, bits: int | None) -> Any:
+    """The saved artefact through vanilla transformers/peft only."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lora_tune.packed_4bit import keep_unpacked
+
+    if (run / "model").is_dir():
+        return AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
+    from peft import PeftModel
+
+    four_bit = BitsAndBytesConfig(  # the recipe's defaults: NF4, double quantization, model-dtype compute
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    quant = {4: four_bit, 8: BitsAndBytesConfig(load_in_8bit=True)}.get(bits)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, quantization_config=quant)
+    # Training computed the 4-bit layers in float32; on an AVX512-BF16 CPU a vanilla load would repack them for
+    # bfloat16 inference at the first eval forward (measured 2.9e-3 away), so compare the same function.
+    keep_unpacked(base)
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    if bits is not None:
+        # TRL trains a quantized base's adapter in bfloat16 (the QLoRA paper's choice; DoRA magnitudes excepted) and
+        # it is saved so; peft loads it into float32 layers. Compute in the dtype that was trained.
+        for name, param in model.named_parameters():
+            if "lora_" in name and "magnitude" not in name:
+                param.data = param.data.to(torch.bfloat16)
+    return model
+
+
+def probe_logits(model: Any, tokenizer: Any) -> Any:
+    import torch
+
+    batch = tokenizer(["fruit number 3?", "name a fruit: apple"], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+# Classification head (tests/e2e/test_classification.py, test_eval_runs.py)
+
+NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+
+CLASSIFICATION_RECIPE = """\
+model:
+  name: {model}
+  dtype: float32
+adapter: {adapter}
+task:
+  type: classification
+  text_column: sentence
+  label_column: kind
+  labels: [fruit, number]
+datasets:
+  - path: {train}
+eval_datasets:
+  - path: {valid}
+training:
+  learning_rate: {lr}
+  max_steps: 30
+  batch_size: 8
+  max_length: 32
+  warmup_steps: 0
+  lr_scheduler: constant
+  logging_steps: 5
+  save_strategy: "no"
+  gradient_checkpointing: false
+output_dir: {out}
+"""
+
+
+def labelled_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """Sentences of four fruit names or four number words; the label says which. Balanced, shuffled."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        kind = "fruit" if i % 2 == 0 else "number"
+        words = rng.choices(FRUITS if kind == "fruit" else NUMBERS, k=4)
+        rows.append({"sentence": " ".join(words), "kind": kind})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_case(root: Path, model: Path, adapter: dict, lr: float) -> Path:
+    train = write_jsonl(root / "train.jsonl", labelled_rows(96, seed=1))
+    valid = write_jsonl(root / "valid.jsonl", labelled_rows(40, seed=2))
+    path = root / "recipe.yaml"
+    path.write_text(
+        CLASSIFICATION_RECIPE.format(
+            model=model, adapter=json.dumps(adapter), train=train, valid=valid, lr=lr, out=root / "run"
+        )
+    )
+    return path
+
+
+# Pre-flight check (tests/unit/test_check.py, test_check_train.py)
+
+# The assistant's content is not followed by an end-of-turn token: nothing teaches the model to stop.
+NO_END_OF_TURN = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] != 'assistant' %}<|end|>{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def model_dir(root: Path, *, template: str = CHAT_TEMPLATE, stops: list[str] | None = None, pad: str | None = None):
+    """A tokenizer-only model folder, with a generation config stopping on `stops` (default: the tokenizer's EOS)."""
+    from transformers import GenerationConfig
+
+    tokenizer = build_tokenizer(CORPUS * 20, vocab_size=320)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = template
+    if pad is not None:
+        tokenizer.pad_token = pad
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(root)
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in stops] if stops is not None else tokenizer.eos_token_id
+    GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id).save_pretrained(root)
+    return root
+
+
+def write_check_recipe(tmp_path: Path, model_path: Path, rows: list[dict] | None = None, **sections) -> Path:
+    data = write_jsonl(tmp_path / "train.jsonl", rows if rows is not None else fruit_rows(12, "messages"))
+    recipe = {
+        "model": {"name": str(model_path)},
+        "datasets": [{"path": str(data)}],
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+# Hand-made run directories to merge (tests/unit/test_export_merge.py, test_merge_hardening.py, test_export_push.py)
+
+MERGE_RECIPE = """\
+model:
+  name: {model}
+  dtype: float32
+adapter:
+  r: 4
+  alpha: 8
+datasets:
+  - path: data.jsonl
+output_dir: {out}
+"""
+
+
+def make_run(root: Path, base_dir: Path, peft_config, *, seed: int = 0) -> Path:  # noqa: ANN001 - a PeftConfig
+    """A run directory as `lora-tune train` lays it out, with an adapter whose update is far from zero."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = root / "run"
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), peft_config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name or "lora_embedding_B" in name:
+                param.add_(torch.randn_like(param) * 0.05)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.1 * torch.rand_like(param))
+    model.save_pretrained(run / "adapter")
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(run / "adapter")
+    (run / "recipe.yaml").write_text(MERGE_RECIPE.format(model=base_dir, out=run))
+    (run / "summary.json").write_text(json.dumps({"steps": 3, "train_loss": 1.5, "eval_loss": None}))
+    return run
+
+
+def lora(**kwargs):  # noqa: ANN201
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, **kwargs)
+
+
+# Push (tests/unit/test_push_hardening.py, test_export_push.py, test_exit_codes.py)
+
+TOKEN = "hf_SilentHubTestToken0123456789abcdefXYZ"
+TIMEOUT_ENV = "LORA_TUNE_HUB_TIMEOUT"  # documented, so spelled out here rather than imported
+PUSH_RECIPE = """\
+model:
+  name: org/base-model
+adapter:
+  r: 4
+  alpha: 8
+datasets:
+  - path: data.jsonl
+output_dir: {out}
+"""
+
+
+def model_folder(root: Path) -> Path:
+    """What `merge` writes, as far as push looks: config.json, a safetensors shard, a card, one nested file."""
+    folder = root / "merged"
+    (folder / "tokenizer").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    (folder / "README.md").write_text("Merged from lora-tune run `my-run`.\n")
+    (folder / "tokenizer" / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def adapter_run(root: Path) -> Path:
+    """A run directory as `train` leaves it, with placeholder adapter files (push reads only names and sizes)."""
+    run = root / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(PUSH_RECIPE.format(out=run))
+    (run / "summary.json").write_text(json.dumps({"steps": 3, "train_loss": 1.5, "eval_loss": None}))
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"\0" * 16)
+    return run
+
+
+def plant_hazards(folder: Path, outside: Path) -> list[str]:
+    """Links out of `folder` (to a file, to a folder) and hidden entries; returns the names push must skip."""
+    outside.mkdir()
+    (outside / "id_rsa").write_text("PRIVATE KEY")
+    (outside / "notes").mkdir()
+    (outside / "notes" / "todo.txt").write_text("secret plans")
+    (folder / "key.txt").symlink_to(outside / "id_rsa")
+    (folder / "home").symlink_to(outside / "notes", target_is_directory=True)
+    (folder / ".env").write_text(f"HF_TOKEN={TOKEN}\n")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config").write_text("[core]\n")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "upload.lock").write_text("")
+    return ["key.txt", "home", ".env", ".git/", ".cache/"]
+
+
+def run_bounded(argv: Sequence[str], limit_s: float = 5.0) -> tuple[int | None, float]:
+    """`main(argv)` in a thread: (exit code, or None if it was still running after `limit_s`; seconds taken)."""
+    result: dict[str, int] = {}
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: result.setdefault("rc", main(argv)), daemon=True)
+    thread.start()
+    thread.join(timeout=limit_s)
+    return result.get("rc"), time.monotonic() - started
