@@ -122,9 +122,9 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
 
     from lora_tune.check import PREFLIGHT_FILE, preflight
     from lora_tune.methods import runtime as methods
-    from lora_tune.metrics import metrics_callback, peak_memory, plot_loss, read_metrics
+    from lora_tune.metrics import last_value, metrics_callback, peak_memory, plot_loss, read_metrics
     from lora_tune.modeling import load_tokenizer, resolve_dtype
-    from lora_tune.train import RunResult, _last, count_quantized_layers
+    from lora_tune.train import RunResult, count_quantized_layers
     from lora_tune.trl_args import to_sft_config
 
     # 1. Run directory, resolved recipe, lineage.
@@ -189,7 +189,7 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         run_dir=run.root,
         adapter_dir=run.root / methods.artifact_name(recipe),
         steps=output.global_step,
-        train_loss=_last(records, "loss"),
+        train_loss=last_value(records, "loss"),
         eval_loss=metrics.get("eval_loss"),
         tokens_seen=None,
         trained_token_share=None,

@@ -110,33 +110,33 @@ def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_l
 
 def format_head_markdown(report: EvalReport, run_name: str) -> str:
     """eval.md of a classification head: tuned vs majority class, per-class scores, confusion matrix."""
-    from lora_tune.eval_report import _cell, _confusion, _per_class, _table
+    from lora_tune.eval_report import confusion_lines, markdown_table, per_class_lines, table_cell
 
     lines = [f"# Evaluation of `{run_name}`", "", f"Data: `{report.data}` ({report.rows} rows).", "", report.note, ""]
-    lines += _table(["metric", *(["majority class"] if report.baseline else []), "fine-tuned"], _rows(report))
+    lines += markdown_table(["metric", *(["majority class"] if report.baseline else []), "fine-tuned"], _rows(report))
     lines += ["", f"Labels: {', '.join(f'`{label}`' for label in report.labels)}."]
     if report.tuned.classification:
-        lines += ["", "## Fine-tuned: per class", ""] + _per_class(report.tuned.classification)
+        lines += ["", "## Fine-tuned: per class", ""] + per_class_lines(report.tuned.classification)
         lines += ["", "## Fine-tuned: confusion matrix (rows: reference, columns: predicted)", ""]
-        lines += _confusion(report.tuned.classification)
+        lines += confusion_lines(report.tuned.classification)
     if "loss_curve" in report.files:
         lines += ["", "## Training loss", "", "![train and eval loss against step](loss.png)"]
     if report.examples:
         lines += ["", "## Examples", ""]
-        rows = [[_cell(e[k]) for k in ("input", "reference", "tuned")] for e in report.examples]
-        lines += _table(["input", "reference", "predicted"], rows)
+        rows = [[table_cell(e[k]) for k in ("input", "reference", "tuned")] for e in report.examples]
+        lines += markdown_table(["input", "reference", "predicted"], rows)
     return "\n".join(lines) + "\n"
 
 
 def headline_rows(report: EvalReport) -> list[tuple[str, str, str]]:
     """(metric, majority class, fine-tuned) as display strings."""
-    from lora_tune.eval_report import _cls, _num, _pct
+    from lora_tune.eval_report import class_score, number, percent
 
     rows = [
-        ("accuracy", lambda s: _pct(_cls(s, "accuracy"))),
-        ("macro precision", lambda s: _num(_cls(s, "macro_precision"))),
-        ("macro recall", lambda s: _num(_cls(s, "macro_recall"))),
-        ("macro F1", lambda s: _num(_cls(s, "macro_f1"))),
+        ("accuracy", lambda s: percent(class_score(s, "accuracy"))),
+        ("macro precision", lambda s: number(class_score(s, "macro_precision"))),
+        ("macro recall", lambda s: number(class_score(s, "macro_recall"))),
+        ("macro F1", lambda s: number(class_score(s, "macro_f1"))),
     ]
     return [(name, get(report.baseline) if report.baseline else "", get(report.tuned)) for name, get in rows]
 

@@ -60,7 +60,7 @@ def generate_answers(
     import torch
     from tqdm.auto import tqdm
 
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model, tokenizer)
     if not eos_ids:
         raise ValueError("neither the tokenizer nor the generation config names an EOS token to stop at")
     if settings is not None:
@@ -156,7 +156,7 @@ def reference_nll(
     return total, count
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokenizer's EOS first, then any other EOS of the model's generation config (e.g. an end-of-turn token)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     config = getattr(model, "generation_config", None)

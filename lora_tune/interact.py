@@ -132,7 +132,7 @@ def reply(
     """The model's answer to `messages`; with `stream`, its text is also written there token by token."""
     import torch
 
-    from lora_tune.evaluate import _eos_ids, generation_kwargs
+    from lora_tune.evaluate import generation_kwargs, stop_token_ids
 
     settings = settings or loaded.settings
     tokenizer, model = loaded.tokenizer, loaded.model
@@ -147,7 +147,7 @@ def reply(
             max_new_tokens=settings.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             streamer=streamer,
-            **generation_kwargs(settings, _eos_ids(model, tokenizer)),
+            **generation_kwargs(settings, stop_token_ids(model, tokenizer)),
         )
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()

@@ -45,6 +45,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def last_value(records: list[dict[str, Any]], key: str) -> Any:
+    """The last numeric value of `key` in the training log's records, or None."""
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+    return values[-1] if values else None
+
+
 def plot_loss(records: list[dict[str, Any]], out: Path, title: str) -> Path | None:
     """Train (and eval) loss against step, as a PNG. None when nothing was logged."""
     train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]

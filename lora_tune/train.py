@@ -89,7 +89,14 @@ def _train(
     from lora_tune.faults import check_free_disk, translate_faults
     from lora_tune.keep_dtype import keep_trainable_dtypes
     from lora_tune.methods import runtime as methods
-    from lora_tune.metrics import compact_progress_callback, metrics_callback, peak_memory, plot_loss, read_metrics
+    from lora_tune.metrics import (
+        compact_progress_callback,
+        last_value,
+        metrics_callback,
+        peak_memory,
+        plot_loss,
+        read_metrics,
+    )
     from lora_tune.modeling import load_model, load_tokenizer, resolve_dtype
     from lora_tune.resume import (
         evaluation_keeps_rng,
@@ -214,9 +221,9 @@ def _train(
         run_dir=run.root,
         adapter_dir=run.root / methods.artifact_name(recipe),
         steps=output.global_step,
-        train_loss=_last(records, "loss"),
+        train_loss=last_value(records, "loss"),
         eval_loss=eval_loss,
-        tokens_seen=_last(records, "num_tokens"),
+        tokens_seen=last_value(records, "num_tokens"),
         trained_token_share=round(prepared.stats.train.trained_share, 4),
         train_rows=len(train_set),
         validation_rows=len(eval_set) if eval_set is not None else 0,
@@ -287,11 +294,6 @@ def _on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _last(records: list[dict[str, Any]], key: str) -> Any:
-    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-    return values[-1] if values else None
 
 
 def _quiet_third_party_noise() -> None:
