@@ -11,23 +11,17 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_tune.errors import LoraTuneError
+from lora_tune.catalog_location import CATALOG_ENV, CatalogError, catalog_dir  # noqa: F401 - re-exported
 from lora_tune.recipe import load_recipe
 
 if TYPE_CHECKING:
     from lora_tune.config import Recipe
 
 NOT_RECIPES = frozenset({"base", "data", "configs", "accelerate"})
-CATALOG_ENV = "LORA_TUNE_RECIPES"
-
-
-class CatalogError(LoraTuneError):
-    """A catalog lookup failed: the name is unknown or ambiguous, or there is no catalog folder."""
 
 
 @dataclass(frozen=True)
@@ -48,18 +42,6 @@ class CatalogEntry:
     @property
     def dataset(self) -> str:
         return ", ".join(d.path + (f" [{d.split}]" if d.split != "train" else "") for d in self.recipe.datasets)
-
-
-def catalog_dir(explicit: str | Path | None = None) -> Path:
-    """The catalog folder: `explicit`, else $LORA_TUNE_RECIPES, else ./recipes, else the source checkout's."""
-    candidates = [explicit, os.environ.get(CATALOG_ENV), Path("recipes")]
-    candidates.append(Path(__file__).resolve().parents[1] / "recipes")  # an editable install's checkout
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    raise CatalogError(
-        f"no recipe catalog found (looked in ./recipes and the lora-tune checkout); pass --dir or set {CATALOG_ENV}"
-    )
 
 
 def recipe_files(root: Path) -> list[Path]:

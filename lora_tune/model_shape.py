@@ -224,7 +224,7 @@ def trainable_parameters(shape: ModelShape, adapter: AdapterConfig) -> list[tupl
 
 def _catalog_config(name: str) -> Path | None:
     """The config.json the recipe catalog ships for hub model `name` (recipes/configs/ORG/MODEL.json), if any."""
-    from lora_tune.catalog import CatalogError, catalog_dir
+    from lora_tune.catalog_location import CatalogError, catalog_dir
 
     try:
         path = catalog_dir() / "configs" / f"{name}.json"
