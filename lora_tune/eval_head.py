@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lora_tune.config import Recipe
-    from lora_tune.eval_run import EvalReport
+    from lora_tune.eval_result import EvalReport
     from lora_tune.run_dir import RunDir
 
 TASK = "head"
@@ -31,7 +31,7 @@ def evaluate_head(
     from lora_tune.classification import encode_rows
     from lora_tune.config import DatasetConfig
     from lora_tune.data.sources import load_rows
-    from lora_tune.eval_run import EvalReport
+    from lora_tune.eval_result import EvalReport
 
     rows = encode_rows(recipe, load_rows(DatasetConfig(path=str(path), limit=limit)), str(path))
     model, tokenizer, labels = load_head_model(run, recipe)
@@ -57,7 +57,7 @@ def evaluate_head(
 
 
 def _score(predicted: list[str], true: list[str], labels: list[str]) -> Any:
-    from lora_tune.eval_run import Score
+    from lora_tune.eval_result import Score
     from lora_tune.scoring import classification_scores
 
     scores = classification_scores(predicted, true, labels).to_json()
@@ -146,7 +146,7 @@ def _rows(report: EvalReport) -> list[list[str]]:
 
 
 def format_console(report: EvalReport, run_dir: str) -> str:
-    from lora_tune.eval_run import EVAL_JSON, EVAL_MARKDOWN
+    from lora_tune.run_dir import EVAL_JSON, EVAL_MARKDOWN
 
     lines = [f"Held-out evaluation of the classification head on {report.data} ({report.rows} rows):"]
     first = "majority class" if report.baseline else ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lora_tune.eval_run import EvalReport, Score
+    from lora_tune.eval_result import EvalReport, Score
 
 
 def headline_rows(report: EvalReport) -> list[tuple[str, str, str]]:
@@ -27,10 +27,7 @@ def headline_rows(report: EvalReport) -> list[tuple[str, str, str]]:
 
 
 def format_markdown(report: EvalReport, run_name: str) -> str:
-    if report.task == "head":
-        from lora_tune.eval_head import format_head_markdown as head_markdown
-
-        return head_markdown(report, run_name)
+    """eval.md of a run that generates answers (a classification head's: eval_head.format_head_markdown)."""
     lines = [f"# Evaluation of `{run_name}`", ""]
     lines += [f"Data: `{report.data}` ({report.rows} rows). " + _settings_line(report.settings), ""]
     lines += markdown_table(["metric", *(["base"] if report.base else []), "fine-tuned"], _headline(report))

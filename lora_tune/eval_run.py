@@ -8,11 +8,12 @@ normalised exact match, classification metrics for label-style tasks, the loss c
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from lora_tune.errors import LoraTuneError
+from lora_tune.eval_result import EvalReport, Score
 from lora_tune.run_dir import EVAL_JSON, EVAL_MARKDOWN, RunDir, write_json_atomic
 
 
@@ -22,32 +23,6 @@ class RunNotFoundError(LoraTuneError):
 
 class EvalDataError(LoraTuneError):
     """No held-out data to evaluate on, or data that cannot be scored as asked."""
-
-
-@dataclass
-class Score:
-    exact_match: float
-    normalized_exact_match: float
-    perplexity: float | None = None  # of the reference answers' tokens (assistant-only, end-of-turn included)
-    classification: dict[str, Any] | None = None  # accuracy, precision/recall/F1, confusion (label-style tasks)
-
-
-@dataclass
-class EvalReport:
-    data: str
-    rows: int
-    tuned: Score
-    base: Score | None = None
-    task: str = "text"  # "labels" when classification metrics were computed
-    labels: list[str] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-    scored_tokens: int = 0
-    # A few rows: input, reference, tuned (and base) output.
-    examples: list[dict[str, str]] = field(default_factory=list)
-    files: dict[str, str] = field(default_factory=dict)
-    # A classification head (task "head"): the majority-class baseline, and what the report compares.
-    baseline: Score | None = None
-    note: str = ""
 
 
 def resolve_eval_data(run: RunDir, data: str | None, split: str | None) -> Path:
@@ -213,6 +188,7 @@ def _examples(
 
 def write_report(run: RunDir, report: EvalReport) -> None:
     """eval.json, eval.md and (from metrics.jsonl) loss.png in the run directory."""
+    from lora_tune.eval_head import format_head_markdown
     from lora_tune.eval_report import format_markdown
     from lora_tune.metrics import plot_loss, read_metrics
     from lora_tune.run_dir import write_text_atomic
@@ -222,7 +198,8 @@ def write_report(run: RunDir, report: EvalReport) -> None:
     if plot is not None:
         report.files["loss_curve"] = str(plot)
     write_json_atomic(run.root / EVAL_JSON, asdict(report))
-    write_text_atomic(run.root / EVAL_MARKDOWN, format_markdown(report, run.root.name))
+    markdown = format_head_markdown if report.task == "head" else format_markdown
+    write_text_atomic(run.root / EVAL_MARKDOWN, markdown(report, run.root.name))
 
 
 def format_report(report: EvalReport, run_dir: str) -> str:
