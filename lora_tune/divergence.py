@@ -34,10 +34,14 @@ def divergence_callback(found: Divergence) -> Any:
     from transformers import TrainerCallback
 
     class StopOnNonFinite(TrainerCallback):
+        trainable: list[tuple[str, Any]] | None = None  # read once: the set of trainable weights does not change
+
         def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 - transformers' signature
             if found.step is None and model is not None:
-                name = first_non_finite(model)
-                if name is not None:
+                if self.trainable is None:
+                    self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                if not all_finite([p for _, p in self.trainable]):  # one device sync per step, not one per weight
+                    name = next(n for n, p in self.trainable if not all_finite([p]))
                     found.step, found.what = state.global_step, f"weight {name}"
             return _stop(control) if found.step is not None else control
 
@@ -57,14 +61,14 @@ def _stop(control: Any) -> Any:
     return control
 
 
-def first_non_finite(model: Any) -> str | None:
-    """The name of the first trainable parameter holding a NaN or an infinity, else None."""
+def all_finite(params: list[Any]) -> bool:
+    """Whether every value of every tensor is finite, read back with a single device synchronisation."""
     import torch
 
-    for name, param in model.named_parameters():
-        if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
-            return name
-    return None
+    if not params:
+        return True
+    flags = [torch.isfinite(p.detach()).all() for p in params]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
 def raise_if_diverged(found: Divergence, checkpoints: Path, learning_rate: float) -> None:
