@@ -66,11 +66,6 @@ CREDENTIAL_SHAPES = [
 ]
 
 
-def mask_credentials(text: str) -> str:
-    """What lora-tune publishes (model cards) goes through the same masks as its logs."""
-    return redact(text)
-
-
 class RedactingFilter(logging.Filter):
     """Logging filter that rewrites each record's message through `redact`."""
 

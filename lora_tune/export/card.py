@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lora_tune.safety import mask_credentials
+from lora_tune.safety import redact
 
 if TYPE_CHECKING:
     from lora_tune.config import Recipe
@@ -75,7 +75,7 @@ def build_card(
     usage: str,
     details: list[str] | None = None,
 ) -> str:
-    """The card's text. Every card goes through here, and its whole text through `mask_credentials`: recipe values,
+    """The card's text. Every card goes through here, and its whole text through `redact`: recipe values,
     dataset and model names, the run's name and lineage may hold a token or a URL's password."""
     method = "qlora" if recipe.quantization.bits == 4 else "lora"
     tags = ["lora-tune", method, *(["dora"] if recipe.adapter.use_dora else []), kind, "text-generation"]
@@ -159,7 +159,7 @@ def build_card(
         "```",
         "",
     ]
-    return mask_credentials("\n".join(lines))
+    return redact("\n".join(lines))
 
 
 def lineage_lines(run: RunDir) -> list[str]:
@@ -192,7 +192,7 @@ def drop_secrets(data: Any) -> Any:
     if isinstance(data, list):
         return [drop_secrets(v) for v in data]
     if isinstance(data, str):
-        return mask_credentials(data)
+        return redact(data)
     return data
 
 

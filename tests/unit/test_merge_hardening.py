@@ -192,9 +192,9 @@ def test_no_card_carries_a_credential_that_a_recipe_value_holds(tiny_model_dir: 
     ],
 )
 def test_credential_shapes_are_masked(text: str, masked: str):
-    from lora_tune.safety import mask_credentials
+    from lora_tune.safety import redact
 
-    assert mask_credentials(text) == masked
+    assert redact(text) == masked
 
 
 @pytest.mark.parametrize(
@@ -208,6 +208,6 @@ def test_credential_shapes_are_masked(text: str, masked: str):
     ],
 )
 def test_ordinary_text_is_not_masked(text: str):
-    from lora_tune.safety import mask_credentials
+    from lora_tune.safety import redact
 
-    assert mask_credentials(text) == text
+    assert redact(text) == text
