@@ -73,8 +73,9 @@ def allow_packing(model: Any, allowed: bool) -> None:
     if not allowed:
         keep_unpacked(model)
         return
+    packs = cpu_packs_4bit()
     for layer in four_bit_layers(model):
-        setattr(layer, FLAG, cpu_packs_4bit())
+        setattr(layer, FLAG, packs)
 
 
 def unpack(weight: Any) -> None:
