@@ -12,17 +12,17 @@ __version__ = "0.1.0"
 __all__ = ["load_recipe", "train", "__version__"]
 
 if TYPE_CHECKING:
-    from lora_tune.recipe import load_recipe
-    from lora_tune.train import train
+    from lora_tune.recipe.load import load_recipe
+    from lora_tune.training.sft import train
 
 
 def __getattr__(name: str) -> Any:
     if name == "load_recipe":
-        from lora_tune.recipe import load_recipe
+        from lora_tune.recipe.load import load_recipe
 
         return load_recipe
     if name == "train":
-        from lora_tune.train import train
+        from lora_tune.training.sft import train
 
         return train
     raise AttributeError(f"module 'lora_tune' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lora_tune import __version__
 from lora_tune.errors import LoraTuneError
-from lora_tune.safety import install_log_redaction, redact
+from lora_tune.model.safety import install_log_redaction, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool whose reader closed the pipe
@@ -215,7 +215,7 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
 def _rank() -> str:
     """`[rank 1/4] ` in a multi-process job (torchrun, accelerate launch), so an error says which process failed."""
-    from lora_tune.distributed import Processes
+    from lora_tune.training.distributed import Processes
 
     return Processes.from_env().prefix()
 
@@ -229,7 +229,7 @@ def _configure_logging(debug: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
-    from lora_tune.distributed import configure_rank_logging
+    from lora_tune.training.distributed import configure_rank_logging
 
     configure_rank_logging(logger)
     install_log_redaction(logger)
@@ -248,7 +248,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from lora_tune.recipe import dump_resolved, load_recipe
+    from lora_tune.recipe.load import dump_resolved, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_resolved:
@@ -260,9 +260,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from lora_tune.check import run_checks
-    from lora_tune.modeling import load_tokenizer
-    from lora_tune.recipe import load_recipe
-    from lora_tune.run_dir import write_json_atomic
+    from lora_tune.model.load import load_tokenizer
+    from lora_tune.recipe.load import load_recipe
+    from lora_tune.run.layout import write_json_atomic
 
     recipe = load_recipe(args.recipe, args.overrides)
     report = run_checks(recipe, load_tokenizer(recipe.model))
@@ -274,8 +274,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from lora_tune.data.preview import build_preview, format_preview
-    from lora_tune.modeling import load_tokenizer
-    from lora_tune.recipe import load_recipe
+    from lora_tune.model.load import load_tokenizer
+    from lora_tune.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     tokenizer = load_tokenizer(recipe.model)  # the tokenizer only: the preview never loads model weights
@@ -285,8 +285,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lora_tune.plan import format_plan, plan
-    from lora_tune.recipe import load_recipe
+    from lora_tune.plan.memory import format_plan, plan
+    from lora_tune.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, check_paths=False)  # the plan reads no data
     print(format_plan(plan(recipe, config=args.config, gpu_memory=args.gpu_memory)))
@@ -308,8 +308,8 @@ def describe(recipe) -> str:  # noqa: ANN001 - Recipe, imported lazily by caller
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lora_tune.distributed import Processes
-    from lora_tune.recipe import load_recipe
+    from lora_tune.recipe.load import load_recipe
+    from lora_tune.training.distributed import Processes
 
     if args.nproc < 1:
         raise LoraTuneError(f"--nproc: expected a number of processes >= 1, got {args.nproc}")
@@ -319,7 +319,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch(recipe, args)
     if procs.is_main:
         print(f"lora-tune: {describe(recipe)}", flush=True)
-    from lora_tune.train import train
+    from lora_tune.training.sft import train
 
     result = train(
         recipe, overwrite=args.overwrite, resume=args.resume, recipe_path=args.recipe, overrides=args.overrides
@@ -331,7 +331,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch(recipe, args: argparse.Namespace) -> int:  # noqa: ANN001 - Recipe, imported lazily
     """`train --nproc N`: the same command in N processes, through torchrun (or accelerate launch)."""
-    from lora_tune.distributed import launch_command, run_launcher
+    from lora_tune.training.distributed import launch_command, run_launcher
 
     forwarded = [args.recipe, *args.overrides, *(["--overwrite"] if args.overwrite else [])]
     forwarded += ["--resume"] if args.resume else []
@@ -385,7 +385,7 @@ def _batch_line(result) -> list[str]:  # noqa: ANN001 - RunResult
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lora_tune.eval_run import evaluate_run, format_report
+    from lora_tune.evaluate.run import evaluate_run, format_report
 
     report = evaluate_run(
         args.run_dir,
@@ -401,7 +401,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lora_tune.interact import load_for_inference, reply
+    from lora_tune.inference.chat import load_for_inference, reply
 
     loaded = _with_generation_flags(load_for_inference(args.model_dir), args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -414,7 +414,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lora_tune.interact import chat_loop, load_for_inference
+    from lora_tune.inference.chat import chat_loop, load_for_inference
 
     chat_loop(_with_generation_flags(load_for_inference(args.model_dir), args), system=args.system)
     return EXIT_OK
@@ -422,7 +422,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _with_generation_flags(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN202 - LoadedModel, lazily imported
     """The loaded model with its `eval:` settings overridden by --max-new-tokens/--sample/--temperature/--top-p."""
-    from lora_tune.interact import with_settings
+    from lora_tune.inference.chat import with_settings
 
     update = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     update = {k: v for k, v in update.items() if v is not None}
@@ -490,7 +490,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from lora_tune.catalog import catalog_dir, find_entry, format_entry, format_table, list_catalog
+    from lora_tune.plan.catalog import catalog_dir, find_entry, format_entry, format_table, list_catalog
 
     root = catalog_dir(args.dir)
     print(format_entry(find_entry(root, args.name)) if args.name else format_table(list_catalog(root)))
@@ -498,8 +498,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from lora_tune.catalog import CatalogError, catalog_dir
-    from lora_tune.scaffold import new_recipe
+    from lora_tune.plan.catalog import CatalogError, catalog_dir
+    from lora_tune.plan.new import new_recipe
 
     try:
         root = catalog_dir(args.dir)

@@ -20,7 +20,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_tune import varlen_attention
+from lora_tune.model import attention as varlen_attention
 
 CONFIG = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, vocab_size=478)
 

@@ -17,7 +17,7 @@ def main() -> None:
     import torch
     from safetensors.torch import save_file
 
-    from lora_tune.checkpoints import verify_checkpoint, write_manifest
+    from lora_tune.training.checkpoints import verify_checkpoint, write_manifest
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", type=float, default=8.8e6, help="trainable parameters (Qwen2.5-0.5B, r=16: 8.8M)")

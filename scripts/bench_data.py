@@ -53,7 +53,7 @@ def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
 
 def build_tokenizer():
     from lora_tune.data.templates import apply_chat_template_choice
-    from lora_tune.tiny import build_tokenizer as tiny_tokenizer
+    from lora_tune.quickstart.tiny import build_tokenizer as tiny_tokenizer
 
     corpus = [" ".join(m["content"] for m in c) for c in conversations(2000, seed=1)]
     tokenizer = tiny_tokenizer(corpus, vocab_size=2048)
@@ -68,8 +68,8 @@ def whole_pipeline(data, tokenizer, args):
     import tempfile
     from pathlib import Path
 
-    from lora_tune.config import Recipe
     from lora_tune.data import build_datasets
+    from lora_tune.recipe.schema import Recipe
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.jsonl"

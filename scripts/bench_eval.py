@@ -26,9 +26,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_tune.config import EvalConfig
-    from lora_tune.evaluate import generate_answers
-    from lora_tune.tiny import build_tiny_llama, build_tokenizer
+    from lora_tune.inference.generate import generate_answers
+    from lora_tune.quickstart.tiny import build_tiny_llama, build_tokenizer
+    from lora_tune.recipe.schema import EvalConfig
 
     words = "the quick brown fox jumps over a lazy dog while seven red apples fall from one tall tree".split()
     rng = random.Random(0)

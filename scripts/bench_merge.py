@@ -38,7 +38,7 @@ def build(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_tune.tiny import build_tokenizer
+    from lora_tune.quickstart.tiny import build_tokenizer
 
     base, run = root / "base", root / "run"
     tokenizer = build_tokenizer(["the quick brown fox jumps over the lazy dog"] * 50, vocab_size=300)

@@ -48,7 +48,7 @@ def build_assets(root: Path, shape: dict, rows: int, cuda: bool) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_tune.tiny import build_tokenizer
+    from lora_tune.quickstart.tiny import build_tokenizer
 
     rng = random.Random(0)
     words = [f"{a}{b}" for a in "bcdfghjklmnprstvz" for b in ("a", "e", "i", "o", "u", "an", "er", "in", "on")]
@@ -100,8 +100,8 @@ def count_batches() -> dict[str, int]:
 
 
 def run_lora_tune(root: Path, shape: dict, cuda: bool) -> tuple[float, float | None]:
-    from lora_tune.recipe import load_recipe
-    from lora_tune.train import train
+    from lora_tune.recipe.load import load_recipe
+    from lora_tune.training.sft import train
 
     recipe = root / "lora-tune.yaml"
     quant = "quantization: {bits: 4}\n" if cuda else ""

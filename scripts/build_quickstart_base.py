@@ -4,7 +4,7 @@
     python scripts/build_quickstart_base.py [--output runs/quickstart-base] [--force] [--steps N] [--seed S]
 
 An existing output folder is kept as it is (the build is deterministic, so rebuilding gives the same model on the
-same machine); `--force` rebuilds it. See `lora_tune/quickstart.py` for the world, the corpus and the SFT data.
+same machine); `--force` rebuilds it. See `lora_tune/quickstart/world.py` for the world, the corpus and the SFT data.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    from lora_tune import quickstart
+    from lora_tune.quickstart import world as quickstart
 
     output = Path(args.output)
     if output.exists() and not args.force:

@@ -534,8 +534,8 @@ def child_preflight() -> int:
     try:
         import lora_tune
         import lora_tune.export
-        import lora_tune.plan
-        import lora_tune.train  # noqa: F401 - the import is the check
+        import lora_tune.plan.memory
+        import lora_tune.training.sft  # noqa: F401 - the import is the check
 
         info["lora_tune"] = lora_tune.__file__
         if not Path(lora_tune.__file__).resolve().is_relative_to(ROOT):
@@ -587,7 +587,7 @@ FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "pea
 
 def build_roundtrip_assets(work: Path, s: dict) -> tuple[Path, Path]:
     """A random Llama sized by `s` with a locally trained tokenizer, and an instruction set (index -> fruit)."""
-    from lora_tune.tiny import build_tiny_llama, build_tokenizer
+    from lora_tune.quickstart.tiny import build_tiny_llama, build_tokenizer
 
     corpus = [f"fruit number {i}? {f}. name the fruit: {', '.join(FRUITS)}" for i, f in enumerate(FRUITS)] * 20
     tokenizer = build_tokenizer(corpus, vocab_size=320)
@@ -610,8 +610,8 @@ def child_roundtrip(work: Path, s: dict) -> int:
     import torch
 
     from lora_tune.export import merge
-    from lora_tune.recipe import load_recipe
-    from lora_tune.train import train
+    from lora_tune.recipe.load import load_recipe
+    from lora_tune.training.sft import train
 
     cuda = torch.cuda.is_available()
     res: dict = {"device": "cuda" if cuda else "cpu", "dtype": s["dtype"], "ok": False}
@@ -670,7 +670,8 @@ def reload_and_generate(folder: Path, cuda: bool) -> dict:
 
 def child_plan_stub(argv: list[str]) -> int:
     """The planner stage without a GPU: validate_plan.py's own main() parses the same arguments (it then stops at
-    its CUDA check, returning 2), and `lora_tune.plan` plans each variant's recipe on a config of the same shape."""
+    its CUDA check, returning 2), and `lora_tune.plan.memory` plans each variant's recipe on a config of the same
+    shape."""
     spec = importlib.util.spec_from_file_location("validate_plan", ROOT / "scripts" / "validate_plan.py")
     assert spec and spec.loader
     vp = importlib.util.module_from_spec(spec)
@@ -680,8 +681,8 @@ def child_plan_stub(argv: list[str]) -> int:
         res["argv_ok"] = vp.main(argv) == 2  # its "needs a CUDA GPU" return, not argparse's SystemExit(2)
     except SystemExit as exc:
         res["argv_ok"], res["argv_error"] = False, f"argparse rejected the command line (exit {exc.code})"
-    from lora_tune.plan import GIB, plan
-    from lora_tune.recipe import load_recipe
+    from lora_tune.plan.memory import GIB, plan
+    from lora_tune.recipe.load import load_recipe
 
     args = dict(zip(argv[::2], argv[1::2], strict=False))
     hidden, layers, vocab = int(args["--hidden"]), int(args["--layers"]), int(args["--vocab"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lora_tune.methods import runtime
-from lora_tune.recipe import load_recipe
+from lora_tune.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_05B = dict(  # Qwen/Qwen2.5-0.5B config.json

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from lora_tune.config import Recipe
+from lora_tune.recipe.schema import Recipe
 
 START, END = "<!-- recipe-reference:start -->", "<!-- recipe-reference:end -->"
 TARGET = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"  # the page that holds the table

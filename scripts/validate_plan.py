@@ -4,7 +4,7 @@
     python scripts/validate_plan.py [--hidden 2048 --layers 16 --vocab 128256] [--steps 4] [--only NAME]
 
 Builds a Llama-shaped model with random weights (values do not change memory) and a long synthetic chat set, then
-for each variant below runs `lora_tune.train` for a few steps in a fresh subprocess (clean CUDA statistics) and
+for each variant below runs `lora_tune.training.sft` for a few steps in a fresh subprocess (clean CUDA statistics) and
 prints the planner's allocator estimate (`MemoryPlan.allocated`: the peak minus CUDA context, allocator slack and
 paged optimizer state, which torch's counter does not see) beside the measured peak, and the error. Every row of
 data is longer than max_length, so each step reaches the planner's worst case of batch_size x max_length tokens.
@@ -69,7 +69,7 @@ def build_assets(root: Path, hidden: int, layers: int, vocab: int) -> tuple[Path
     import torch
     from transformers import LlamaForCausalLM
 
-    from lora_tune.tiny import build_tokenizer
+    from lora_tune.quickstart.tiny import build_tokenizer
 
     words = [f"w{i}" for i in range(400)]
     tokenizer = build_tokenizer([" ".join(words)] * 4, vocab_size=600)
@@ -93,9 +93,9 @@ def run_variant(recipe_path: Path, overrides: list[str]) -> dict[str, float]:
     """In this process: plan, train, and report both figures (GiB)."""
     import torch
 
-    from lora_tune.plan import GIB, plan
-    from lora_tune.recipe import load_recipe
-    from lora_tune.train import train
+    from lora_tune.plan.memory import GIB, plan
+    from lora_tune.recipe.load import load_recipe
+    from lora_tune.training.sft import train
 
     recipe = load_recipe(recipe_path, overrides)
     planned = plan(recipe, gpu_memory="1000GiB")

@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-64 Llama with a byte-level BPE tokenizer, saved as a standard HF folder."""
-    from lora_tune.tiny import build_tiny_llama, build_tokenizer
+    from lora_tune.quickstart.tiny import build_tiny_llama, build_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = build_tokenizer(CORPUS * 20, vocab_size=320)

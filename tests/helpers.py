@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from lora_tune.cli import main
-from lora_tune.recipe import load_recipe
-from lora_tune.tiny import CHAT_TEMPLATE, build_tokenizer
+from lora_tune.quickstart.tiny import CHAT_TEMPLATE, build_tokenizer
+from lora_tune.recipe.load import load_recipe
 from tests.conftest import CORPUS, FRUITS, fruit_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ LAST_LEARNING_RATES: list[float] = []  # the optimizer's distinct learning rates
 def train_capturing(recipe: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     """Train the recipe; return the run result and the in-memory trained model, taken as it is saved."""
     from lora_tune.methods import runtime
-    from lora_tune.train import train
+    from lora_tune.training.sft import train
 
     captured: dict[str, Any] = {}
     real_save = runtime.save_artifact
@@ -206,7 +206,7 @@ def reload(run: Path, base_dir: Path, bits: int | None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_tune.packed_4bit import keep_unpacked
+    from lora_tune.model.packed_4bit import keep_unpacked
 
     if (run / "model").is_dir():
         return AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.catalog import recipe_files
-from lora_tune.recipe import load_recipe, read_yaml
+from lora_tune.plan.catalog import recipe_files
+from lora_tune.recipe.load import load_recipe, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # recipe_files skips recipes/data (data), base/ (parts that recipes extend) and accelerate/ (launcher configs).

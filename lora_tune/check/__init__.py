@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from lora_tune.check.checks import chat_template_text, preflight, read_generation_stops, run_checks, sha256
 from lora_tune.check.report import CheckResult, MarkedExample, PreflightError, PreflightReport
-from lora_tune.run_dir import PREFLIGHT_FILE
+from lora_tune.run.layout import PREFLIGHT_FILE
 
 __all__ = [
     "PREFLIGHT_FILE",

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from lora_tune.check.examples import ExampleFacts, inspect_row, mark_trained, sample_rows
 from lora_tune.check.report import CheckResult, MarkedExample, PreflightError, PreflightReport
 from lora_tune.check.rules import PER_EXAMPLE_CHECKS, TEMPLATE_FIX, Context
-from lora_tune.config import ModelConfig, Recipe
 from lora_tune.data.masking import TemplateError
+from lora_tune.recipe.schema import ModelConfig, Recipe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -28,7 +28,7 @@ def run_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreflightR
     model's generation config (generation_config.json, else config.json), never its weights.
     """
     if recipe.task.type == "classification":  # no chat turns or stop tokens: check the labelled rows instead
-        from lora_tune.classification import preflight_report
+        from lora_tune.training.classifier import preflight_report
 
         return preflight_report(recipe, tokenizer)
     skip_bad = recipe.data.on_bad_rows == "skip"
@@ -76,7 +76,7 @@ def run_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreflightR
 def preflight(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, report_path: Path) -> PreflightReport:
     """`train`'s pre-flight step: run the checks, write the JSON report to `report_path`, log warnings and the
     one-line summary; raise `PreflightError` on a failed check unless the recipe sets `preflight.on_failure: warn`."""
-    from lora_tune.run_dir import write_json_atomic
+    from lora_tune.run.layout import write_json_atomic
 
     report = run_checks(recipe, tokenizer)
     write_json_atomic(report_path, report.to_json())

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lora_tune.config import DatasetConfig
 from lora_tune.data.formats import Conversation
 from lora_tune.data.masking import (
     IGNORE_INDEX,
@@ -23,6 +22,7 @@ from lora_tune.data.masking import (
     wrap_trained_runs,
 )
 from lora_tune.data.pipeline import load_source
+from lora_tune.recipe.schema import DatasetConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from lora_tune.check.examples import ExampleFacts
 from lora_tune.check.report import CheckResult, Status
-from lora_tune.config import Recipe
+from lora_tune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -18,9 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict
 
-from lora_tune.config import DatasetConfig
 from lora_tune.data.sources import Origin
 from lora_tune.errors import DataError
+from lora_tune.recipe.schema import DatasetConfig
 
 Role = Literal["system", "user", "assistant", "tool"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")

@@ -6,7 +6,7 @@ Examples then stay separate in attention because
 - flash_attention_2 / flash_attention_3 run varlen kernels on the sequence boundaries (`cu_seq_lens`) TRL's
   collator derives from the position ids;
 - sdpa_varlen (what `auto` picks on the CPU for plain causal attention) runs SDPA on each example separately, cut
-  at the same boundaries (lora_tune/varlen_attention.py);
+  at the same boundaries (lora_tune/model/attention.py);
 - sdpa / eager get a block-diagonal causal mask that transformers builds from the position ids (packed-sequence
   detection in `masking_utils.create_causal_mask`, used by the models transformers ships). Exact, but the mask is
   dense: O(L^2) for the L = batch_size x max_length tokens of a step, so keep rows bounded on the CPU.
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lora_tune.config import PROMPT_LEARNING, Recipe
+from lora_tune.recipe.schema import PROMPT_LEARNING, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ def sft_packing_args(recipe: Recipe) -> dict[str, Any]:
 def warn_if_large_on_cpu(recipe: Recipe, on_gpu: bool) -> None:
     """SDPA's dense block mask makes very long padding-free rows slower than padded ones on the CPU.
 
-    On the CPU packed rows go one per forward pass (`lora_tune.speed.batch_shape`), so the row length decides.
+    On the CPU packed rows go one per forward pass (`lora_tune.training.levers.batch_shape`), so the row length
+    decides.
     """
     t = recipe.training
     tokens = t.max_length or 0

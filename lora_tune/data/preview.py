@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lora_tune.config import Recipe
 from lora_tune.data.masking import IGNORE_INDEX, wrap_trained_runs
+from lora_tune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from lora_tune.config import DatasetConfig
 from lora_tune.errors import DataError
+from lora_tune.recipe.schema import DatasetConfig
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # A token is rarely more than 8-10 characters in any real tokenizer (English averages about 4, code and CJK fewer),

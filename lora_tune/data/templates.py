@@ -196,7 +196,7 @@ def apply_chat_template_choice(tokenizer: PreTrainedTokenizerBase, choice: str |
     A built-in whose end-of-turn marker is one token of the vocabulary makes that token the tokenizer's EOS (as TRL's
     `clone_chat_template` does), so "EOS ends every assistant turn" holds for the template actually used.
     """
-    from lora_tune.modeling import ModelLoadError
+    from lora_tune.model.load import ModelLoadError
 
     if choice is None:
         if not getattr(tokenizer, "chat_template", None):
@@ -241,7 +241,7 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def _read_template(value: str) -> str:
-    from lora_tune.modeling import ModelLoadError
+    from lora_tune.model.load import ModelLoadError
 
     if value.endswith(".jinja"):
         path = Path(value)

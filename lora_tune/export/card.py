@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lora_tune.safety import redact
+from lora_tune.model.safety import redact
 
 if TYPE_CHECKING:
-    from lora_tune.config import Recipe
     from lora_tune.export.merging import MergeResult
-    from lora_tune.run_dir import RunDir
+    from lora_tune.recipe.schema import Recipe
+    from lora_tune.run.layout import RunDir
 
 SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|auth|credential", re.IGNORECASE)
 HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")

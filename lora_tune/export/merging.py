@@ -35,14 +35,14 @@ from lora_tune.export.streaming import (
     output_specs,
     read_adapter,
 )
-from lora_tune.export.tensor_io import ShardReader, write_safetensors
-from lora_tune.locks import held
-from lora_tune.run_dir import RunDir, make_dir, replace_dir_atomic, write_json_atomic
+from lora_tune.model.weights import ShardReader, write_safetensors
+from lora_tune.run.layout import RunDir, make_dir, replace_dir_atomic, write_json_atomic
+from lora_tune.run.locks import held
 
 if TYPE_CHECKING:
     import torch
 
-    from lora_tune.config import ModelConfig, Recipe
+    from lora_tune.recipe.schema import ModelConfig, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def merge(
 
 def _finished_run(run: RunDir) -> tuple[RunDir, Recipe, str]:
     """The run, its resolved recipe and its adapter's peft type; refuses what has no adapter a merge can fold."""
-    from lora_tune.recipe import load_recipe
+    from lora_tune.recipe.load import load_recipe
 
     if run.is_run() and (run.root / "model" / "config.json").is_file():
         raise ExportError(
@@ -490,7 +490,7 @@ def nf4_round_trip(recipe: Recipe, base_dir: Path) -> Any:
     import torch
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    from lora_tune.modeling import resolve_dtype
+    from lora_tune.model.load import resolve_dtype
 
     model = _meta_model(base_dir, recipe)
     skip = set(get_keys_to_not_convert(model))
@@ -568,7 +568,7 @@ def copy_tokenizer(adapter: Path, build: Path, recipe: Recipe) -> None:
     files = [p for p in adapter.iterdir() if p.is_file() and p.name not in ADAPTER_FILES]
     if not any(p.name.startswith("tokenizer") for p in files):
         log.warning("merge: no tokenizer saved with the adapter; saving the recipe's tokenizer instead")
-        from lora_tune.modeling import load_tokenizer
+        from lora_tune.model.load import load_tokenizer
 
         load_tokenizer(recipe.model).save_pretrained(build)
         return

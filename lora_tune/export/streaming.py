@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.export.errors import ExportError
-from lora_tune.export.tensor_io import ShardReader
+from lora_tune.model.weights import ShardReader
 
 if TYPE_CHECKING:
     import torch

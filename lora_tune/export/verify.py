@@ -16,8 +16,8 @@ from lora_tune.export.errors import VerificationError
 if TYPE_CHECKING:
     import torch
 
-    from lora_tune.config import Recipe
     from lora_tune.export.merging import MergeResult
+    from lora_tune.recipe.schema import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def reference_logits(base_dir: Path, adapter: Path, recipe: Recipe, input_ids: t
     from transformers import AutoModelForCausalLM
 
     if quantized:
-        from lora_tune.modeling import load_model
+        from lora_tune.model.load import load_model
 
         model_cfg = recipe.model.model_copy(update={"name": str(base_dir), "revision": None})
         training = recipe.training.model_copy(update={"gradient_checkpointing": False})

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from lora_tune.config import ModelConfig
+from lora_tune.recipe.schema import ModelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +34,7 @@ def loftq_factors(
     """(A, B) for one bitsandbytes 4-bit weight and its original values; float32, on the quantized weight's device."""
     import torch
 
-    from lora_tune.packed_4bit import dequantize
+    from lora_tune.model.packed_4bit import dequantize
 
     dequantized = dequantize(quantized).float()
     residual = original.to(device=dequantized.device, dtype=torch.float32) - dequantized
@@ -49,9 +49,9 @@ def init_loftq(model: Any, base: ModelConfig, adapter: str = "default") -> int:
 
     from lora_tune.export.merging import resolve_base
     from lora_tune.export.streaming import base_layout, match_names
-    from lora_tune.export.tensor_io import ShardReader
     from lora_tune.methods.runtime import MethodError
-    from lora_tune.packed_4bit import keep_unpacked
+    from lora_tune.model.packed_4bit import keep_unpacked
+    from lora_tune.model.weights import ShardReader
 
     keep_unpacked(model)  # an eval forward on an AVX512-BF16 CPU may have repacked them: LoftQ fits the NF4 values
     layers = {

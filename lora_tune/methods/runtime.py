@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_tune.config import Recipe
 from lora_tune.errors import LoraTuneError
-from lora_tune.run_dir import LINEAGE_FILE, PISSA_INIT_DIR
+from lora_tune.recipe.schema import Recipe
+from lora_tune.run.layout import LINEAGE_FILE, PISSA_INIT_DIR
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -38,7 +38,7 @@ def artifact_name(recipe: Recipe) -> str:
 def prepare_model(recipe: Recipe, model: Any, *, task_type: str = "CAUSAL_LM") -> tuple[Any, PeftConfig | None]:
     """Freeze or wrap the base: returns the model to train and the peft config the trainer should apply (or None
     when the model is already what is trained)."""
-    from lora_tune.adapters import build_peft_config
+    from lora_tune.methods.peft_config import build_peft_config
 
     a = recipe.adapter
     if a.init_from is not None:

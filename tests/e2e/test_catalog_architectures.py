@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.catalog import list_catalog, method_of, shipped_config
 from lora_tune.cli import main
+from lora_tune.plan.catalog import list_catalog, method_of, shipped_config
 from tests.conftest import CORPUS, fruit_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def shrink(config: dict, tokenizer) -> dict:  # noqa: ANN001 - a transformers to
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lora_tune.tiny import build_tokenizer
+    from lora_tune.quickstart.tiny import build_tokenizer
 
     return build_tokenizer(CORPUS * 20, vocab_size=320)
 

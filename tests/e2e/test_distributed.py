@@ -108,7 +108,7 @@ def test_effective_batch_recorded(runs: dict):
 def test_weights_identical_on_both_ranks_and_equal_to_the_saved_adapter(runs: dict):
     from safetensors.torch import load_file
 
-    from lora_tune.ranks import state_checksum
+    from lora_tune.training.processes import state_checksum
 
     checksums = json.loads((runs["two"] / "summary.json").read_text())["replica_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.checkpoints import MANIFEST
 from lora_tune.cli import main
+from lora_tune.training.checkpoints import MANIFEST
 from tests.helpers import MAX_STEPS
 from tests.helpers import write_resume_recipe as write_recipe
 
@@ -81,7 +81,7 @@ def test_not_enough_free_disk_is_refused_before_training(
 ):
     import shutil
 
-    from lora_tune import faults
+    from lora_tune.training import faults
 
     recipe = write_recipe(tmp_path, tiny_model_dir, "cramped")
     real = shutil.disk_usage

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_tune.config import ModelConfig
 from lora_tune.methods.loftq import init_loftq, loftq_factors
-from lora_tune.packed_4bit import cpu_packs_4bit
+from lora_tune.model.packed_4bit import cpu_packs_4bit
+from lora_tune.recipe.schema import ModelConfig
 
 
 def nf4(weight: torch.Tensor):
@@ -60,7 +60,7 @@ def test_a_loftq_model_starts_closer_to_the_unquantized_base(tiny_model_dir: Pat
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lora_tune.packed_4bit import FLAG, four_bit_layers, is_packed
+    from lora_tune.model.packed_4bit import FLAG, four_bit_layers, is_packed
 
     four_bit = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

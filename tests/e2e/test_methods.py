@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lora_tune.recipe import load_recipe
+from lora_tune.recipe.load import load_recipe
 from tests.helpers import (
     LAST_LEARNING_RATES,
     logged_losses,
@@ -32,7 +32,7 @@ SLOW_LEARNERS = {"p-tuning": 16}
 def test_every_method_has_a_tiny_recipe():
     from typing import get_args
 
-    from lora_tune.config import Method
+    from lora_tune.recipe.schema import Method
 
     methods = {load_recipe(TINY / f"{name}.yaml").adapter.method for name in METHOD_RECIPES}
     assert methods == set(get_args(Method))
@@ -61,7 +61,7 @@ def test_method_trains_saves_and_reloads(
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == recipe.adapter.method
-    from lora_tune.run_dir import foreign_entries
+    from lora_tune.run.layout import foreign_entries
 
     assert foreign_entries(run) == []  # every method writes only names that --overwrite may remove
     assert 0 < summary["trainable_parameters"] <= summary["total_parameters"]

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_tune.config import ModelConfig, QuantizationConfig, TrainingConfig
-from lora_tune.packed_4bit import (
+from lora_tune.model.packed_4bit import (
     FLAG,
     PackedWeightError,
     cpu_packs_4bit,
@@ -23,6 +22,7 @@ from lora_tune.packed_4bit import (
     is_packed,
     keep_unpacked,
 )
+from lora_tune.recipe.schema import ModelConfig, QuantizationConfig, TrainingConfig
 
 needs_packing_cpu = pytest.mark.skipif(
     not cpu_packs_4bit(), reason="this CPU lacks AVX512-BF16: bitsandbytes has no packed 4-bit path here"
@@ -30,7 +30,7 @@ needs_packing_cpu = pytest.mark.skipif(
 
 
 def load(tiny_model_dir: Path, *, inference: bool, double_quant: bool = True):
-    from lora_tune.modeling import load_model
+    from lora_tune.model.load import load_model
 
     model = load_model(
         ModelConfig(name=str(tiny_model_dir), dtype="float32"),
@@ -66,7 +66,7 @@ def test_a_training_load_keeps_every_4bit_weight_unpacked_through_an_eval_forwar
 def test_without_avx512bf16_an_inference_load_stays_unpacked_and_says_nothing(
     tiny_model_dir: Path, monkeypatch, caplog
 ):
-    monkeypatch.setattr("lora_tune.packed_4bit.cpu_packs_4bit", lambda: False)
+    monkeypatch.setattr("lora_tune.model.packed_4bit.cpu_packs_4bit", lambda: False)
     with caplog.at_level(logging.INFO, logger="lora_tune"):
         model = load(tiny_model_dir, inference=True)
     eval_forward(model)

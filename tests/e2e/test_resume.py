@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.checkpoints import MANIFEST
 from lora_tune.cli import main
+from lora_tune.training.checkpoints import MANIFEST
 from tests.helpers import MAX_STEPS, ROOT, SAVE_STEPS, run_cli
 from tests.helpers import write_resume_recipe as write_recipe
 
@@ -217,7 +217,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_a_resume_hint(work: Path, tin
 def test_second_signal_exits_at_once():
     code = (
         "import os, signal, time\n"
-        "from lora_tune.signals import StopRequest, graceful_stop\n"
+        "from lora_tune.training.signals import StopRequest, graceful_stop\n"
         "with graceful_stop(StopRequest()):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"

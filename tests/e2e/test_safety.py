@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.config import ModelConfig, QuantizationConfig, TrainingConfig
-from lora_tune.modeling import load_model
-from lora_tune.safety import MASK, UnsafeModelError, install_log_redaction, redact
+from lora_tune.model.load import load_model
+from lora_tune.model.safety import MASK, UnsafeModelError, install_log_redaction, redact
+from lora_tune.recipe.schema import ModelConfig, QuantizationConfig, TrainingConfig
 from tests.helpers import ROOT
 from tests.helpers import write_resume_recipe as write_recipe
 
@@ -107,7 +107,7 @@ def test_planted_token_never_reaches_the_run_directory_or_the_console(tmp_path: 
 
 
 def test_pickle_only_adapter_is_refused(tmp_path: Path):
-    from lora_tune.safety import check_weights_format
+    from lora_tune.model.safety import check_weights_format
 
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)

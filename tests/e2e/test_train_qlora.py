@@ -33,7 +33,7 @@ def test_run_directory_layout(trained_run: Path):
     assert resolved["training"]["max_steps"] == 30 and resolved["quantization"]["bits"] == 4
     summary = json.loads((trained_run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["tokens_seen"] > 0 and summary["eval_loss"] is not None
-    from lora_tune.run_dir import MARKER, foreign_entries
+    from lora_tune.run.layout import MARKER, foreign_entries
 
     assert (trained_run / MARKER).is_file() and foreign_entries(trained_run) == []
     # 2 layers x 7 linear projections, all bitsandbytes 4-bit: the base really was QLoRA's NF4 base.
@@ -102,8 +102,8 @@ def test_packed_cpu_run_uses_per_example_sdpa_and_trains_as_the_block_mask(
 
     from safetensors.torch import load_file
 
-    from lora_tune.recipe import load_recipe
-    from lora_tune.train import train
+    from lora_tune.recipe.load import load_recipe
+    from lora_tune.training.sft import train
     from tests.conftest import fruit_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "train.jsonl", fruit_rows(40, "alpaca"))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.catalog import (
+from lora_tune.cli import main
+from lora_tune.plan.catalog import (
     CatalogError,
     find_entry,
     format_entry,
@@ -19,9 +20,8 @@ from lora_tune.catalog import (
     recipe_files,
     shipped_config,
 )
-from lora_tune.cli import main
-from lora_tune.recipe import load_recipe
-from lora_tune.scaffold import Shape, params_from_name
+from lora_tune.plan.new import Shape, params_from_name
+from lora_tune.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = ROOT / "recipes"
@@ -84,7 +84,7 @@ def test_find_by_name_or_stem_and_unknown_names(entries):
 
 
 def test_planned_peak_memory_comes_from_the_planner_for_every_catalog_recipe(entries):
-    from lora_tune.plan import GIB, plan
+    from lora_tune.plan.memory import GIB, plan
 
     for entry in in_families(entries):  # each model has its config.json under recipes/configs
         shown = planned_peak_memory(entry.recipe)

@@ -13,9 +13,9 @@ import pytest
 
 from lora_tune.check import PreflightReport, run_checks
 from lora_tune.cli import main
-from lora_tune.modeling import load_tokenizer
-from lora_tune.recipe import load_recipe
-from lora_tune.tiny import CHAT_TEMPLATE
+from lora_tune.model.load import load_tokenizer
+from lora_tune.quickstart.tiny import CHAT_TEMPLATE
+from lora_tune.recipe.load import load_recipe
 from tests.conftest import fruit_rows
 from tests.helpers import NO_END_OF_TURN, model_dir
 from tests.helpers import write_check_recipe as write_recipe
@@ -233,7 +233,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _recipes_with_local_data() -> list[Path]:
     """Shipped recipes whose every dataset is a local file of the repository (hub datasets need the network)."""
     found = []
-    from lora_tune.catalog import recipe_files  # skips recipes/data, base/ parts and accelerate/ configs
+    from lora_tune.plan.catalog import recipe_files  # skips recipes/data, base/ parts and accelerate/ configs
 
     for path in recipe_files(ROOT / "recipes"):
         recipe = load_recipe(path, check_paths=False)

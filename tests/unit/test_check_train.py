@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from lora_tune.cli import main
-from lora_tune.tiny import CHAT_TEMPLATE
+from lora_tune.quickstart.tiny import CHAT_TEMPLATE
 from tests.helpers import NO_END_OF_TURN, model_dir
 from tests.helpers import write_check_recipe as write_recipe
 
@@ -58,8 +58,8 @@ def test_train_warns_when_told_and_saves_the_checked_template(tmp_path, tiny_mod
 
 def test_preflight_logs_the_one_line_summary_and_writes_the_report(tmp_path, tiny_model_dir, caplog):
     from lora_tune.check import preflight
-    from lora_tune.modeling import load_tokenizer
-    from lora_tune.recipe import load_recipe
+    from lora_tune.model.load import load_tokenizer
+    from lora_tune.recipe.load import load_recipe
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir))
     logger = logging.getLogger("lora_tune.check")

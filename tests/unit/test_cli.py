@@ -80,7 +80,7 @@ def test_train_refuses_a_foreign_non_empty_output_dir(recipe, tmp_path, capsys):
 
 
 def test_console_log_lines_are_short():
-    from lora_tune.metrics import format_log_line
+    from lora_tune.training.log import format_log_line
 
     line = format_log_line({"loss": 0.54321, "learning_rate": 2.8e-3, "grad_norm": 0.0864, "epoch": 1.2}, 10, 125)
     assert line == "  train step 10/125  loss 0.5432  lr 2.80e-03  grad norm 0.086"

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from lora_tune.config import Recipe
 from lora_tune.data import build_datasets, write_test_split
 from lora_tune.errors import DataError
-from lora_tune.recipe import RecipeError, load_recipe
-from lora_tune.tiny import build_tokenizer
+from lora_tune.quickstart.tiny import build_tokenizer
+from lora_tune.recipe.load import RecipeError, load_recipe
+from lora_tune.recipe.schema import Recipe
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,8 @@ def test_explicit_test_and_eval_sources_win_their_duplicates_from_training(tmp_p
 
 
 def test_test_split_is_written_as_messages_jsonl_that_eval_can_read(tmp_path: Path, tokenizer) -> None:
-    from lora_tune.config import DatasetConfig
     from lora_tune.data import load_rows, normalize_rows
+    from lora_tune.recipe.schema import DatasetConfig
 
     data = write(tmp_path / "d.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
     prepared = build_datasets(recipe(tmp_path, [{"path": data}], data={"split": True}), tokenizer)

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from lora_tune.config import DatasetConfig
 from lora_tune.data import detect_format, normalize_rows
 from lora_tune.errors import DataError
+from lora_tune.recipe.schema import DatasetConfig
 
 FILE = "data.jsonl"
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from lora_tune.cli import main
-from lora_tune.config import DatasetConfig
 from lora_tune.data.pipeline import load_source
 from lora_tune.data.sources import MAX_ROW_CHARS, RowLimit, read_source
 from lora_tune.errors import DataError
+from lora_tune.recipe.schema import DatasetConfig
 from tests.conftest import fruit_rows, write_jsonl
 
 RECIPE = """\

@@ -7,7 +7,7 @@ from tokenizers import processors
 
 from lora_tune.data import IGNORE_INDEX, TemplateError, tokenize_conversation
 from lora_tune.data.masking import render_with_spans
-from lora_tune.tiny import BOS, CHAT_TEMPLATE, build_tokenizer
+from lora_tune.quickstart.tiny import BOS, CHAT_TEMPLATE, build_tokenizer
 
 CORPUS = ["You are terse.", "What is two plus two?", "Four.", "And three?", "Three plus two is five."] * 20
 CHATML = (

@@ -6,15 +6,15 @@ import random
 
 import pytest
 
-from lora_tune.config import Recipe
 from lora_tune.data.packing import batching_stats, bfd_rows, packing_plan, sft_packing_args
+from lora_tune.recipe.schema import Recipe
 
 LENGTHS = [9, 5, 13, 7]  # four examples; packed into rows of 16 by TRL's BFD: [13], [9, 7], [5]
 
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from lora_tune.tiny import build_tiny_llama, build_tokenizer
+    from lora_tune.quickstart.tiny import build_tiny_llama, build_tokenizer
 
     tokenizer = build_tokenizer(["a b c d e f g h i j k"] * 20, vocab_size=300)
     return build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=1).eval()
@@ -112,7 +112,7 @@ def test_packing_plan_and_trl_args() -> None:
 def test_sft_config_packs_padding_free(tmp_path) -> None:
     import torch
 
-    from lora_tune.trl_args import to_sft_config
+    from lora_tune.training.trl_args import to_sft_config
 
     config = to_sft_config(recipe(packing=True, max_length=64), tmp_path, torch.float32)
     assert (config.packing, config.packing_strategy, config.padding_free) == (True, "bfd", True)

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from lora_tune.config import Recipe
 from lora_tune.data import IGNORE_INDEX, build_datasets
 from lora_tune.errors import DataError
-from lora_tune.tiny import build_tokenizer
+from lora_tune.quickstart.tiny import build_tokenizer
+from lora_tune.recipe.schema import Recipe
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
 

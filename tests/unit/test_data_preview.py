@@ -36,7 +36,7 @@ def no_weights(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", refuse)
-    monkeypatch.setattr("lora_tune.modeling.load_model", refuse)
+    monkeypatch.setattr("lora_tune.model.load.load_model", refuse)
 
 
 def write_recipe(tmp_path: Path, model: Path, *, template: str = "alpaca", packing: bool = False) -> Path:
@@ -91,7 +91,7 @@ def test_preview_reports_a_bad_template_name_as_a_recipe_error(tiny_model_dir: P
 
 
 def test_highlight_colours_trained_runs_on_a_terminal() -> None:
-    from lora_tune.tiny import build_tokenizer
+    from lora_tune.quickstart.tiny import build_tokenizer
 
     tokenizer = build_tokenizer(["ab cd ef"] * 10, vocab_size=270)
     ids = tokenizer("ab cd ef", add_special_tokens=False)["input_ids"]

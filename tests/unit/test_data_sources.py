@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.config import DatasetConfig
 from lora_tune.data import load_rows, read_source
 from lora_tune.errors import DataError
+from lora_tune.recipe.schema import DatasetConfig
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

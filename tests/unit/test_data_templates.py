@@ -7,11 +7,11 @@ import json
 import pytest
 from tokenizers import processors
 
-from lora_tune.config import ModelConfig
 from lora_tune.data import IGNORE_INDEX, tokenize_conversation
 from lora_tune.data.templates import BUILTIN_TEMPLATES, apply_chat_template_choice, builtin_template, ensure_pad_token
 from lora_tune.errors import LoraTuneError
-from lora_tune.tiny import BOS, build_tokenizer
+from lora_tune.quickstart.tiny import BOS, build_tokenizer
+from lora_tune.recipe.schema import ModelConfig
 
 MARKERS = sorted({m for t in BUILTIN_TEMPLATES.values() for m in t.markers})
 CONVERSATION = [

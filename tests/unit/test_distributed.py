@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_tune.distributed import (
+from lora_tune.errors import RecipeError
+from lora_tune.recipe.load import load_recipe
+from lora_tune.training.distributed import (
     DEEPSPEED_AUTO_BATCH_KEYS,
     STRATEGIES,
     DistributedError,
@@ -19,9 +21,7 @@ from lora_tune.distributed import (
     launch_command,
     strategy_of_accelerate_config,
 )
-from lora_tune.errors import RecipeError
-from lora_tune.ranks import describe_batch
-from lora_tune.recipe import load_recipe
+from lora_tune.training.processes import describe_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = ROOT / "recipes" / "accelerate"
@@ -116,7 +116,7 @@ def test_default_recipe_is_ddp_and_strategies_validate(tmp_path: Path):
         ),
         ("distributed: {accelerate_config: nowhere.yaml}\n", "distributed.accelerate_config", "not found"),
         (
-            "distributed: {deepspeed_config: lora_tune/ds_configs/zero2.json}\n",
+            "distributed: {deepspeed_config: lora_tune/training/ds_configs/zero2.json}\n",
             "distributed.deepspeed_config",
             "not DeepSpeed",
         ),
@@ -145,7 +145,7 @@ def test_ddp_with_8bit_and_zero2_with_8bit_are_allowed(tmp_path: Path):
 
 
 def test_translation_to_trainer_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from lora_tune.trl_args import distributed_args
+    from lora_tune.training.trl_args import distributed_args
 
     single = distributed_args(load_recipe(recipe_file(tmp_path, "distributed: {strategy: fsdp}\n")))
     assert "fsdp" not in single and single["ddp_find_unused_parameters"] is False  # one process: no strategy
@@ -172,8 +172,8 @@ def test_translation_to_trainer_fields(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_accelerate_launcher_settings_govern_and_must_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from lora_tune.distributed import resolve_strategy
-    from lora_tune.trl_args import distributed_args
+    from lora_tune.training.distributed import resolve_strategy
+    from lora_tune.training.trl_args import distributed_args
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -190,7 +190,7 @@ def test_accelerate_launcher_settings_govern_and_must_agree(tmp_path: Path, monk
 
 
 def test_sharded_strategies_need_gpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from lora_tune.distributed import resolve_strategy
+    from lora_tune.training.distributed import resolve_strategy
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     recipe = load_recipe(recipe_file(tmp_path, "distributed: {strategy: fsdp}\n"))
@@ -202,8 +202,8 @@ def test_sharded_strategies_need_gpus(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_bnb_config_stores_4bit_weights_in_the_compute_dtype_when_sharded():
     import torch
 
-    from lora_tune.config import QuantizationConfig
-    from lora_tune.modeling import build_bnb_config
+    from lora_tune.model.load import build_bnb_config
+    from lora_tune.recipe.schema import QuantizationConfig
 
     quant = QuantizationConfig(bits=4)
     sharded = build_bnb_config(quant, torch.bfloat16, sharded=True)

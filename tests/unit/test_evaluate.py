@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.evaluate import (
+from lora_tune.inference.generate import (
     exact_match,
     generate_answers,
     normalize_answer,
@@ -123,8 +123,8 @@ def test_generate_answers_borrows_eos_when_there_is_no_pad_token(peaked_model) -
 
 
 def test_generation_kwargs_follow_the_eval_section() -> None:
-    from lora_tune.config import EvalConfig
-    from lora_tune.evaluate import generation_kwargs
+    from lora_tune.inference.generate import generation_kwargs
+    from lora_tune.recipe.schema import EvalConfig
 
     greedy = generation_kwargs(EvalConfig(), [7])
     assert greedy == {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "eos_token_id": [7]}
@@ -137,7 +137,7 @@ def test_generation_kwargs_follow_the_eval_section() -> None:
 def test_generate_answers_uses_the_eval_settings(peaked_model) -> None:
     import torch
 
-    from lora_tune.config import EvalConfig
+    from lora_tune.recipe.schema import EvalConfig
 
     model, tokenizer = peaked_model
     questions = QUESTIONS[:3]
@@ -161,7 +161,7 @@ def test_reference_nll_is_the_assistant_token_loss(peaked_model) -> None:
     import torch
 
     from lora_tune.data.masking import tokenize_conversation
-    from lora_tune.evaluate import reference_nll
+    from lora_tune.inference.generate import reference_nll
 
     model, tokenizer = peaked_model
     answered = [q for q in QUESTIONS if q[-1]["role"] == "assistant"]

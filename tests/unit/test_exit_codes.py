@@ -78,7 +78,7 @@ def test_130_and_143_a_signal_stops_training_with_a_checkpoint(signum: int):
         f"""
         import argparse, os, sys, time
         from lora_tune.cli import run_verb
-        from lora_tune.signals import StopRequest, graceful_stop, raise_if_stopped
+        from lora_tune.training.signals import StopRequest, graceful_stop, raise_if_stopped
 
         def handler(args):
             stop = StopRequest()

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from lora_tune.errors import LoraTuneError
-from lora_tune.recipe import load_recipe
+from lora_tune.recipe.load import load_recipe
 
 SEED = 20261124
 RECIPE_CASES, DATA_CASES, SECONDS_PER_CASE = 300, 120, 10
@@ -156,9 +156,9 @@ def broken_row(rng: random.Random, i: int) -> Any:
 
 
 def test_randomly_broken_dataset_rows_fail_cleanly(tmp_path: Path):
-    from lora_tune.config import Recipe
     from lora_tune.data import build_datasets
-    from lora_tune.tiny import build_tokenizer
+    from lora_tune.quickstart.tiny import build_tokenizer
+    from lora_tune.recipe.schema import Recipe
 
     tokenizer = build_tokenizer([f"q{i} a{i} user assistant" for i in range(50)], vocab_size=300)
     rng = random.Random(SEED + 1)

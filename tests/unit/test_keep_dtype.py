@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_tune.keep_dtype import keep_trainable_dtypes
+from lora_tune.model.dtype import keep_trainable_dtypes
 
 
 class FakeTrainer:

@@ -12,14 +12,14 @@ import yaml
 
 from lora_tune.cli import main
 from lora_tune.export import merge
-from lora_tune.locks import LockedError, acquire, release
+from lora_tune.run.locks import LockedError, acquire, release
 from tests.helpers import lora, make_run
 
 # The lock a merge takes: beside the destination, since the destination is replaced whole by a rename.
 HOLDER = """
 import sys, time
 from pathlib import Path
-from lora_tune.locks import acquire
+from lora_tune.run.locks import acquire
 for path in sys.argv[1:]:
     acquire(Path(path), "test holder")
 print("locked", flush=True)
@@ -159,8 +159,8 @@ output_dir: {{out}}
 
 def test_no_card_carries_a_credential_that_a_recipe_value_holds(tiny_model_dir: Path, tmp_path: Path):
     from lora_tune.export.card import adapter_card
-    from lora_tune.recipe import load_recipe
-    from lora_tune.run_dir import RunDir
+    from lora_tune.recipe.load import load_recipe
+    from lora_tune.run.layout import RunDir
 
     run = make_run(tmp_path, tiny_model_dir, lora())
     (run / "recipe.yaml").write_text(SECRET_RECIPE.format(model=tiny_model_dir, out=run))
@@ -192,7 +192,7 @@ def test_no_card_carries_a_credential_that_a_recipe_value_holds(tiny_model_dir: 
     ],
 )
 def test_credential_shapes_are_masked(text: str, masked: str):
-    from lora_tune.safety import redact
+    from lora_tune.model.safety import redact
 
     assert redact(text) == masked
 
@@ -208,6 +208,6 @@ def test_credential_shapes_are_masked(text: str, masked: str):
     ],
 )
 def test_ordinary_text_is_not_masked(text: str):
-    from lora_tune.safety import redact
+    from lora_tune.model.safety import redact
 
     assert redact(text) == text

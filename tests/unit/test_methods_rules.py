@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.errors import RecipeError
-from lora_tune.recipe import dump_resolved, load_recipe
+from lora_tune.recipe.load import dump_resolved, load_recipe
 
 BASE = """\
 model: {{name: some/model}}
@@ -91,7 +91,7 @@ def test_valid_methods_round_trip_through_the_resolved_recipe(tmp_path: Path, ex
     again = load_recipe(resolved)
     assert again == recipe
     # The resolved recipe lists only the keys the method reads.
-    from lora_tune.config import CONTINUE_KEYS, METHOD_KEYS
+    from lora_tune.recipe.schema import CONTINUE_KEYS, METHOD_KEYS
 
     allowed = CONTINUE_KEYS if recipe.adapter.init_from else METHOD_KEYS[recipe.adapter.method] | {"method"}
     assert set(recipe.model_dump(mode="json")["adapter"]) <= allowed
@@ -99,8 +99,8 @@ def test_valid_methods_round_trip_through_the_resolved_recipe(tmp_path: Path, ex
 
 def test_peft_config_mapping():
     """Each method's recipe keys land in the right peft option (peft imported, no model built)."""
-    from lora_tune.adapters import build_peft_config
-    from lora_tune.config import AdapterConfig
+    from lora_tune.methods.peft_config import build_peft_config
+    from lora_tune.recipe.schema import AdapterConfig
 
     lora = build_peft_config(
         AdapterConfig(r=8, alpha=16, init="gaussian", rank_pattern={"down_proj": 4}, target_modules=r".*\.v_proj")

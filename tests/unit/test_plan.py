@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.catalog import recipe_files
-from lora_tune.config import AdapterConfig
 from lora_tune.errors import LoraTuneError
-from lora_tune.model_shape import PlanError, shape_from_config, trainable_parameters
-from lora_tune.plan import GIB, parse_size, plan, quantized_weight_bytes
-from lora_tune.recipe import load_recipe
+from lora_tune.plan.catalog import recipe_files
+from lora_tune.plan.memory import GIB, parse_size, plan, quantized_weight_bytes
+from lora_tune.plan.shape import PlanError, shape_from_config, trainable_parameters
+from lora_tune.recipe.load import load_recipe
+from lora_tune.recipe.schema import AdapterConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2}
@@ -65,7 +65,7 @@ def test_parameter_count_matches_a_model_built_from_the_config(name: str):
 def test_trainable_parameters_equal_peft(name: str, adapter: str):
     from peft import get_peft_model
 
-    from lora_tune.adapters import build_peft_config
+    from lora_tune.methods.peft_config import build_peft_config
 
     cfg = ADAPTERS[adapter]
     model = get_peft_model(build(CONFIGS[name]), build_peft_config(cfg))

@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_tune.config import Recipe
-from lora_tune.model_shape import shape_from_config
-from lora_tune.plan import activation_bytes
+from lora_tune.plan.memory import activation_bytes
+from lora_tune.plan.shape import shape_from_config
+from lora_tune.recipe.schema import Recipe
 
 CONFIG = {
     "model_type": "llama",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune import quickstart as qs
+from lora_tune.quickstart import world as qs
 
 DATA = Path(__file__).resolve().parents[2] / "recipes" / "data" / "quickstart"
 COUNTRY_IN_QUESTION = [
@@ -82,7 +82,7 @@ def test_every_test_fact_is_in_the_pretraining_corpus_many_times() -> None:
 
 
 def test_pretrain_lowers_the_loss_and_is_deterministic() -> None:
-    from lora_tune.tiny import build_tiny_llama, build_tokenizer, pretrain
+    from lora_tune.quickstart.tiny import build_tiny_llama, build_tokenizer, pretrain
 
     texts = qs.pretraining_corpus(qs.make_world()[:10], num_documents=200)
     tokenizer = build_tokenizer(texts, vocab_size=300)
@@ -100,7 +100,7 @@ def test_pretrain_lowers_the_loss_and_is_deterministic() -> None:
 def test_build_base_writes_a_loadable_folder_atomically(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_tune.tiny import CHAT_TEMPLATE, END_OF_TURN
+    from lora_tune.quickstart.tiny import CHAT_TEMPLATE, END_OF_TURN
 
     out = tmp_path / "base"
     assert qs.build_base(out, steps=2, progress=False) == out

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lora_tune.errors import RecipeError
-from lora_tune.recipe import dump_resolved, load_recipe
+from lora_tune.recipe.load import dump_resolved, load_recipe
 
 BASE = """\
 model:

@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 from lora_tune.cli import main
-from lora_tune.config import Recipe
+from lora_tune.recipe.schema import Recipe
 
 RECIPE = "model:\n  name: some/model\ndatasets:\n  - path: {data}\noutput_dir: runs/x\n"  # 5 lines
 

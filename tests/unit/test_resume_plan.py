@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.checkpoints import find_resume_point, rotate, verify_checkpoint, write_manifest
-from lora_tune.recipe import load_recipe
-from lora_tune.resume import ResumeError, open_run, recipe_changes, truncate_metrics
-from lora_tune.run_dir import RunDirError
+from lora_tune.recipe.load import load_recipe
+from lora_tune.run.layout import RunDirError
+from lora_tune.training.checkpoints import find_resume_point, rotate, verify_checkpoint, write_manifest
+from lora_tune.training.resume import ResumeError, open_run, recipe_changes, truncate_metrics
 
 RECIPE = """\
 model:
@@ -188,7 +188,7 @@ def test_keep_best_tracks_the_best_checkpoint_and_rotation_is_lora_tunes(recipe_
     import torch
 
     from lora_tune.errors import RecipeError
-    from lora_tune.trl_args import to_sft_config
+    from lora_tune.training.trl_args import to_sft_config
 
     with pytest.raises(RecipeError, match="keep_best: reads the validation metric"):
         load_recipe(recipe_file, ["training.keep_best=true"])

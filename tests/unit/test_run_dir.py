@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from lora_tune.cli import main
-from lora_tune.locks import LockedError
-from lora_tune.run_dir import LOCK, MARKER, RunDir, RunDirError, prepare_run_dir, release_run_dir
+from lora_tune.run.layout import LOCK, MARKER, RunDir, RunDirError, prepare_run_dir, release_run_dir
+from lora_tune.run.locks import LockedError
 
 RECIPE = "model:\n  name: some/model\ndatasets:\n  - path: {data}\noutput_dir: {out}\n"
 
@@ -82,7 +82,7 @@ def test_a_run_from_before_the_marker_is_still_a_run(tmp_path: Path):
 
 HOLDER = """
 import sys, time
-from lora_tune.run_dir import prepare_run_dir
+from lora_tune.run.layout import prepare_run_dir
 prepare_run_dir(sys.argv[1], overwrite=False, resume=True)
 print("locked", flush=True)
 time.sleep(60)
@@ -166,7 +166,7 @@ def test_train_into_a_folder_it_cannot_create_is_one_line_before_any_work(tmp_pa
 
 @needs_read_only_dir
 def test_a_folder_even_root_cannot_write_is_refused_in_one_line():
-    from lora_tune.run_dir import ensure_writable
+    from lora_tune.run.layout import ensure_writable
 
     with pytest.raises(RunDirError, match="'/sys' is not writable"):
         ensure_writable(Path("/sys"), "--output")
@@ -176,7 +176,7 @@ def test_eval_refuses_an_unwritable_run_directory_before_loading_anything(tmp_pa
     """Root writes through permission bits, so the folder's refusal is simulated where the probe writes."""
     import tempfile
 
-    import lora_tune.interact
+    import lora_tune.inference.chat
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
@@ -190,7 +190,7 @@ def test_eval_refuses_an_unwritable_run_directory_before_loading_anything(tmp_pa
         raise AssertionError("the model was loaded before the write check")
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    monkeypatch.setattr(lora_tune.interact, "load_run_model", never)
+    monkeypatch.setattr(lora_tune.inference.chat, "load_run_model", never)
     assert main(["eval", str(run), "--data", str(tmp_path / "held_out.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert f"eval: '{run}' is not writable (Permission denied)" in err and len(err.splitlines()) == 1

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_tune.catalog import CatalogError, shipped_config
 from lora_tune.cli import main
-from lora_tune.recipe import load_recipe
-from lora_tune.scaffold import Shape, model_shape, new_recipe, params_from_name, parse_memory, size_training
+from lora_tune.plan.catalog import CatalogError, shipped_config
+from lora_tune.plan.new import Shape, model_shape, new_recipe, params_from_name, parse_memory, size_training
+from lora_tune.recipe.load import load_recipe
 from tests.conftest import fruit_rows, write_jsonl
 
 CATALOG = Path(__file__).resolve().parents[2] / "recipes"

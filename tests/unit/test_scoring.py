@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lora_tune.scoring import OTHER, classification_scores, infer_labels, map_to_label, perplexity_from_nll
+from lora_tune.evaluate.scores import OTHER, classification_scores, infer_labels, map_to_label, perplexity_from_nll
 
 LABELS = ["pos", "neg", "neu"]
 

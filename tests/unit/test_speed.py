@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune import speed
-from lora_tune.config import Recipe
+from lora_tune.recipe.schema import Recipe
+from lora_tune.training import levers as speed
 
 
 def recipe(model: dict | None = None, quantization: dict | None = None, **training) -> Recipe:
@@ -87,7 +87,7 @@ def test_packed_rows_go_one_per_forward_pass_on_the_cpu_only():
 def test_sft_config_on_the_cpu_with_defaults(tmp_path: Path):
     import torch
 
-    from lora_tune.trl_args import to_sft_config
+    from lora_tune.training.trl_args import to_sft_config
 
     config = to_sft_config(recipe(quantization={"bits": 4}), tmp_path, torch.float32)
     assert (config.per_device_train_batch_size, config.gradient_accumulation_steps) == (1, 4)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.config import EvalConfig, Recipe
+from lora_tune.recipe.schema import EvalConfig, Recipe
 
 
 def recipe(**training) -> Recipe:
@@ -52,7 +52,7 @@ def test_eval_section_checks() -> None:
 def test_trainer_arguments(tmp_path: Path) -> None:
     import torch
 
-    from lora_tune.trl_args import early_stopping_callbacks, to_sft_config
+    from lora_tune.training.trl_args import early_stopping_callbacks, to_sft_config
 
     r = recipe(early_stopping_patience=3, early_stopping_threshold=0.01, lr_scheduler="reduce_lr_on_plateau")
     config = to_sft_config(r, tmp_path, torch.float32)
@@ -74,6 +74,6 @@ def test_trainer_arguments(tmp_path: Path) -> None:
 def test_report_to_is_passed_through(tmp_path: Path, trackers: list[str]) -> None:
     import torch
 
-    from lora_tune.trl_args import to_sft_config
+    from lora_tune.training.trl_args import to_sft_config
 
     assert to_sft_config(recipe(report_to=trackers), tmp_path, torch.float32).report_to == trackers

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lora_tune import speed, varlen_attention
-from lora_tune.config import Recipe
+from lora_tune.model import attention as varlen_attention
+from lora_tune.recipe.schema import Recipe
+from lora_tune.training import levers as speed
 
 LENGTHS = (7, 12, 5)  # three examples packed into one 24-token row
 

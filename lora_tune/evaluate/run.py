@@ -1,0 +1,224 @@
+"""Evaluate a run directory: the base model and base + adapter, loaded as in training, on held-out data.
+
+Both models answer every prompt with the recipe's `eval:` generation settings (batched, left-padded), and score the
+references' tokens for perplexity. The report (`eval.json`, `eval.md`) shows them side by side, with exact match,
+normalised exact match, classification metrics for label-style tasks, the loss curve and a few examples.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from lora_tune.errors import LoraTuneError
+from lora_tune.evaluate.result import EvalReport, Score
+from lora_tune.run.layout import EVAL_JSON, EVAL_MARKDOWN, RunDir, write_json_atomic
+
+
+class RunNotFoundError(LoraTuneError):
+    """The directory is not a finished lora-tune run."""
+
+
+class EvalDataError(LoraTuneError):
+    """No held-out data to evaluate on, or data that cannot be scored as asked."""
+
+
+def resolve_eval_data(run: RunDir, data: str | None, split: str | None) -> Path:
+    """`--data FILE`, else the run's saved split file (`RUN_DIR/<split>.jsonl`, `test` by default)."""
+    if data is not None and split is not None:
+        raise EvalDataError("give either --data FILE or --split NAME, not both")
+    if data is not None:
+        return Path(data)
+    name = split or "test"
+    path = run.root / f"{name}.jsonl"
+    if not path.is_file():
+        raise EvalDataError(
+            f"{run.root}: no '{name}' split saved in the run ({path.name} not found); pass --data FILE "
+            "(alpaca or messages rows) to evaluate on held-out data"
+        )
+    return path
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | None = None,
+    *,
+    split: str | None = None,
+    base: bool = True,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Answers and scores of base + adapter (and, with `base`, of the base alone); writes eval.json and eval.md."""
+    from lora_tune.inference.chat import ModelFolderError, run_artifact
+
+    run = RunDir(Path(run_dir))
+    try:
+        run_artifact(run)
+    except ModelFolderError as exc:
+        raise RunNotFoundError(str(exc)) from None
+    from lora_tune.run.layout import ensure_writable
+
+    ensure_writable(run.root, "eval")  # eval.json and eval.md go there: fail now, not after scoring
+    from lora_tune.data import load_rows, normalize_rows
+    from lora_tune.inference.generate import reference_answer
+    from lora_tune.recipe.load import load_recipe
+    from lora_tune.recipe.schema import DatasetConfig
+
+    recipe = load_recipe(run.recipe, check_paths=False)
+    settings = recipe.eval.model_copy(
+        update={k: v for k, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)) if v is not None}
+    )
+    path = resolve_eval_data(run, data, split)
+    if recipe.task.type == "classification":
+        from lora_tune.evaluate.head import evaluate_head
+
+        report = evaluate_head(run, recipe, path, limit=limit, batch_size=settings.batch_size, baseline=base)
+        write_report(run, report)
+        return report
+    source = DatasetConfig(path=str(path), limit=limit)
+    conversations = normalize_rows(load_rows(source), source)
+    references = [reference_answer(c) for c in conversations]
+    labels = _label_set(settings, references)
+
+    from lora_tune.inference.chat import load_run_model
+
+    model, tokenizer = load_run_model(run)
+
+    def score() -> tuple[Score, list[str], int]:
+        return _score_model(model, tokenizer, conversations, references, labels, settings, recipe, progress)
+
+    tuned, tuned_answers, tokens = score()
+    report = EvalReport(
+        data=str(path),
+        rows=len(conversations),
+        tuned=tuned,
+        task="labels" if labels else "text",
+        labels=labels or [],
+        settings=settings.model_dump(),
+        scored_tokens=tokens,
+    )
+    base_answers: list[str] | None = None
+    if base and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            report.base, base_answers, _ = score()
+    elif base:  # partial or full fine-tuning: the tuned weights are the model's own, so load the base anew
+        from lora_tune.inference.chat import load_base_model
+
+        del model
+        gc.collect()
+        model = load_base_model(recipe)
+        report.base, base_answers, _ = score()
+    report.examples = _examples(conversations, references, tuned_answers, base_answers, settings.examples)
+    write_report(run, report)
+    return report
+
+
+def _label_set(settings: Any, references: list[str]) -> list[str] | None:
+    from lora_tune.evaluate.scores import infer_labels
+
+    if settings.task == "text":
+        return None
+    if settings.labels:
+        return list(settings.labels)
+    labels = infer_labels(references)
+    if labels is None and settings.task == "labels":
+        raise EvalDataError(
+            "eval.task is 'labels' but the references do not look like a label set (2-20 distinct answers); "
+            "list them in eval.labels"
+        )
+    return labels
+
+
+def _score_model(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[Any],
+    references: list[str],
+    labels: list[str] | None,
+    settings: Any,
+    recipe: Any,
+    progress: bool,
+) -> tuple[Score, list[str], int]:
+    from lora_tune.evaluate.scores import perplexity_from_nll
+    from lora_tune.inference.generate import exact_match, generate_answers, normalized_exact_match, reference_nll
+
+    answers = generate_answers(model, tokenizer, conversations, settings=settings, progress=progress)
+    nll, tokens = reference_nll(
+        model, tokenizer, conversations, batch_size=settings.batch_size, max_length=recipe.training.max_length
+    )
+    score = Score(
+        exact_match=exact_match(answers, references),
+        normalized_exact_match=normalized_exact_match(answers, references),
+        perplexity=perplexity_from_nll(nll, tokens),
+        classification=_classification(answers, references, labels),
+    )
+    return score, answers, tokens
+
+
+def _classification(answers: list[str], references: list[str], labels: list[str] | None) -> dict[str, Any] | None:
+    from lora_tune.evaluate.scores import OTHER, classification_scores, map_to_label
+
+    if not labels:
+        return None
+    true = [map_to_label(r, labels) for r in references]
+    if OTHER in true:
+        row = true.index(OTHER) + 1
+        raise EvalDataError(f"row {row}: reference {references[row - 1]!r} is none of the labels {labels}")
+    return classification_scores([map_to_label(a, labels) for a in answers], true, labels).to_json()
+
+
+def _examples(
+    conversations: list[Any], references: list[str], tuned: list[str], base: list[str] | None, n: int
+) -> list[dict[str, str]]:
+    from lora_tune.inference.generate import prompt_messages
+
+    rows = []
+    for i in range(min(n, len(conversations))):
+        row = {"input": prompt_messages(conversations[i])[-1]["content"], "reference": references[i]}
+        if base is not None:
+            row["base"] = base[i]
+        row["tuned"] = tuned[i]
+        rows.append(row)
+    return rows
+
+
+def write_report(run: RunDir, report: EvalReport) -> None:
+    """eval.json, eval.md and (from metrics.jsonl) loss.png in the run directory."""
+    from lora_tune.evaluate.head import format_head_markdown
+    from lora_tune.evaluate.report import format_markdown
+    from lora_tune.run.layout import write_text_atomic
+    from lora_tune.training.log import plot_loss, read_metrics
+
+    plot = plot_loss(read_metrics(run.metrics), run.loss_plot, title=f"{run.root.name}: loss")
+    report.files = {"json": str(run.root / EVAL_JSON), "markdown": str(run.root / EVAL_MARKDOWN)}
+    if plot is not None:
+        report.files["loss_curve"] = str(plot)
+    write_json_atomic(run.root / EVAL_JSON, asdict(report))
+    markdown = format_head_markdown if report.task == "head" else format_markdown
+    write_text_atomic(run.root / EVAL_MARKDOWN, markdown(report, run.root.name))
+
+
+def format_report(report: EvalReport, run_dir: str) -> str:
+    """The console summary: the headline scores, base vs fine-tuned, and where the full report is."""
+    from lora_tune.evaluate.report import headline_rows
+
+    if report.task == "head":
+        from lora_tune.evaluate.head import format_console
+
+        return format_console(report, run_dir)
+    lines = [f"Held-out evaluation on {report.data} ({report.rows} rows):"]
+    width = max(len(name) for name, _, _ in headline_rows(report))
+    header = (
+        f"  {'':{width}}  {'base':>9}  {'fine-tuned':>10}" if report.base else f"  {'':{width}}  {'fine-tuned':>10}"
+    )
+    lines.append(header)
+    for name, base, tuned in headline_rows(report):
+        lines.append(f"  {name:{width}}  {base:>9}  {tuned:>10}" if report.base else f"  {name:{width}}  {tuned:>10}")
+    for example in report.examples[:3]:
+        lines.append(f"    e.g. {example['input']!r} -> {example['tuned']!r} (expected {example['reference']!r})")
+    lines.append(f"Report written to {Path(run_dir) / EVAL_MARKDOWN} and {EVAL_JSON}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Using a model: loading a run or a folder, generating answers, chatting."""

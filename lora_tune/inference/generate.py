@@ -1,0 +1,187 @@
+"""Generation-based evaluation: answers to chat prompts, scored by exact match; the references' likelihood.
+
+`generate_answers` renders each conversation up to (not including) its final assistant turn with the tokenizer's
+chat template, generates in left-padded batches (greedy unless the recipe's `eval:` section samples) until the
+end-of-turn token, and returns the decoded new text. `reference_nll` scores the reference answers' tokens
+(assistant-only, exactly the tokens training scores) for a token-level perplexity. `exact_match` compares strings
+as they are; `normalized_exact_match` forgives case, surrounding and repeated whitespace and trailing punctuation.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lora_tune.recipe.schema import EvalConfig
+
+Message = dict[str, str]
+
+_TRAILING_PUNCTUATION = string.punctuation + "。．！？、"
+
+
+def prompt_messages(conversation: Sequence[Message]) -> list[Message]:
+    """The conversation without its final assistant turn (if it ends with one): what the model is asked."""
+    messages = list(conversation)
+    if messages and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    return messages
+
+
+def reference_answer(conversation: Sequence[Message]) -> str:
+    """The content of the conversation's final assistant turn, the expected answer."""
+    if not conversation or conversation[-1].get("role") != "assistant":
+        raise ValueError("a reference conversation must end with an assistant turn")
+    return conversation[-1]["content"]
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = True,
+    settings: EvalConfig | None = None,
+) -> list[str]:
+    """Answers of `model` to each conversation, in order: greedy, or as `settings` (the recipe's `eval:`) say.
+
+    A conversation that ends with an assistant turn is asked without it. Prompts are rendered with the chat
+    template and `add_generation_prompt=True`, tokenized without extra special tokens (the template writes BOS
+    itself), left-padded in batches; generation is greedy and stops at the tokenizer's EOS (or any EOS of the
+    model's generation config). Only the new tokens are decoded, without special tokens, and stripped. The
+    tokenizer's padding side and pad token are restored afterwards.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    eos_ids = stop_token_ids(model, tokenizer)
+    if not eos_ids:
+        raise ValueError("neither the tokenizer nor the generation config names an EOS token to stop at")
+    if settings is not None:
+        max_new_tokens, batch_size = settings.max_new_tokens, settings.batch_size
+    extra = generation_kwargs(settings, eos_ids)
+    prompts = [
+        tokenizer.apply_chat_template(prompt_messages(conv), add_generation_prompt=True, tokenize=False)
+        for conv in conversations
+    ]
+    padding_side, borrowed_pad = tokenizer.padding_side, tokenizer.pad_token is None
+    tokenizer.padding_side = "left"
+    if borrowed_pad:  # e.g. Llama 3: pad with EOS for the while; the attention mask hides it
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos_ids[0])
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    answers: list[str] = []
+    try:
+        batches = range(0, len(prompts), batch_size)
+        for start in tqdm(batches, desc="generating", disable=not progress, unit="batch"):
+            batch = tokenizer(
+                prompts[start : start + batch_size], add_special_tokens=False, padding=True, return_tensors="pt"
+            ).to(device)
+            with torch.no_grad():
+                output = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **extra
+                )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            answers.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = padding_side
+        if borrowed_pad:
+            tokenizer.pad_token = None
+        model.train(was_training)
+    return answers
+
+
+def generation_kwargs(settings: EvalConfig | None, eos_ids: list[int]) -> dict[str, object]:
+    """The recipe's `eval:` section as `generate()` arguments: the one place that spells them."""
+    if settings is None or not settings.do_sample:
+        sampling: dict[str, object] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    else:
+        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": None}
+    if settings is not None and not settings.stop_on_eos:
+        # No EOS to stop at: every answer runs to max_new_tokens (e.g. to see what follows the end of turn).
+        return {**sampling, "eos_token_id": None, "min_new_tokens": settings.max_new_tokens}
+    return {**sampling, "eos_token_id": eos_ids}
+
+
+def reference_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of the assistant tokens of each conversation, and their count.
+
+    The conversations are tokenized as training tokenizes them (chat template, assistant-only labels, end-of-turn
+    token included), right-padded per batch, and scored with teacher forcing.
+    """
+    import torch
+
+    from lora_tune.data.masking import IGNORE_INDEX, tokenize_batch
+
+    examples = tokenize_batch(list(conversations), tokenizer, max_length, train_on="assistant")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            width = max(len(e.input_ids) for e in chunk)
+            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], device=device)
+            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
+            labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in chunk], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask.to(device)).logits.float()
+            targets = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total += nll.item()
+            count += int((targets != IGNORE_INDEX).sum().item())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS first, then any other EOS of the model's generation config (e.g. an end-of-turn token)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    for token_id in [extra] if isinstance(extra, int) else list(extra or []):
+        if token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def normalize_answer(text: str) -> str:
+    """Casefolded, whitespace collapsed, surrounding whitespace and trailing punctuation removed."""
+    text = re.sub(r"\s+", " ", text).strip().casefold()
+    return text.rstrip(_TRAILING_PUNCTUATION).rstrip()
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """The fraction of predictions equal to their reference, character for character (0.0 for no items)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return 0.0
+    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def normalized_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """`exact_match` after `normalize_answer` on both sides."""
+    return exact_match([normalize_answer(p) for p in predictions], [normalize_answer(r) for r in references])

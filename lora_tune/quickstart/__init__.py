@@ -1,0 +1,1 @@
+"""The offline quickstart: a made-up world and tiny models built locally."""

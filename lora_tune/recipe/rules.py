@@ -1,0 +1,86 @@
+"""Which adapter keys each method reads, and the method combinations that cannot work, refused at validation.
+
+Imports no ML library: `lora-tune validate` runs these rules.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lora_tune.recipe.schema import CONTINUE_KEYS, METHOD_KEYS, PROMPT_LEARNING, FieldError
+
+if TYPE_CHECKING:
+    from lora_tune.recipe.schema import AdapterConfig, Recipe
+
+# peft wraps bitsandbytes layers for these methods only (its dispatchers: lora/ia3/adalora have bnb.py; LoHa and
+# LoKr map nn.Linear alone and would treat the packed 4-bit weight as a dense matrix).
+QUANTIZABLE = {"lora", "ia3", "adalora", *PROMPT_LEARNING}
+
+
+def check_adapter(cfg: AdapterConfig) -> None:
+    """Keys the method does not read are refused, so a recipe never carries a setting that silently does nothing."""
+    allowed = METHOD_KEYS[cfg.method]
+    foreign = sorted(cfg.model_fields_set - allowed - {"method"})
+    if foreign:
+        keys = ", ".join(sorted(allowed)) or "none besides method"
+        raise FieldError(foreign[0], f"does not apply to method {cfg.method} (its keys: {keys})")
+    if cfg.init_from is not None:
+        fixed = sorted(cfg.model_fields_set - CONTINUE_KEYS)
+        if fixed:
+            raise FieldError(fixed[0], "cannot change when init_from continues an earlier adapter (its settings stay)")
+    if cfg.method == "partial" and cfg.last_n_layers == 0 and not cfg.modules:
+        raise FieldError("last_n_layers", "partial fine-tuning trains nothing: set last_n_layers > 0 and/or modules")
+    if cfg.method == "ia3" and cfg.feedforward_modules and isinstance(cfg.target_modules, list):
+        outside = sorted(set(cfg.feedforward_modules) - set(cfg.target_modules))
+        if outside:
+            raise FieldError("feedforward_modules", f"{outside[0]} is not in target_modules")
+    if cfg.init in ("pissa", "olora") and cfg.use_rslora and (cfg.rank_pattern or cfg.alpha_pattern):
+        # peft cannot convert such an adapter back to plain LoRA at save time.
+        raise FieldError("init", f"{cfg.init} with use_rslora and rank/alpha patterns cannot be saved as plain LoRA")
+    if cfg.method == "adalora" and cfg.target_r > cfg.r:
+        raise FieldError("target_r", f"({cfg.target_r}) must not exceed the initial rank r ({cfg.r})")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Cross-section rules: method x quantization, method x task. (Packing, on by default, turns itself off for the
+    methods it would break: `lora_tune.data.packing.packing_plan`.)"""
+    method, bits = recipe.adapter.method, recipe.quantization.bits
+    if bits is not None and method not in QUANTIZABLE:
+        why = {
+            "full": "full fine-tuning trains every weight, and quantized weights cannot be trained",
+            "partial": "partial fine-tuning trains base weights, and quantized weights cannot be trained",
+        }.get(method, f"peft has no {bits}-bit (bitsandbytes) layer for {method}")
+        raise FieldError("quantization.bits", f"{bits} cannot be used with adapter.method {method}: {why}")
+    _check_init(recipe)
+    if method == "prefix_tuning" and recipe.training.gradient_checkpointing:
+        # Measured: checkpointed layers recompute attention without the prefix cache (shape mismatch in backward).
+        raise FieldError(
+            "training.gradient_checkpointing", "cannot be used with prefix_tuning; set gradient_checkpointing: false"
+        )
+    if method == "adalora":
+        _check_adalora(recipe)
+    if recipe.task.type == "classification":
+        if method in PROMPT_LEARNING:
+            raise FieldError("adapter.method", f"{method} is not offered for classification; use lora, ia3 or full")
+
+
+def _check_init(recipe: Recipe) -> None:
+    init, bits = recipe.adapter.init, recipe.quantization.bits
+    if init in ("pissa", "olora") and bits is not None:
+        raise FieldError(
+            "adapter.init",
+            f"{init} rewrites the base weights and needs an unquantized base (quantization.bits: null); "
+            "for a 4-bit base use init: loftq",
+        )
+    if init == "loftq" and bits != 4:
+        raise FieldError("adapter.init", "loftq fits LoRA to the 4-bit quantization error: set quantization.bits: 4")
+
+
+def _check_adalora(recipe: Recipe) -> None:
+    a, steps = recipe.adapter, recipe.training.max_steps
+    if steps is None:
+        raise FieldError("training.max_steps", "AdaLoRA schedules its rank budget over a known step count: set it")
+    if a.tinit + a.tfinal >= steps:
+        raise FieldError(
+            "adapter.tinit", f"tinit + tfinal ({a.tinit} + {a.tfinal}) must be below training.max_steps ({steps})"
+        )

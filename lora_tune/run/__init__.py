@@ -1,0 +1,1 @@
+"""A run directory: its layout (every file name), provenance and locks."""

@@ -1,0 +1,1 @@
+"""Training: the SFT and classifier loops around TRL and its levers, logs, checkpoints, resume and processes."""
