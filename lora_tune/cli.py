@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lora_tune import __version__
 from lora_tune.errors import LoraTuneError
-from lora_tune.model.safety import install_log_redaction, redact
+from lora_tune.run.secrets import install_log_redaction, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool whose reader closed the pipe
@@ -401,7 +401,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lora_tune.inference.chat import load_for_inference, reply
+    from lora_tune.inference.chat import reply
+    from lora_tune.inference.load import load_for_inference
 
     loaded = _with_generation_flags(load_for_inference(args.model_dir), args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -414,7 +415,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from lora_tune.inference.chat import chat_loop, load_for_inference
+    from lora_tune.inference.chat import chat_loop
+    from lora_tune.inference.load import load_for_inference
 
     chat_loop(_with_generation_flags(load_for_inference(args.model_dir), args), system=args.system)
     return EXIT_OK

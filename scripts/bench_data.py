@@ -52,7 +52,7 @@ def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
 
 
 def build_tokenizer():
-    from lora_tune.data.templates import apply_chat_template_choice
+    from lora_tune.model.chat_template import apply_chat_template_choice
     from lora_tune.quickstart.tiny import build_tokenizer as tiny_tokenizer
 
     corpus = [" ".join(m["content"] for m in c) for c in conversations(2000, seed=1)]

@@ -28,7 +28,7 @@ def run_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreflightR
     model's generation config (generation_config.json, else config.json), never its weights.
     """
     if recipe.task.type == "classification":  # no chat turns or stop tokens: check the labelled rows instead
-        from lora_tune.training.classifier import preflight_report
+        from lora_tune.check.labels import preflight_report
 
         return preflight_report(recipe, tokenizer)
     skip_bad = recipe.data.on_bad_rows == "skip"

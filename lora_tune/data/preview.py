@@ -115,7 +115,7 @@ def _source_counts(recipe: Recipe, prepared: PreparedData) -> list[tuple[str, st
 
 
 def _template_name(recipe: Recipe) -> str:
-    from lora_tune.data.templates import builtin_template
+    from lora_tune.recipe.templates import builtin_template
 
     choice = recipe.model.chat_template
     if choice is None:

@@ -28,10 +28,10 @@ def evaluate_head(
     run: RunDir, recipe: Recipe, path: Path, *, limit: int | None, batch_size: int, baseline: bool
 ) -> EvalReport:
     """Scores of the tuned head (and the majority-class baseline) on labelled rows from `path`."""
+    from lora_tune.data.labels import encode_rows
     from lora_tune.data.sources import load_rows
     from lora_tune.evaluate.result import EvalReport
     from lora_tune.recipe.schema import DatasetConfig
-    from lora_tune.training.classifier import encode_rows
 
     rows = encode_rows(recipe, load_rows(DatasetConfig(path=str(path), limit=limit)), str(path))
     model, tokenizer, labels = load_head_model(run, recipe)
@@ -69,9 +69,10 @@ def load_head_model(run: RunDir, recipe: Recipe) -> tuple[Any, Any, list[str]]:
     """The tuned classifier, its tokenizer and its label names (labels.json beside the artefact)."""
     import json
 
-    from lora_tune.inference.chat import MODEL_DIR, load_model_folder, run_artifact
-    from lora_tune.model.load import load_tokenizer
-    from lora_tune.training.classifier import LABELS_FILE, load_classifier
+    from lora_tune.inference.load import load_model_folder, run_artifact
+    from lora_tune.model.load import load_classifier, load_tokenizer
+    from lora_tune.run.layout import MODEL_DIR
+    from lora_tune.training.classifier import LABELS_FILE
 
     artifact = run_artifact(run)
     labels_file = artifact / LABELS_FILE

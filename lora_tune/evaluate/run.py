@@ -53,7 +53,7 @@ def evaluate_run(
     progress: bool = True,
 ) -> EvalReport:
     """Answers and scores of base + adapter (and, with `base`, of the base alone); writes eval.json and eval.md."""
-    from lora_tune.inference.chat import ModelFolderError, run_artifact
+    from lora_tune.inference.load import ModelFolderError, run_artifact
 
     run = RunDir(Path(run_dir))
     try:
@@ -84,7 +84,7 @@ def evaluate_run(
     references = [reference_answer(c) for c in conversations]
     labels = _label_set(settings, references)
 
-    from lora_tune.inference.chat import load_run_model
+    from lora_tune.inference.load import load_run_model
 
     model, tokenizer = load_run_model(run)
 
@@ -106,7 +106,7 @@ def evaluate_run(
         with model.disable_adapter():
             report.base, base_answers, _ = score()
     elif base:  # partial or full fine-tuning: the tuned weights are the model's own, so load the base anew
-        from lora_tune.inference.chat import load_base_model
+        from lora_tune.inference.load import load_base_model
 
         del model
         gc.collect()
@@ -143,8 +143,8 @@ def _score_model(
     recipe: Any,
     progress: bool,
 ) -> tuple[Score, list[str], int]:
-    from lora_tune.evaluate.scores import perplexity_from_nll
-    from lora_tune.inference.generate import exact_match, generate_answers, normalized_exact_match, reference_nll
+    from lora_tune.evaluate.scores import exact_match, normalized_exact_match, perplexity_from_nll, reference_nll
+    from lora_tune.inference.generate import generate_answers
 
     answers = generate_answers(model, tokenizer, conversations, settings=settings, progress=progress)
     nll, tokens = reference_nll(

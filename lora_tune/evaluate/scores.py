@@ -14,9 +14,13 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lora_tune.inference.generate import normalize_answer
+from lora_tune.inference.generate import _TRAILING_PUNCTUATION, Message
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 OTHER = "(other)"
 MAX_INFERRED_LABELS = 20
@@ -140,3 +144,69 @@ def perplexity_from_nll(total_nll: float, tokens: int) -> float | None:
         return math.exp(total_nll / tokens)
     except OverflowError:
         return math.inf
+
+
+def reference_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of the assistant tokens of each conversation, and their count.
+
+    The conversations are tokenized as training tokenizes them (chat template, assistant-only labels, end-of-turn
+    token included), right-padded per batch, and scored with teacher forcing.
+    """
+    import torch
+
+    from lora_tune.data.masking import IGNORE_INDEX, tokenize_batch
+
+    examples = tokenize_batch(list(conversations), tokenizer, max_length, train_on="assistant")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            width = max(len(e.input_ids) for e in chunk)
+            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], device=device)
+            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
+            labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in chunk], device=device)
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask.to(device)).logits.float()
+            targets = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total += nll.item()
+            count += int((targets != IGNORE_INDEX).sum().item())
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def normalize_answer(text: str) -> str:
+    """Casefolded, whitespace collapsed, surrounding whitespace and trailing punctuation removed."""
+    text = re.sub(r"\s+", " ", text).strip().casefold()
+    return text.rstrip(_TRAILING_PUNCTUATION).rstrip()
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """The fraction of predictions equal to their reference, character for character (0.0 for no items)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return 0.0
+    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
+
+
+def normalized_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """`exact_match` after `normalize_answer` on both sides."""
+    return exact_match([normalize_answer(p) for p in predictions], [normalize_answer(r) for r in references])

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lora_tune.model.safety import redact
+from lora_tune.run.secrets import redact
 
 if TYPE_CHECKING:
-    from lora_tune.export.merging import MergeResult
+    from lora_tune.export.result import MergeResult
     from lora_tune.recipe.schema import Recipe
     from lora_tune.run.layout import RunDir
 

@@ -18,38 +18,41 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.export.errors import ExportError
+from lora_tune.export.result import MergeResult
 from lora_tune.export.streaming import (
     ADAPTER_PREFIX,
-    INDEX_FILE,
-    SINGLE_FILE,
     AdapterPlan,
-    base_layout,
     estimate_bytes,
-    match_names,
     merged_tensors,
     output_specs,
     read_adapter,
 )
-from lora_tune.model.weights import ShardReader, write_safetensors
+from lora_tune.model.weights import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    ShardReader,
+    base_layout,
+    match_names,
+    resolve_base,
+    write_safetensors,
+)
 from lora_tune.run.layout import RunDir, make_dir, replace_dir_atomic, write_json_atomic
 from lora_tune.run.locks import held
 
 if TYPE_CHECKING:
     import torch
 
-    from lora_tune.recipe.schema import ModelConfig, Recipe
+    from lora_tune.recipe.schema import Recipe
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # Files of the adapter folder that are not the tokenizer.
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md"}
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "README.md"]  # README: the license
 PROMPT_LEARNING_PEFT_TYPES = {
     "PROMPT_TUNING",
     "PREFIX_TUNING",
@@ -59,24 +62,6 @@ PROMPT_LEARNING_PEFT_TYPES = {
     "CPT",
 }
 DISK_MARGIN = 1.05  # weights + 5% for config, tokenizer and the card
-
-
-@dataclass
-class MergeResult:
-    """What `merge` wrote and measured."""
-
-    output: Path
-    dtype: str
-    method: str  # "streaming" or "peft merge_and_unload"
-    shards: int
-    lora_modules: int  # weights that received a LoRA/DoRA update
-    replaced_tensors: int  # modules_to_save tensors copied from the adapter
-    untied: list[str]  # tied output weights written separately because the adapter changed one side
-    max_abs_diff: float | None = None  # merged vs base + adapter, logits
-    tolerance: float | None = None
-    dequantized_vs_plain: float | None = None  # --from-dequantized: vs the merge into the unquantized base
-    vocab_size: int | None = None  # set when the adapter's embeddings were resized (added tokens)
-    seconds: float = 0.0
 
 
 def merge(
@@ -221,22 +206,6 @@ def _copy_lineage(run: RunDir, build: Path) -> None:
         else {}
     )
     (build / LINEAGE_FILE).write_text(json.dumps({**lineage, "run": str(run.root)}, indent=2), encoding="utf-8")
-
-
-def resolve_base(model: ModelConfig) -> Path:
-    """The base's local folder: the recipe's path, or a hub snapshot of the files a merge needs."""
-    local = Path(model.name).expanduser()
-    if local.is_dir():
-        return local
-    if model.name.startswith((".", "/", "~")):
-        raise ExportError(f"model.name: base model folder '{model.name}' not found")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=model.name, revision=model.revision, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # noqa: BLE001 - offline, gated, missing: one line for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"model.name: cannot fetch the base model '{model.name}': {first}") from exc
 
 
 def _check_destination(output: Path, *, overwrite: bool, protected: list[Path]) -> None:

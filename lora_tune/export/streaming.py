@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     import torch
 
 ADAPTER_PREFIX = "base_model.model."
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _FACTOR = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.default)?(?P<param>\.weight|\.bias)?$"
@@ -151,58 +149,6 @@ def get_pattern_key(pattern_keys: Any, key_to_match: str) -> str:
         if re.match(rf"(.*\.)?({key})$", key_to_match):
             return key
     return key_to_match
-
-
-def match_names(wanted: list[str], available: list[str], what: str) -> dict[str, str]:
-    """Map each wanted tensor name to the one base tensor it means.
-
-    Exact names win; otherwise the names must agree up to leading components (`model.layers.0...` vs
-    `layers.0...`), and exactly one base tensor may match. Anything else is an error naming the tensor.
-    """
-    available_set = set(available)
-    by_suffix: dict[str, list[str]] = {}
-    for name in available:
-        parts = name.split(".")
-        for start in range(len(parts)):
-            by_suffix.setdefault(".".join(parts[start:]), []).append(name)
-    mapping: dict[str, str] = {}
-    missing: list[str] = []
-    for name in wanted:
-        if name in available_set:
-            mapping[name] = name
-            continue
-        candidates = list(by_suffix.get(name, []))
-        parts = name.split(".")
-        candidates += [".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in available_set]
-        candidates = sorted(set(candidates))
-        if len(candidates) == 1:
-            mapping[name] = candidates[0]
-        elif candidates:
-            raise ExportError(f"{what} '{name}' matches several base tensors: {', '.join(candidates[:4])}")
-        else:
-            missing.append(name)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ExportError(f"{what} '{missing[0]}'{more} has no tensor in the base model's safetensors files")
-    return mapping
-
-
-def base_layout(base_dir: Path) -> dict[str, list[str]]:
-    """Shard file -> tensor names, in the base's own order; one entry for a single-file checkpoint."""
-    index = base_dir / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name)
-        return shards
-    single = base_dir / SINGLE_FILE
-    if single.is_file():
-        return {SINGLE_FILE: ShardReader(single).keys()}
-    raise ExportError(
-        f"base model '{base_dir}' has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors weights are read "
-        "(pickled .bin checkpoints are refused)"
-    )
 
 
 def estimate_bytes(base_dir: Path, layout: dict[str, list[str]], element_size: int) -> int:

@@ -16,7 +16,7 @@ from lora_tune.export.errors import VerificationError
 if TYPE_CHECKING:
     import torch
 
-    from lora_tune.export.merging import MergeResult
+    from lora_tune.export.result import MergeResult
     from lora_tune.recipe.schema import Recipe
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ as they are; `normalized_exact_match` forgives case, surrounding and repeated wh
 
 from __future__ import annotations
 
-import re
 import string
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -110,52 +109,6 @@ def generation_kwargs(settings: EvalConfig | None, eos_ids: list[int]) -> dict[s
     return {**sampling, "eos_token_id": eos_ids}
 
 
-def reference_nll(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: Sequence[Sequence[Message]],
-    *,
-    batch_size: int = 16,
-    max_length: int | None = None,
-) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of the assistant tokens of each conversation, and their count.
-
-    The conversations are tokenized as training tokenizes them (chat template, assistant-only labels, end-of-turn
-    token included), right-padded per batch, and scored with teacher forcing.
-    """
-    import torch
-
-    from lora_tune.data.masking import IGNORE_INDEX, tokenize_batch
-
-    examples = tokenize_batch(list(conversations), tokenizer, max_length, train_on="assistant")
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            width = max(len(e.input_ids) for e in chunk)
-            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], device=device)
-            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk])
-            labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in chunk], device=device)
-            with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask.to(device)).logits.float()
-            targets = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            total += nll.item()
-            count += int((targets != IGNORE_INDEX).sum().item())
-    finally:
-        model.train(was_training)
-    return total, count
-
-
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The tokenizer's EOS first, then any other EOS of the model's generation config (e.g. an end-of-turn token)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -165,23 +118,3 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
         if token_id not in ids:
             ids.append(token_id)
     return ids
-
-
-def normalize_answer(text: str) -> str:
-    """Casefolded, whitespace collapsed, surrounding whitespace and trailing punctuation removed."""
-    text = re.sub(r"\s+", " ", text).strip().casefold()
-    return text.rstrip(_TRAILING_PUNCTUATION).rstrip()
-
-
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """The fraction of predictions equal to their reference, character for character (0.0 for no items)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return 0.0
-    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(references)
-
-
-def normalized_exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """`exact_match` after `normalize_answer` on both sides."""
-    return exact_match([normalize_answer(p) for p in predictions], [normalize_answer(r) for r in references])

@@ -47,11 +47,9 @@ def init_loftq(model: Any, base: ModelConfig, adapter: str = "default") -> int:
     """Set the LoRA factors of every 4-bit LoRA layer of a peft model by LoftQ; returns how many layers."""
     from peft.tuners.lora import Linear4bit
 
-    from lora_tune.export.merging import resolve_base
-    from lora_tune.export.streaming import base_layout, match_names
     from lora_tune.methods.runtime import MethodError
     from lora_tune.model.packed_4bit import keep_unpacked
-    from lora_tune.model.weights import ShardReader
+    from lora_tune.model.weights import ShardReader, base_layout, match_names, resolve_base
 
     keep_unpacked(model)  # an eval forward on an AVX512-BF16 CPU may have repacked them: LoftQ fits the NF4 values
     layers = {

@@ -16,7 +16,15 @@ classes whose attention is plain causal attention (no sliding window, no logit s
 
 from __future__ import annotations
 
-from typing import Any
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lora_tune.errors import LoraTuneError
+from lora_tune.recipe.schema import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "sdpa_varlen"
 # Model classes whose attention is a plain call of the attention interface on (query, key, value, causal mask);
@@ -126,3 +134,67 @@ def _example_bounds(query: Any, key: Any, attention_mask: Any, kwargs: dict[str,
     if not starts or starts[0] != 0:
         starts = [0, *starts]
     return [*starts, length]
+
+
+class LeverError(LoraTuneError):
+    """A speed lever the recipe asks for cannot work here (no GPU, package missing)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: str
+    reason: str
+
+
+def resolve_attention(requested: str, dtype: torch.dtype) -> Choice:
+    """`auto`: flash-attention 3 on Hopper, 2 on Ampere or newer when installed and the dtype is 16-bit, else SDPA."""
+    if requested != "auto":
+        return Choice(requested, "set in the recipe (model.attn_implementation)")
+    import torch
+
+    if not torch.cuda.is_available():
+        return Choice("sdpa", "no CUDA GPU; flash-attention kernels are GPU-only")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return Choice("sdpa", f"model dtype is {str(dtype).removeprefix('torch.')}; flash-attention needs 16-bit")
+    major, minor = torch.cuda.get_device_capability()
+    gpu = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+    if major == 9 and is_installed("flash_attn_interface"):
+        return Choice("flash_attention_3", f"flash-attn 3 installed and {gpu} is a Hopper GPU")
+    if major >= 8 and is_installed("flash_attn"):
+        return Choice("flash_attention_2", f"flash-attn 2 installed and {gpu} is Ampere or newer")
+    if major < 8:
+        return Choice("sdpa", f"{gpu} is older than Ampere; flash-attention needs sm_80+")
+    return Choice("sdpa", f"flash-attn is not installed (pip install flash-attn for varlen kernels on {gpu})")
+
+
+def use_varlen_attention(model: Any, recipe: Recipe, packed: bool) -> Choice:
+    """Switch a loaded model to SDPA per packed example (lora_tune/model/attention.py) where that is exact.
+
+    `auto` picks it on the CPU when transformers' SDPA was chosen, packing is padding-free and the model's attention
+    is plain causal attention; `sdpa_varlen` in the recipe asks for it and fails here when the model cannot use it.
+    """
+    from lora_tune.model import attention as varlen_attention
+
+    requested = recipe.model.attn_implementation
+    current = model.config._attn_implementation
+    nothing_to_switch = requested == "auto" and (current != "sdpa" or not packed)
+    if requested not in ("auto", varlen_attention.NAME) or nothing_to_switch:
+        return resolve_attention(requested, model.dtype)  # what the model was loaded with, and why
+    why_not = varlen_attention.unsupported_reason(model.config, recipe.training.max_length)
+    if requested == varlen_attention.NAME and why_not:
+        raise LeverError(f"model.attn_implementation: sdpa_varlen cannot run this model: {why_not}; use sdpa")
+    if requested == "auto" and model.device.type != "cpu":
+        # Measured on the CPU only; on a GPU the per-example kernels and boundary reads are unmeasured.
+        return Choice(current, "SDPA with transformers' block-diagonal mask (install flash-attn for varlen kernels)")
+    if why_not:
+        return Choice(current, f"SDPA with transformers' block-diagonal mask: {why_not}")
+    varlen_attention.register()
+    model.set_attn_implementation(varlen_attention.NAME)
+    return Choice(
+        varlen_attention.NAME,
+        "SDPA per packed example (exact, like flash-attention's varlen kernels): no dense block mask over the row",
+    )
+
+
+def is_installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None

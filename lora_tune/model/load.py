@@ -13,6 +13,13 @@ if TYPE_CHECKING:
     import torch
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from typing import TYPE_CHECKING, Any
+
+from lora_tune.recipe.schema import Recipe
+
+if TYPE_CHECKING:
+    pass
+
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +50,7 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_load_failure("tokenizer", source, exc)) from exc
-    from lora_tune.data.templates import apply_chat_template_choice, ensure_pad_token
+    from lora_tune.model.chat_template import apply_chat_template_choice, ensure_pad_token
 
     apply_chat_template_choice(tokenizer, model_cfg.chat_template, source)
     ensure_pad_token(tokenizer)
@@ -76,7 +83,7 @@ def device_map(strategy: str = "ddp") -> dict[str, int] | str | None:
     get none: FSDP / DeepSpeed place the shards themselves."""
     import torch
 
-    from lora_tune.training.distributed import SHARDED
+    from lora_tune.recipe.strategy import SHARDED
 
     if strategy in SHARDED:
         return None
@@ -102,9 +109,9 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from lora_tune.model.attention import resolve_attention
     from lora_tune.model.safety import check_weights_format, warn_remote_code
-    from lora_tune.training.distributed import SHARDED
-    from lora_tune.training.levers import resolve_attention
+    from lora_tune.recipe.strategy import SHARDED
 
     check_weights_format(model_cfg.name, "model", model_cfg.allow_pickle)
     warn_remote_code(model_cfg.name, model_cfg.trust_remote_code)
@@ -160,3 +167,37 @@ def _load_failure(what: str, source: str, exc: BaseException) -> str:
     if not Path(source).exists() and source.startswith((".", "/", "~", "runs/")):
         return f"model.name: {what} folder '{source}' not found"
     return f"model.name: cannot load the {what} '{source}': {first_line}"
+
+
+def load_classifier(recipe: Recipe, tokenizer: Any, *, inference: bool = False) -> Any:
+    """The base with a fresh classification head, quantized as the recipe says (4-bit packing: see load_model)."""
+    from transformers import AutoModelForSequenceClassification
+
+    labels = list(recipe.task.labels)
+    dtype = resolve_dtype(recipe.model.dtype)
+    bnb_config = build_bnb_config(recipe.quantization, dtype)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            recipe.model.name,
+            revision=recipe.model.revision,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            dtype=dtype,
+            quantization_config=bnb_config,
+            trust_remote_code=recipe.model.trust_remote_code,
+            device_map=device_map(),
+            use_safetensors=True,
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelLoadError(f"model.name: cannot load '{recipe.model.name}' for classification: {exc}") from exc
+    settle_4bit_packing(model, inference)
+    # The head reads the last non-padding token, which it finds through the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if bnb_config is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.training.gradient_checkpointing
+        )
+    return model

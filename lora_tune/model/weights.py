@@ -1,4 +1,5 @@
-"""Read and write safetensors files one tensor at a time, with plain file reads and writes (no mmap).
+"""A model's safetensors weights: where the base is (its folder, or a hub snapshot), how its tensors lie in shards,
+and reading and writing them one tensor at a time, with plain file reads and writes (no mmap).
 
 `safetensors.safe_open` maps the whole shard, and every page it touches counts in the process's resident memory
 until the file is closed; `safetensors.torch.save_file` copies every tensor to bytes before writing. Both make a
@@ -16,7 +17,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_tune.export.errors import ExportError
+from lora_tune.errors import LoraTuneError
+
+if TYPE_CHECKING:
+    import torch
+
+    from lora_tune.recipe.schema import ModelConfig
+
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -37,11 +45,15 @@ _NAMES = {
 }
 
 
+class WeightsError(LoraTuneError):
+    """A base model's safetensors weights cannot be found or read as asked (exit 2)."""
+
+
 def torch_dtype(code: str) -> torch.dtype:
     import torch
 
     if code not in _NAMES:
-        raise ExportError(f"safetensors dtype {code} is not supported by the streaming merge")
+        raise WeightsError(f"safetensors dtype {code} is not supported by the streaming merge")
     return getattr(torch, _NAMES[code])
 
 
@@ -50,7 +62,7 @@ def dtype_code(dtype: torch.dtype) -> str:
     for code, candidate in _NAMES.items():
         if candidate == name:
             return code
-    raise ExportError(f"cannot write {dtype} to safetensors")
+    raise WeightsError(f"cannot write {dtype} to safetensors")
 
 
 class ShardReader:
@@ -85,7 +97,7 @@ class ShardReader:
             with open(self.path, "rb") as handle:
                 handle.seek(self.data_start + start)
                 if handle.readinto(memoryview(buffer)) != end - start:
-                    raise ExportError(f"{self.path}: tensor '{name}' is truncated")
+                    raise WeightsError(f"{self.path}: tensor '{name}' is truncated")
         return tensor
 
 
@@ -113,12 +125,89 @@ def write_safetensors(
         for name, tensor in tensors:
             want_name, (want_dtype, want_shape) = next(expected)
             if name != want_name or tensor.dtype != want_dtype or list(tensor.shape) != list(want_shape):
-                raise ExportError(
+                raise WeightsError(
                     f"internal: tensor '{name}' {tensor.dtype} {list(tensor.shape)} does not match the header "
                     f"('{want_name}' {want_dtype} {list(want_shape)})"
                 )
             if tensor.numel():
                 handle.write(memoryview(tensor.contiguous().view(-1).view(torch.uint8).numpy()))
     if next(expected, None) is not None:
-        raise ExportError(f"internal: {path.name} ended before all its tensors were written")
+        raise WeightsError(f"internal: {path.name} ended before all its tensors were written")
     return offset
+
+
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "README.md"]  # README: the license
+
+
+def resolve_base(model: ModelConfig) -> Path:
+    """The base's local folder: the recipe's path, or a hub snapshot of the files a merge needs."""
+    local = Path(model.name).expanduser()
+    if local.is_dir():
+        return local
+    if model.name.startswith((".", "/", "~")):
+        raise WeightsError(f"model.name: base model folder '{model.name}' not found")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=model.name, revision=model.revision, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - offline, gated, missing: one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"model.name: cannot fetch the base model '{model.name}': {first}") from exc
+
+
+SINGLE_FILE = "model.safetensors"
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def match_names(wanted: list[str], available: list[str], what: str) -> dict[str, str]:
+    """Map each wanted tensor name to the one base tensor it means.
+
+    Exact names win; otherwise the names must agree up to leading components (`model.layers.0...` vs
+    `layers.0...`), and exactly one base tensor may match. Anything else is an error naming the tensor.
+    """
+    available_set = set(available)
+    by_suffix: dict[str, list[str]] = {}
+    for name in available:
+        parts = name.split(".")
+        for start in range(len(parts)):
+            by_suffix.setdefault(".".join(parts[start:]), []).append(name)
+    mapping: dict[str, str] = {}
+    missing: list[str] = []
+    for name in wanted:
+        if name in available_set:
+            mapping[name] = name
+            continue
+        candidates = list(by_suffix.get(name, []))
+        parts = name.split(".")
+        candidates += [".".join(parts[i:]) for i in range(1, len(parts)) if ".".join(parts[i:]) in available_set]
+        candidates = sorted(set(candidates))
+        if len(candidates) == 1:
+            mapping[name] = candidates[0]
+        elif candidates:
+            raise WeightsError(f"{what} '{name}' matches several base tensors: {', '.join(candidates[:4])}")
+        else:
+            missing.append(name)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{what} '{missing[0]}'{more} has no tensor in the base model's safetensors files")
+    return mapping
+
+
+def base_layout(base_dir: Path) -> dict[str, list[str]]:
+    """Shard file -> tensor names, in the base's own order; one entry for a single-file checkpoint."""
+    index = base_dir / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)
+        return shards
+    single = base_dir / SINGLE_FILE
+    if single.is_file():
+        return {SINGLE_FILE: ShardReader(single).keys()}
+    raise WeightsError(
+        f"base model '{base_dir}' has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors weights are read "
+        "(pickled .bin checkpoints are refused)"
+    )

@@ -84,7 +84,7 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _known_template_name(self) -> ModelConfig:
-        from lora_tune.data.templates import BUILTIN_TEMPLATES, builtin_template, looks_like_template_name
+        from lora_tune.recipe.templates import BUILTIN_TEMPLATES, builtin_template, looks_like_template_name
 
         value = self.chat_template
         if value is not None and looks_like_template_name(value) and builtin_template(value) is None:
@@ -648,7 +648,7 @@ class Recipe(StrictModel):
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> Recipe:
-        from lora_tune.training.distributed import DistributedError, check_distributed_section
+        from lora_tune.recipe.strategy import DistributedError, check_distributed_section
 
         try:
             check_distributed_section(self)

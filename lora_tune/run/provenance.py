@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lora_tune.model.safety import redact
 from lora_tune.run.layout import ENVIRONMENT_FILE
+from lora_tune.run.secrets import redact
 
 PACKAGES = (
     "lora-tune",

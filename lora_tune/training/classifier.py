@@ -9,109 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_tune.errors import DataError
+from lora_tune.data.labels import load_splits, write_labelled_test_split
+from lora_tune.model.load import load_classifier
 from lora_tune.recipe.load import dump_resolved
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import TEST_SPLIT, prepare_run_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
+from lora_tune.run.layout import prepare_run_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
 
 if TYPE_CHECKING:
-    from lora_tune.training.sft import RunResult
+    from lora_tune.training.result import RunResult
 
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.json"
 HEAD = "score"  # the head transformers' *ForSequenceClassification adds on decoder-only models
-
-
-def encode_rows(recipe: Recipe, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """{text, label name or id} -> {text, label id}; a missing column or an unknown label names the file and row."""
-    task = recipe.task
-    ids = {name: i for i, name in enumerate(task.labels)}
-    out = []
-    for number, row in enumerate(rows, start=1):
-        text, label = row.get(task.text_column), row.get(task.label_column)
-        if not isinstance(text, str) or not text.strip():
-            raise DataError("expected non-empty text", file=source, row=number, field=task.text_column)
-        if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(task.labels):
-            label = task.labels[label]  # datasets that store class ids (e.g. imdb's 0/1) in task.labels' order
-        if str(label) not in ids:
-            raise DataError(
-                f"label {label!r} is not one of task.labels ({', '.join(task.labels)}) nor a class id below "
-                f"{len(task.labels)}",
-                file=source,
-                row=number,
-                field=task.label_column,
-            )
-        out.append({"text": text, "label": ids[str(label)]})
-    return out
-
-
-def load_splits(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Train and validation rows (validation from eval_datasets, or val_size held out under the seed)."""
-    from lora_tune.data.sources import load_rows
-
-    train = [r for d in recipe.datasets for r in encode_rows(recipe, load_rows(d), d.path)]
-    valid = [r for d in recipe.eval_datasets for r in encode_rows(recipe, load_rows(d), d.path)]
-    if recipe.val_size > 0:
-        random.Random(recipe.training.seed).shuffle(train)
-        cut = max(1, round(len(train) * recipe.val_size))
-        train, valid = train[cut:], train[:cut]
-    return train, valid
-
-
-def write_labelled_test_split(recipe: Recipe, run_root: Path) -> Path | None:
-    """The recipe's test_datasets as the run's test.jsonl ({text_column, label_column} rows), for `lora-tune eval`."""
-    from lora_tune.data.sources import load_rows
-
-    task = recipe.task
-    rows = [r for d in recipe.test_datasets for r in encode_rows(recipe, load_rows(d), d.path)]
-    if not rows:
-        return None
-    path = run_root / TEST_SPLIT
-    lines = [json.dumps({task.text_column: r["text"], task.label_column: task.labels[r["label"]]}) for r in rows]
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
-
-
-def load_classifier(recipe: Recipe, tokenizer: Any, *, inference: bool = False) -> Any:
-    """The base with a fresh classification head, quantized as the recipe says (4-bit packing: see load_model)."""
-    from transformers import AutoModelForSequenceClassification
-
-    from lora_tune.model.load import ModelLoadError, build_bnb_config, device_map, resolve_dtype, settle_4bit_packing
-
-    labels = list(recipe.task.labels)
-    dtype = resolve_dtype(recipe.model.dtype)
-    bnb_config = build_bnb_config(recipe.quantization, dtype)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            recipe.model.name,
-            revision=recipe.model.revision,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-            dtype=dtype,
-            quantization_config=bnb_config,
-            trust_remote_code=recipe.model.trust_remote_code,
-            device_map=device_map(),
-            use_safetensors=True,
-        )
-    except (OSError, ValueError, ImportError) as exc:
-        raise ModelLoadError(f"model.name: cannot load '{recipe.model.name}' for classification: {exc}") from exc
-    settle_4bit_packing(model, inference)
-    # The head reads the last non-padding token, which it finds through the pad id.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if bnb_config is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=recipe.training.gradient_checkpointing
-        )
-    return model
 
 
 def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
@@ -124,7 +38,8 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from lora_tune.methods import runtime as methods
     from lora_tune.model.load import load_tokenizer, resolve_dtype
     from lora_tune.training.log import last_value, metrics_callback, peak_memory, plot_loss, read_metrics
-    from lora_tune.training.sft import RunResult, count_quantized_layers
+    from lora_tune.training.result import RunResult
+    from lora_tune.training.sft import count_quantized_layers
     from lora_tune.training.trl_args import to_sft_config
 
     # 1. Run directory, resolved recipe, lineage.
@@ -208,49 +123,6 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
         write_json_atomic(run.summary, {**result.to_json(), "eval_accuracy": metrics.get("eval_accuracy")})
     return result
-
-
-def preflight_report(recipe: Recipe, tokenizer: Any) -> Any:
-    """`lora-tune check` for a classification recipe: every row has text and a known label (a DataError names the
-    first bad one); reports the label counts and how many texts max_length truncates."""
-    from collections import Counter
-
-    from lora_tune.check.report import CheckResult, PreflightReport
-
-    train, valid = load_splits(recipe)
-    counts = Counter(recipe.task.labels[r["label"]] for r in train)
-    lengths = [len(ids) for ids in tokenizer([r["text"] for r in train])["input_ids"]]
-    limit = recipe.training.max_length
-    truncated = sum(n > limit for n in lengths) if limit else 0
-    checks = [
-        CheckResult(
-            "labels", "pass", "train rows per label: " + ", ".join(f"{k} {counts[k]}" for k in recipe.task.labels)
-        ),
-        CheckResult(
-            "truncation",
-            "warn" if truncated else "pass",
-            f"{truncated} of {len(lengths)} texts are longer than max_length {limit}",
-            fix="raise training.max_length" if truncated else None,
-            count=truncated,
-        ),
-    ]
-    if min(counts[k] for k in recipe.task.labels) == 0:
-        missing = [k for k in recipe.task.labels if counts[k] == 0]
-        checks.append(CheckResult("labels-present", "fail", f"no training rows for {', '.join(missing)}"))
-    sources = {d.path: {"rows": len(train) + len(valid), "checked": len(train) + len(valid)} for d in recipe.datasets}
-    return PreflightReport(
-        checks=checks,
-        rows=len(train),
-        sources=sources,
-        tokens=sum(lengths),
-        trained_tokens=0,
-        stop_tokens=[],
-        generation_stop_tokens=None,
-        generation_config="not used by classification",
-        chat_template_sha256="",
-        max_length=limit,
-        longest_example=max(lengths, default=0),
-    )
 
 
 def accuracy(prediction: Any) -> dict[str, float]:

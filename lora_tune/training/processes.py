@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.recipe.strategy import SHARDED
 from lora_tune.run.layout import PREPARED_DATA_DIR
-from lora_tune.training.distributed import SHARDED, Processes
+from lora_tune.training.distributed import Processes
 
 if TYPE_CHECKING:
     from lora_tune.recipe.schema import Recipe

@@ -6,46 +6,15 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lora_tune.recipe.schema import Recipe
+from lora_tune.recipe.strategy import SHARDED
 from lora_tune.run.layout import RunDir, release_run_dir, replace_dir_atomic, write_json_atomic
+from lora_tune.training.result import RunResult, best_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunResult:
-    """What a run produced and measured; also written to `summary.json` in the run directory."""
-
-    run_dir: Path
-    adapter_dir: Path
-    steps: int
-    train_loss: float | None
-    eval_loss: float | None
-    tokens_seen: int | None
-    trained_token_share: float | None
-    train_rows: int
-    validation_rows: int
-    trainable_parameters: int
-    quantized_layers: int
-    wall_seconds: float
-    memory: dict[str, float] = field(default_factory=dict)
-    loss_plot: Path | None = None
-    best: dict[str, Any] | None = None  # with keep_best / early stopping: the step the saved adapter comes from
-    processes: int = 1
-    effective_batch_size: int | None = None  # per device x processes x gradient accumulation
-    packed: bool = False  # the batch items are packed rows of several examples
-    strategy: str = "ddp"
-    replica_checksums: list[str] | None = None  # adapter checksum of every process (DDP / ZeRO-2 runs)
-    method: str = "lora"
-    total_parameters: int = 0
-    trainable_percent: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
 def train(
@@ -83,6 +52,7 @@ def _train(
     from lora_tune.data import write_test_split
     from lora_tune.data.packing import packing_plan
     from lora_tune.methods import runtime as methods
+    from lora_tune.model.attention import use_varlen_attention
     from lora_tune.model.dtype import keep_trainable_dtypes
     from lora_tune.model.load import load_model, load_tokenizer, resolve_dtype
     from lora_tune.training import distributed as dist
@@ -90,7 +60,7 @@ def _train(
     from lora_tune.training.checkpoints import checkpoint_callback
     from lora_tune.training.divergence import Divergence, divergence_callback, raise_if_diverged
     from lora_tune.training.faults import check_free_disk, translate_faults
-    from lora_tune.training.levers import apply_liger, check_levers, describe_levers, use_varlen_attention
+    from lora_tune.training.levers import apply_liger, check_levers, describe_levers
     from lora_tune.training.log import (
         compact_progress_callback,
         last_value,
@@ -207,11 +177,11 @@ def _train(
     # 9. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only
     #    (FSDP and ZeRO-3 first gather the sharded adapter: every process takes part in that).
     checksums = ranks.replica_checksums(trainer.model, procs, strategy)
-    if strategy in dist.SHARDED and procs.distributed:
+    if strategy in SHARDED and procs.distributed:
         ranks.save_sharded_adapter(trainer, run.root / ".adapter.tmp")
     if trainer.is_world_process_zero():
         with translate_faults(recipe, run.checkpoints, hint):
-            _save_adapter(trainer, tokenizer, run, recipe, gathered=strategy in dist.SHARDED and procs.distributed)
+            _save_adapter(trainer, tokenizer, run, recipe, gathered=strategy in SHARDED and procs.distributed)
     ranks.remove_prepared_data(run.root, procs)
 
     # 10. Summary: metrics file, loss curve, summary.json.
@@ -246,21 +216,6 @@ def _train(
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
         write_json_atomic(run.summary, result.to_json())
     return result
-
-
-def best_checkpoint(state: Any, recipe: Recipe, steps: int) -> dict[str, Any] | None:
-    """With keep_best or early stopping: the step the saved adapter comes from, and whether training stopped early."""
-    t = recipe.training
-    if not t.keeps_best or state.best_global_step is None:
-        return None
-    planned = state.max_steps
-    return {
-        "step": state.best_global_step,
-        "metric": f"eval_{t.best_metric}",
-        "value": state.best_metric,
-        "stopped_early": steps < planned,
-        "planned_steps": planned,
-    }
 
 
 def count_quantized_layers(model: Any) -> int:

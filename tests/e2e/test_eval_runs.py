@@ -49,7 +49,8 @@ def test_generate_and_chat_load_the_saved_model_folder(model_run: Path, capsys) 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_tune.inference.chat import chat_loop, load_for_inference, reply
+    from lora_tune.inference.chat import chat_loop, reply
+    from lora_tune.inference.load import load_for_inference
 
     assert main(["generate", str(model_run), "fruit number 2?", "--no-stream"]) == 0
     answer = capsys.readouterr().out.strip()

@@ -191,8 +191,8 @@ def test_eval_without_a_saved_split_asks_for_data(run: Path, capsys) -> None:
 
 
 def test_generate_streams_the_greedy_answer(run: Path, capsys) -> None:
-    from lora_tune.inference.chat import load_for_inference
     from lora_tune.inference.generate import generate_answers
+    from lora_tune.inference.load import load_for_inference
 
     assert main(["generate", str(run), "fruit number 3?"]) == 0
     streamed = capsys.readouterr().out.strip()
@@ -213,7 +213,8 @@ def test_chat_through_stdin_keeps_history_resets_and_exits(run: Path, monkeypatc
     assert "(history cleared)" in out
     answers = [part.split("\n")[0].strip() for part in out.split("model> ")[1:]]
     # After /reset the same question is asked without history: the answer is the one-turn answer.
-    from lora_tune.inference.chat import load_for_inference, reply, with_settings
+    from lora_tune.inference.chat import reply, with_settings
+    from lora_tune.inference.load import load_for_inference
 
     loaded = with_settings(load_for_inference(run), {"max_new_tokens": 4})
     assert answers[2] == reply(loaded, [{"role": "user", "content": "fruit number 2?"}])
@@ -226,7 +227,8 @@ def test_chat_through_stdin_keeps_history_resets_and_exits(run: Path, monkeypatc
 
 
 def test_chat_session_history(run: Path) -> None:
-    from lora_tune.inference.chat import chat_loop, load_for_inference
+    from lora_tune.inference.chat import chat_loop
+    from lora_tune.inference.load import load_for_inference
 
     out = io.StringIO()
     session = chat_loop(load_for_inference(run), system="Be brief.", stdin=io.StringIO("a\nb\n"), stdout=out)
@@ -245,7 +247,8 @@ def test_generate_and_chat_on_a_merged_folder(run: Path, tmp_path: Path, capsys)
     from_run = capsys.readouterr().out.strip()
     assert main(["generate", str(merged), "fruit number 4?", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out.strip() == from_run
-    from lora_tune.inference.chat import chat_loop, load_for_inference, with_settings
+    from lora_tune.inference.chat import chat_loop, with_settings
+    from lora_tune.inference.load import load_for_inference
 
     out = io.StringIO()
     loaded = with_settings(load_for_inference(merged), {"max_new_tokens": 6})  # the run's eval.max_new_tokens

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from lora_tune.model.load import load_model
-from lora_tune.model.safety import MASK, UnsafeModelError, install_log_redaction, redact
+from lora_tune.model.safety import UnsafeModelError
 from lora_tune.recipe.schema import ModelConfig, QuantizationConfig, TrainingConfig
+from lora_tune.run.secrets import MASK, install_log_redaction, redact
 from tests.helpers import ROOT
 from tests.helpers import write_resume_recipe as write_recipe
 

@@ -32,8 +32,8 @@ def test_liger_kernels_give_the_same_loss(tiny_model_dir: Path, tmp_path: Path, 
 def test_auto_levers_on_a_gpu(tmp_path: Path):
     import torch
 
+    from lora_tune.model.attention import resolve_attention
     from lora_tune.recipe.schema import Recipe
-    from lora_tune.training.levers import resolve_attention
     from lora_tune.training.trl_args import to_sft_config
 
     recipe = Recipe.model_validate(

@@ -177,7 +177,7 @@ def test_tokenizing_in_two_processes_names_the_row_a_template_refuses(tmp_path: 
     data = write(tmp_path / "d.jsonl", rows)
     fields = {"data": {"num_proc": 2}, "model": {"name": "x", "chat_template": "mistral"}}
     tok = build_tokenizer(["q a x t c answer"] * 10, vocab_size=280)
-    from lora_tune.data.templates import apply_chat_template_choice
+    from lora_tune.model.chat_template import apply_chat_template_choice
 
     apply_chat_template_choice(tok, "mistral", "test")
     with pytest.raises(DataError, match=r"d\.jsonl: line 18: the chat template refused the conversation"):

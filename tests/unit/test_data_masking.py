@@ -162,7 +162,7 @@ def test_tokenize_dataset_in_two_processes_with_a_tools_column(chatml_tokenizer)
     from datasets import Dataset
 
     from lora_tune.data.masking import tokenize_dataset
-    from lora_tune.data.templates import BUILTIN_TEMPLATES
+    from lora_tune.recipe.templates import BUILTIN_TEMPLATES
 
     chatml_tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"].source
     tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
@@ -222,7 +222,8 @@ SHAREGPT_TOOL_ROW = {
 def test_sharegpt_tool_turns_train_the_call_and_answer_never_the_tool_output(template: str) -> None:
     from lora_tune.data.formats import to_example
     from lora_tune.data.sources import Origin
-    from lora_tune.data.templates import BUILTIN_TEMPLATES, apply_chat_template_choice
+    from lora_tune.model.chat_template import apply_chat_template_choice
+    from lora_tune.recipe.templates import BUILTIN_TEMPLATES
 
     example = to_example(SHAREGPT_TOOL_ROW, "sharegpt", Origin("tools.jsonl", 1))
     tokenizer = build_tokenizer(CORPUS + ["weather Paris degrees temperature get_weather city"] * 20, vocab_size=400)

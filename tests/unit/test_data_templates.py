@@ -8,10 +8,11 @@ import pytest
 from tokenizers import processors
 
 from lora_tune.data import IGNORE_INDEX, tokenize_conversation
-from lora_tune.data.templates import BUILTIN_TEMPLATES, apply_chat_template_choice, builtin_template, ensure_pad_token
 from lora_tune.errors import LoraTuneError
+from lora_tune.model.chat_template import apply_chat_template_choice, ensure_pad_token
 from lora_tune.quickstart.tiny import BOS, build_tokenizer
 from lora_tune.recipe.schema import ModelConfig
+from lora_tune.recipe.templates import BUILTIN_TEMPLATES, builtin_template
 
 MARKERS = sorted({m for t in BUILTIN_TEMPLATES.values() for m in t.markers})
 CONVERSATION = [

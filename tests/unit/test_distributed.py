@@ -11,16 +11,14 @@ import yaml
 
 from lora_tune.errors import RecipeError
 from lora_tune.recipe.load import load_recipe
-from lora_tune.training.distributed import (
+from lora_tune.recipe.strategy import (
     DEEPSPEED_AUTO_BATCH_KEYS,
     STRATEGIES,
     DistributedError,
-    Processes,
     check_deepspeed_json,
-    deepspeed_config_path,
-    launch_command,
     strategy_of_accelerate_config,
 )
+from lora_tune.training.distributed import Processes, deepspeed_config_path, launch_command
 from lora_tune.training.processes import describe_batch
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,14 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.inference.generate import (
-    exact_match,
-    generate_answers,
-    normalize_answer,
-    normalized_exact_match,
-    prompt_messages,
-    reference_answer,
-)
+from lora_tune.evaluate.scores import exact_match, normalize_answer, normalized_exact_match
+from lora_tune.inference.generate import generate_answers, prompt_messages, reference_answer
 
 
 def test_exact_match_counts_identical_strings_only() -> None:
@@ -161,7 +155,7 @@ def test_reference_nll_is_the_assistant_token_loss(peaked_model) -> None:
     import torch
 
     from lora_tune.data.masking import tokenize_conversation
-    from lora_tune.inference.generate import reference_nll
+    from lora_tune.evaluate.scores import reference_nll
 
     model, tokenizer = peaked_model
     answered = [q for q in QUESTIONS if q[-1]["role"] == "assistant"]

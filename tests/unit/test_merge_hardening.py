@@ -192,7 +192,7 @@ def test_no_card_carries_a_credential_that_a_recipe_value_holds(tiny_model_dir: 
     ],
 )
 def test_credential_shapes_are_masked(text: str, masked: str):
-    from lora_tune.model.safety import redact
+    from lora_tune.run.secrets import redact
 
     assert redact(text) == masked
 
@@ -208,6 +208,6 @@ def test_credential_shapes_are_masked(text: str, masked: str):
     ],
 )
 def test_ordinary_text_is_not_masked(text: str):
-    from lora_tune.model.safety import redact
+    from lora_tune.run.secrets import redact
 
     assert redact(text) == text

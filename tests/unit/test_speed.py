@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_tune.model import attention
 from lora_tune.recipe.schema import Recipe
 from lora_tune.training import levers as speed
 
@@ -31,7 +32,7 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
-        monkeypatch.setattr(speed, "_installed", lambda name: name in packages)
+        monkeypatch.setattr(attention, "is_installed", lambda name: name in packages)
 
     return install
 
@@ -39,9 +40,9 @@ def fake_gpu(monkeypatch: pytest.MonkeyPatch):
 def test_auto_attention_is_sdpa_on_the_cpu_and_says_why():
     import torch
 
-    choice = speed.resolve_attention("auto", torch.float32)
+    choice = attention.resolve_attention("auto", torch.float32)
     assert choice.value == "sdpa" and "no CUDA GPU" in choice.reason
-    assert speed.resolve_attention("eager", torch.float32).value == "eager"
+    assert attention.resolve_attention("eager", torch.float32).value == "eager"
 
 
 @pytest.mark.parametrize(
@@ -59,7 +60,7 @@ def test_auto_attention_on_gpus(fake_gpu, capability, packages, dtype, expected,
     import torch
 
     fake_gpu(capability, packages)
-    choice = speed.resolve_attention("auto", getattr(torch, dtype))
+    choice = attention.resolve_attention("auto", getattr(torch, dtype))
     assert choice.value == expected and why in choice.reason
 
 

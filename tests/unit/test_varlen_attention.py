@@ -13,7 +13,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lora_tune.model import attention as varlen_attention
 from lora_tune.recipe.schema import Recipe
-from lora_tune.training import levers as speed
 
 LENGTHS = (7, 12, 5)  # three examples packed into one 24-token row
 
@@ -125,7 +124,7 @@ def recipe(attn: str = "auto", max_length: int = 64) -> Recipe:
 
 def test_auto_switches_a_packed_run_on_the_cpu_and_says_why(tmp_path: Path):
     model = tiny("llama")
-    choice = speed.use_varlen_attention(model, recipe(), packed=True)
+    choice = varlen_attention.use_varlen_attention(model, recipe(), packed=True)
     assert choice.value == model.config._attn_implementation == varlen_attention.NAME
     assert "per packed example" in choice.reason
     # What the run saves stays loadable anywhere: the config does not name lora-tune's attention function.
@@ -136,16 +135,16 @@ def test_auto_switches_a_packed_run_on_the_cpu_and_says_why(tmp_path: Path):
 
 def test_auto_keeps_sdpa_without_packing_or_for_other_attention():
     model = tiny("llama")
-    assert speed.use_varlen_attention(model, recipe(), packed=False).value == "sdpa"
+    assert varlen_attention.use_varlen_attention(model, recipe(), packed=False).value == "sdpa"
     assert model.config._attn_implementation == "sdpa"
     windowed = tiny("mistral", sliding_window=16)
-    choice = speed.use_varlen_attention(windowed, recipe(max_length=64), packed=True)
+    choice = varlen_attention.use_varlen_attention(windowed, recipe(max_length=64), packed=True)
     assert choice.value == "sdpa" and "sliding-window" in choice.reason
 
 
 def test_asking_for_it_on_a_model_that_cannot_use_it_is_refused():
-    with pytest.raises(speed.LeverError, match="model.attn_implementation: sdpa_varlen cannot run this model"):
-        speed.use_varlen_attention(tiny("mistral", sliding_window=16), recipe("sdpa_varlen"), packed=True)
+    with pytest.raises(varlen_attention.LeverError, match="sdpa_varlen cannot run this model"):
+        varlen_attention.use_varlen_attention(tiny("mistral", sliding_window=16), recipe("sdpa_varlen"), packed=True)
 
 
 def test_auto_leaves_a_gpu_run_to_transformers():
@@ -153,5 +152,5 @@ def test_auto_leaves_a_gpu_run_to_transformers():
     from types import SimpleNamespace
 
     on_gpu = SimpleNamespace(config=tiny("llama").config, device=torch.device("cuda"))
-    choice = speed.use_varlen_attention(on_gpu, recipe(), packed=True)
+    choice = varlen_attention.use_varlen_attention(on_gpu, recipe(), packed=True)
     assert choice.value == "sdpa" and "flash-attn" in choice.reason
