@@ -13,7 +13,7 @@ __all__ = ["load_recipe", "train", "__version__"]
 
 if TYPE_CHECKING:
     from lora_tune.recipe.load import load_recipe
-    from lora_tune.training.sft import train
+    from lora_tune.tasks import train
 
 
 def __getattr__(name: str) -> Any:
@@ -22,7 +22,7 @@ def __getattr__(name: str) -> Any:
 
         return load_recipe
     if name == "train":
-        from lora_tune.training.sft import train
+        from lora_tune.tasks import train
 
         return train
     raise AttributeError(f"module 'lora_tune' has no attribute {name!r}")

@@ -259,13 +259,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from lora_tune.check import run_checks
-    from lora_tune.model.load import load_tokenizer
+    from lora_tune import tasks
     from lora_tune.recipe.load import load_recipe
     from lora_tune.run.layout import write_json_atomic
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    report = run_checks(recipe, load_tokenizer(recipe.model))
+    report = tasks.check(load_recipe(args.recipe, args.overrides))
     if args.json:
         write_json_atomic(Path(args.json), report.to_json())
     print(report.format())
@@ -319,7 +317,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _launch(recipe, args)
     if procs.is_main:
         print(f"lora-tune: {describe(recipe)}", flush=True)
-    from lora_tune.training.sft import train
+    from lora_tune.tasks import train
 
     result = train(
         recipe, overwrite=args.overwrite, resume=args.resume, recipe_path=args.recipe, overrides=args.overrides
@@ -385,7 +383,7 @@ def _batch_line(result) -> list[str]:  # noqa: ANN001 - RunResult
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lora_tune.evaluate.run import evaluate_run, format_report
+    from lora_tune.tasks import evaluate_run, format_report
 
     report = evaluate_run(
         args.run_dir,

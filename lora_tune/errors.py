@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    pass
+
 ECHO_LIMIT = 80  # characters of a user's value quoted in an error line
 LINE_LIMIT = 1000  # characters of a whole message: one error, one line, never more than a screen
 
@@ -73,3 +78,22 @@ class DataError(LoraTuneError):
 
 def _rebuild_data_error(message: str, file: str, row: int | None, field: str | None, line: int | None) -> DataError:
     return DataError(message, file=file, row=row, field=field, line=line)
+
+
+class FieldError(ValueError):
+    """A cross-field check failed; `key` is the path (relative to the section) the message is about.
+
+    The recipe loader reads `key` to point at the right line of the YAML file.
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+class ModelLoadError(LoraTuneError):
+    """The base model or tokenizer cannot be loaded (missing folder, offline, gated, no safetensors)."""
+
+
+class MethodError(LoraTuneError):
+    """The recipe's method cannot run on what it points at (e.g. init_from names no adapter)."""

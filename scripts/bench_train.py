@@ -100,8 +100,8 @@ def count_batches() -> dict[str, int]:
 
 
 def run_lora_tune(root: Path, shape: dict, cuda: bool) -> tuple[float, float | None]:
+    from lora_tune import train
     from lora_tune.recipe.load import load_recipe
-    from lora_tune.training.sft import train
 
     recipe = root / "lora-tune.yaml"
     quant = "quantization: {bits: 4}\n" if cuda else ""

@@ -609,9 +609,9 @@ def child_roundtrip(work: Path, s: dict) -> int:
     figures or its error, so one RESULT says how far the round trip got."""
     import torch
 
+    from lora_tune import train
     from lora_tune.export import merge
     from lora_tune.recipe.load import load_recipe
-    from lora_tune.training.sft import train
 
     cuda = torch.cuda.is_available()
     res: dict = {"device": "cuda" if cuda else "cpu", "dtype": s["dtype"], "ok": False}

@@ -93,9 +93,9 @@ def run_variant(recipe_path: Path, overrides: list[str]) -> dict[str, float]:
     """In this process: plan, train, and report both figures (GiB)."""
     import torch
 
+    from lora_tune import train
     from lora_tune.plan.memory import GIB, plan
     from lora_tune.recipe.load import load_recipe
-    from lora_tune.training.sft import train
 
     recipe = load_recipe(recipe_path, overrides)
     planned = plan(recipe, gpu_memory="1000GiB")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +14,7 @@ from lora_tune.check.report import CheckResult, MarkedExample, PreflightError, P
 from lora_tune.check.rules import PER_EXAMPLE_CHECKS, TEMPLATE_FIX, Context
 from lora_tune.data.masking import TemplateError
 from lora_tune.recipe.schema import ModelConfig, Recipe
+from lora_tune.run.layout import write_json_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -27,10 +28,6 @@ def run_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreflightR
     `tokenizer` is the one training uses (`modeling.load_tokenizer`, with `model.chat_template` applied). Reads the
     model's generation config (generation_config.json, else config.json), never its weights.
     """
-    if recipe.task.type == "classification":  # no chat turns or stop tokens: check the labelled rows instead
-        from lora_tune.check.labels import preflight_report
-
-        return preflight_report(recipe, tokenizer)
     skip_bad = recipe.data.on_bad_rows == "skip"
     rows, sources = sample_rows(
         recipe.datasets,
@@ -73,12 +70,16 @@ def run_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreflightR
     )
 
 
-def preflight(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, report_path: Path) -> PreflightReport:
-    """`train`'s pre-flight step: run the checks, write the JSON report to `report_path`, log warnings and the
-    one-line summary; raise `PreflightError` on a failed check unless the recipe sets `preflight.on_failure: warn`."""
-    from lora_tune.run.layout import write_json_atomic
-
-    report = run_checks(recipe, tokenizer)
+def preflight(
+    recipe: Recipe,
+    tokenizer: PreTrainedTokenizerBase,
+    report_path: Path,
+    checks: Callable[[Recipe, PreTrainedTokenizerBase], PreflightReport] = run_checks,
+) -> PreflightReport:
+    """`train`'s pre-flight step: run the task's `checks`, write the JSON report to `report_path`, log warnings and
+    the one-line summary; raise `PreflightError` on a failed check unless the recipe sets `preflight.on_failure:
+    warn`."""
+    report = checks(recipe, tokenizer)
     write_json_atomic(report_path, report.to_json())
     if report.failures and recipe.preflight.on_failure == "error":
         raise PreflightError(report, str(report_path))

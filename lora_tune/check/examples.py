@@ -22,6 +22,7 @@ from lora_tune.data.masking import (
     wrap_trained_runs,
 )
 from lora_tune.data.pipeline import load_source
+from lora_tune.data.sources import RowLimit
 from lora_tune.recipe.schema import DatasetConfig
 
 if TYPE_CHECKING:
@@ -61,8 +62,6 @@ def sample_rows(
 ) -> tuple[list[SampledRow], dict[str, dict[str, int]]]:
     """Up to `limit` rows of each dataset (a seeded sample, in file order, when it has more), as conversations; a
     row longer than training would read (RowLimit.for_max_length) is a bad row here too."""
-    from lora_tune.data.sources import RowLimit
-
     row_limit = RowLimit.for_max_length(max_length)
     rows: list[SampledRow] = []
     sources: dict[str, dict[str, int]] = {}

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lora_tune.check.report import CheckResult, PreflightReport
 from lora_tune.data.labels import load_splits
 from lora_tune.recipe.schema import Recipe
-
-if TYPE_CHECKING:
-    pass
 
 
 def preflight_report(recipe: Recipe, tokenizer: Any) -> Any:
     """`lora-tune check` for a classification recipe: every row has text and a known label (a DataError names the
     first bad one); reports the label counts and how many texts max_length truncates."""
     from collections import Counter
-
-    from lora_tune.check.report import CheckResult, PreflightReport
 
     train, valid = load_splits(recipe)
     counts = Counter(recipe.task.labels[r["label"]] for r in train)

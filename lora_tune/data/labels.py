@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from lora_tune.data.sources import load_rows
 from lora_tune.errors import DataError
 from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import TEST_SPLIT, write_text_atomic
-
-if TYPE_CHECKING:
-    pass
 
 
 def encode_rows(recipe: Recipe, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
@@ -41,8 +39,6 @@ def encode_rows(recipe: Recipe, rows: list[dict[str, Any]], source: str) -> list
 
 def load_splits(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Train and validation rows (validation from eval_datasets, or val_size held out under the seed)."""
-    from lora_tune.data.sources import load_rows
-
     train = [r for d in recipe.datasets for r in encode_rows(recipe, load_rows(d), d.path)]
     valid = [r for d in recipe.eval_datasets for r in encode_rows(recipe, load_rows(d), d.path)]
     if recipe.val_size > 0:
@@ -54,8 +50,6 @@ def load_splits(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 def write_labelled_test_split(recipe: Recipe, run_root: Path) -> Path | None:
     """The recipe's test_datasets as the run's test.jsonl ({text_column, label_column} rows), for `lora-tune eval`."""
-    from lora_tune.data.sources import load_rows
-
     task = recipe.task
     rows = [r for d in recipe.test_datasets for r in encode_rows(recipe, load_rows(d), d.path)]
     if not rows:

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lora_tune.recipe.schema import PROMPT_LEARNING, Recipe
+from lora_tune.recipe.rules import PROMPT_LEARNING
+from lora_tune.recipe.schema import Recipe
 
 logger = logging.getLogger(__name__)
 

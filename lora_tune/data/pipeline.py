@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_tune.data import masking
 from lora_tune.data.cleaning import apply_weight, key_function, split_counts, split_groups, strip_empty
 from lora_tune.data.formats import Example, map_columns, resolve_format, to_example
 from lora_tune.data.masking import TemplateError, TrainOn, tokenize_dataset
@@ -32,7 +33,7 @@ from lora_tune.data.sources import DEFAULT_ROW_LIMIT, Origin, RowLimit, read_sou
 from lora_tune.data.stats import DataStats, DropStats, SourceStats, SplitStats
 from lora_tune.errors import DataError
 from lora_tune.recipe.schema import DataConfig, DatasetConfig, Recipe
-from lora_tune.run.layout import TEST_SPLIT
+from lora_tune.run.layout import TEST_SPLIT, write_text_atomic
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -114,8 +115,6 @@ def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepar
 
 def write_test_split(prepared: PreparedData, run_root: str | Path) -> Path | None:
     """The test split as `test.jsonl` (messages rows, or text rows) in the run directory; None when there is none."""
-    from lora_tune.run.layout import write_text_atomic
-
     if not prepared.test:
         return None
     lines = []
@@ -332,8 +331,6 @@ def _cache_file(table: Dataset, tokenizer: PreTrainedTokenizerBase, how: tuple[i
     the tokenizer with its chat template, max_length, train_on and the masking code; None = not cached."""
     import datasets
     from datasets.fingerprint import Hasher
-
-    from lora_tune.data import masking
 
     if len(table) < CACHE_FROM_ROWS or not datasets.is_caching_enabled():
         return None

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lora_tune.data.masking import IGNORE_INDEX, wrap_trained_runs
+from lora_tune.data.packing import describe_batching
+from lora_tune.data.pipeline import build_datasets
+from lora_tune.data.sources import load_rows
 from lora_tune.recipe.schema import Recipe
+from lora_tune.recipe.templates import builtin_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -57,9 +61,6 @@ class Preview:
 
 def build_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, n: int = 3) -> Preview:
     """Prepare the recipe's data exactly as `train` does, and gather what the preview shows."""
-    from lora_tune.data.packing import describe_batching
-    from lora_tune.data.pipeline import build_datasets
-
     prepared = build_datasets(recipe, tokenizer)
     splits = prepared.datasets
     lengths = {name: [len(ids) for ids in splits[name]["input_ids"]] for name in splits}
@@ -108,15 +109,12 @@ def _source_counts(recipe: Recipe, prepared: PreparedData) -> list[tuple[str, st
         return [
             (s.split + (f"; {s.bad_rows:,} bad rows skipped" if s.bad_rows else ""), s.path, s.rows) for s in recorded
         ]
-    from lora_tune.data.sources import load_rows
 
     counts = [("train", cfg.path, len(load_rows(cfg))) for cfg in recipe.datasets]
     return counts + [("validation", cfg.path, len(load_rows(cfg))) for cfg in recipe.eval_datasets]
 
 
 def _template_name(recipe: Recipe) -> str:
-    from lora_tune.recipe.templates import builtin_template
-
     choice = recipe.model.chat_template
     if choice is None:
         return "the tokenizer's own"

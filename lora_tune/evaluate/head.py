@@ -12,6 +12,25 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.data.labels import encode_rows
+from lora_tune.data.sources import load_rows
+from lora_tune.evaluate.report import (
+    class_score,
+    confusion_lines,
+    markdown_table,
+    number,
+    per_class_lines,
+    percent,
+    table_cell,
+)
+from lora_tune.evaluate.result import EvalReport, Score
+from lora_tune.evaluate.run import Evaluation, write_report
+from lora_tune.evaluate.scores import classification_scores
+from lora_tune.inference.load import load_model_folder, run_artifact
+from lora_tune.model.load import load_classifier, load_tokenizer
+from lora_tune.recipe.schema import DatasetConfig
+from lora_tune.run.layout import EVAL_JSON, EVAL_MARKDOWN, LABELS_FILE, MODEL_DIR
+
 if TYPE_CHECKING:
     from lora_tune.evaluate.result import EvalReport
     from lora_tune.recipe.schema import Recipe
@@ -24,15 +43,21 @@ NOTE = (
 )
 
 
+def evaluate_head_run(
+    evaluation: Evaluation, *, base: bool = True, limit: int | None = None, progress: bool = True
+) -> EvalReport:
+    """The classification task's `lora-tune eval`: the head's scores (and, with `base`, the majority-class baseline);
+    writes eval.json and eval.md. Predictions come in batches without a progress bar (`progress` is unused)."""
+    ev = evaluation
+    report = evaluate_head(ev.run, ev.recipe, ev.path, limit=limit, batch_size=ev.settings.batch_size, baseline=base)
+    write_report(ev.run, report, format_head_markdown)
+    return report
+
+
 def evaluate_head(
     run: RunDir, recipe: Recipe, path: Path, *, limit: int | None, batch_size: int, baseline: bool
 ) -> EvalReport:
     """Scores of the tuned head (and the majority-class baseline) on labelled rows from `path`."""
-    from lora_tune.data.labels import encode_rows
-    from lora_tune.data.sources import load_rows
-    from lora_tune.evaluate.result import EvalReport
-    from lora_tune.recipe.schema import DatasetConfig
-
     rows = encode_rows(recipe, load_rows(DatasetConfig(path=str(path), limit=limit)), str(path))
     model, tokenizer, labels = load_head_model(run, recipe)
     predicted = predict(model, tokenizer, [r["text"] for r in rows], batch_size, recipe.training.max_length)
@@ -57,9 +82,6 @@ def evaluate_head(
 
 
 def _score(predicted: list[str], true: list[str], labels: list[str]) -> Any:
-    from lora_tune.evaluate.result import Score
-    from lora_tune.evaluate.scores import classification_scores
-
     scores = classification_scores(predicted, true, labels).to_json()
     # Exact match of a predicted label is its accuracy; a head has no generated text to normalise.
     return Score(exact_match=scores["accuracy"], normalized_exact_match=scores["accuracy"], classification=scores)
@@ -68,11 +90,6 @@ def _score(predicted: list[str], true: list[str], labels: list[str]) -> Any:
 def load_head_model(run: RunDir, recipe: Recipe) -> tuple[Any, Any, list[str]]:
     """The tuned classifier, its tokenizer and its label names (labels.json beside the artefact)."""
     import json
-
-    from lora_tune.inference.load import load_model_folder, run_artifact
-    from lora_tune.model.load import load_classifier, load_tokenizer
-    from lora_tune.run.layout import MODEL_DIR
-    from lora_tune.training.classifier import LABELS_FILE
 
     artifact = run_artifact(run)
     labels_file = artifact / LABELS_FILE
@@ -111,8 +128,6 @@ def predict(model: Any, tokenizer: Any, texts: list[str], batch_size: int, max_l
 
 def format_head_markdown(report: EvalReport, run_name: str) -> str:
     """eval.md of a classification head: tuned vs majority class, per-class scores, confusion matrix."""
-    from lora_tune.evaluate.report import confusion_lines, markdown_table, per_class_lines, table_cell
-
     lines = [f"# Evaluation of `{run_name}`", "", f"Data: `{report.data}` ({report.rows} rows).", "", report.note, ""]
     lines += markdown_table(["metric", *(["majority class"] if report.baseline else []), "fine-tuned"], _rows(report))
     lines += ["", f"Labels: {', '.join(f'`{label}`' for label in report.labels)}."]
@@ -131,8 +146,6 @@ def format_head_markdown(report: EvalReport, run_name: str) -> str:
 
 def headline_rows(report: EvalReport) -> list[tuple[str, str, str]]:
     """(metric, majority class, fine-tuned) as display strings."""
-    from lora_tune.evaluate.report import class_score, number, percent
-
     rows = [
         ("accuracy", lambda s: percent(class_score(s, "accuracy"))),
         ("macro precision", lambda s: number(class_score(s, "macro_precision"))),
@@ -147,8 +160,6 @@ def _rows(report: EvalReport) -> list[list[str]]:
 
 
 def format_console(report: EvalReport, run_dir: str) -> str:
-    from lora_tune.run.layout import EVAL_JSON, EVAL_MARKDOWN
-
     lines = [f"Held-out evaluation of the classification head on {report.data} ({report.rows} rows):"]
     first = "majority class" if report.baseline else ""
     lines.append(f"  {'':15}  {first:>14}  {'fine-tuned':>10}")

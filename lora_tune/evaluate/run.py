@@ -8,13 +8,38 @@ normalised exact match, classification metrics for label-style tasks, the loss c
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_tune.data import load_rows, normalize_rows
 from lora_tune.errors import LoraTuneError
+from lora_tune.evaluate.report import format_markdown, headline_rows
 from lora_tune.evaluate.result import EvalReport, Score
-from lora_tune.run.layout import EVAL_JSON, EVAL_MARKDOWN, RunDir, write_json_atomic
+from lora_tune.evaluate.scores import (
+    OTHER,
+    classification_scores,
+    exact_match,
+    infer_labels,
+    map_to_label,
+    normalized_exact_match,
+    perplexity_from_nll,
+    reference_nll,
+)
+from lora_tune.inference.generate import generate_answers, prompt_messages, reference_answer
+from lora_tune.inference.load import ModelFolderError, load_base_model, load_run_model, run_artifact
+from lora_tune.recipe.load import load_recipe
+from lora_tune.recipe.schema import DatasetConfig, EvalConfig, Recipe
+from lora_tune.run.layout import (
+    EVAL_JSON,
+    EVAL_MARKDOWN,
+    RunDir,
+    ensure_writable,
+    write_json_atomic,
+    write_text_atomic,
+)
+from lora_tune.training.log import plot_loss, read_metrics
 
 
 class RunNotFoundError(LoraTuneError):
@@ -41,50 +66,50 @@ def resolve_eval_data(run: RunDir, data: str | None, split: str | None) -> Path:
     return path
 
 
-def evaluate_run(
+@dataclass(frozen=True)
+class Evaluation:
+    """What every task's evaluation starts from: the finished run, its recipe, the `eval:` settings with the command
+    line's overrides, and the held-out data file."""
+
+    run: RunDir
+    recipe: Recipe
+    settings: EvalConfig
+    path: Path
+
+
+def open_evaluation(
     run_dir: str | Path,
     data: str | None = None,
     *,
     split: str | None = None,
-    base: bool = True,
-    limit: int | None = None,
     max_new_tokens: int | None = None,
     batch_size: int | None = None,
-    progress: bool = True,
-) -> EvalReport:
-    """Answers and scores of base + adapter (and, with `base`, of the base alone); writes eval.json and eval.md."""
-    from lora_tune.inference.load import ModelFolderError, run_artifact
-
+) -> Evaluation:
+    """Check that `run_dir` is a finished run whose directory takes the report, and find the held-out data."""
     run = RunDir(Path(run_dir))
     try:
         run_artifact(run)
     except ModelFolderError as exc:
         raise RunNotFoundError(str(exc)) from None
-    from lora_tune.run.layout import ensure_writable
 
     ensure_writable(run.root, "eval")  # eval.json and eval.md go there: fail now, not after scoring
-    from lora_tune.data import load_rows, normalize_rows
-    from lora_tune.inference.generate import reference_answer
-    from lora_tune.recipe.load import load_recipe
-    from lora_tune.recipe.schema import DatasetConfig
 
     recipe = load_recipe(run.recipe, check_paths=False)
     settings = recipe.eval.model_copy(
         update={k: v for k, v in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)) if v is not None}
     )
-    path = resolve_eval_data(run, data, split)
-    if recipe.task.type == "classification":
-        from lora_tune.evaluate.head import evaluate_head
+    return Evaluation(run, recipe, settings, resolve_eval_data(run, data, split))
 
-        report = evaluate_head(run, recipe, path, limit=limit, batch_size=settings.batch_size, baseline=base)
-        write_report(run, report)
-        return report
+
+def evaluate_generations(
+    evaluation: Evaluation, *, base: bool = True, limit: int | None = None, progress: bool = True
+) -> EvalReport:
+    """Answers and scores of base + adapter (and, with `base`, of the base alone); writes eval.json and eval.md."""
+    run, recipe, settings, path = evaluation.run, evaluation.recipe, evaluation.settings, evaluation.path
     source = DatasetConfig(path=str(path), limit=limit)
     conversations = normalize_rows(load_rows(source), source)
     references = [reference_answer(c) for c in conversations]
     labels = _label_set(settings, references)
-
-    from lora_tune.inference.load import load_run_model
 
     model, tokenizer = load_run_model(run)
 
@@ -106,20 +131,16 @@ def evaluate_run(
         with model.disable_adapter():
             report.base, base_answers, _ = score()
     elif base:  # partial or full fine-tuning: the tuned weights are the model's own, so load the base anew
-        from lora_tune.inference.load import load_base_model
-
         del model
         gc.collect()
         model = load_base_model(recipe)
         report.base, base_answers, _ = score()
     report.examples = _examples(conversations, references, tuned_answers, base_answers, settings.examples)
-    write_report(run, report)
+    write_report(run, report, format_markdown)
     return report
 
 
 def _label_set(settings: Any, references: list[str]) -> list[str] | None:
-    from lora_tune.evaluate.scores import infer_labels
-
     if settings.task == "text":
         return None
     if settings.labels:
@@ -143,9 +164,6 @@ def _score_model(
     recipe: Any,
     progress: bool,
 ) -> tuple[Score, list[str], int]:
-    from lora_tune.evaluate.scores import exact_match, normalized_exact_match, perplexity_from_nll, reference_nll
-    from lora_tune.inference.generate import generate_answers
-
     answers = generate_answers(model, tokenizer, conversations, settings=settings, progress=progress)
     nll, tokens = reference_nll(
         model, tokenizer, conversations, batch_size=settings.batch_size, max_length=recipe.training.max_length
@@ -160,8 +178,6 @@ def _score_model(
 
 
 def _classification(answers: list[str], references: list[str], labels: list[str] | None) -> dict[str, Any] | None:
-    from lora_tune.evaluate.scores import OTHER, classification_scores, map_to_label
-
     if not labels:
         return None
     true = [map_to_label(r, labels) for r in references]
@@ -174,8 +190,6 @@ def _classification(answers: list[str], references: list[str], labels: list[str]
 def _examples(
     conversations: list[Any], references: list[str], tuned: list[str], base: list[str] | None, n: int
 ) -> list[dict[str, str]]:
-    from lora_tune.inference.generate import prompt_messages
-
     rows = []
     for i in range(min(n, len(conversations))):
         row = {"input": prompt_messages(conversations[i])[-1]["content"], "reference": references[i]}
@@ -186,30 +200,19 @@ def _examples(
     return rows
 
 
-def write_report(run: RunDir, report: EvalReport) -> None:
-    """eval.json, eval.md and (from metrics.jsonl) loss.png in the run directory."""
-    from lora_tune.evaluate.head import format_head_markdown
-    from lora_tune.evaluate.report import format_markdown
-    from lora_tune.run.layout import write_text_atomic
-    from lora_tune.training.log import plot_loss, read_metrics
-
+def write_report(run: RunDir, report: EvalReport, markdown: Callable[[EvalReport, str], str]) -> None:
+    """eval.json, eval.md (rendered by the task's `markdown`) and (from metrics.jsonl) loss.png in the run
+    directory."""
     plot = plot_loss(read_metrics(run.metrics), run.loss_plot, title=f"{run.root.name}: loss")
     report.files = {"json": str(run.root / EVAL_JSON), "markdown": str(run.root / EVAL_MARKDOWN)}
     if plot is not None:
         report.files["loss_curve"] = str(plot)
     write_json_atomic(run.root / EVAL_JSON, asdict(report))
-    markdown = format_head_markdown if report.task == "head" else format_markdown
     write_text_atomic(run.root / EVAL_MARKDOWN, markdown(report, run.root.name))
 
 
 def format_report(report: EvalReport, run_dir: str) -> str:
     """The console summary: the headline scores, base vs fine-tuned, and where the full report is."""
-    from lora_tune.evaluate.report import headline_rows
-
-    if report.task == "head":
-        from lora_tune.evaluate.head import format_console
-
-        return format_console(report, run_dir)
     lines = [f"Held-out evaluation on {report.data} ({report.rows} rows):"]
     width = max(len(name) for name, _, _ in headline_rows(report))
     header = (

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.data.masking import IGNORE_INDEX, tokenize_batch
 from lora_tune.inference.generate import _TRAILING_PUNCTUATION, Message
 
 if TYPE_CHECKING:
@@ -160,8 +161,6 @@ def reference_nll(
     token included), right-padded per batch, and scored with teacher forcing.
     """
     import torch
-
-    from lora_tune.data.masking import IGNORE_INDEX, tokenize_batch
 
     examples = tokenize_batch(list(conversations), tokenizer, max_length, train_on="assistant")
     device = next(model.parameters()).device

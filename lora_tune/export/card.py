@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lora_tune.methods.runtime import LINEAGE_FILE, lineage_chain
 from lora_tune.run.secrets import redact
 
 if TYPE_CHECKING:
@@ -164,8 +165,6 @@ def build_card(
 
 def lineage_lines(run: RunDir) -> list[str]:
     """Earlier runs this one continues, oldest first (from lineage.json; empty for a first fine-tune)."""
-    from lora_tune.methods.runtime import LINEAGE_FILE, lineage_chain
-
     data = _read_json(run.root / LINEAGE_FILE)
     if not data or not data.get("parents"):
         return []

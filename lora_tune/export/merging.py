@@ -21,16 +21,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.export.card import merged_card
 from lora_tune.export.errors import ExportError
 from lora_tune.export.result import MergeResult
 from lora_tune.export.streaming import (
-    ADAPTER_PREFIX,
     AdapterPlan,
     estimate_bytes,
     merged_tensors,
     output_specs,
     read_adapter,
 )
+from lora_tune.export.verify import verify_merge
+from lora_tune.export.vocab import NeedsPeftMerge, resize_to_adapter, resized_vocab
+from lora_tune.methods.runtime import LINEAGE_FILE
+from lora_tune.model.load import load_tokenizer, resolve_dtype
 from lora_tune.model.weights import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -40,6 +44,7 @@ from lora_tune.model.weights import (
     resolve_base,
     write_safetensors,
 )
+from lora_tune.recipe.load import load_recipe
 from lora_tune.run.layout import RunDir, make_dir, replace_dir_atomic, write_json_atomic
 from lora_tune.run.locks import held
 
@@ -110,12 +115,9 @@ def merge(
 
             # 4. Verify: the merged folder must compute what base + adapter computes.
             if verify:
-                from lora_tune.export.verify import verify_merge
-
                 verify_merge(build, base_dir, run.adapter, recipe, dtype, result, from_dequantized=from_dequantized)
 
             # 5. Model card, then the rename that makes it all appear at once.
-            from lora_tune.export.card import merged_card
 
             (build / "README.md").write_text(merged_card(run, recipe, base_dir, result), encoding="utf-8")
             result.seconds = round(time.monotonic() - started, 1)
@@ -128,8 +130,6 @@ def merge(
 
 def _finished_run(run: RunDir) -> tuple[RunDir, Recipe, str]:
     """The run, its resolved recipe and its adapter's peft type; refuses what has no adapter a merge can fold."""
-    from lora_tune.recipe.load import load_recipe
-
     if run.is_run() and (run.root / "model" / "config.json").is_file():
         raise ExportError(
             f"{run.root}: partial or full fine-tuning saved the whole model in model/; there is no adapter to merge "
@@ -178,7 +178,7 @@ def _merged_weights(
         prepare = nf4_round_trip(recipe, base_dir) if from_dequantized else None
         try:
             return stream_merge(base_dir, layout, plan, build, torch_dtype, recipe, prepare=prepare)
-        except _NeedsPeft as exc:
+        except NeedsPeftMerge as exc:
             if from_dequantized:
                 raise ExportError(f"--from-dequantized: {exc}; the streaming merge cannot take this adapter") from None
             log.warning(
@@ -198,8 +198,6 @@ def _merged_weights(
 
 def _copy_lineage(run: RunDir, build: Path) -> None:
     """A later run that starts from this merged model reads where it came from (sequential fine-tuning)."""
-    from lora_tune.methods.runtime import LINEAGE_FILE
-
     lineage = (
         json.loads((run.root / LINEAGE_FILE).read_text(encoding="utf-8"))
         if (run.root / LINEAGE_FILE).is_file()
@@ -339,91 +337,6 @@ def stream_merge(
     )
 
 
-class _NeedsPeft(Exception):
-    """The streaming merge cannot reproduce this adapter unambiguously; peft's merge_and_unload() takes over."""
-
-
-def resized_vocab(
-    base_dir: Path,
-    layout: dict[str, list[str]],
-    replacements: dict[str, torch.Tensor],
-    tied: dict[str, str],
-    aliases: dict[str, str],
-) -> int | None:
-    """The new vocabulary size when modules_to_save tensors were resized (tokens added), else None.
-
-    Every changed tensor must be [vocab, hidden] -> [new vocab, hidden] with one new size, and no other base tensor
-    may keep the old vocabulary's rows (e.g. an lm_head tied to a resized embedding, or not saved by the adapter):
-    its new rows were never saved, so the merge raises _NeedsPeft instead of guessing.
-    """
-    shapes: dict[str, list[int]] = {}
-    for shard, names in layout.items():
-        reader = ShardReader(base_dir / shard)
-        shapes.update({name: list(reader.shape(name)) for name in names})
-    for target, source in tied.items():
-        shapes.setdefault(target, shapes[source])
-    changed = {
-        name: (shapes[name], list(t.shape)) for name, t in replacements.items() if list(t.shape) != shapes[name]
-    }
-    if not changed:
-        return None
-    old = {before[0] for before, _ in changed.values()}
-    new = {after[0] for _, after in changed.values()}
-    for name, (before, after) in changed.items():
-        if len(before) != 2 or len(after) != 2 or before[1] != after[1] or len(old) != 1 or len(new) != 1:
-            raise _NeedsPeft(f"modules_to_save tensor '{name}' changes shape {before} -> {after}")
-    old_vocab, new_vocab = old.pop(), new.pop()
-    outputs = [name for names in layout.values() for name in names] + list(aliases)
-    for name in outputs:
-        if name not in changed and len(shapes[name]) == 2 and shapes[name][0] == old_vocab:
-            raise _NeedsPeft(
-                f"the adapter resizes the vocabulary {old_vocab} -> {new_vocab} but carries no resized '{name}' "
-                "(tied embeddings, or a resized layer missing from modules_to_save)"
-            )
-    log.info("merge: vocabulary resized by the adapter: %d -> %d tokens", old_vocab, new_vocab)
-    return new_vocab
-
-
-def resize_to_adapter(model: Any, adapter: Path) -> None:
-    """Resize a freshly loaded base's embeddings to the vocabulary the adapter was trained with (added tokens).
-
-    The size comes from the adapter's embedding tensors (modules_to_save copies, saved embedding layers or LoRA
-    embedding factors). Rows the adapter does not carry are initialised under a fixed seed, so the peft merge and
-    its verification see the same values.
-    """
-    import torch
-
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        return
-    modules = {id(m): n for n, m in model.named_modules()}
-    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
-    names = [modules[id(m)] for m in layers if m is not None and id(m) in modules]
-    current = model.get_input_embeddings().weight.shape[0]
-    sizes = set()
-    for key, info in ShardReader(weights).header.items():
-        if ".original_module." in key:
-            continue
-        name = re.sub(
-            r"\.(modules_to_save\.default|modules_to_save|default)(?=\.|$)", "", key.removeprefix(ADAPTER_PREFIX)
-        )
-        for layer in names:
-            if name == f"{layer}.weight" and len(info["shape"]) == 2:
-                sizes.add(info["shape"][0])
-            elif name == f"{layer}.lora_embedding_A" and len(info["shape"]) == 2:
-                sizes.add(info["shape"][1])
-    sizes.discard(current)
-    if not sizes:
-        return
-    if len(sizes) > 1:
-        raise ExportError(f"adapter: embedding tensors disagree on the vocabulary size ({sorted(sizes)})")
-    size = sizes.pop()
-    log.info("merge: resizing the base's embeddings %d -> %d tokens, as the adapter was trained", current, size)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model.resize_token_embeddings(size, mean_resizing=False)
-
-
 def tied_weights(base_dir: Path, recipe: Recipe) -> dict[str, str]:
     """Tied parameter names {output: source} of the base architecture, read from a weightless (meta) model.
 
@@ -458,8 +371,6 @@ def nf4_round_trip(recipe: Recipe, base_dir: Path) -> Any:
     import bitsandbytes.functional as bnbf
     import torch
     from transformers.quantizers.base import get_keys_to_not_convert
-
-    from lora_tune.model.load import resolve_dtype
 
     model = _meta_model(base_dir, recipe)
     skip = set(get_keys_to_not_convert(model))
@@ -537,7 +448,6 @@ def copy_tokenizer(adapter: Path, build: Path, recipe: Recipe) -> None:
     files = [p for p in adapter.iterdir() if p.is_file() and p.name not in ADAPTER_FILES]
     if not any(p.name.startswith("tokenizer") for p in files):
         log.warning("merge: no tokenizer saved with the adapter; saving the recipe's tokenizer instead")
-        from lora_tune.model.load import load_tokenizer
 
         load_tokenizer(recipe.model).save_pretrained(build)
         return

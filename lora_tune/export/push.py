@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_tune.export.card import adapter_card
 from lora_tune.export.errors import ExportError
+from lora_tune.recipe.load import load_recipe
 from lora_tune.run.layout import RunDir
 
 log = logging.getLogger(__name__)
@@ -99,8 +101,6 @@ def collect(folder: Path) -> tuple[str, dict[str, Path | bytes], str, list[tuple
         found, skipped = vetted_files(run.adapter, recursive=False) if run.adapter.is_dir() else ({}, [])
         if "adapter_config.json" not in found:
             raise ExportError(f"{folder}: this run has no adapter/ yet (did training finish?)")
-        from lora_tune.export.card import adapter_card
-        from lora_tune.recipe.load import load_recipe
 
         files: dict[str, Path | bytes] = {name: p for name, p in found.items() if name != "README.md"}
         files["README.md"] = adapter_card(run, load_recipe(run.recipe, check_paths=False)).encode("utf-8")

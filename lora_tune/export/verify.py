@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.export.errors import VerificationError
+from lora_tune.export.vocab import resize_to_adapter
+from lora_tune.model.load import load_model
 
 if TYPE_CHECKING:
     import torch
@@ -56,8 +58,6 @@ def reference_logits(base_dir: Path, adapter: Path, recipe: Recipe, input_ids: t
     from transformers import AutoModelForCausalLM
 
     if quantized:
-        from lora_tune.model.load import load_model
-
         model_cfg = recipe.model.model_copy(update={"name": str(base_dir), "revision": None})
         training = recipe.training.model_copy(update={"gradient_checkpointing": False})
         base = load_model(model_cfg, recipe.quantization, training)
@@ -65,7 +65,6 @@ def reference_logits(base_dir: Path, adapter: Path, recipe: Recipe, input_ids: t
         base = AutoModelForCausalLM.from_pretrained(
             base_dir, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code, use_safetensors=True
         )
-    from lora_tune.export.merging import resize_to_adapter
 
     resize_to_adapter(base, adapter)
     model = PeftModel.from_pretrained(base, adapter)

@@ -11,7 +11,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from lora_tune.inference.generate import generation_kwargs, stop_token_ids
 from lora_tune.inference.load import LoadedModel, ModelFolderError
+from lora_tune.recipe.schema import EvalConfig
 
 if TYPE_CHECKING:
     from lora_tune.recipe.schema import EvalConfig
@@ -29,8 +31,6 @@ def reply(
 ) -> str:
     """The model's answer to `messages`; with `stream`, its text is also written there token by token."""
     import torch
-
-    from lora_tune.inference.generate import generation_kwargs, stop_token_ids
 
     settings = settings or loaded.settings
     tokenizer, model = loaded.tokenizer, loaded.model
@@ -116,8 +116,6 @@ def chat_loop(
 def with_settings(loaded: LoadedModel, update: dict[str, Any]) -> LoadedModel:
     """`loaded` with some generation settings replaced, validated as the recipe's `eval:` section is."""
     from pydantic import ValidationError
-
-    from lora_tune.recipe.schema import EvalConfig
 
     if not update:
         return loaded

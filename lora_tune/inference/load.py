@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.errors import LoraTuneError
+from lora_tune.model.chat_template import ensure_pad_token
+from lora_tune.model.load import load_model, load_tokenizer, resolve_dtype
+from lora_tune.model.safety import check_weights_format
+from lora_tune.recipe.load import load_recipe
+from lora_tune.recipe.schema import EvalConfig
 from lora_tune.run.layout import MODEL_DIR, RunDir
 
 if TYPE_CHECKING:
@@ -39,8 +44,6 @@ def run_artifact(run: RunDir) -> Path:
 def load_base_model(recipe: Any) -> Any:
     """The recipe's base model, loaded (and quantized) as in training, in eval mode, for inference only (4-bit layers
     may compute in bfloat16 on an AVX512-BF16 CPU: the load logs it)."""
-    from lora_tune.model.load import load_model
-
     training = recipe.training.model_copy(update={"gradient_checkpointing": False})
     model = load_model(recipe.model, recipe.quantization, training, inference=True)
     model.eval()
@@ -51,8 +54,6 @@ def load_run_model(run: RunDir) -> tuple[Any, Any]:
     """The tuned model and the tokenizer saved with it: the base (quantized as in training) with the adapter on it,
     or the saved `model/` folder of a partial or full fine-tuning run (safetensors only)."""
     artifact = run_artifact(run)
-    from lora_tune.model.load import load_tokenizer
-    from lora_tune.recipe.load import load_recipe
 
     recipe = load_recipe(run.recipe, check_paths=False)
     if recipe.task.type == "classification":
@@ -75,9 +76,6 @@ def load_model_folder(folder: Path, dtype: str = "auto", auto_class: str = "Auto
     """A transformers folder lora-tune wrote, from its safetensors weights only (pickle weights are refused)."""
     import transformers
 
-    from lora_tune.model.load import resolve_dtype
-    from lora_tune.model.safety import check_weights_format
-
     check_weights_format(str(folder), "run model", allow_pickle=False, key=str(folder))
     loader = getattr(transformers, auto_class)
     model = loader.from_pretrained(folder, dtype=resolve_dtype(dtype), use_safetensors=True)
@@ -87,13 +85,9 @@ def load_model_folder(folder: Path, dtype: str = "auto", auto_class: str = "Auto
 
 def load_for_inference(path: str | Path) -> LoadedModel:
     """A run directory (adapter on its base) or a merged model folder (config.json + weights + tokenizer)."""
-    from lora_tune.recipe.schema import EvalConfig
-
     root = Path(path)
     run = RunDir(root)
     if run.is_run():
-        from lora_tune.recipe.load import load_recipe
-
         model, tokenizer = load_run_model(run)
         settings = load_recipe(run.recipe, check_paths=False).eval
         what = "adapter on its base" if run_artifact(run) == run.adapter else "fine-tuned model"
@@ -104,8 +98,6 @@ def load_for_inference(path: str | Path) -> LoadedModel:
             "pass a run directory or a folder written by `lora-tune merge`"
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lora_tune.model.chat_template import ensure_pad_token
 
     tokenizer = AutoTokenizer.from_pretrained(root)
     ensure_pad_token(tokenizer)

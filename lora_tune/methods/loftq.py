@@ -19,6 +19,9 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.errors import MethodError
+from lora_tune.model.packed_4bit import dequantize, keep_unpacked
+from lora_tune.model.weights import ShardReader, base_layout, match_names, resolve_base
 from lora_tune.recipe.schema import ModelConfig
 
 if TYPE_CHECKING:
@@ -34,8 +37,6 @@ def loftq_factors(
     """(A, B) for one bitsandbytes 4-bit weight and its original values; float32, on the quantized weight's device."""
     import torch
 
-    from lora_tune.model.packed_4bit import dequantize
-
     dequantized = dequantize(quantized).float()
     residual = original.to(device=dequantized.device, dtype=torch.float32) - dequantized
     U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
@@ -46,10 +47,6 @@ def loftq_factors(
 def init_loftq(model: Any, base: ModelConfig, adapter: str = "default") -> int:
     """Set the LoRA factors of every 4-bit LoRA layer of a peft model by LoftQ; returns how many layers."""
     from peft.tuners.lora import Linear4bit
-
-    from lora_tune.methods.runtime import MethodError
-    from lora_tune.model.packed_4bit import keep_unpacked
-    from lora_tune.model.weights import ShardReader, base_layout, match_names, resolve_base
 
     keep_unpacked(model)  # an eval forward on an AVX512-BF16 CPU may have repacked them: LoftQ fits the NF4 values
     layers = {

@@ -12,7 +12,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_tune.errors import LoraTuneError
+from lora_tune.errors import MethodError
+from lora_tune.methods.loftq import init_loftq
+from lora_tune.methods.peft_config import build_peft_config
 from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import LINEAGE_FILE, PISSA_INIT_DIR
 
@@ -20,10 +22,6 @@ if TYPE_CHECKING:
     from peft import PeftConfig
 
 log = logging.getLogger(__name__)
-
-
-class MethodError(LoraTuneError):
-    """The recipe's method cannot run on what it points at (e.g. init_from names no adapter)."""
 
 
 def has_adapter(recipe: Recipe) -> bool:
@@ -38,8 +36,6 @@ def artifact_name(recipe: Recipe) -> str:
 def prepare_model(recipe: Recipe, model: Any, *, task_type: str = "CAUSAL_LM") -> tuple[Any, PeftConfig | None]:
     """Freeze or wrap the base: returns the model to train and the peft config the trainer should apply (or None
     when the model is already what is trained)."""
-    from lora_tune.methods.peft_config import build_peft_config
-
     a = recipe.adapter
     if a.init_from is not None:
         from peft import PeftModel
@@ -70,8 +66,6 @@ def attach(recipe: Recipe, trainer: Any, run_root: Path) -> None:
     a = recipe.adapter
     model = trainer.model
     if a.init == "loftq" and a.init_from is None:
-        from lora_tune.methods.loftq import init_loftq
-
         init_loftq(model, recipe.model)
     if a.init in ("pissa", "olora") and a.init_from is None:
         # The initial adapter, saved as peft asks, so the trained one can be saved as a plain LoRA on the original

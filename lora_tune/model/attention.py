@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.errors import LoraTuneError
+from lora_tune.model import attention as varlen_attention
 from lora_tune.recipe.schema import Recipe
 
 if TYPE_CHECKING:
@@ -173,8 +174,6 @@ def use_varlen_attention(model: Any, recipe: Recipe, packed: bool) -> Choice:
     `auto` picks it on the CPU when transformers' SDPA was chosen, packing is padding-free and the model's attention
     is plain causal attention; `sdpa_varlen` in the recipe asks for it and fails here when the model cannot use it.
     """
-    from lora_tune.model import attention as varlen_attention
-
     requested = recipe.model.attn_implementation
     current = model.config._attn_implementation
     nothing_to_switch = requested == "auto" and (current != "sdpa" or not packed)

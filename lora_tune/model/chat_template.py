@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_tune.errors import ModelLoadError
 from lora_tune.recipe.templates import BUILTIN_TEMPLATES, builtin_template, logger, looks_like_template_name
 
 if TYPE_CHECKING:
@@ -23,8 +24,6 @@ def apply_chat_template_choice(tokenizer: PreTrainedTokenizerBase, choice: str |
     A built-in whose end-of-turn marker is one token of the vocabulary makes that token the tokenizer's EOS (as TRL's
     `clone_chat_template` does), so "EOS ends every assistant turn" holds for the template actually used.
     """
-    from lora_tune.model.load import ModelLoadError
-
     if choice is None:
         if not getattr(tokenizer, "chat_template", None):
             raise ModelLoadError(
@@ -68,8 +67,6 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def _read_template(value: str) -> str:
-    from lora_tune.model.load import ModelLoadError
-
     if value.endswith(".jinja"):
         path = Path(value)
         if not path.is_file():

@@ -6,8 +6,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lora_tune.errors import LoraTuneError
+from lora_tune.model.attention import NAME, resolve_attention
+from lora_tune.model.chat_template import apply_chat_template_choice, ensure_pad_token
+from lora_tune.model.packed_4bit import allow_packing, inference_note
+from lora_tune.model.safety import check_weights_format, warn_remote_code
 from lora_tune.recipe.schema import Dtype, ModelConfig, QuantizationConfig, TrainingConfig
+from lora_tune.recipe.strategy import SHARDED
 
 if TYPE_CHECKING:
     import torch
@@ -15,17 +19,10 @@ if TYPE_CHECKING:
 
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.errors import ModelLoadError
 from lora_tune.recipe.schema import Recipe
 
-if TYPE_CHECKING:
-    pass
-
-
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(LoraTuneError):
-    """The base model or tokenizer cannot be loaded (missing folder, offline, gated, no safetensors)."""
 
 
 def resolve_dtype(name: Dtype) -> torch.dtype:
@@ -50,7 +47,6 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_load_failure("tokenizer", source, exc)) from exc
-    from lora_tune.model.chat_template import apply_chat_template_choice, ensure_pad_token
 
     apply_chat_template_choice(tokenizer, model_cfg.chat_template, source)
     ensure_pad_token(tokenizer)
@@ -83,8 +79,6 @@ def device_map(strategy: str = "ddp") -> dict[str, int] | str | None:
     get none: FSDP / DeepSpeed place the shards themselves."""
     import torch
 
-    from lora_tune.recipe.strategy import SHARDED
-
     if strategy in SHARDED:
         return None
     if not torch.cuda.is_available():
@@ -108,10 +102,6 @@ def load_model(
     trains or whose float32 function is compared must never be repacked by an eval forward on an AVX512-BF16 CPU.
     """
     from transformers import AutoModelForCausalLM
-
-    from lora_tune.model.attention import resolve_attention
-    from lora_tune.model.safety import check_weights_format, warn_remote_code
-    from lora_tune.recipe.strategy import SHARDED
 
     check_weights_format(model_cfg.name, "model", model_cfg.allow_pickle)
     warn_remote_code(model_cfg.name, model_cfg.trust_remote_code)
@@ -147,8 +137,6 @@ def load_model(
 
 def settle_4bit_packing(model: PreTrainedModel, inference: bool) -> None:
     """Forbid bitsandbytes' packed CPU layout for training; allow it for inference and say so in the log."""
-    from lora_tune.model.packed_4bit import allow_packing, inference_note
-
     allow_packing(model, inference)
     note = inference_note(model) if inference else None
     if note:
@@ -157,8 +145,6 @@ def settle_4bit_packing(model: PreTrainedModel, inference: bool) -> None:
 
 def _loading_attention(name: str) -> str:
     """sdpa_varlen is switched on after loading (speed.use_varlen_attention), where the model's config is known."""
-    from lora_tune.model.attention import NAME
-
     return "sdpa" if name == NAME else name
 
 
@@ -201,3 +187,10 @@ def load_classifier(recipe: Recipe, tokenizer: Any, *, inference: bool = False) 
             model, use_gradient_checkpointing=recipe.training.gradient_checkpointing
         )
     return model
+
+
+def count_quantized_layers(model: Any) -> int:
+    """bitsandbytes 4-bit and 8-bit linear layers in the model: evidence that the base really is quantized."""
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lora_tune.plan.catalog_location import CATALOG_ENV, CatalogError, catalog_dir  # noqa: F401 - re-exported
+from lora_tune.plan.memory import planned_peak_memory as plan
 from lora_tune.recipe.load import load_recipe
 
 if TYPE_CHECKING:
@@ -103,8 +104,6 @@ def method_of(recipe: Recipe) -> str:
 def planned_peak_memory(recipe: Recipe) -> str | None:
     """The planned peak GPU memory of `recipe` as text (e.g. '17.3 GiB', from `lora-tune plan` on a 24 GiB GPU), or
     None when the model's config.json is not at hand offline (shipped ones live under recipes/configs/)."""
-    from lora_tune.plan.memory import planned_peak_memory as plan
-
     return plan(recipe)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.errors import LoraTuneError
+from lora_tune.plan.catalog_location import CatalogError, catalog_dir
 from lora_tune.recipe.schema import AdapterConfig, ModelConfig
 
 # Families whose decoder matches the layout below; others are estimated with the same layout, with a note.
@@ -224,8 +225,6 @@ def trainable_parameters(shape: ModelShape, adapter: AdapterConfig) -> list[tupl
 
 def _catalog_config(name: str) -> Path | None:
     """The config.json the recipe catalog ships for hub model `name` (recipes/configs/ORG/MODEL.json), if any."""
-    from lora_tune.plan.catalog_location import CatalogError, catalog_dir
-
     try:
         path = catalog_dir() / "configs" / f"{name}.json"
     except CatalogError:

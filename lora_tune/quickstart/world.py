@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_tune.quickstart import tiny
+
 SEED = 0
 NUM_COUNTRIES = 250
 # Countries per SFT split; what is left of NUM_COUNTRIES is in no split.
@@ -172,8 +174,6 @@ def build_base(
     corpus are always those of the shipped SFT data. `BASE_INFO` in the folder records the build.
     """
     import torch
-
-    from lora_tune.quickstart import tiny
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from lora_tune.errors import RecipeError, shorten
-from lora_tune.recipe.schema import FieldError, Recipe
+from lora_tune.errors import FieldError, RecipeError, shorten
+from lora_tune.recipe.schema import Recipe
 
 KeyPath = tuple[str | int, ...]
 COMMAND_LINE = "command line"

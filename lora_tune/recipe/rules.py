@@ -5,12 +5,50 @@ Imports no ML library: `lora-tune validate` runs these rules.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
-from lora_tune.recipe.schema import CONTINUE_KEYS, METHOD_KEYS, PROMPT_LEARNING, FieldError
+from lora_tune.errors import FieldError
 
 if TYPE_CHECKING:
     from lora_tune.recipe.schema import AdapterConfig, Recipe
+
+
+Method = Literal[
+    "lora", "ia3", "adalora", "loha", "lokr", "prompt_tuning", "prefix_tuning", "p_tuning", "partial", "full"
+]
+
+
+LORA_KEYS = {
+    "r", "alpha", "dropout", "target_modules", "bias", "use_dora", "use_rslora", "modules_to_save", "init",
+    "loraplus_lr_ratio", "rank_pattern", "alpha_pattern", "init_from",
+}  # fmt: skip
+# The adapter keys each method reads; a key set in a recipe that its method does not read is refused.
+METHOD_KEYS: dict[str, set[str]] = {
+    "lora": LORA_KEYS,
+    "ia3": {"target_modules", "feedforward_modules", "modules_to_save", "init_from"},
+    "adalora": {
+        "r",
+        "target_r",
+        "alpha",
+        "dropout",
+        "target_modules",
+        "modules_to_save",
+        "tinit",
+        "tfinal",
+        "delta_t",
+        "init_from",
+    },  # fmt: skip
+    "loha": {"r", "alpha", "target_modules", "modules_to_save", "init_from"},
+    "lokr": {"r", "alpha", "target_modules", "modules_to_save", "init_from"},
+    "prompt_tuning": {"num_virtual_tokens", "prompt_init_text", "init_from"},
+    "prefix_tuning": {"num_virtual_tokens", "init_from"},
+    "p_tuning": {"num_virtual_tokens", "encoder_hidden_size", "init_from"},
+    "partial": {"last_n_layers", "modules"},
+    "full": set(),
+}
+PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
+# Keys that still apply when an earlier run's adapter (and its saved settings) is continued.
+CONTINUE_KEYS = {"method", "init_from", "loraplus_lr_ratio"}
 
 # peft wraps bitsandbytes layers for these methods only (its dispatchers: lora/ia3/adalora have bnb.py; LoHa and
 # LoKr map nn.Linear alone and would treat the packed 4-bit weight as a dense matrix).

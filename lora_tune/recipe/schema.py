@@ -21,23 +21,17 @@ from pydantic import (
     model_validator,
 )
 
+from lora_tune.errors import FieldError
+from lora_tune.recipe.rules import CONTINUE_KEYS, METHOD_KEYS, Method, check_adapter, check_recipe
+from lora_tune.recipe.strategy import DistributedError, check_distributed_section
+from lora_tune.recipe.templates import BUILTIN_TEMPLATES, builtin_template, looks_like_template_name
+
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 MAX_EPOCHS = 10_000  # bounded so that epochs x steps per epoch stays a step count; longer runs set max_steps
 MAX_STEPS = 1_000_000_000  # far past any real run; a larger count is a typo or an overflow waiting to happen
 MAX_SEED = 2**32 - 1  # numpy's seeds end there: transformers.set_seed would crash with a larger one mid-setup
 MAX_WEIGHT = 1_000.0  # a source repeated more than a thousand times is a typo; rows are built in memory
-
-
-class FieldError(ValueError):
-    """A cross-field check failed; `key` is the path (relative to the section) the message is about.
-
-    The recipe loader reads `key` to point at the right line of the YAML file.
-    """
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
 
 
 class StrictModel(BaseModel):
@@ -84,8 +78,6 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _known_template_name(self) -> ModelConfig:
-        from lora_tune.recipe.templates import BUILTIN_TEMPLATES, builtin_template, looks_like_template_name
-
         value = self.chat_template
         if value is not None and looks_like_template_name(value) and builtin_template(value) is None:
             raise FieldError("chat_template", f"unknown template '{value}'; built-ins: {', '.join(BUILTIN_TEMPLATES)}")
@@ -117,42 +109,6 @@ class QuantizationConfig(StrictModel):
         """A resolved recipe of an unquantized or 8-bit run must validate again: leave out the 4-bit options."""
         data = handler(self)
         return data if self.bits == 4 else {"bits": data["bits"]}
-
-
-Method = Literal[
-    "lora", "ia3", "adalora", "loha", "lokr", "prompt_tuning", "prefix_tuning", "p_tuning", "partial", "full"
-]
-LORA_KEYS = {
-    "r", "alpha", "dropout", "target_modules", "bias", "use_dora", "use_rslora", "modules_to_save", "init",
-    "loraplus_lr_ratio", "rank_pattern", "alpha_pattern", "init_from",
-}  # fmt: skip
-# The adapter keys each method reads; a key set in a recipe that its method does not read is refused.
-METHOD_KEYS: dict[str, set[str]] = {
-    "lora": LORA_KEYS,
-    "ia3": {"target_modules", "feedforward_modules", "modules_to_save", "init_from"},
-    "adalora": {
-        "r",
-        "target_r",
-        "alpha",
-        "dropout",
-        "target_modules",
-        "modules_to_save",
-        "tinit",
-        "tfinal",
-        "delta_t",
-        "init_from",
-    },  # fmt: skip
-    "loha": {"r", "alpha", "target_modules", "modules_to_save", "init_from"},
-    "lokr": {"r", "alpha", "target_modules", "modules_to_save", "init_from"},
-    "prompt_tuning": {"num_virtual_tokens", "prompt_init_text", "init_from"},
-    "prefix_tuning": {"num_virtual_tokens", "init_from"},
-    "p_tuning": {"num_virtual_tokens", "encoder_hidden_size", "init_from"},
-    "partial": {"last_n_layers", "modules"},
-    "full": set(),
-}
-PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
-# Keys that still apply when an earlier run's adapter (and its saved settings) is continued.
-CONTINUE_KEYS = {"method", "init_from", "loraplus_lr_ratio"}
 
 
 class AdapterConfig(StrictModel):
@@ -227,8 +183,6 @@ class AdapterConfig(StrictModel):
 
     @model_validator(mode="after")
     def _keys_fit_method(self) -> AdapterConfig:
-        from lora_tune.recipe.rules import check_adapter
-
         check_adapter(self)
         return self
 
@@ -648,8 +602,6 @@ class Recipe(StrictModel):
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> Recipe:
-        from lora_tune.recipe.strategy import DistributedError, check_distributed_section
-
         try:
             check_distributed_section(self)
         except DistributedError as exc:
@@ -659,8 +611,6 @@ class Recipe(StrictModel):
 
     @model_validator(mode="after")
     def _method_fits_recipe(self) -> Recipe:
-        from lora_tune.recipe.rules import check_recipe
-
         check_recipe(self)
         return self
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.errors import LoraTuneError
+from lora_tune.run.locks import acquire, release
 
 
 class RunDirError(LoraTuneError):
@@ -65,6 +66,7 @@ TEST_SPLIT = "test.jsonl"  # the held-out split `lora-tune eval` reads
 EVAL_JSON, EVAL_MARKDOWN = "eval.json", "eval.md"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
+LABELS_FILE = "labels.json"  # a classification run's label names, inside its adapter/ or model/
 MODEL_DIR = "model"  # what partial and full fine-tuning save instead of adapter/
 PISSA_INIT_DIR = "adapter_init"  # the un-trained PiSSA/OLoRA adapter, needed to save the trained one as plain LoRA
 PREPARED_DATA_DIR = ".prepared-data"  # the main process's tokenized data, for the other processes
@@ -197,8 +199,6 @@ def _listing(names: list[str], limit: int = 5) -> str:
 
 
 def _lock(run: RunDir) -> None:
-    from lora_tune.run.locks import acquire
-
     key = run.root.resolve()
     if key not in _HELD:
         _HELD[key] = acquire(run.root / LOCK, f"output_dir '{run.root}'")
@@ -206,8 +206,6 @@ def _lock(run: RunDir) -> None:
 
 def release_run_dir(run: RunDir) -> None:
     """Let go of the run directory's lock (the process's exit does it too)."""
-    from lora_tune.run.locks import release
-
     lock = _HELD.pop(run.root.resolve(), None)
     if lock is not None:
         release(lock)

@@ -13,18 +13,23 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.check import PREFLIGHT_FILE, preflight
+from lora_tune.check.labels import preflight_report
 from lora_tune.data.labels import load_splits, write_labelled_test_split
-from lora_tune.model.load import load_classifier
+from lora_tune.methods import runtime as methods
+from lora_tune.model.load import count_quantized_layers, load_classifier, load_tokenizer, resolve_dtype
 from lora_tune.recipe.load import dump_resolved
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import prepare_run_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
+from lora_tune.run.layout import LABELS_FILE, prepare_run_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
+from lora_tune.training.log import last_value, metrics_callback, peak_memory, plot_loss, read_metrics
+from lora_tune.training.result import RunResult
+from lora_tune.training.trl_args import to_sft_config
 
 if TYPE_CHECKING:
     from lora_tune.training.result import RunResult
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.json"
 HEAD = "score"  # the head transformers' *ForSequenceClassification adds on decoder-only models
 
 
@@ -34,14 +39,6 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer
 
-    from lora_tune.check import PREFLIGHT_FILE, preflight
-    from lora_tune.methods import runtime as methods
-    from lora_tune.model.load import load_tokenizer, resolve_dtype
-    from lora_tune.training.log import last_value, metrics_callback, peak_memory, plot_loss, read_metrics
-    from lora_tune.training.result import RunResult
-    from lora_tune.training.sft import count_quantized_layers
-    from lora_tune.training.trl_args import to_sft_config
-
     # 1. Run directory, resolved recipe, lineage.
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
     write_text_atomic(run.recipe, dump_resolved(recipe))
@@ -49,7 +46,9 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
 
     # 2. Tokenizer and labelled rows (errors name the file and row before the model loads).
     tokenizer = load_tokenizer(recipe.model)
-    preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE)  # labels present, truncation; writes preflight.json
+    preflight(
+        recipe, tokenizer, run.root / PREFLIGHT_FILE, preflight_report
+    )  # labels present, truncation; writes preflight.json
     train_rows, valid_rows = load_splits(recipe)
     write_labelled_test_split(recipe, run.root)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_tune.errors import RecipeError
 from lora_tune.recipe.strategy import _zero_stage_of_json, compatibility_problem, strategy_of_accelerate_config
 
 if TYPE_CHECKING:
@@ -118,8 +119,6 @@ def _require_engine(strategy: str) -> None:
 
 
 def _runtime_error(message: str, key: str = "distributed.strategy") -> Exception:
-    from lora_tune.errors import RecipeError
-
     return RecipeError(message, key=key)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.errors import LoraTuneError
+from lora_tune.training.checkpoints import find_resume_point
 
 
 class DivergedError(LoraTuneError):
@@ -74,7 +75,6 @@ def all_finite(params: list[Any]) -> bool:
 def raise_if_diverged(found: Divergence, checkpoints: Path, learning_rate: float) -> None:
     if found.step is None:
         return
-    from lora_tune.training.checkpoints import find_resume_point
 
     last = find_resume_point(checkpoints).checkpoint
     kept = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was saved before it"

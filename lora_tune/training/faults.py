@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lora_tune.errors import LoraTuneError
 from lora_tune.recipe.schema import Recipe
+from lora_tune.training.checkpoints import find_resume_point
 
 GIB = 1024**3
 # Tokenizer files, trainer_state.json, training_args.bin and the like, per checkpoint.
@@ -116,8 +117,6 @@ def translate_faults(recipe: Recipe, checkpoints: Path, resume_hint: str) -> Ite
 
 
 def _last_good(checkpoints: Path) -> str:
-    from lora_tune.training.checkpoints import find_resume_point
-
     point = find_resume_point(checkpoints)
     if point.checkpoint is None:
         return "No complete checkpoint yet; resuming starts from step 0."

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.data.packing import packing_plan
 from lora_tune.model.attention import Choice, LeverError, is_installed, resolve_attention
 from lora_tune.recipe.schema import Recipe
 
@@ -93,8 +94,6 @@ def run_shape(recipe: Recipe, model_dtype: torch.dtype) -> tuple[BatchShape, str
     """The batch shape and optimizer name the trainer gets (recipe names; trl_args translates them)."""
     import torch
 
-    from lora_tune.data.packing import packing_plan
-
     on_gpu = torch.cuda.is_available()
     attention = resolve_attention(recipe.model.attn_implementation, model_dtype).value
     shape = batch_shape(recipe, packed=packing_plan(recipe).enabled, attention=attention, on_gpu=on_gpu)
@@ -105,8 +104,6 @@ def describe_levers(recipe: Recipe, model_dtype: torch.dtype, attention: Choice 
     """One line: what the run picked for attention (`attention`, when decided after loading), optimizer and batch
     shape, and why."""
     import torch
-
-    from lora_tune.data.packing import packing_plan
 
     on_gpu = torch.cuda.is_available()
     attention = attention or resolve_attention(recipe.model.attn_implementation, model_dtype)

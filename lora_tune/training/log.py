@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -126,3 +127,8 @@ def compact_progress_callback() -> Any:
                     self.training_bar.write(line)
 
     return CompactProgress
+
+
+def quiet_third_party_noise() -> None:
+    """bitsandbytes logs a harmless fallback notice on the CPU; users should not mistake it for a failure."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -14,8 +14,10 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.data import build_datasets
+from lora_tune.data.pipeline import DataStats, PreparedData, SplitStats
 from lora_tune.recipe.strategy import SHARDED
-from lora_tune.run.layout import PREPARED_DATA_DIR
+from lora_tune.run.layout import PREPARED_DATA_DIR, write_json_atomic
 from lora_tune.training.distributed import Processes
 
 if TYPE_CHECKING:
@@ -52,8 +54,6 @@ def prepare_data(recipe: Recipe, tokenizer: Any, run_root: Path, procs: Processe
     """Tokenized data, built once: the main process builds it (and, in a multi-process job, saves it to the run
     directory); the others load that copy. A process that finds no copy (a node without the shared filesystem)
     builds its own, and says so."""
-    from lora_tune.data import build_datasets
-
     cache = run_root / PREPARED_DATA_DIR
     if procs.is_main or not procs.distributed:
         prepared = build_datasets(recipe, tokenizer)
@@ -72,8 +72,6 @@ def prepare_data(recipe: Recipe, tokenizer: Any, run_root: Path, procs: Processe
 def _save_prepared(prepared: Any, cache: Path) -> None:
     from dataclasses import asdict
 
-    from lora_tune.run.layout import write_json_atomic
-
     shutil.rmtree(cache, ignore_errors=True)
     prepared.datasets.save_to_disk(str(cache / "datasets"))
     write_json_atomic(cache / "stats.json", asdict(prepared.stats))  # written last: marks the copy complete
@@ -81,8 +79,6 @@ def _save_prepared(prepared: Any, cache: Path) -> None:
 
 def _load_prepared(cache: Path) -> Any:
     from datasets import load_from_disk
-
-    from lora_tune.data.pipeline import DataStats, PreparedData, SplitStats
 
     # The other ranks need the token columns; the per-split counts come along for their logs. Source and drop
     # counts and the test split are the main process's to report and write.

@@ -16,8 +16,10 @@ from typing import Any
 import yaml
 
 from lora_tune.errors import LoraTuneError
+from lora_tune.recipe.load import dump_resolved
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import DATA_FINGERPRINT, RunDir, write_json_atomic
+from lora_tune.run.layout import DATA_FINGERPRINT, RunDir, prepare_run_dir, write_json_atomic, write_text_atomic
+from lora_tune.run.provenance import environment, record_environment
 from lora_tune.training.checkpoints import ResumePoint, find_resume_point, set_aside, sha256_file
 
 log = logging.getLogger(__name__)
@@ -102,8 +104,6 @@ def _grows(a: Any, b: Any) -> bool:
 
 def check_recipe_unchanged(saved_recipe: Path, recipe: Recipe) -> None:
     """Refuse to resume when the recipe changed in a way that makes the continued run a different run."""
-    from lora_tune.recipe.load import dump_resolved
-
     try:
         old = yaml.safe_load(saved_recipe.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -153,8 +153,6 @@ def check_data_unchanged(saved: Path, recipe: Recipe) -> None:
 
 def truncate_metrics(path: Path, step: int) -> int:
     """Drop records logged after `step` (a killed run logged them, the resumed run will again); return how many."""
-    from lora_tune.run.layout import write_text_atomic
-
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -218,10 +216,6 @@ def open_run(
     `comment` (YAML comment lines: how the run was launched) ends the resolved recipe.
     """
     import sys
-
-    from lora_tune.recipe.load import dump_resolved
-    from lora_tune.run.layout import prepare_run_dir, write_text_atomic
-    from lora_tune.run.provenance import environment, record_environment
 
     wants_resume = _wants_resume(recipe, resume=resume, overwrite=overwrite)
     run = prepare_run_dir(recipe.output_dir, overwrite=overwrite, resume=wants_resume)

@@ -9,32 +9,50 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_tune.check import PREFLIGHT_FILE, preflight
+from lora_tune.data import write_test_split
+from lora_tune.data.packing import (
+    log_batching,  # padding fraction, packed and padded
+    packing_plan,
+)
+from lora_tune.methods import runtime as methods
+from lora_tune.methods.runtime import artifact_name, save_artifact
+from lora_tune.model.attention import use_varlen_attention
+from lora_tune.model.dtype import keep_trainable_dtypes
+from lora_tune.model.load import count_quantized_layers, load_model, load_tokenizer, resolve_dtype
 from lora_tune.recipe.schema import Recipe
 from lora_tune.recipe.strategy import SHARDED
-from lora_tune.run.layout import RunDir, release_run_dir, replace_dir_atomic, write_json_atomic
+from lora_tune.run.layout import RunDir, replace_dir_atomic, write_json_atomic
+from lora_tune.training import distributed as dist
+from lora_tune.training import processes as ranks
+from lora_tune.training.checkpoints import checkpoint_callback
+from lora_tune.training.divergence import Divergence, divergence_callback, raise_if_diverged
+from lora_tune.training.faults import check_free_disk, translate_faults
+from lora_tune.training.levers import apply_liger, check_levers, describe_levers
+from lora_tune.training.log import (
+    compact_progress_callback,
+    last_value,
+    metrics_callback,
+    peak_memory,
+    plot_loss,
+    read_metrics,
+)
 from lora_tune.training.result import RunResult, best_checkpoint
+from lora_tune.training.resume import (
+    evaluation_keeps_rng,
+    open_run,
+    restore_token_count,
+    resume_hint,
+    resume_point_of,
+    train_or_finish,
+)
+from lora_tune.training.signals import StopRequest, graceful_stop, raise_if_stopped, stop_callback
+from lora_tune.training.trl_args import early_stopping_callbacks, to_sft_config
 
 log = logging.getLogger(__name__)
 
 
-def train(
-    recipe: Recipe,
-    *,
-    overwrite: bool = False,
-    resume: bool = False,
-    recipe_path: str | None = None,
-    overrides: Sequence[str] = (),
-) -> RunResult:
-    """Train the recipe's adapter; return where it is and the key numbers. `resume` continues the run in output_dir
-    from its newest complete checkpoint (see `lora_tune.training.resume`). The run directory stays locked to this
-    process until the run ends (lora_tune.run.layout)."""
-    try:
-        return _train(recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, overrides=overrides)
-    finally:
-        release_run_dir(RunDir(Path(recipe.output_dir)))
-
-
-def _train(
+def train_sft(
     recipe: Recipe,
     *,
     overwrite: bool,
@@ -42,43 +60,9 @@ def _train(
     recipe_path: str | None,
     overrides: Sequence[str],
 ) -> RunResult:
+    """Train the recipe's adapter on its chat data; return where it is and the key numbers. `resume` continues the run
+    in output_dir from its newest complete checkpoint (see `lora_tune.training.resume`)."""
     started = time.monotonic()
-    _quiet_third_party_noise()
-    if recipe.task.type == "classification":
-        from lora_tune.training.classifier import train_classifier
-
-        return train_classifier(recipe, overwrite=overwrite)
-    from lora_tune.check import PREFLIGHT_FILE, preflight
-    from lora_tune.data import write_test_split
-    from lora_tune.data.packing import packing_plan
-    from lora_tune.methods import runtime as methods
-    from lora_tune.model.attention import use_varlen_attention
-    from lora_tune.model.dtype import keep_trainable_dtypes
-    from lora_tune.model.load import load_model, load_tokenizer, resolve_dtype
-    from lora_tune.training import distributed as dist
-    from lora_tune.training import processes as ranks
-    from lora_tune.training.checkpoints import checkpoint_callback
-    from lora_tune.training.divergence import Divergence, divergence_callback, raise_if_diverged
-    from lora_tune.training.faults import check_free_disk, translate_faults
-    from lora_tune.training.levers import apply_liger, check_levers, describe_levers
-    from lora_tune.training.log import (
-        compact_progress_callback,
-        last_value,
-        metrics_callback,
-        peak_memory,
-        plot_loss,
-        read_metrics,
-    )
-    from lora_tune.training.resume import (
-        evaluation_keeps_rng,
-        open_run,
-        restore_token_count,
-        resume_hint,
-        resume_point_of,
-        train_or_finish,
-    )
-    from lora_tune.training.signals import StopRequest, graceful_stop, raise_if_stopped, stop_callback
-    from lora_tune.training.trl_args import early_stopping_callbacks, to_sft_config
 
     # 0. Processes: under a launcher (torchrun, accelerate launch) building the trainer arguments joins the process
     #    group. The main process prepares steps 1-4 first; the others wait, then reuse its run directory and data.
@@ -122,7 +106,6 @@ def _train(
         write_test_split(prepared, run.root)
     train_set = prepared.datasets["train"]
     eval_set = prepared.datasets.get("validation")
-    from lora_tune.data.packing import log_batching  # padding fraction, packed and padded
 
     log_batching(recipe, [len(ids) for ids in train_set["input_ids"]], on_gpu=_on_gpu())
 
@@ -218,16 +201,7 @@ def _train(
     return result
 
 
-def count_quantized_layers(model: Any) -> int:
-    """bitsandbytes 4-bit and 8-bit linear layers in the model: evidence that the base really is quantized."""
-    import bitsandbytes as bnb
-
-    return sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
-
-
 def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, recipe: Recipe, *, gathered: bool = False) -> None:
-    from lora_tune.methods.runtime import artifact_name, save_artifact
-
     build = run.root / ".adapter.tmp"
     if build.is_dir() and not gathered:  # left by a process killed while saving: start the folder anew
         shutil.rmtree(build)
@@ -249,8 +223,3 @@ def _on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _quiet_third_party_noise() -> None:
-    """bitsandbytes logs a harmless fallback notice on the CPU; users should not mistake it for a failure."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

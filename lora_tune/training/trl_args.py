@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_tune.data.packing import sft_packing_args
 from lora_tune.recipe.schema import Recipe
+from lora_tune.training.distributed import Processes, deepspeed_config_path, launched_strategy, resolve_strategy
+from lora_tune.training.levers import run_shape
 
 if TYPE_CHECKING:
     import torch
@@ -29,9 +32,6 @@ def mixed_precision_flags(recipe: Recipe, model_dtype: torch.dtype) -> dict[str,
 def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype) -> SFTConfig:
     import torch
     from trl import SFTConfig
-
-    from lora_tune.data.packing import sft_packing_args
-    from lora_tune.training.levers import run_shape
 
     t = recipe.training
     shape, optimizer = run_shape(recipe, model_dtype)
@@ -82,8 +82,6 @@ def distributed_args(recipe: Recipe) -> dict[str, object]:
     launcher's config governs instead (accelerate reads it from the environment): nothing is set for FSDP /
     DeepSpeed here then."""
     import torch
-
-    from lora_tune.training.distributed import Processes, deepspeed_config_path, launched_strategy, resolve_strategy
 
     # LoRA uses every adapter weight in each forward: no unused-parameter search (an extra graph walk per step).
     args: dict[str, object] = {"ddp_find_unused_parameters": False}

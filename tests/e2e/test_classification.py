@@ -23,7 +23,7 @@ def test_classifier_beats_chance_and_reloads(tiny_model_dir: Path, tmp_path: Pat
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lora_tune.training.sft import train
+    from lora_tune import train
 
     result = train(load_recipe(write_case(tmp_path, tiny_model_dir, adapter, lr)))
     run = tmp_path / "run"
@@ -59,7 +59,7 @@ def test_classifier_beats_chance_and_reloads(tiny_model_dir: Path, tmp_path: Pat
 
 
 def test_unknown_label_names_file_and_row(tiny_model_dir: Path, tmp_path: Path):
-    from lora_tune.training.sft import train
+    from lora_tune import train
 
     path = write_case(tmp_path, tiny_model_dir, {"method": "lora"}, 1e-2)
     rows = labelled_rows(10, seed=3)

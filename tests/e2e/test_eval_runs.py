@@ -17,7 +17,7 @@ from tests.helpers import labelled_rows, tiny_recipe, write_case
 
 @pytest.fixture(scope="module", params=["full", "partial"])
 def model_run(request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from lora_tune.training.sft import train
+    from lora_tune import train
 
     root = tmp_path_factory.mktemp(f"eval-{request.param}")
     train(tiny_recipe(request.param, tiny_model_dir, root, steps=12))
@@ -38,7 +38,7 @@ def test_eval_of_a_model_folder_run_scores_base_and_tuned(model_run: Path, tiny_
     assert (model_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # --no-base: the tuned side alone, scored the same.
-    from lora_tune.evaluate.run import evaluate_run
+    from lora_tune.tasks import evaluate_run
 
     tuned_only = evaluate_run(model_run, str(data), base=False, progress=False)
     assert tuned_only.base is None
@@ -93,7 +93,7 @@ def test_eval_refuses_pickle_weights_in_the_run_model(tmp_path: Path, model_run:
     ids=["lora", "full"],
 )
 def test_eval_of_a_classification_head(tiny_model_dir: Path, tmp_path: Path, adapter: dict, lr: float, capsys):
-    from lora_tune.training.sft import train
+    from lora_tune import train
 
     recipe = write_case(tmp_path, tiny_model_dir, adapter, lr)
     # The validation rows again as test data: eval must reproduce the trainer's closing accuracy on them.

@@ -176,7 +176,7 @@ def test_eval_writes_json_markdown_and_plot_with_base_and_tuned(run: Path, capsy
 def test_reference_perplexity_matches_the_trainers_eval_loss(run: Path) -> None:
     # One evaluation batch holds the whole validation set, so the trainer's eval loss is the mean NLL of exactly
     # the tokens `eval` scores; the closing evaluation ran on the saved (best) adapter.
-    from lora_tune.evaluate.run import evaluate_run
+    from lora_tune.tasks import evaluate_run
 
     report = evaluate_run(run, str(run.parent / "valid.jsonl"), base=False, progress=False)
     summary = json.loads((run / "summary.json").read_text())

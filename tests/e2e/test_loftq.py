@@ -85,7 +85,7 @@ def test_without_a_4bit_layer_it_says_so(tiny_model_dir: Path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_tune.methods.runtime import MethodError
+    from lora_tune.errors import MethodError
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), LoraConfig(r=4))
     with pytest.raises(MethodError, match="adapter.init: loftq found no 4-bit LoRA layer"):

@@ -32,7 +32,7 @@ SLOW_LEARNERS = {"p-tuning": 16}
 def test_every_method_has_a_tiny_recipe():
     from typing import get_args
 
-    from lora_tune.recipe.schema import Method
+    from lora_tune.recipe.rules import Method
 
     methods = {load_recipe(TINY / f"{name}.yaml").adapter.method for name in METHOD_RECIPES}
     assert methods == set(get_args(Method))

@@ -18,7 +18,7 @@ LORA = {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0}
 
 @pytest.fixture(scope="module")
 def first_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora_tune.training.sft import train
+    from lora_tune import train
 
     root = tmp_path_factory.mktemp("first")
     train(load_recipe(write_recipe(root, tiny_model_dir, LORA, 2e-2, None, 10)))
@@ -54,8 +54,8 @@ def test_continue_adapter(first_run: Path, tiny_model_dir: Path, tmp_path: Path,
 
 
 def test_continue_refuses_other_method(first_run: Path, tiny_model_dir: Path, tmp_path: Path):
-    from lora_tune.methods.runtime import MethodError
-    from lora_tune.training.sft import train
+    from lora_tune import train
+    from lora_tune.errors import MethodError
 
     recipe = write_recipe(tmp_path, tiny_model_dir, {"method": "ia3", "init_from": str(first_run)}, 1e-2, None, 2)
     with pytest.raises(MethodError, match="holds a lora adapter"):
@@ -63,10 +63,10 @@ def test_continue_refuses_other_method(first_run: Path, tiny_model_dir: Path, tm
 
 
 def test_start_from_merged_model(first_run: Path, tmp_path: Path):
+    from lora_tune import train
     from lora_tune.export import merge
     from lora_tune.export.card import adapter_card
     from lora_tune.run.layout import RunDir
-    from lora_tune.training.sft import train
 
     merged = tmp_path / "merged"
     merge(first_run, merged, dtype="fp32")

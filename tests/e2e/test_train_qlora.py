@@ -102,8 +102,8 @@ def test_packed_cpu_run_uses_per_example_sdpa_and_trains_as_the_block_mask(
 
     from safetensors.torch import load_file
 
+    from lora_tune import train
     from lora_tune.recipe.load import load_recipe
-    from lora_tune.training.sft import train
     from tests.conftest import fruit_rows, write_jsonl
 
     data = write_jsonl(tmp_path / "train.jsonl", fruit_rows(40, "alpaca"))

@@ -91,7 +91,7 @@ def test_valid_methods_round_trip_through_the_resolved_recipe(tmp_path: Path, ex
     again = load_recipe(resolved)
     assert again == recipe
     # The resolved recipe lists only the keys the method reads.
-    from lora_tune.recipe.schema import CONTINUE_KEYS, METHOD_KEYS
+    from lora_tune.recipe.rules import CONTINUE_KEYS, METHOD_KEYS
 
     allowed = CONTINUE_KEYS if recipe.adapter.init_from else METHOD_KEYS[recipe.adapter.method] | {"method"}
     assert set(recipe.model_dump(mode="json")["adapter"]) <= allowed

@@ -1,0 +1,104 @@
+"""The tasks a recipe can train (`task.type`), each with its training, pre-flight checks and evaluation.
+
+This is the one place that chooses by task, as peft maps each PEFT type to its tuner: `train`, `check` and
+`evaluate_run` look the recipe's task up here and call its stage; the stages themselves never ask which task they
+serve. A new task is one entry in `TASKS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_tune.check import run_checks
+from lora_tune.check.labels import preflight_report
+from lora_tune.check.report import PreflightReport
+from lora_tune.evaluate import head, run
+from lora_tune.evaluate.result import EvalReport
+from lora_tune.model.load import load_tokenizer
+from lora_tune.recipe.schema import Recipe
+from lora_tune.run.layout import RunDir, release_run_dir
+from lora_tune.training.classifier import train_classifier
+from lora_tune.training.log import quiet_third_party_noise
+from lora_tune.training.result import RunResult
+from lora_tune.training.sft import train_sft
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    train: Callable[..., RunResult]  # (recipe, *, overwrite, resume, recipe_path, overrides)
+    checks: Callable[[Recipe, Any], PreflightReport]  # (recipe, tokenizer): `lora-tune check`, and train's step
+    evaluate: Callable[..., EvalReport]  # (Evaluation, *, base, limit, progress): scores; writes eval.json/eval.md
+    console: Callable[[EvalReport, str], str]  # (report, run_dir): the summary `lora-tune eval` prints
+    report_kind: str  # EvalReport.task of its reports: "head", or "text"/"labels" for generated answers
+
+
+def _train_sft(recipe: Recipe, **options: Any) -> RunResult:
+    return train_sft(recipe, **options)
+
+
+def _train_classifier(recipe: Recipe, *, overwrite: bool, **_: Any) -> RunResult:
+    return train_classifier(recipe, overwrite=overwrite)  # a head trains in one go: no resume, no launcher
+
+
+TASKS: dict[str, Task] = {
+    "sft": Task("sft", _train_sft, run_checks, run.evaluate_generations, run.format_report, "generated"),
+    "classification": Task(
+        "classification", _train_classifier, preflight_report, head.evaluate_head_run, head.format_console, head.TASK
+    ),
+}
+
+
+def task_of(recipe: Recipe) -> Task:
+    return TASKS[recipe.task.type]
+
+
+def train(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    recipe_path: str | None = None,
+    overrides: Sequence[str] = (),
+) -> RunResult:
+    """Train what the recipe describes; return where it is and the key numbers. `resume` continues the run in
+    output_dir from its newest complete checkpoint. The run directory stays locked to this process until the run
+    ends (lora_tune.run.layout)."""
+    quiet_third_party_noise()
+    try:
+        return task_of(recipe).train(
+            recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, overrides=overrides
+        )
+    finally:
+        release_run_dir(RunDir(Path(recipe.output_dir)))
+
+
+def check(recipe: Recipe) -> PreflightReport:
+    """`lora-tune check`: the task's pre-flight checks with the tokenizer training would use (no weights load)."""
+    return task_of(recipe).checks(recipe, load_tokenizer(recipe.model))
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | None = None,
+    *,
+    split: str | None = None,
+    base: bool = True,
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Score a finished run on held-out data (its saved test split unless `data` or `split` says otherwise), side
+    by side with its base; writes eval.json and eval.md into the run directory."""
+    evaluation = run.open_evaluation(run_dir, data, split=split, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return task_of(evaluation.recipe).evaluate(evaluation, base=base, limit=limit, progress=progress)
+
+
+def format_report(report: EvalReport, run_dir: str) -> str:
+    """The console summary of an evaluation, as the task that produced it writes it."""
+    task = next((t for t in TASKS.values() if t.report_kind == report.task), TASKS["sft"])
+    return task.console(report, run_dir)
