@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("validate_plan.py needs a CUDA GPU (the CPU checks are tests/unit/test_plan.py)")
+        print("validate_plan.py needs a CUDA GPU (the CPU checks are tests/unit/plan/test_memory.py)")
         return 2
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

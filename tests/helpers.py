@@ -298,7 +298,7 @@ def write_case(root: Path, model: Path, adapter: dict, lr: float) -> Path:
     return path
 
 
-# Pre-flight check (tests/unit/test_check.py, test_check_train.py)
+# Pre-flight check (tests/unit/check/test_checks.py, test_check_train.py)
 
 # The assistant's content is not followed by an end-of-turn token: nothing teaches the model to stop.
 NO_END_OF_TURN = (
@@ -338,7 +338,7 @@ def write_check_recipe(tmp_path: Path, model_path: Path, rows: list[dict] | None
     return path
 
 
-# Hand-made run directories to merge (tests/unit/test_export_merge.py, test_merge_hardening.py, test_export_push.py)
+# Hand-made run directories to merge (tests/unit/export/test_merging.py, test_merge_hardening.py, test_export_push.py)
 
 MERGE_RECIPE = """\
 model:
@@ -381,7 +381,7 @@ def lora(**kwargs):  # noqa: ANN201
     return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, **kwargs)
 
 
-# Push (tests/unit/test_push_hardening.py, test_export_push.py, test_exit_codes.py)
+# Push (tests/unit/export/test_push_hardening.py, test_export_push.py, test_exit_codes.py)
 
 TOKEN = "hf_SilentHubTestToken0123456789abcdefXYZ"
 TIMEOUT_ENV = "LORA_TUNE_HUB_TIMEOUT"  # documented, so spelled out here rather than imported

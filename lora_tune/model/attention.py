@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 NAME = "sdpa_varlen"
 # Model classes whose attention is a plain call of the attention interface on (query, key, value, causal mask);
-# each is checked against transformers' SDPA path in tests/unit/test_varlen_attention.py.
+# each is checked against transformers' SDPA path in tests/unit/model/test_attention.py.
 PLAIN_CAUSAL = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 
 

@@ -71,8 +71,8 @@ MODEL_DIR = "model"  # what partial and full fine-tuning save instead of adapter
 PISSA_INIT_DIR = "adapter_init"  # the un-trained PiSSA/OLoRA adapter, needed to save the trained one as plain LoRA
 PREPARED_DATA_DIR = ".prepared-data"  # the main process's tokenized data, for the other processes
 # Every top-level name a run writes (its marker and lock included). `--overwrite` removes these and nothing else;
-# a directory with anything more refuses. tests/unit/test_run_dir.py tests the rules; the e2e runs (test_train_qlora,
-# test_methods, test_evaluation) check that real runs write nothing outside the list.
+# a directory with anything more refuses. tests/unit/run/test_layout.py tests the rules; the e2e runs
+# (test_train_qlora, test_methods, test_evaluation) check that real runs write nothing outside the list.
 RUN_ENTRIES = frozenset(
     {
         MARKER,

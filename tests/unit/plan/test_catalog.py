@@ -23,7 +23,7 @@ from lora_tune.plan.catalog import (
 from lora_tune.plan.new import Shape, params_from_name
 from lora_tune.recipe.load import load_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CATALOG = ROOT / "recipes"
 FAMILIES = {"llama", "qwen", "mistral", "gemma", "phi", "smollm"}
 

@@ -16,7 +16,7 @@ from lora_tune.plan.shape import PlanError, shape_from_config, trainable_paramet
 from lora_tune.recipe.load import load_recipe
 from lora_tune.recipe.schema import AdapterConfig
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMALL = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2}
 CONFIGS = {
     "llama-gqa-untied": {"model_type": "llama", **SMALL, "num_attention_heads": 4, "num_key_value_heads": 2},

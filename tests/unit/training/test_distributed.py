@@ -21,7 +21,7 @@ from lora_tune.recipe.strategy import (
 from lora_tune.training.distributed import Processes, deepspeed_config_path, launch_command
 from lora_tune.training.processes import describe_batch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ACCELERATE = ROOT / "recipes" / "accelerate"
 SHIPPED = {
     "ddp.yaml": "ddp",

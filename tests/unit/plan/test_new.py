@@ -13,7 +13,7 @@ from lora_tune.plan.new import Shape, model_shape, new_recipe, params_from_name,
 from lora_tune.recipe.load import load_recipe
 from tests.conftest import fruit_rows, write_jsonl
 
-CATALOG = Path(__file__).resolve().parents[2] / "recipes"
+CATALOG = Path(__file__).resolve().parents[3] / "recipes"
 
 
 def shape(model: str) -> Shape:

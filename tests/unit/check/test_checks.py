@@ -227,7 +227,7 @@ def test_check_command_overrides_and_recipe_errors(tmp_path, tiny_tokenizer_dir,
     assert "did you mean 'on_failure'" in capsys.readouterr().err
 
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _recipes_with_local_data() -> list[Path]:

@@ -11,7 +11,7 @@ import pytest
 
 from lora_tune.quickstart import world as qs
 
-DATA = Path(__file__).resolve().parents[2] / "recipes" / "data" / "quickstart"
+DATA = Path(__file__).resolve().parents[3] / "recipes" / "data" / "quickstart"
 COUNTRY_IN_QUESTION = [
     re.compile(re.escape(t).replace(re.escape("{country}"), "(?P<country>.+)")) for t in qs.QUESTION_TEMPLATES
 ]
