@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from lora_tune import __version__
 from lora_tune.errors import LoraTuneError
@@ -43,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    subparsers = [add(verbs) for add in (_add_recipe_verbs, _add_run_verbs, _add_export_verbs, _add_planning_verbs)]
+    for sub in (sub for group in subparsers for sub in group):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _add_recipe_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
+    """train, validate, check, data: a recipe in, a run or a report out."""
     train = verbs.add_parser("train", help="train the adapter a recipe describes")
     _recipe_arguments(train)
     train.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
@@ -72,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_arguments(data)
     data.add_argument("--n", type=int, default=3, metavar="N", help="examples to show (default 3)")
     data.set_defaults(handler=cmd_data)
+    return [train, validate, check, data]
 
+
+def _add_run_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
+    """eval, generate, chat: a finished run (or a merged folder) put to use."""
     evaluate = verbs.add_parser(
         "eval",
         help="score a run (adapter, model/ folder or classification head) on held-out data, side by side with "
@@ -105,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("model_dir", help="run directory, or a merged model folder from `lora-tune merge`")
     _generation_arguments(chat)
     chat.set_defaults(handler=cmd_chat)
+    return [evaluate, generate, chat]
 
+
+def _add_export_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
+    """merge, push: a run made into a standalone model, and published."""
     merge = verbs.add_parser("merge", help="merge a run's adapter into its base: a standalone transformers folder")
     merge.add_argument("run_dir", help="run directory written by `lora-tune train`")
     merge.add_argument("--output", required=True, help="folder to write (must be new or empty, unless --overwrite)")
@@ -138,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: LORA_TUNE_HUB_TIMEOUT, else 30)",
     )
     push.set_defaults(handler=cmd_push)
+    return [merge, push]
 
+
+def _add_planning_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
+    """recipes, new, plan: choosing and sizing a recipe before any run."""
     recipes = verbs.add_parser("recipes", help="list the recipe catalog, or show one recipe; imports no torch")
     recipes.add_argument("name", nargs="?", default=None, help="a recipe to show, e.g. qwen/qwen3-8b-qlora-chat")
     recipes.add_argument("--dir", default=None, help="catalog folder (default: ./recipes, else the checkout's)")
@@ -161,10 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory", metavar="SIZE", default=None, help="GPU size, e.g. 24GiB (default: detected)")
     plan.add_argument("--config", metavar="PATH", default=None, help="the model's config.json (file or folder)")
     plan.set_defaults(handler=cmd_plan)
-
-    for sub in (train, validate, check, data, evaluate, generate, chat, merge, push, recipes, new, plan):
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return parser
+    return [recipes, new, plan]
 
 
 def _recipe_arguments(sub: argparse.ArgumentParser) -> None:

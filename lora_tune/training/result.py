@@ -37,6 +37,10 @@ class RunResult:
     total_parameters: int = 0
     trainable_percent: float = 0.0
 
+    def parameter_share(self) -> tuple[int, int, float]:
+        """(trainable, total, trainable percent), as the log line and the summary print them."""
+        return self.trainable_parameters, self.total_parameters, self.trainable_percent
+
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 

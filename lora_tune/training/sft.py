@@ -6,6 +6,7 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,21 @@ from lora_tune.training.trl_args import early_stopping_callbacks, to_sft_config
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """How this run is spread: the processes, the strategy, the batch shape (per device, processes, gradient
+    accumulation) and whether batch items are packed rows of several examples."""
+
+    procs: dist.Processes
+    strategy: str
+    batch: tuple[int, int, int]
+    packed: bool
+
+    @property
+    def sharded(self) -> bool:  # FSDP / ZeRO-3 across processes: the adapter is gathered before it is saved
+        return self.strategy in SHARDED and self.procs.distributed
+
+
 def train_sft(
     recipe: Recipe,
     *,
@@ -67,25 +83,27 @@ def train_sft(
     # 0. Processes: under a launcher (torchrun, accelerate launch) building the trainer arguments joins the process
     #    group. The main process prepares steps 1-4 first; the others wait, then reuse its run directory and data.
     procs = dist.Processes.from_env()
-    strategy = dist.resolve_strategy(recipe, procs)
-    dtype = resolve_dtype(recipe.model.dtype)
-    args = to_sft_config(recipe, RunDir(Path(recipe.output_dir)).checkpoints, dtype)
-    batch = (recipe.training.batch_size, procs.world_size, recipe.training.gradient_accumulation_steps)
-    packed = packing_plan(recipe).enabled  # batch items are packed rows of several examples
+    t = recipe.training
+    launch = Launch(
+        procs,
+        dist.resolve_strategy(recipe, procs),
+        (t.batch_size, procs.world_size, t.gradient_accumulation_steps),
+        packing_plan(recipe).enabled,
+    )
+    args = to_sft_config(recipe, RunDir(Path(recipe.output_dir)).checkpoints, resolve_dtype(recipe.model.dtype))
     main_first = ranks.MainFirst(procs)
     check_levers(recipe, _on_gpu())  # a lever that cannot run here (Liger on the CPU) fails before any work
 
     # 1. Run directory: refuse to clobber another run; on resume, check the recipe and data are unchanged and find
     #    the newest complete checkpoint; record the resolved recipe and environment first, so a crash is traceable.
     if procs.is_main:
-        launch = ranks.batch_comment(*batch, strategy, packed=packed)
-        run, start = open_run(recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, comment=launch)
+        comment = ranks.batch_comment(*launch.batch, launch.strategy, packed=launch.packed)
+        run, start = open_run(recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, comment=comment)
+        write_json_atomic(run.root / methods.LINEAGE_FILE, methods.lineage(recipe))
     else:  # the main process has checked the run and set broken checkpoints aside: only read where it resumes
         run = RunDir(Path(recipe.output_dir))
         start = resume_point_of(run, recipe, resume=resume, overwrite=overwrite)
     hint, stop, diverged = resume_hint(recipe_path, overrides), StopRequest(), Divergence()
-    if procs.is_main:
-        write_json_atomic(run.root / methods.LINEAGE_FILE, methods.lineage(recipe))
 
     # 2. Tokenizer. From here to step 4, everything that can fail on the user's data fails before the model loads.
     tokenizer = load_tokenizer(recipe.model)
@@ -100,30 +118,17 @@ def train_sft(
     prepared = ranks.prepare_data(recipe, tokenizer, run.root, procs)
     main_first.release()
     ranks.fail_here_for_test(procs)
-    log.info("%s (%s)", ranks.describe_batch(*batch, packed), strategy if procs.distributed else "one process")
-    log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
+    _log_data(recipe, launch, prepared)
     if procs.is_main:
         write_test_split(prepared, run.root)
-    train_set = prepared.datasets["train"]
-    eval_set = prepared.datasets.get("validation")
+    train_set, eval_set = prepared.datasets["train"], prepared.datasets.get("validation")
 
-    log_batching(recipe, [len(ids) for ids in train_set["input_ids"]], on_gpu=_on_gpu())
-
-    # 5. Base model, 4-bit/8-bit when the recipe quantizes, prepared for k-bit training.
-    import transformers
-    from trl import SFTTrainer
-
-    transformers.set_seed(recipe.training.seed)
-    ranks.set_loading_environment(strategy, procs)
-    model = load_model(recipe.model, recipe.quantization, recipe.training, strategy)
-    quantized_layers = count_quantized_layers(model)
-    model, peft_config = methods.prepare_model(recipe, model)  # frozen/unfrozen, or an adapter config to apply
-    if recipe.training.liger:
-        apply_liger(model)
-    attention = use_varlen_attention(model, recipe, packed=packed)
-    log.info("speed: %s", describe_levers(recipe, resolve_dtype(recipe.model.dtype), attention))
+    # 5. Base model, 4-bit/8-bit when the recipe quantizes, prepared for k-bit training; speed levers applied.
+    model, peft_config, quantized_layers = _load_base(recipe, launch)
 
     # 6. Trainer: TRL does the loop; peft wraps the model with the recipe's adapter.
+    from trl import SFTTrainer
+
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -139,11 +144,7 @@ def train_sft(
             divergence_callback(diverged),  # last: it cancels a save the others asked for at a non-finite step
         ],
     )
-    evaluation_keeps_rng(trainer)  # so a run resumed at an epoch's end shuffles the next epoch as the unbroken one
-    methods.attach(recipe, trainer, run.root)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
-    keep_trainable_dtypes(trainer)  # a resumed QLoRA adapter trains in bfloat16 again, as before the kill
-    check_free_disk(run.root, recipe, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
-    _use_compact_progress(trainer, compact_progress_callback())
+    _prepare_trainer(trainer, recipe, run)
 
     # 7. Train (from the checkpoint when resuming). SIGTERM/SIGINT save a checkpoint and stop; out-of-memory and a
     #    full disk become one line naming the last complete checkpoint.
@@ -159,46 +160,91 @@ def train_sft(
 
     # 9. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only
     #    (FSDP and ZeRO-3 first gather the sharded adapter: every process takes part in that).
-    checksums = ranks.replica_checksums(trainer.model, procs, strategy)
-    if strategy in SHARDED and procs.distributed:
+    checksums = ranks.replica_checksums(trainer.model, procs, launch.strategy)
+    if launch.sharded:
         ranks.save_sharded_adapter(trainer, run.root / ".adapter.tmp")
     if trainer.is_world_process_zero():
         with translate_faults(recipe, run.checkpoints, hint):
-            _save_adapter(trainer, tokenizer, run, recipe, gathered=strategy in SHARDED and procs.distributed)
+            _save_adapter(trainer, tokenizer, run, recipe, gathered=launch.sharded)
     ranks.remove_prepared_data(run.root, procs)
 
     # 10. Summary: metrics file, loss curve, summary.json.
     records = read_metrics(run.metrics)
-    trainable, total = methods.parameter_counts(trainer.model)
-    result = RunResult(
-        run_dir=run.root,
-        adapter_dir=run.root / methods.artifact_name(recipe),
-        steps=output.global_step,
-        train_loss=last_value(records, "loss"),
-        eval_loss=eval_loss,
-        tokens_seen=last_value(records, "num_tokens"),
-        trained_token_share=round(prepared.stats.train.trained_share, 4),
-        train_rows=len(train_set),
-        validation_rows=len(eval_set) if eval_set is not None else 0,
-        trainable_parameters=trainable,
-        quantized_layers=quantized_layers,
-        wall_seconds=round(time.monotonic() - started, 1),
-        memory=peak_memory(),
-        best=best_checkpoint(trainer.state, recipe, output.global_step),
-        processes=procs.world_size,
-        effective_batch_size=ranks.effective_batch_size(*batch),
-        packed=packed,
-        strategy=strategy,
-        replica_checksums=checksums,
-        method=recipe.adapter.method,
-        total_parameters=total,
-        trainable_percent=round(100 * trainable / max(total, 1), 4),
-    )
-    log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, result.trainable_percent)
+    result = _result(recipe, run, launch, trainer, records, prepared)
+    result.steps, result.eval_loss, result.quantized_layers = output.global_step, eval_loss, quantized_layers
+    result.best = best_checkpoint(trainer.state, recipe, output.global_step)
+    result.replica_checksums, result.wall_seconds = checksums, round(time.monotonic() - started, 1)
+    log.info("trainable parameters: %d of %d (%.4f%%)", *result.parameter_share())
     if trainer.is_world_process_zero():
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
         write_json_atomic(run.summary, result.to_json())
     return result
+
+
+def _log_data(recipe: Recipe, launch: Launch, prepared: Any) -> None:
+    """The batch shape, what the pipeline kept and dropped, and the padding share of packed and padded batches."""
+    where = launch.strategy if launch.procs.distributed else "one process"
+    log.info("%s (%s)", ranks.describe_batch(*launch.batch, launch.packed), where)
+    log.info("data: %s", prepared.stats.summary().replace("\n", "; "))
+    lengths = [len(ids) for ids in prepared.datasets["train"]["input_ids"]]
+    log_batching(recipe, lengths, on_gpu=_on_gpu())
+
+
+def _load_base(recipe: Recipe, launch: Launch) -> tuple[Any, Any, int]:
+    """The base model as the recipe loads it (seeded; quantized, on this process's device), the method applied
+    (frozen layers, or the peft config TRL applies), Liger and the attention kernel chosen; and its count of
+    quantized layers, the evidence that it is quantized."""
+    import transformers
+
+    transformers.set_seed(recipe.training.seed)
+    ranks.set_loading_environment(launch.strategy, launch.procs)
+    model = load_model(recipe.model, recipe.quantization, recipe.training, launch.strategy)
+    quantized_layers = count_quantized_layers(model)
+    model, peft_config = methods.prepare_model(recipe, model)
+    if recipe.training.liger:
+        apply_liger(model)
+    attention = use_varlen_attention(model, recipe, packed=launch.packed)
+    log.info("speed: %s", describe_levers(recipe, resolve_dtype(recipe.model.dtype), attention))
+    return model, peft_config, quantized_layers
+
+
+def _prepare_trainer(trainer: Any, recipe: Recipe, run: RunDir) -> None:
+    """What TRL's trainer needs besides its arguments, before the first step."""
+    evaluation_keeps_rng(trainer)  # so a run resumed at an epoch's end shuffles the next epoch as the unbroken one
+    methods.attach(recipe, trainer, run.root)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
+    keep_trainable_dtypes(trainer)  # a resumed QLoRA adapter trains in bfloat16 again, as before the kill
+    check_free_disk(run.root, recipe, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
+    _use_compact_progress(trainer, compact_progress_callback())
+
+
+def _result(
+    recipe: Recipe, run: RunDir, launch: Launch, trainer: Any, records: list[dict[str, Any]], prepared: Any
+) -> RunResult:
+    """The run's figures that the trainer and the data determine; train_sft adds the ones it measured itself."""
+    trainable, total = methods.parameter_counts(trainer.model)
+    eval_set = prepared.datasets.get("validation")
+    return RunResult(
+        run_dir=run.root,
+        adapter_dir=run.root / methods.artifact_name(recipe),
+        steps=0,
+        train_loss=last_value(records, "loss"),
+        eval_loss=None,
+        tokens_seen=last_value(records, "num_tokens"),
+        trained_token_share=round(prepared.stats.train.trained_share, 4),
+        train_rows=len(prepared.datasets["train"]),
+        validation_rows=len(eval_set) if eval_set is not None else 0,
+        trainable_parameters=trainable,
+        quantized_layers=0,
+        wall_seconds=0.0,
+        memory=peak_memory(),
+        processes=launch.procs.world_size,
+        effective_batch_size=ranks.effective_batch_size(*launch.batch),
+        packed=launch.packed,
+        strategy=launch.strategy,
+        method=recipe.adapter.method,
+        total_parameters=total,
+        trainable_percent=round(100 * trainable / max(total, 1), 4),
+    )
 
 
 def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, recipe: Recipe, *, gathered: bool = False) -> None:

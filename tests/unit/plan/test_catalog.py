@@ -20,7 +20,8 @@ from lora_tune.plan.catalog import (
     recipe_files,
     shipped_config,
 )
-from lora_tune.plan.new import Shape, params_from_name
+from lora_tune.plan.new import params_from_name
+from lora_tune.plan.shape import shape_from_config
 from lora_tune.recipe.load import load_recipe
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -161,7 +162,7 @@ def test_every_catalog_model_ships_its_architecture(entry):
         assert config["hidden_size"] % config["num_attention_heads"] == 0
     stated = params_from_name(entry.model)
     if stated:  # the size in the name is the publisher's rounding of the real count (Gemma 2 2B has 2.6B)
-        assert 0.75 < Shape.from_config(config).params / stated < 1.35, entry.model
+        assert 0.75 < shape_from_config(config).parameter_count() / stated < 1.35, entry.model
 
 
 @pytest.mark.parametrize(
@@ -179,5 +180,5 @@ def test_every_catalog_model_ships_its_architecture(entry):
 )
 def test_shipped_configs_give_the_published_parameter_counts(model: str, billions: float):
     """Counts from the shipped config.json match the model cards' (within 1%): the numbers are the real ones."""
-    params = Shape.from_config(shipped_config(model, CATALOG)).params
+    params = shape_from_config(shipped_config(model, CATALOG)).parameter_count()
     assert params / 1e9 == pytest.approx(billions, rel=0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,15 +10,17 @@ import yaml
 
 from lora_tune.cli import main
 from lora_tune.plan.catalog import CatalogError, shipped_config
-from lora_tune.plan.new import Shape, model_shape, new_recipe, params_from_name, parse_memory, size_training
+from lora_tune.plan.memory import plan
+from lora_tune.plan.new import model_shape, new_recipe, params_from_name, parse_memory, size_training
+from lora_tune.plan.shape import ModelShape, shape_from_config
 from lora_tune.recipe.load import load_recipe
 from tests.conftest import fruit_rows, write_jsonl
 
 CATALOG = Path(__file__).resolve().parents[3] / "recipes"
 
 
-def shape(model: str) -> Shape:
-    return Shape.from_config(shipped_config(model, CATALOG))
+def shape(model: str) -> ModelShape:
+    return shape_from_config(shipped_config(model, CATALOG))
 
 
 @pytest.mark.parametrize(
@@ -50,10 +53,10 @@ def test_params_from_name(name: str, params: float | None):
 
 def test_model_shape_sources(tiny_model_dir: Path):
     local, source = model_shape(str(tiny_model_dir), CATALOG)
-    assert (local.hidden, local.layers, source) == (64, 2, f"{tiny_model_dir / 'config.json'}")
+    assert (local.hidden_size, local.num_layers, source) == (64, 2, f"{tiny_model_dir / 'config.json'}")
     assert model_shape("Qwen/Qwen3-4B", CATALOG)[0] == shape("Qwen/Qwen3-4B")
     guessed, source = model_shape("someone/Custom-13B", CATALOG)
-    assert guessed.params == pytest.approx(13e9, rel=0.05) and "13B in its name" in source
+    assert guessed.parameter_count() == pytest.approx(13e9, rel=0.05) and "13B in its name" in source
     with pytest.raises(CatalogError, match="cannot tell the size"):
         model_shape("someone/custom", CATALOG)
 
@@ -70,7 +73,7 @@ def test_sizing_rule():
         size_training(llama, "lora", 16)
     small = size_training(shape("HuggingFaceTB/SmolLM2-360M-Instruct"), "lora", 80)
     assert not small.gradient_checkpointing and small.batch_size >= 4
-    tight = size_training(llama, "qlora", 10)
+    tight = size_training(llama, "qlora", 9.2)  # the planner: 9.55 GiB at 2048 tokens, 8.93 at 1024
     assert tight.max_length < 2048 and tight.batch_size == 1
 
 
@@ -104,3 +107,24 @@ def test_new_cli_errors_are_one_line(tmp_path: Path, capsys):
     bad.write_text('{"question": "no answer column"}\n')
     assert main(["new", "--model", "Qwen/Qwen3-4B", "--method", "qlora", "--data", str(bad)]) == 2
     assert "cannot detect the format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "gib"), [("Qwen/Qwen2.5-7B-Instruct", "qlora", 24), ("Qwen/Qwen3-4B", "lora", 40)]
+)
+def test_new_and_plan_share_one_memory_model(tmp_path: Path, model: str, method: str, gib: int):
+    """The recipe `new` sizes is the one `plan` says fits: both read lora_tune.plan.memory.estimate."""
+    data = write_jsonl(tmp_path / "d.jsonl", fruit_rows(120, "messages"))
+    path = tmp_path / "new.yaml"
+    path.write_text(new_recipe(model, method, str(data), f"{gib}GiB", CATALOG))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(shipped_config(model, CATALOG)))
+    planned = plan(load_recipe(path), config=config, gpu_memory=f"{gib}GiB")
+    assert planned.fits
+    assert f"planned peak ~{planned.total / 2**30:.1f} of {gib} GiB" in path.read_text()
+    doubled = load_recipe(path, [f"training.batch_size={2 * planned_batch(path)}"])
+    assert not plan(doubled, config=config, gpu_memory=f"{gib}GiB").fits or planned_batch(path) == 16
+
+
+def planned_batch(path: Path) -> int:
+    return yaml.safe_load(path.read_text())["training"]["batch_size"]
