@@ -60,6 +60,7 @@ test-isa: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_layers.py
 
 format: $(STAMP)
 	$(BIN)/ruff format .

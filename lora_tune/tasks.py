@@ -19,7 +19,7 @@ from lora_tune.evaluate import head, run
 from lora_tune.evaluate.result import EvalReport
 from lora_tune.model.load import load_tokenizer
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import RunDir, release_run_dir
+from lora_tune.run.layout import release_run_dir
 from lora_tune.training.classifier import train_classifier
 from lora_tune.training.log import quiet_third_party_noise
 from lora_tune.training.result import RunResult
@@ -73,7 +73,7 @@ def train(
             recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, overrides=overrides
         )
     finally:
-        release_run_dir(RunDir(Path(recipe.output_dir)))
+        release_run_dir(recipe.run_dir)
 
 
 def check(recipe: Recipe) -> PreflightReport:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lora_tune.methods.runtime import LINEAGE_FILE, lineage_chain
+from lora_tune.run.layout import EVAL_JSON
 from lora_tune.run.secrets import redact
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def build_card(
     if license_:
         meta["license"] = license_
     summary = _read_json(run.summary)
-    evaluation = _read_json(run.root / "eval.json")
+    evaluation = _read_json(run.root / EVAL_JSON)
     adapter = recipe.adapter
     quant = recipe.quantization
     training = recipe.training

@@ -8,6 +8,7 @@ This module must not import torch or any training library: `lora-tune validate` 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -25,6 +26,7 @@ from lora_tune.errors import FieldError
 from lora_tune.recipe.rules import CONTINUE_KEYS, METHOD_KEYS, Method, check_adapter, check_recipe
 from lora_tune.recipe.strategy import DistributedError, check_distributed_section
 from lora_tune.recipe.templates import BUILTIN_TEMPLATES, builtin_template, looks_like_template_name
+from lora_tune.run.layout import RunDir
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
@@ -572,6 +574,11 @@ class Recipe(StrictModel):
     )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics, checkpoints.")
+
+    @property
+    def run_dir(self) -> RunDir:
+        """The run directory's layout at output_dir (what is in it is named there, in lora_tune.run.layout)."""
+        return RunDir(Path(self.output_dir))
 
     @model_validator(mode="after")
     def _evaluation_needs_data(self) -> Recipe:

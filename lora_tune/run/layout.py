@@ -28,8 +28,17 @@ class RunDir:
         return self.root / ADAPTER_DIR
 
     @property
+    def adapter_build(self) -> Path:
+        """Where the adapter is written before it replaces adapter/ in one rename (replace_dir_atomic)."""
+        return self.root / f".{ADAPTER_DIR}.tmp"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS_DIR
+
+    @property
+    def prepared_data(self) -> Path:
+        return self.root / PREPARED_DATA_DIR
 
     @property
     def recipe(self) -> Path:
@@ -70,6 +79,7 @@ LABELS_FILE = "labels.json"  # a classification run's label names, inside its ad
 MODEL_DIR = "model"  # what partial and full fine-tuning save instead of adapter/
 PISSA_INIT_DIR = "adapter_init"  # the un-trained PiSSA/OLoRA adapter, needed to save the trained one as plain LoRA
 PREPARED_DATA_DIR = ".prepared-data"  # the main process's tokenized data, for the other processes
+PREPARED_STATS = "stats.json"  # inside it, written last: the copy is complete
 # Every top-level name a run writes (its marker and lock included). `--overwrite` removes these and nothing else;
 # a directory with anything more refuses. tests/unit/run/test_layout.py tests the rules; the e2e runs
 # (test_train_qlora, test_methods, test_evaluation) check that real runs write nothing outside the list.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.check import PREFLIGHT_FILE, preflight
@@ -91,7 +90,7 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
 
     # 5. Save the artefact and the label names beside it.
     if trainer.is_world_process_zero():
-        build = run.root / ".adapter.tmp"
+        build = run.adapter_build
         methods.save_artifact(recipe, trainer, tokenizer, build, run.root)
         (build / LABELS_FILE).write_text(json.dumps(list(recipe.task.labels)), encoding="utf-8")
         replace_dir_atomic(build, run.root / methods.artifact_name(recipe))
@@ -119,7 +118,7 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     )
     log.info("trainable parameters: %d of %d (%.4f%%)", trainable, total, result.trainable_percent)
     if trainer.is_world_process_zero():
-        result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
+        result.loss_plot = plot_loss(records, run.loss_plot, title=f"{run.root.name}: loss")
         write_json_atomic(run.summary, {**result.to_json(), "eval_accuracy": metrics.get("eval_accuracy")})
     return result
 

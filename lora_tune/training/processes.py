@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lora_tune.data import build_datasets
 from lora_tune.data.pipeline import DataStats, PreparedData, SplitStats
 from lora_tune.recipe.strategy import SHARDED
-from lora_tune.run.layout import PREPARED_DATA_DIR, write_json_atomic
+from lora_tune.run.layout import PREPARED_DATA_DIR, PREPARED_STATS, write_json_atomic
 from lora_tune.training.distributed import Processes
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def prepare_data(recipe: Recipe, tokenizer: Any, run_root: Path, procs: Processe
             log.info("data: tokenized on rank %d", procs.rank)
             _save_prepared(prepared, cache)
         return prepared
-    if (cache / "stats.json").is_file():
+    if (cache / PREPARED_STATS).is_file():
         prepared = _load_prepared(cache)
         log.info("data: rank %d loaded the main process's tokenized data", procs.rank)
         return prepared
@@ -74,7 +74,7 @@ def _save_prepared(prepared: Any, cache: Path) -> None:
 
     shutil.rmtree(cache, ignore_errors=True)
     prepared.datasets.save_to_disk(str(cache / "datasets"))
-    write_json_atomic(cache / "stats.json", asdict(prepared.stats))  # written last: marks the copy complete
+    write_json_atomic(cache / PREPARED_STATS, asdict(prepared.stats))  # written last: marks the copy complete
 
 
 def _load_prepared(cache: Path) -> Any:
@@ -82,7 +82,7 @@ def _load_prepared(cache: Path) -> Any:
 
     # The other ranks need the token columns; the per-split counts come along for their logs. Source and drop
     # counts and the test split are the main process's to report and write.
-    raw = json.loads((cache / "stats.json").read_text(encoding="utf-8"))
+    raw = json.loads((cache / PREPARED_STATS).read_text(encoding="utf-8"))
     splits = {k: SplitStats(**raw[k]) for k in ("train", "validation") if raw.get(k) is not None}
     stats = DataStats(**splits, test_rows=raw.get("test_rows", 0))
     return PreparedData(load_from_disk(str(cache / "datasets")), stats)

@@ -7,7 +7,6 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from lora_tune.check import PREFLIGHT_FILE, preflight
@@ -90,7 +89,7 @@ def train_sft(
         (t.batch_size, procs.world_size, t.gradient_accumulation_steps),
         packing_plan(recipe).enabled,
     )
-    args = to_sft_config(recipe, RunDir(Path(recipe.output_dir)).checkpoints, resolve_dtype(recipe.model.dtype))
+    args = to_sft_config(recipe, recipe.run_dir.checkpoints, resolve_dtype(recipe.model.dtype))
     main_first = ranks.MainFirst(procs)
     check_levers(recipe, _on_gpu())  # a lever that cannot run here (Liger on the CPU) fails before any work
 
@@ -101,7 +100,7 @@ def train_sft(
         run, start = open_run(recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, comment=comment)
         write_json_atomic(run.root / methods.LINEAGE_FILE, methods.lineage(recipe))
     else:  # the main process has checked the run and set broken checkpoints aside: only read where it resumes
-        run = RunDir(Path(recipe.output_dir))
+        run = recipe.run_dir
         start = resume_point_of(run, recipe, resume=resume, overwrite=overwrite)
     hint, stop, diverged = resume_hint(recipe_path, overrides), StopRequest(), Divergence()
 
@@ -162,7 +161,7 @@ def train_sft(
     #    (FSDP and ZeRO-3 first gather the sharded adapter: every process takes part in that).
     checksums = ranks.replica_checksums(trainer.model, procs, launch.strategy)
     if launch.sharded:
-        ranks.save_sharded_adapter(trainer, run.root / ".adapter.tmp")
+        ranks.save_sharded_adapter(trainer, run.adapter_build)
     if trainer.is_world_process_zero():
         with translate_faults(recipe, run.checkpoints, hint):
             _save_adapter(trainer, tokenizer, run, recipe, gathered=launch.sharded)
@@ -176,7 +175,7 @@ def train_sft(
     result.replica_checksums, result.wall_seconds = checksums, round(time.monotonic() - started, 1)
     log.info("trainable parameters: %d of %d (%.4f%%)", *result.parameter_share())
     if trainer.is_world_process_zero():
-        result.loss_plot = plot_loss(records, run.loss_plot, title=f"{Path(recipe.output_dir).name}: loss")
+        result.loss_plot = plot_loss(records, run.loss_plot, title=f"{run.root.name}: loss")
         write_json_atomic(run.summary, result.to_json())
     return result
 
@@ -248,7 +247,7 @@ def _result(
 
 
 def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, recipe: Recipe, *, gathered: bool = False) -> None:
-    build = run.root / ".adapter.tmp"
+    build = run.adapter_build
     if build.is_dir() and not gathered:  # left by a process killed while saving: start the folder anew
         shutil.rmtree(build)
     if gathered:  # FSDP / ZeRO-3: the adapter was gathered and written by every process together
