@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_tune.export.card import merged_card
 from lora_tune.export.errors import ExportError
+from lora_tune.export.memory import check_memory_for_merge, plan_memory
 from lora_tune.export.result import MergeResult
 from lora_tune.export.streaming import (
     AdapterPlan,
@@ -101,6 +102,7 @@ def merge(
         layout = base_layout(base_dir)
         check_disk_for_merge(output, estimate_bytes(base_dir, layout, torch_dtype.itemsize))
         plan = _streaming_plan(run, recipe, peft_type, from_dequantized)
+        check_memory_for_merge(_memory_plan(run, base_dir, layout, plan, torch_dtype, verify, from_dequantized))
 
         # 3. Merge into a temporary folder beside the destination; it becomes the destination only when complete.
         build = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
@@ -159,6 +161,17 @@ def _streaming_plan(run: RunDir, recipe: Recipe, peft_type: str, from_dequantize
             f"--from-dequantized: the run's base was not 4-bit (quantization.bits: {recipe.quantization.bits})"
         )
     return plan
+
+
+def _memory_plan(
+    run: RunDir, base_dir: Path, layout: Any, plan: Any, torch_dtype: Any, verify: bool, from_dequantized: bool
+) -> Any:
+    """What the merge and its verification will hold at their peak, from the headers (see memory.py)."""
+    streaming = plan is not None and not plan.unsupported
+    check = "" if not verify else "layerwise" if streaming and not from_dequantized else "whole"
+    weights = run.adapter / "adapter_model.safetensors"
+    adapter_bytes = weights.stat().st_size if weights.is_file() else 0
+    return plan_memory(base_dir, layout, adapter_bytes, torch_dtype.itemsize, streaming=streaming, verify=check)
 
 
 def _merged_weights(

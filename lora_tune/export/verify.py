@@ -1,7 +1,9 @@
-"""Check a merged folder against what it replaces: base + adapter through peft, on a few fixed token inputs.
+"""Check a merged folder against what it replaces, base + adapter, on a few fixed token inputs, in float32.
 
-One model is in memory at a time: the reference logits are computed and the reference freed before the merged
-model loads. Both run in float32, so the difference measures the merge and the output dtype's rounding.
+A streaming LoRA/DoRA merge into the unquantized base is checked one decoder layer at a time, reading both sides
+from their safetensors files (layerwise.py): memory stays near one layer, and a failure names the layer. Otherwise
+(other adapter types, peft's merge, --from-dequantized, an architecture the layer path cannot run) the whole-model
+check runs: base + adapter through peft, then the merged model, one at a time, each whole in float32.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.export.errors import VerificationError
+from lora_tune.export.layerwise import LayerDifference, LayerwiseOutcome, LayerwiseUnsupported, layerwise_logits
+from lora_tune.export.streaming import read_adapter
 from lora_tune.export.vocab import resize_to_adapter
 from lora_tune.model.load import load_model
 
@@ -105,30 +109,86 @@ def verify_merge(
 
     A plain merge is checked against base + adapter on the unquantized base. A --from-dequantized merge is checked
     against the function trained (4-bit base + adapter), and its distance to the plain merge's function is reported.
+    A streaming merge into the unquantized base is checked one layer at a time.
     """
     import json
 
     config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
     vocab = config.get("vocab_size") or config.get("text_config", {})["vocab_size"]
     input_ids = verification_inputs(vocab)
-    plain = reference_logits(base_dir, adapter, recipe, input_ids, quantized=False)
-    trained = reference_logits(base_dir, adapter, recipe, input_ids, quantized=True) if from_dequantized else None
-    merged = merged_logits(merged_dir, input_ids, recipe.model.trust_remote_code)
+    layers: list[LayerDifference] = []
+    outcome = _layerwise(merged_dir, base_dir, adapter, recipe, result, input_ids, from_dequantized)
+    if outcome is not None:
+        plain, trained, merged, layers = outcome.reference, None, outcome.merged, outcome.layers
+    else:
+        plain = reference_logits(base_dir, adapter, recipe, input_ids, quantized=False)
+        trained = reference_logits(base_dir, adapter, recipe, input_ids, quantized=True) if from_dequantized else None
+        merged = merged_logits(merged_dir, input_ids, recipe.model.trust_remote_code)
     reference = trained if trained is not None else plain
     result.max_abs_diff = float((merged - reference).abs().max())
     result.tolerance = relative_tolerance(dtype, reference)
     if trained is not None:
         result.dequantized_vs_plain = float((merged - plain).abs().max())
     against = "4-bit base + adapter (as trained)" if trained is not None else "base + adapter"
+    worst = worst_layer(layers, dtype)
     log.info(
-        "verify: max |logit difference| merged vs %s = %.3g (tolerance %.3g for %s)",
+        "verify: max |logit difference| merged vs %s = %.3g (tolerance %.3g for %s)%s",
         against,
         result.max_abs_diff,
         result.tolerance,
         dtype,
+        f"; largest layer difference {worst.max_abs:.3g} at {worst.name}" if worst else "",
     )
-    if not result.max_abs_diff <= result.tolerance:  # also catches NaN
+    layer_failed = worst is not None and not worst.max_abs <= layer_tolerance(dtype, worst)
+    if not result.max_abs_diff <= result.tolerance or layer_failed:  # also catches NaN
+        where = (
+            f"; largest layer difference {worst.max_abs:.3g} at {worst.name} "
+            f"(tolerance {layer_tolerance(dtype, worst):.3g})"
+            if worst
+            else ""
+        )
         raise VerificationError(
             f"merge verification failed: max |logit difference| merged vs {against} is {result.max_abs_diff:.3g}, "
-            f"above the {dtype} tolerance {result.tolerance:.3g}; nothing was written (--no-verify keeps it anyway)"
+            f"{dtype} tolerance {result.tolerance:.3g}{where}; nothing was written (--no-verify keeps it anyway)"
         )
+
+
+def _layerwise(
+    merged_dir: Path,
+    base_dir: Path,
+    adapter: Path,
+    recipe: Recipe,
+    result: MergeResult,
+    input_ids: torch.Tensor,
+    from_dequantized: bool,
+) -> LayerwiseOutcome | None:
+    """The layer-by-layer check where it applies; None (with a one-line note) where the whole-model one must run.
+
+    The adapter is read again here: the merge updates float32 tensors of its own copy in place.
+    """
+    if result.method != "streaming":
+        reason = f"the merge used {result.method}"
+    elif from_dequantized:
+        reason = "--from-dequantized is checked against the real 4-bit model"
+    else:
+        try:
+            plan = read_adapter(adapter)
+            return layerwise_logits(merged_dir, base_dir, plan, input_ids, recipe.model.trust_remote_code)
+        except LayerwiseUnsupported as exc:
+            reason = str(exc)
+    log.info(
+        "verify: %s; checking the whole model instead: base + adapter, then the merged model, each whole in float32 "
+        "memory",
+        reason,
+    )
+    return None
+
+
+def worst_layer(layers: list[LayerDifference], dtype: str) -> LayerDifference | None:
+    """The layer whose difference is largest against its own tolerance."""
+    return max(layers, key=lambda layer: layer.max_abs / layer_tolerance(dtype, layer), default=None)
+
+
+def layer_tolerance(dtype: str, layer: LayerDifference) -> float:
+    """The logits' relative bound, applied to one layer's output (relative to its largest value, at least 1)."""
+    return TOLERANCE[dtype] * max(1.0, layer.scale)
