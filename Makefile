@@ -47,6 +47,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python scripts/real_material.py || echo "real material unavailable: tests/e2e/test_real_templates.py skips"
 	$(BIN)/python -m pytest -q
 
 # The manual (docs/) as a site in runs/site; --strict: a link between pages or an anchor that does not resolve fails.

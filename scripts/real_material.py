@@ -1,0 +1,231 @@
+#!/usr/bin/env python
+"""Fetch the real tokenizers and chat templates that tests/e2e/test_real_templates.py checks lora-tune against.
+
+    python scripts/real_material.py [--cache .cache/real-material] [--sdist PATH]
+
+The llama-cpp-python 0.3.36 source distribution (package registry; about 77 MB; nothing is compiled) carries real
+vocabularies (`vendor/llama.cpp/models/ggml-vocab-*.gguf`) and real chat templates copied from the models' own
+repositories (`vendor/llama.cpp/models/templates/*.jinja`). This script downloads it with pip (or takes `--sdist`),
+extracts only the members in MEMBERS, checks each one's SHA-256, and converts each family's vocabulary into a plain
+Hugging Face tokenizer folder (`tokenizers/<family>/`, with the family's own template set) so that tests load it in
+about a second instead of converting a GGUF each time (10-15 s for a 150k-token vocabulary).
+
+Where the sdist has no exact vocabulary of a catalog model, FAMILIES says which stand-in is used and why (e.g. Gemma
+2's 256k vocabulary is absent: Gemma 4's, whose turn markers sit at Gemma 3's ids 105/106, gets Gemma's names back).
+
+Idempotent: with the cache in place and its hashes right it does nothing (well under a second). Exit status 1 when
+the material cannot be had (registry unreachable, hash mismatch); `make test` then carries on and those tests skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "real-material"
+SDIST = "llama-cpp-python==0.3.36"
+SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+MODELS = "vendor/llama.cpp/models/"  # inside the sdist's top folder
+
+# Extracted file (relative to MODELS) -> its SHA-256, as read from the 0.3.36 sdist.
+MEMBERS = {
+    "ggml-vocab-llama-bpe.gguf": "97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e",
+    "ggml-vocab-qwen2.gguf": "44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c",
+    "ggml-vocab-phi-3.gguf": "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326",
+    "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
+    "ggml-vocab-gemma-4.gguf": "58b1ba0b57f3b4d7c468ba4ffd91ad85190346a3d7ad7e71d1cabaae8a14bb65",
+    "templates/meta-llama-Llama-3.1-8B-Instruct.jinja": (
+        "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65"
+    ),
+    "templates/Qwen-Qwen2.5-7B-Instruct.jinja": "cd8e9439f0570856fd70470bf8889ebd8b5d1107207f67a5efb46e342330527f",
+    "templates/Qwen-Qwen3-0.6B.jinja": "87a2728cb8dc9fe424d624542f6060ec05a1d285ebbec578bb078900e33396b5",
+    "templates/google-gemma-2-2b-it.jinja": "ecd6ae513fe103f0eb62e8ab5bfa8d0fe45c1074fa398b089c93a7e70c15cfd6",
+    "templates/microsoft-Phi-3.5-mini-instruct.jinja": (
+        "78d976a442bcde2f0be15aafbb8e3050e1104f86732266f68403251b89982a90"
+    ),
+    "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja": (
+        "e4676cb56dffea7782fd3e2b577cfaf1e123537e6ef49b3ec7caa6c095c62272"
+    ),
+}
+
+# Qwen2.5's added tokens at their real ids; the GGUF names those slots [PAD151646] ... (Qwen3 adds the last four).
+_QWEN25 = {
+    151657: "<tool_call>",
+    151658: "</tool_call>",
+}
+_QWEN3 = {**_QWEN25, 151665: "<tool_response>", 151666: "</tool_response>", 151667: "<think>", 151668: "</think>"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A catalog family's tokenizer: a GGUF vocabulary, tokens renamed or added to match the model, its template."""
+
+    vocab: str  # MEMBERS key
+    template: str  # MEMBERS key
+    renames: dict[int, str] = field(default_factory=dict)  # token id -> the model's own name for it
+    added: tuple[str, ...] = ()  # special tokens the model has and the stand-in vocabulary lacks (appended)
+    pad: str | None = None  # the pad token to set (None: keep the GGUF's)
+
+
+FAMILIES = {
+    "llama-3.1": Family("ggml-vocab-llama-bpe.gguf", "templates/meta-llama-Llama-3.1-8B-Instruct.jinja"),
+    "qwen2.5": Family("ggml-vocab-qwen2.gguf", "templates/Qwen-Qwen2.5-7B-Instruct.jinja", _QWEN25),
+    "qwen3": Family("ggml-vocab-qwen2.gguf", "templates/Qwen-Qwen3-0.6B.jinja", _QWEN3),
+    # Gemma 4's vocabulary is Gemma 3's with <start_of_turn>/<end_of_turn> (ids 105/106) renamed <|turn>/<turn|>.
+    "gemma": Family(
+        "ggml-vocab-gemma-4.gguf",
+        "templates/google-gemma-2-2b-it.jinja",
+        {105: "<start_of_turn>", 106: "<end_of_turn>"},
+    ),
+    "phi-3": Family("ggml-vocab-phi-3.gguf", "templates/microsoft-Phi-3.5-mini-instruct.jinja"),
+    # Mistral v0.3's SentencePiece vocabulary is absent: Llama 2's, with Mistral's control tokens appended.
+    "mistral": Family(
+        "ggml-vocab-llama-spm.gguf",
+        "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja",
+        added=("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]"),
+    ),
+}
+STAMP = "converted.json"  # in each tokenizer folder: the transformers version and member hashes it was made from
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=CACHE, help="folder to fill (default: %(default)s)")
+    parser.add_argument("--sdist", type=Path, default=None, help=f"a downloaded {SDIST_FILE} to use")
+    args = parser.parse_args(argv)
+    cache: Path = args.cache
+    try:
+        if not all(_has(cache, name, digest) for name, digest in MEMBERS.items()):
+            _extract(_sdist(cache, args.sdist), cache)
+        made = [name for name, family in FAMILIES.items() if _convert(cache, name, family)]
+    except RuntimeError as e:
+        print(f"real material: {e}", file=sys.stderr)
+        return 1
+    done = f"converted {', '.join(made)}" if made else "up to date"
+    print(f"real material in {cache}: {done}")
+    return 0
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _has(cache: Path, name: str, digest: str) -> bool:
+    path = cache / name
+    return path.is_file() and sha256_file(path) == digest
+
+
+def _sdist(cache: Path, given: Path | None) -> Path:
+    """The sdist: the one given, the cached copy, else downloaded with pip into the cache."""
+    path = given or cache / "sdist" / SDIST_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps"]
+        done = subprocess.run([*command, SDIST, "-d", str(path.parent)], capture_output=True, text=True)
+        if done.returncode != 0 or not path.is_file():
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"could not download {SDIST} (the package registry unreachable?): {tail}")
+    if sha256_file(path) != SDIST_SHA256:
+        raise RuntimeError(f"{path} has sha256 {sha256_file(path)}, expected {SDIST_SHA256}")
+    return path
+
+
+def _extract(sdist: Path, cache: Path) -> None:
+    """Only the MEMBERS, each checked against its hash before it lands in the cache."""
+    with tarfile.open(sdist, "r:gz") as tar:
+        for info in tar:
+            parts = info.name.split("/", 1)
+            name = parts[1].removeprefix(MODELS) if len(parts) == 2 and parts[1].startswith(MODELS) else None
+            if name not in MEMBERS or not info.isfile():
+                continue
+            data = tar.extractfile(info).read()  # type: ignore[union-attr]
+            if hashlib.sha256(data).hexdigest() != MEMBERS[name]:
+                raise RuntimeError(f"{SDIST_FILE}: {name} does not have the recorded sha256 {MEMBERS[name]}")
+            target = cache / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+    missing = [name for name, digest in MEMBERS.items() if not _has(cache, name, digest)]
+    if missing:
+        raise RuntimeError(f"{SDIST_FILE} lacks {', '.join(missing)}")
+
+
+def _convert(cache: Path, name: str, family: Family) -> bool:
+    """Write tokenizers/<name>/ from the family's GGUF unless it is there, from the same inputs; True if written."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise RuntimeError("converting the vocabularies needs transformers (and gguf): pip install -e '.[dev]'") from e
+    folder = cache / "tokenizers" / name
+    stamp = {
+        "transformers": transformers.__version__,
+        "vocab": MEMBERS[family.vocab],
+        "template": MEMBERS[family.template],
+        "renames": {str(k): v for k, v in family.renames.items()},
+        "added": list(family.added),
+    }
+    if (folder / STAMP).is_file() and json.loads((folder / STAMP).read_text()) == stamp:
+        return False
+    tokenizer = _load_gguf(cache, family)
+    tokenizer.chat_template = (cache / family.template).read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        Path(tmp).rename(folder)
+        Path(tmp).mkdir()  # for TemporaryDirectory's clean-up
+    return True
+
+
+def _load_gguf(cache: Path, family: Family):  # noqa: ANN202 - a transformers tokenizer
+    """The GGUF vocabulary as a fast tokenizer, with the family's renames and added special tokens."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    # The tokenizer alone: AutoTokenizer would also parse the GGUF's model config, which fails for gemma4.
+    architecture, vocab, config = get_gguf_tokenizer(str(cache / family.vocab))
+    backend, extra = convert_gguf_tokenizer(architecture, vocab)
+    if family.renames:
+        backend = Tokenizer.from_str(_renamed(backend.to_str(), backend, family.renames))
+    config = {k: v for k, v in {**config, **extra}.items() if k != "chat_template"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **config)
+    if family.added:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(family.added)})
+    if family.pad is not None:
+        tokenizer.pad_token = family.pad
+    return tokenizer
+
+
+def _renamed(text: str, backend, renames: dict[int, str]) -> str:  # noqa: ANN001 - a tokenizers.Tokenizer
+    """The tokenizer JSON with each renamed id's token text replaced, in the vocabulary and the added tokens."""
+    data = json.loads(text)
+    for token_id, new in renames.items():
+        old = backend.id_to_token(token_id)
+        for added in data.get("added_tokens", []):
+            if added["id"] == token_id:
+                added["content"] = new
+        vocab = data["model"]["vocab"]
+        if isinstance(vocab, dict):
+            vocab[new] = vocab.pop(old)
+        else:  # Unigram: [piece, score] pairs, by id
+            vocab[token_id][0] = new
+    return json.dumps(data, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
