@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from lora_tune.data.formats import Message
+from lora_tune.recipe.templates import builtin_for
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -59,6 +60,7 @@ def render_with_spans(
     """The conversation rendered by the chat template, and the [start, end) character span of each assistant turn."""
     messages = [_plain(m) for m in messages]
     text = _render(tokenizer, messages, add_generation_prompt=False, tools=tools)
+    closing = closing_suffix(tokenizer)
     spans: list[Span] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -67,10 +69,12 @@ def render_with_spans(
             raise TemplateError("the conversation starts with an assistant turn; a user turn must come first")
         before = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
+        if closing and through.endswith(closing):  # written after the last message only: not part of this turn
+            through = through[: -len(closing)]
         if not text.startswith(before):
-            raise _not_a_prefix(i, " with the generation prompt")
+            raise _not_a_prefix(i, " with the generation prompt", tokenizer)
         if not text.startswith(through):
-            raise _not_a_prefix(i + 1, "")
+            raise _not_a_prefix(i + 1, "", tokenizer)
         start, end = len(before), len(through.rstrip())
         spans.append((start, max(start, end)))
     return text, spans
@@ -121,10 +125,11 @@ def tokenize_batch(
         encoding = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as e:  # slow (Python) tokenizers have no offsets
         raise TemplateError("assistant-only masking needs a fast tokenizer (one with offset mappings)") from e
-    bos = tokenizer.bos_token_id
-    add_bos = bos is not None and _adds_bos(tokenizer)
+    # No BOS beyond what the template writes: inference renders the prompt with the same template and tokenizes it
+    # without special tokens (as apply_chat_template(tokenize=True) does), so a BOS added here would be seen in
+    # training only (Phi-3.5's template writes none while its tokenizer adds one by default).
     return [
-        _example(list(ids), offsets, spans, max_length, train_on, bos if add_bos else None)
+        _example(list(ids), offsets, spans, max_length, train_on)
         for ids, offsets, (_, spans) in zip(encoding["input_ids"], encoding["offset_mapping"], rendered, strict=True)
     ]
 
@@ -230,12 +235,8 @@ def _example(
     spans: Sequence[Span],
     max_length: int | None,
     train_on: TrainOn,
-    bos: int | None,
 ) -> TokenizedExample:
     trained = [True] * len(ids) if train_on == "all" else _overlaps(offsets, spans)
-    # The template usually writes BOS itself; when it does not but the tokenizer adds one by default, add it too.
-    if bos is not None and (not ids or ids[0] != bos):
-        ids, trained = [bos, *ids], [train_on == "all", *trained]
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, trained = ids[:max_length], trained[:max_length]
@@ -306,18 +307,59 @@ def _render(
             add_generation_prompt=add_generation_prompt,
         )
     except JinjaError as e:  # templates raise on shapes they refuse, e.g. roles that do not alternate
-        raise TemplateError(f"the chat template refused the conversation: {e}") from e
+        raise TemplateError(f"the chat template refused the conversation: {e}{_builtin_hint(tokenizer)}") from e
     if not isinstance(rendered, str):
         raise TemplateError(f"the chat template rendered {type(rendered).__name__}, expected text")
     return rendered
 
 
-def _not_a_prefix(count: int, how: str) -> TemplateError:
+def _not_a_prefix(count: int, how: str, tokenizer: PreTrainedTokenizerBase) -> TemplateError:
     return TemplateError(
         f"the chat template is not prefix-consistent: the first {count} messages rendered{how} are not a prefix of "
         "the whole conversation, so assistant turns cannot be located; use a template that renders earlier turns "
-        "the same whatever follows (model.chat_template)"
+        f"the same whatever follows (model.chat_template){_builtin_hint(tokenizer)}"
     )
+
+
+def _builtin_hint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Names the built-in that writes the refused template's turn format, so the user has a template that works."""
+    builtin = builtin_for(getattr(tokenizer, "chat_template", None))
+    if builtin is None:
+        return ""
+    return f"; the built-in '{builtin.name}' writes these turns maskably (model.chat_template: {builtin.name})"
+
+
+# (template, eos_token) -> what the template writes after the last message only ("" for most templates).
+_CLOSING: dict[tuple[str, str | None], str] = {}
+_PROBE = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "x"}]
+
+
+def closing_suffix(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The EOS a template writes after the last message of a conversation and nowhere else, else "".
+
+    Phi-3.5's template ends every rendering without the generation prompt with `eos_token`, so a conversation's
+    first turns do not render as a prefix of it. That EOS closes the conversation, not a turn: it is left untrained
+    (each reply is trained through its own end-of-turn marker, which is what generation stops on) and is ignored
+    when a prefix is compared with the whole. Found once per template by rendering a two- and a three-turn probe.
+    """
+    template, eos = getattr(tokenizer, "chat_template", None), tokenizer.eos_token
+    if not isinstance(template, str) or not eos:
+        return ""
+    key = (template, eos)
+    if key not in _CLOSING:
+        _CLOSING[key] = _probe_closing(tokenizer, eos)
+    return _CLOSING[key]
+
+
+def _probe_closing(tokenizer: PreTrainedTokenizerBase, eos: str) -> str:
+    try:
+        short = _render(tokenizer, _PROBE[:2], add_generation_prompt=False)
+        longer = _render(tokenizer, _PROBE, add_generation_prompt=False)
+    except TemplateError:
+        return ""
+    if longer.startswith(short) or not short.endswith(eos) or not longer.endswith(eos):
+        return ""
+    return eos if longer.startswith(short[: -len(eos)]) else ""
 
 
 def _overlaps(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> list[bool]:

@@ -175,6 +175,31 @@ def builtin_template(name: str) -> BuiltinTemplate | None:
     return BUILTIN_TEMPLATES.get(key)
 
 
+# The turn markers of the formats that have a built-in, in the order to test them: a real template that writes them
+# (a model's own, which lora-tune may fail to mask) is named to the built-in that renders the same turns maskably.
+_FORMAT_MARKERS = (
+    ("<|start_header_id|>", "llama-3"),
+    ("You are Qwen, created by Alibaba Cloud", "qwen"),
+    ("<|im_start|>", "chatml"),
+    ("<start_of_turn>", "gemma"),
+    ("<<SYS>>", "llama-2"),
+    ("[INST]", "mistral"),
+    ("### Instruction:", "alpaca"),
+)
+
+
+def builtin_for(template: str | None) -> BuiltinTemplate | None:
+    """The built-in that writes the same turn format as `template` (a model's own Jinja text), or None.
+
+    None too when `template` is that built-in itself: there is nothing better to suggest.
+    """
+    if not template:
+        return None
+    name = next((name for marker, name in _FORMAT_MARKERS if marker in template), None)
+    builtin = BUILTIN_TEMPLATES.get(name) if name else None
+    return None if builtin is None or builtin.source == template else builtin
+
+
 def looks_like_template_name(value: str) -> bool:
     """A recipe value that is a name rather than Jinja text or a .jinja path (used for 'unknown template' errors)."""
     return "{" not in value and not value.endswith(".jinja") and " " not in value.strip() and "\n" not in value

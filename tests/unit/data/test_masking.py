@@ -77,14 +77,16 @@ def test_plain_chatml_template_without_generation_markers(chatml_tokenizer) -> N
     assert "What is two plus two?" in untrained_text(chatml_tokenizer, example)
 
 
-def test_bos_is_added_untrained_when_the_tokenizer_adds_it_but_the_template_does_not(chatml_tokenizer) -> None:
+def test_no_bos_is_added_when_the_tokenizer_adds_it_but_the_template_does_not(chatml_tokenizer) -> None:
+    # Inference tokenizes the rendered prompt without special tokens: a BOS added here would be training-only.
     bos = chatml_tokenizer.bos_token_id
     chatml_tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", special_tokens=[(BOS, bos)]
     )
     example = tokenize_conversation(CONVERSATION, chatml_tokenizer)
-    assert example.input_ids[0] == bos and example.labels[0] == IGNORE_INDEX
-    assert example.input_ids[1] != bos
+    prompt = chatml_tokenizer.apply_chat_template(CONVERSATION[:2], add_generation_prompt=True, tokenize=True)
+    assert bos not in example.input_ids
+    assert example.input_ids[: len(prompt["input_ids"])] == list(prompt["input_ids"])
     assert trained_text(chatml_tokenizer, example) == "Four.<|im_end|>Three plus two is five.<|im_end|>"
 
 
