@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from lora_tune.check.examples import ExampleFacts
 from lora_tune.check.report import CheckResult, Status
 from lora_tune.recipe.schema import Recipe
+from lora_tune.recipe.templates import builtin_for
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -74,6 +75,8 @@ def _assistant_mask(ctx: Context) -> CheckResult:
             "",
             f"{TEMPLATE_FIX} writes every assistant message after its generation prompt",
         )
+    if not everything:
+        return _header_trained(ctx)
     return _result(
         "assistant-mask",
         everything,
@@ -82,6 +85,45 @@ def _assistant_mask(ctx: Context) -> CheckResult:
         "the assistant mask is neither empty nor everything in any row",
         f"{TEMPLATE_FIX} renders the conversation up to the generation prompt as a prefix of the whole",
     )
+
+
+def _header_trained(ctx: Context) -> CheckResult:
+    """A template that ignores add_generation_prompt leaves the assistant header (a special token such as
+    '<|assistant|>') out of the prompt: masking then trains it as the start of every reply, and inference prompts
+    end before it. [INST]-style formats write no header at all, so their replies start with a word and pass."""
+    bad = [f for f in ctx.facts if f.turns and _ignores_generation_prompt(ctx, f)]
+    header = ""
+    if bad:
+        start = bad[0].turns[0][0]
+        header = ctx.tokenizer.decode(bad[0].full.input_ids[start : start + 1], skip_special_tokens=False)
+    return _result(
+        "assistant-mask",
+        bad,
+        f"the template writes nothing for add_generation_prompt, so every reply's trained tokens start with the "
+        f"assistant header {header!r} and prompts at inference end before it; expected the header in the prompt, "
+        "untrained",
+        "the assistant mask is neither empty nor everything in any row, and starts after the assistant header",
+        f"{TEMPLATE_FIX} writes the assistant header when add_generation_prompt is true{_builtin_named(ctx)}",
+    )
+
+
+def _ignores_generation_prompt(ctx: Context, facts: ExampleFacts) -> bool:
+    if not all(facts.full.input_ids[start] in ctx.special_ids for start, _ in facts.turns):
+        return False
+    messages = list(facts.source.messages)
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+    def render(prompt: bool) -> str:
+        return ctx.tokenizer.apply_chat_template(
+            messages[:first], tools=facts.source.tools, tokenize=False, add_generation_prompt=prompt
+        )
+
+    return render(True) == render(False)
+
+
+def _builtin_named(ctx: Context) -> str:
+    builtin = builtin_for(getattr(ctx.tokenizer, "chat_template", None))
+    return "" if builtin is None else f" (the built-in '{builtin.name}' does)"
 
 
 def _prompt_not_trained(ctx: Context) -> CheckResult:
