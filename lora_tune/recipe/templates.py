@@ -191,13 +191,12 @@ _FORMAT_MARKERS = (
 def builtin_for(template: str | None) -> BuiltinTemplate | None:
     """The built-in that writes the same turn format as `template` (a model's own Jinja text), or None.
 
-    None too when `template` is that built-in itself: there is nothing better to suggest.
+    None too when `template` is a built-in itself: a built-in refuses only shapes its format has no place for.
     """
-    if not template:
+    if not template or any(t.source == template for t in BUILTIN_TEMPLATES.values()):
         return None
     name = next((name for marker, name in _FORMAT_MARKERS if marker in template), None)
-    builtin = BUILTIN_TEMPLATES.get(name) if name else None
-    return None if builtin is None or builtin.source == template else builtin
+    return BUILTIN_TEMPLATES.get(name) if name else None
 
 
 def looks_like_template_name(value: str) -> bool:

@@ -258,3 +258,16 @@ def test_user_text_that_also_appears_in_the_end_of_turn_marker_is_not_mistaken_f
     rows = [{"messages": [{"role": r, "content": c} for r, c in zip(roles, turns, strict=True)]}]
     report = check(write_recipe(tmp_path, tiny_tokenizer_dir, rows))
     assert report.passed and not report.warnings, report.format()
+
+
+def test_template_without_a_generation_prompt_fails_the_mask_check(tmp_path):
+    # The assistant header '<|assistant|>' would be trained as the start of every reply, and inference prompts
+    # (rendered with add_generation_prompt) would end before it.
+    no_prompt = CHAT_TEMPLATE.replace("{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}", "")
+    assert no_prompt != CHAT_TEMPLATE
+    report = check(write_recipe(tmp_path, model_dir(tmp_path / "m", template=no_prompt)))
+    assert [c.name for c in report.failures] == ["assistant-mask"]
+    line = report.failure_lines()[0]
+    assert "the template writes nothing for add_generation_prompt" in line
+    assert "start with the assistant header '<|assistant|>'" in line
+    assert "fix: set model.chat_template to a template that writes the assistant header" in line
