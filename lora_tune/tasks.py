@@ -14,6 +14,7 @@ from typing import Any
 
 from lora_tune.check import run_checks
 from lora_tune.check.labels import preflight_report
+from lora_tune.check.preference import preference_report
 from lora_tune.check.report import PreflightReport
 from lora_tune.evaluate import head, run
 from lora_tune.evaluate.result import EvalReport
@@ -22,6 +23,7 @@ from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import release_run_dir
 from lora_tune.training.classifier import train_classifier
 from lora_tune.training.log import quiet_third_party_noise
+from lora_tune.training.preference import train_preference
 from lora_tune.training.result import RunResult
 from lora_tune.training.sft import train_sft
 
@@ -40,12 +42,19 @@ def _train_sft(recipe: Recipe, **options: Any) -> RunResult:
     return train_sft(recipe, **options)
 
 
+def _train_preference(recipe: Recipe, **options: Any) -> RunResult:
+    return train_preference(recipe, **options)
+
+
 def _train_classifier(recipe: Recipe, *, overwrite: bool, **_: Any) -> RunResult:
     return train_classifier(recipe, overwrite=overwrite)  # a head trains in one go: no resume, no launcher
 
 
 TASKS: dict[str, Task] = {
     "sft": Task("sft", _train_sft, run_checks, run.evaluate_generations, run.format_report, "generated"),
+    "preference": Task(
+        "preference", _train_preference, preference_report, run.evaluate_generations, run.format_report, "generated"
+    ),
     "classification": Task(
         "classification", _train_classifier, preflight_report, head.evaluate_head_run, head.format_console, head.TASK
     ),
@@ -53,6 +62,9 @@ TASKS: dict[str, Task] = {
 
 
 def task_of(recipe: Recipe) -> Task:
+    """The recipe's task: classification, sft, or the preference objectives (training.objective)."""
+    if recipe.task.type == "sft" and recipe.training.objective != "sft":
+        return TASKS["preference"]
     return TASKS[recipe.task.type]
 
 

@@ -52,6 +52,8 @@ class PackingPlan:
 def packing_plan(recipe: Recipe) -> PackingPlan:
     """Whether the run packs, and why: the recipe asks, and the attention implementation keeps examples apart."""
     t, model = recipe.training, recipe.model
+    if t.objective != "sft":
+        return PackingPlan(False, f"{t.objective} pads each prompt with its answers; packing is for sft")
     if not t.packing:
         return PackingPlan(False, "training.packing is false")
     if t.max_length is None:

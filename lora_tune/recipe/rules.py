@@ -47,6 +47,17 @@ METHOD_KEYS: dict[str, set[str]] = {
     "full": set(),
 }
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
+Objective = Literal["sft", "dpo", "orpo", "kto", "simpo"]
+# The `preference:` keys each objective reads; a key set for another objective is refused.
+PREFERENCE_KEYS: dict[str, set[str]] = {
+    "sft": set(),
+    "dpo": {"beta", "loss_type", "label_smoothing", "precompute_ref_log_probs"},
+    "orpo": {"beta"},
+    "kto": {"beta", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs"},
+    "simpo": {"beta", "simpo_gamma", "label_smoothing"},
+}
+PREFERENCE_FORMATS = {"dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "kto"}
+SFT_ONLY_TRAINING_KEYS = ("packing", "train_on")  # what the SFT loop reads and the preference trainers do not
 # Keys that still apply when an earlier run's adapter (and its saved settings) is continued.
 CONTINUE_KEYS = {"method", "init_from", "loraplus_lr_ratio"}
 
@@ -122,3 +133,29 @@ def _check_adalora(recipe: Recipe) -> None:
         raise FieldError(
             "adapter.tinit", f"tinit + tfinal ({a.tinit} + {a.tfinal}) must be below training.max_steps ({steps})"
         )
+
+
+def check_objective(recipe: Recipe) -> None:
+    """The preference settings belong to the objective; the data and task fit it."""
+    objective = recipe.training.objective
+    allowed = PREFERENCE_KEYS[objective]
+    foreign = sorted(recipe.preference.model_fields_set - allowed)
+    if foreign:
+        reads = f"it reads {', '.join(sorted(allowed))}" if allowed else "set training.objective to use them"
+        raise FieldError(f"preference.{foreign[0]}", f"is not read by training.objective {objective}; {reads}")
+    if objective == "sft":
+        preference_formats = [d.format for d in recipe.datasets if d.format in ("preference", "kto")]
+        if preference_formats:
+            raise FieldError("datasets", f"format {preference_formats[0]} needs a preference training.objective")
+        return
+    if recipe.task.type != "sft":
+        raise FieldError("training.objective", f"{objective} trains a causal LM; task.type must be sft")
+    for key in SFT_ONLY_TRAINING_KEYS:
+        if key in recipe.training.model_fields_set:
+            raise FieldError(f"training.{key}", f"applies to training.objective sft only, not {objective}")
+    wanted = PREFERENCE_FORMATS[objective]
+    for source in (*recipe.datasets, *recipe.eval_datasets, *recipe.test_datasets):
+        if source.format not in ("auto", wanted):
+            raise FieldError(
+                "datasets", f"'{source.path}': {objective} reads {wanted} rows, not format {source.format}"
+            )

@@ -23,7 +23,17 @@ from pydantic import (
 )
 
 from lora_tune.errors import FieldError
-from lora_tune.recipe.rules import CONTINUE_KEYS, METHOD_KEYS, Method, check_adapter, check_recipe
+from lora_tune.recipe.rules import (
+    CONTINUE_KEYS,
+    METHOD_KEYS,
+    PREFERENCE_KEYS,
+    SFT_ONLY_TRAINING_KEYS,
+    Method,
+    Objective,
+    check_adapter,
+    check_objective,
+    check_recipe,
+)
 from lora_tune.recipe.strategy import DistributedError, check_distributed_section
 from lora_tune.recipe.templates import BUILTIN_TEMPLATES, builtin_template, looks_like_template_name
 from lora_tune.run.layout import RunDir
@@ -195,7 +205,7 @@ class AdapterConfig(StrictModel):
         return {k: v for k, v in handler(self).items() if k in keep}
 
 
-DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text"]
+DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "kto"]
 
 
 class DatasetConfig(StrictModel):
@@ -295,6 +305,12 @@ Optimizer = Literal[
 
 
 class TrainingConfig(StrictModel):
+    objective: Objective = Field(
+        "sft",
+        description="sft: supervised fine-tuning on chat/instruction data; dpo, orpo, simpo: preference tuning on "
+        "prompt/chosen/rejected rows; kto: on prompt/completion/label rows (settings in `preference:`; "
+        "docs/preference.md).",
+    )
     learning_rate: PositiveFloat = Field(2e-4, description="Peak learning rate.")
     num_epochs: PositiveFloat = Field(
         1.0, le=MAX_EPOCHS, description="Passes over the training data (ignored when max_steps is set)."
@@ -551,6 +567,30 @@ class TaskConfig(StrictModel):
         return data if self.type == "classification" else {"type": data["type"]}
 
 
+class PreferenceConfig(StrictModel):
+    """Settings of the preference objectives; each objective reads only its own (recipe.rules.PREFERENCE_KEYS)."""
+
+    beta: PositiveFloat | None = Field(
+        None,
+        description="Strength of the preference term: dpo/kto: deviation from the reference policy (default 0.1); "
+        "orpo: weight of the odds-ratio loss (default 0.1); simpo: reward scale (default 2.0).",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="dpo: sigmoid (DPO), ipo (IPO), hinge (SLiC), robust (label-noise robust DPO)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="dpo (sigmoid/robust) and simpo: assumed share of flipped preference labels."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin, as a ratio of beta.")
+    desirable_weight: PositiveFloat = Field(1.0, description="kto: weight of the desirable (label true) rows.")
+    undesirable_weight: PositiveFloat = Field(1.0, description="kto: weight of the undesirable (label false) rows.")
+    precompute_ref_log_probs: bool = Field(
+        False,
+        description="dpo/kto: compute the reference log-probabilities once before training (one pass over the "
+        "data), so no reference forward runs during training: the tightest memory.",
+    )
+
+
 class Recipe(StrictModel):
     """A whole run: what to load, how to adapt it, on what data, how to train, and where to write."""
 
@@ -567,6 +607,9 @@ class Recipe(StrictModel):
         0.0, ge=0, lt=1, description="Fraction of the training rows held out for validation (when no eval_datasets)."
     )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Preference objectives' settings (training.objective)."
+    )
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(
@@ -574,6 +617,20 @@ class Recipe(StrictModel):
     )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics, checkpoints.")
+
+    @model_serializer(mode="wrap")
+    def _preference_keys_of_its_objective(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The resolved recipe lists the preference settings its objective reads (all of them for sft would be
+        refused when the saved recipe is read back), and no `preference:` section at all for sft; a preference
+        recipe leaves out the training keys only sft reads."""
+        data = handler(self)
+        keep = PREFERENCE_KEYS[self.training.objective]
+        if keep:
+            data["preference"] = {k: v for k, v in data["preference"].items() if k in keep}
+            data["training"] = {k: v for k, v in data["training"].items() if k not in SFT_ONLY_TRAINING_KEYS}
+        else:
+            data.pop("preference", None)
+        return data
 
     @property
     def run_dir(self) -> RunDir:
@@ -591,6 +648,7 @@ class Recipe(StrictModel):
         if self.eval_datasets and self.val_size > 0:
             raise FieldError("val_size", "give validation data once: either eval_datasets or val_size, not both")
         self._check_data_split()
+        check_objective(self)
         return self
 
     def _check_data_split(self) -> None:

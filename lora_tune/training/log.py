@@ -132,3 +132,11 @@ def compact_progress_callback() -> Any:
 def quiet_third_party_noise() -> None:
     """bitsandbytes logs a harmless fallback notice on the CPU; users should not mistake it for a failure."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def use_compact_progress(trainer: Any) -> None:
+    """Swap transformers' progress bar for the compact one (a short line per log step)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if trainer.callback_handler.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(compact_progress_callback())

@@ -36,6 +36,9 @@ class RunResult:
     method: str = "lora"
     total_parameters: int = 0
     trainable_percent: float = 0.0
+    objective: str = "sft"
+    reward_accuracy: float | None = None  # preference runs: held-out share of pairs whose chosen answer wins
+    reward_margin: float | None = None  # preference runs: mean implicit reward of chosen minus rejected
 
     def parameter_share(self) -> tuple[int, int, float]:
         """(trainable, total, trainable percent), as the log line and the summary print them."""

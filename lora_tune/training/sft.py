@@ -30,12 +30,12 @@ from lora_tune.training.divergence import Divergence, divergence_callback, raise
 from lora_tune.training.faults import check_free_disk, translate_faults
 from lora_tune.training.levers import apply_liger, check_levers, describe_levers
 from lora_tune.training.log import (
-    compact_progress_callback,
     last_value,
     metrics_callback,
     peak_memory,
     plot_loss,
     read_metrics,
+    use_compact_progress,
 )
 from lora_tune.training.result import RunResult, best_checkpoint
 from lora_tune.training.resume import (
@@ -213,7 +213,7 @@ def _prepare_trainer(trainer: Any, recipe: Recipe, run: RunDir) -> None:
     methods.attach(recipe, trainer, run.root)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
     keep_trainable_dtypes(trainer)  # a resumed QLoRA adapter trains in bfloat16 again, as before the kill
     check_free_disk(run.root, recipe, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
-    _use_compact_progress(trainer, compact_progress_callback())
+    use_compact_progress(trainer)
 
 
 def _result(
@@ -255,13 +255,6 @@ def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, recipe: Recipe, *, 
     else:
         save_artifact(recipe, trainer, tokenizer, build, run.root)
     replace_dir_atomic(build, run.root / artifact_name(recipe))
-
-
-def _use_compact_progress(trainer: Any, compact: type) -> None:
-    from transformers.trainer_callback import ProgressCallback
-
-    if trainer.callback_handler.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(compact)
 
 
 def _on_gpu() -> bool:

@@ -1,9 +1,10 @@
-"""Recipe training section -> TRL's SFTConfig. The only file that spells TRL's (and Trainer's) field names."""
+"""Recipe training section -> TRL's SFTConfig and its preference configs (DPO, KTO, ORPO, CPO/SimPO). The only file
+that spells TRL's (and Trainer's) field names."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lora_tune.data.packing import sft_packing_args
 from lora_tune.recipe.schema import Recipe
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from trl import SFTConfig
 
 OPTIMIZERS = {"adamw_8bit": "adamw_bnb_8bit"}
+DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}  # the papers' and TRL's defaults
 
 
 def mixed_precision_flags(recipe: Recipe, model_dtype: torch.dtype) -> dict[str, bool]:
@@ -30,12 +32,67 @@ def mixed_precision_flags(recipe: Recipe, model_dtype: torch.dtype) -> dict[str,
 
 
 def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype) -> SFTConfig:
-    import torch
     from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_fields(recipe, checkpoint_dir, model_dtype, SFTConfig),
+        max_length=recipe.training.max_length,
+        **sft_packing_args(recipe),
+        # The data pipeline already tokenized, masked and shuffled; TRL truncates and packs.
+        dataset_num_proc=None,
+    )
+
+
+def to_preference_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype) -> Any:
+    """DPOConfig, KTOConfig, ORPOConfig or CPOConfig (SimPO is CPO's `simpo` loss without its SFT term) for the
+    recipe's training.objective, with the objective's `preference:` settings."""
+    config_class = preference_classes(recipe.training.objective)[1]
+    p, objective = recipe.preference, recipe.training.objective
+    fields: dict[str, Any] = {"beta": p.beta if p.beta is not None else DEFAULT_BETA[objective]}
+    if objective == "dpo":
+        fields |= {"loss_type": [p.loss_type], "label_smoothing": p.label_smoothing}
+    if objective in ("dpo", "kto"):
+        fields["precompute_ref_log_probs"] = p.precompute_ref_log_probs
+    if objective == "kto":
+        fields |= {"desirable_weight": p.desirable_weight, "undesirable_weight": p.undesirable_weight}
+    if objective == "simpo":
+        fields |= {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": p.simpo_gamma}
+        fields["label_smoothing"] = p.label_smoothing
+    return config_class(
+        **trainer_fields(recipe, checkpoint_dir, model_dtype, config_class),
+        max_length=recipe.training.max_length,
+        **fields,
+    )
+
+
+def preference_classes(objective: str) -> tuple[type, type]:
+    """(trainer class, config class) of a preference objective; ORPO and CPO live in trl.experimental in trl 1.x."""
+    if objective == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        return DPOTrainer, DPOConfig
+    if objective == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        return KTOTrainer, KTOConfig
+    if objective == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer, ORPOConfig
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    return CPOTrainer, CPOConfig
+
+
+def trainer_fields(
+    recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype, config_class: type
+) -> dict[str, Any]:
+    """The transformers Trainer settings every objective shares: schedule, batch shape, logging, saving, devices."""
+    import torch
 
     t = recipe.training
     shape, optimizer = run_shape(recipe, model_dtype)
-    return SFTConfig(
+    return dict(
         output_dir=str(checkpoint_dir),
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_epochs,
@@ -43,8 +100,6 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         per_device_train_batch_size=shape.batch_size,
         per_device_eval_batch_size=shape.eval_batch_size,
         gradient_accumulation_steps=shape.gradient_accumulation_steps,
-        max_length=t.max_length,
-        **sft_packing_args(recipe),
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
@@ -68,10 +123,12 @@ def to_sft_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype
         report_to=list(t.report_to) or "none",
         **best_checkpoint_args(recipe),
         use_cpu=not torch.cuda.is_available(),
-        # The data pipeline already tokenized, masked and shuffled; TRL truncates and packs.
-        dataset_num_proc=None,
-        **checkpointing_args(SFTConfig, t.gradient_checkpointing),
-        activation_offloading=t.activation_offloading and torch.cuda.is_available(),
+        **checkpointing_args(config_class, t.gradient_checkpointing),
+        **(
+            {"activation_offloading": t.activation_offloading and torch.cuda.is_available()}
+            if "activation_offloading" in config_class.__dataclass_fields__
+            else {}
+        ),
         **mixed_precision_flags(recipe, model_dtype),
         **distributed_args(recipe),
     )

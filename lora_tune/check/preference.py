@@ -1,0 +1,98 @@
+"""The pre-flight check of a preference run (dpo, orpo, kto, simpo): the pairs as TRL will tokenize them.
+
+Every row is read and checked on load (lora_tune.data.preference: pairs that prefer nothing, answers after
+different prompts, empty answers fail there with their file and line). Here each pair is rendered with the run's
+chat template, as the trainers render it: the prompt once with the generation prompt, each answer as the assistant
+turn of the whole conversation. The checks: both answers are closed by the end-of-turn token the model must learn to
+stop at (a template may write a newline after it); no pair becomes identical when max_length cuts it;
+how many prompts and pairs max_length truncates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lora_tune.check.report import CheckResult, PreflightReport
+from lora_tune.data.preference import load_preference_splits
+from lora_tune.recipe.schema import Recipe
+
+
+def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
+    """`lora-tune check` (and train's pre-flight step) for a preference recipe."""
+    splits = load_preference_splits(recipe)
+    rows = splits.train + splits.validation
+    limit = recipe.training.max_length
+    rendered = [_render(tokenizer, row) for row in rows]
+    stop_ids = _stop_ids(tokenizer)
+    unclosed = [i for i, (_, answers) in enumerate(rendered) if any(not stop_ids & set(a) for a in answers)]
+    too_long = [
+        i for i, (p, answers) in enumerate(rendered) if limit and any(len(p) + len(a) > limit for a in answers)
+    ]
+    prompt_only = [i for i, (p, _) in enumerate(rendered) if limit and len(p) >= limit]
+    identical = [i for i, (p, a) in enumerate(rendered) if limit and len(a) == 2 and _same_when_cut(p, a, limit)]
+    checks = [
+        _check("stop", unclosed, len(rows), "answers are not closed by the end-of-turn token "
+               f"({', '.join(tokenizer.convert_ids_to_tokens(sorted(stop_ids)))}); the model would not learn to stop",
+               "use a chat template that closes the assistant turn (model.chat_template)"),
+        _check("truncated-identical", identical, len(rows), "pairs become identical once max_length cuts them",
+               "raise training.max_length"),
+        _check("truncation", too_long, len(rows), f"rows are longer than max_length {limit} and are cut",
+               "raise training.max_length", status="warn"),
+        _check("prompt-too-long", prompt_only, len(rows), f"prompts alone fill max_length {limit}; TRL drops them",
+               "raise training.max_length", status="warn"),
+    ]  # fmt: skip
+    lengths = [len(p) + max(map(len, a)) for p, a in rendered]
+    return PreflightReport(
+        checks=checks,
+        rows=len(splits.train),
+        sources={d.path: {"rows": len(rows), "checked": len(rows)} for d in recipe.datasets},
+        tokens=sum(lengths),
+        trained_tokens=sum(sum(map(len, a)) for _, a in rendered),
+        stop_tokens=tokenizer.convert_ids_to_tokens(sorted(stop_ids)),
+        generation_stop_tokens=None,
+        generation_config="not read by the preference check",
+        chat_template_sha256="",
+        max_length=limit,
+        longest_example=max(lengths, default=0),
+    )
+
+
+def _render(tokenizer: Any, row: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [answer ids, ...]) as TRL's preference trainers tokenize a conversational row."""
+    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
+    prompt = _ids(prompt)
+    answers = [row[k] for k in ("chosen", "rejected", "completion") if k in row]
+    full = [_ids(tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=True)) for answer in answers]
+    return prompt, [ids[_common_prefix(prompt, ids) :] for ids in full]
+
+
+def _ids(encoded: Any) -> list[int]:
+    return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _stop_ids(tokenizer: Any) -> set[int]:
+    """The tokens that may end an assistant turn: EOS and the template's end-of-turn markers known to the vocab."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>"):
+        token = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(token, int) and token != tokenizer.unk_token_id:
+            ids.add(token)
+    return ids
+
+
+def _same_when_cut(prompt: list[int], answers: list[list[int]], limit: int) -> bool:
+    room = max(0, limit - len(prompt))
+    return answers[0][:room] == answers[1][:room]
+
+
+def _check(name: str, rows: list[int], total: int, what: str, fix: str, status: str = "fail") -> CheckResult:
+    if not rows:
+        return CheckResult(name, "pass", f"0 of {total} rows: {what}")
+    return CheckResult(name, status, f"{len(rows)} of {total} {what}", fix=fix, count=len(rows))  # type: ignore[arg-type]
