@@ -408,3 +408,61 @@ def test_family_table_is_recorded() -> None:
     text = (ROOT / "docs" / "data.md").read_text(encoding="utf-8")
     for name in ("Llama 3.1", "Qwen2.5", "Qwen3", "Gemma 2", "Phi-3", "Mistral", "SmolLM2"):
         assert f"| {name}" in text
+
+
+# One tiny QLoRA run per family: a random 1-layer Llama sized to the real vocabulary, trained with the real template.
+
+TRAIN_RECIPE = """\
+model:
+  name: {model}
+  dtype: float32
+quantization:
+  bits: 4
+adapter:
+  r: 4
+  alpha: 8
+  dropout: 0.0
+datasets:
+  - path: {data}
+training:
+  learning_rate: 1.0e-3
+  max_steps: 2
+  batch_size: 2
+  max_length: 128
+  warmup_steps: 0
+  logging_steps: 1
+  eval_strategy: "no"
+  save_strategy: "no"
+  gradient_checkpointing: false
+output_dir: {out}
+"""
+
+
+@pytest.mark.slow  # about 10 s a family (tokenizer loads dominate: 128k-262k tokens, several per run)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_qlora_run_merges_with_the_template_and_stop_token(tmp_path, real, name: str) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from lora_tune.quickstart.tiny import build_tiny_llama
+
+    family = FAMILIES[name]
+    tokenizer = real(name)
+    model = model_folder(tmp_path, name)
+    build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2).save_pretrained(model)
+    GenerationConfig(eos_token_id=list(family.generation_stops)).save_pretrained(model)  # the real model's stops
+    data = write_jsonl(tmp_path / "train.jsonl", good_rows(name) * 2)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TRAIN_RECIPE.format(model=model, data=data, out=tmp_path / "run"))
+    template = [] if family.multi_turn else ["model.chat_template=chatml"]
+    assert main(["train", str(recipe), *template]) == 0
+    assert main(["merge", str(tmp_path / "run"), "--output", str(tmp_path / "merged")]) == 0
+
+    merged = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    trained = AutoTokenizer.from_pretrained(tmp_path / "run" / "adapter") if not family.multi_turn else tokenizer
+    assert merged.chat_template == trained.chat_template
+    stops = GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id
+    assert merged.convert_tokens_to_ids(family.end_of_turn) in (stops if isinstance(stops, list) else [stops])
+    prompt = TURNS[:1]
+    assert merged.apply_chat_template(prompt, add_generation_prompt=True) == trained.apply_chat_template(
+        prompt, add_generation_prompt=True
+    )
