@@ -74,13 +74,15 @@ class Family:
     template: str  # MEMBERS key
     renames: dict[int, str] = field(default_factory=dict)  # token id -> the model's own name for it
     added: tuple[str, ...] = ()  # special tokens the model has and the stand-in vocabulary lacks (appended)
-    pad: str | None = None  # the pad token to set (None: keep the GGUF's)
+    eos: str | None = None  # the instruct model's EOS where its tokenizer_config differs from the GGUF's
 
 
 FAMILIES = {
-    "llama-3.1": Family("ggml-vocab-llama-bpe.gguf", "templates/meta-llama-Llama-3.1-8B-Instruct.jinja"),
-    "qwen2.5": Family("ggml-vocab-qwen2.gguf", "templates/Qwen-Qwen2.5-7B-Instruct.jinja", _QWEN25),
-    "qwen3": Family("ggml-vocab-qwen2.gguf", "templates/Qwen-Qwen3-0.6B.jinja", _QWEN3),
+    "llama-3.1": Family(
+        "ggml-vocab-llama-bpe.gguf", "templates/meta-llama-Llama-3.1-8B-Instruct.jinja", eos="<|eot_id|>"
+    ),
+    "qwen2.5": Family("ggml-vocab-qwen2.gguf", "templates/Qwen-Qwen2.5-7B-Instruct.jinja", _QWEN25, eos="<|im_end|>"),
+    "qwen3": Family("ggml-vocab-qwen2.gguf", "templates/Qwen-Qwen3-0.6B.jinja", _QWEN3, eos="<|im_end|>"),
     # Gemma 4's vocabulary is Gemma 3's with <start_of_turn>/<end_of_turn> (ids 105/106) renamed <|turn>/<turn|>.
     "gemma": Family(
         "ggml-vocab-gemma-4.gguf",
@@ -92,7 +94,15 @@ FAMILIES = {
     "mistral": Family(
         "ggml-vocab-llama-spm.gguf",
         "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja",
-        added=("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]"),
+        added=(
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        ),
     ),
 }
 STAMP = "converted.json"  # in each tokenizer folder: the transformers version and member hashes it was made from
@@ -176,6 +186,7 @@ def _convert(cache: Path, name: str, family: Family) -> bool:
         "template": MEMBERS[family.template],
         "renames": {str(k): v for k, v in family.renames.items()},
         "added": list(family.added),
+        "eos": family.eos,
     }
     if (folder / STAMP).is_file() and json.loads((folder / STAMP).read_text()) == stamp:
         return False
@@ -206,8 +217,8 @@ def _load_gguf(cache: Path, family: Family):  # noqa: ANN202 - a transformers to
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **config)
     if family.added:
         tokenizer.add_special_tokens({"additional_special_tokens": list(family.added)})
-    if family.pad is not None:
-        tokenizer.pad_token = family.pad
+    if family.eos is not None:
+        tokenizer.eos_token = family.eos
     return tokenizer
 
 

@@ -197,12 +197,23 @@ def test_own_template_that_cannot_be_masked_is_refused_naming_the_builtin(real, 
     assert all(run[-1] == tokenizer.convert_tokens_to_ids(stop) for run in trained_runs(example))
 
 
-@pytest.mark.parametrize("name", ["llama-3.1", "qwen2.5"])
+# Mistral's template wants 9-character call ids, and the tool turn to name the call it answers.
+MISTRAL_TOOL_TURNS = [
+    TOOL_TURNS[0],
+    {**TOOL_TURNS[1], "tool_calls": [{"id": "call00001", **TOOL_TURNS[1]["tool_calls"][0]}]},
+    {**TOOL_TURNS[2], "tool_call_id": "call00001"},
+    TOOL_TURNS[3],
+]
+
+
+@pytest.mark.parametrize("name", ["llama-3.1", "qwen2.5", "mistral"])
 def test_own_template_masks_tool_calls(real, name: str) -> None:
     tokenizer = real(name)
-    example = tokenize_conversation(TOOL_TURNS, tokenizer, tools=[WEATHER])
+    turns = MISTRAL_TOOL_TURNS if name == "mistral" else TOOL_TURNS
+    example = tokenize_conversation(turns, tokenizer, tools=[WEATHER])
     runs = [decode(tokenizer, run) for run in trained_runs(example)]
     assert len(runs) == 2 and "get_weather" in runs[0] and "Paris" in runs[0]
+    assert runs[0].endswith(FAMILIES[name].end_of_turn)  # the call is a whole reply: it stops too
     assert runs[1].strip() == "It is 21 degrees in Paris." + FAMILIES[name].end_of_turn
     untrained = decode(tokenizer, [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab < 0])
     assert '"temperature' in untrained and "Weather in Paris?" in untrained and "get_weather" in untrained
@@ -260,10 +271,11 @@ def test_same_prompt_at_training_and_inference(real, name: str) -> None:
         assert "You are Qwen, created by Alibaba Cloud." in decode(tokenizer, prompts_match(tokenizer, TURNS)[0][1])
 
 
-@pytest.mark.parametrize("name", ["llama-3.1", "qwen2.5"])
+@pytest.mark.parametrize("name", ["llama-3.1", "qwen2.5", "mistral"])
 def test_same_prompt_with_tools(real, name: str) -> None:
     tokenizer = real(name)
-    for trained, inference in prompts_match(tokenizer, TOOL_TURNS, tools=[WEATHER]):
+    turns = MISTRAL_TOOL_TURNS if name == "mistral" else TOOL_TURNS
+    for trained, inference in prompts_match(tokenizer, turns, tools=[WEATHER]):
         assert trained == inference
 
 
