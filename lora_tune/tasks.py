@@ -16,7 +16,7 @@ from lora_tune.check import run_checks
 from lora_tune.check.labels import preflight_report
 from lora_tune.check.preference import preference_report
 from lora_tune.check.report import PreflightReport
-from lora_tune.evaluate import head, run
+from lora_tune.evaluate import head, preference, run
 from lora_tune.evaluate.result import EvalReport
 from lora_tune.model.load import load_tokenizer
 from lora_tune.recipe.schema import Recipe
@@ -24,6 +24,7 @@ from lora_tune.run.layout import release_run_dir
 from lora_tune.training.classifier import train_classifier
 from lora_tune.training.log import quiet_third_party_noise
 from lora_tune.training.preference import train_preference
+from lora_tune.training.processes import release_process_group
 from lora_tune.training.result import RunResult
 from lora_tune.training.sft import train_sft
 
@@ -53,7 +54,12 @@ def _train_classifier(recipe: Recipe, *, overwrite: bool, **_: Any) -> RunResult
 TASKS: dict[str, Task] = {
     "sft": Task("sft", _train_sft, run_checks, run.evaluate_generations, run.format_report, "generated"),
     "preference": Task(
-        "preference", _train_preference, preference_report, run.evaluate_generations, run.format_report, "generated"
+        "preference",
+        _train_preference,
+        preference_report,
+        preference.evaluate_preference,
+        preference.format_preference_console,
+        preference.TASK,
     ),
     "classification": Task(
         "classification", _train_classifier, preflight_report, head.evaluate_head_run, head.format_console, head.TASK
@@ -86,6 +92,7 @@ def train(
         )
     finally:
         release_run_dir(recipe.run_dir)
+        release_process_group()
 
 
 def check(recipe: Recipe) -> PreflightReport:

@@ -16,6 +16,7 @@ class Score:
     normalized_exact_match: float
     perplexity: float | None = None  # of the reference answers' tokens (assistant-only, end-of-turn included)
     classification: dict[str, Any] | None = None  # accuracy, precision/recall/F1, confusion (label-style tasks)
+    preference: dict[str, Any] | None = None  # preference runs: accuracies, reward margin, log-probabilities
 
 
 @dataclass
@@ -24,7 +25,7 @@ class EvalReport:
     rows: int
     tuned: Score
     base: Score | None = None
-    task: str = "text"  # "labels" when classification metrics were computed
+    task: str = "text"  # "labels" when classification metrics were computed; "head", "preference"
     labels: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     scored_tokens: int = 0

@@ -13,7 +13,7 @@ from lora_tune.model.load import load_model, load_tokenizer, resolve_dtype
 from lora_tune.model.safety import check_weights_format
 from lora_tune.recipe.load import load_recipe
 from lora_tune.recipe.schema import EvalConfig
-from lora_tune.run.layout import MODEL_DIR, RunDir
+from lora_tune.run.layout import LABELS_FILE, MODEL_DIR, RunDir
 
 if TYPE_CHECKING:
     from lora_tune.recipe.schema import EvalConfig
@@ -56,7 +56,7 @@ def load_run_model(run: RunDir) -> tuple[Any, Any]:
     artifact = run_artifact(run)
 
     recipe = load_recipe(run.recipe, check_paths=False)
-    if recipe.task.type == "classification":
+    if (artifact / LABELS_FILE).is_file():  # a classification head's label names: see lora_tune.tasks
         raise ModelFolderError(
             f"{run.root}: a classification-head run predicts labels, it does not generate; "
             "score it with `lora-tune eval`"

@@ -150,6 +150,8 @@ def check_objective(recipe: Recipe) -> None:
         return
     if recipe.task.type != "sft":
         raise FieldError("training.objective", f"{objective} trains a causal LM; task.type must be sft")
+    if recipe.training.best_metric != "loss":  # TRL's preference trainers log no token accuracy
+        raise FieldError("training.best_metric", f"{objective} logs eval_loss and rewards, not mean_token_accuracy")
     for key in SFT_ONLY_TRAINING_KEYS:
         if key in recipe.training.model_fields_set:
             raise FieldError(f"training.{key}", f"applies to training.objective sft only, not {objective}")

@@ -63,8 +63,23 @@ def kto_rows(n: int) -> list[dict]:
     return rows
 
 
-def write_recipe(root: Path, model: Path, objective: str, name: str, steps: int = 8) -> Path:
-    data = write_jsonl(root / f"{objective}.jsonl", kto_rows(40) if objective == "kto" else pair_rows(40))
+def form_rows(n: int, start: int = 0) -> list[dict]:
+    """A rule of form the base does not follow: the chosen answer is the fruit in capitals, the rejected one as is."""
+    return [
+        {
+            "prompt": f"fruit number {i}?",
+            "chosen": FRUITS[i % len(FRUITS)].upper(),
+            "rejected": FRUITS[i % len(FRUITS)],
+        }
+        for i in range(start, start + n)
+    ]
+
+
+def write_recipe(
+    root: Path, model: Path, objective: str, name: str, steps: int = 8, rows: list[dict] | None = None
+) -> Path:
+    rows = rows or (kto_rows(40) if objective == "kto" else pair_rows(40))
+    data = write_jsonl(root / f"{objective}.jsonl", rows)
     path = root / f"{name}.yaml"
     path.write_text(RECIPE.format(model=model, data=data, objective=objective, steps=steps, out=root / name))
     return path
@@ -131,3 +146,19 @@ def test_pairs_that_prefer_nothing_stop_the_run_before_the_model_loads(tiny_mode
     write_jsonl(data, rows)
     assert main(["train", str(recipe)]) == 2
     assert "dpo.jsonl: line 7: field 'rejected': chosen equals rejected" in capsys.readouterr().err
+
+
+def test_eval_of_a_dpo_run_reports_base_and_tuned_on_held_out_pairs(tiny_model_dir: Path, tmp_path: Path, capsys):
+    recipe = write_recipe(tmp_path, tiny_model_dir, "dpo", "run", steps=16, rows=form_rows(40))
+    assert main(["train", str(recipe)]) == 0
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", form_rows(18, start=100))  # numbers never trained on
+    assert main(["eval", str(tmp_path / "run"), "--data", str(held_out)]) == 0
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    tuned, base = report["tuned"]["preference"], report["base"]["preference"]
+    print("held-out:", {"tuned": tuned, "base": base})
+    assert report["task"] == "preference" and report["rows"] == 18
+    assert tuned["reward_accuracy"] >= 0.9, tuned  # the chosen answer gained over the base on held-out pairs
+    assert tuned["preference_accuracy"] > base["preference_accuracy"], (tuned, base)
+    assert tuned["chosen_logprob"] - tuned["rejected_logprob"] > base["chosen_logprob"] - base["rejected_logprob"]
+    assert "reward accuracy" in capsys.readouterr().out
+    assert "| prompt | chosen | base | fine-tuned |" in (tmp_path / "run" / "eval.md").read_text()
