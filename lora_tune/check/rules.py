@@ -108,7 +108,16 @@ def _header_trained(ctx: Context) -> CheckResult:
 
 
 def _ignores_generation_prompt(ctx: Context, facts: ExampleFacts) -> bool:
-    if not all(facts.full.input_ids[start] in ctx.special_ids for start, _ in facts.turns):
+    """Every reply's first trained token looks like a role header, and the generation prompt renders nothing."""
+    ids = facts.full.input_ids
+    untrained = {token for token, trained in zip(ids, facts.trained_flags, strict=True) if not trained}
+
+    def header(token: int) -> bool:  # a special token that also opens prompt turns, or names the assistant role
+        name = str(ctx.tokenizer.convert_ids_to_tokens(token)).lower()
+        return token in ctx.special_ids and (token in untrained or "assistant" in name or "model" in name)
+
+    # Not "[TOOL_CALLS]" of an [INST] format, which writes no header and rightly ignores add_generation_prompt.
+    if not all(header(ids[start]) for start, _ in facts.turns):
         return False
     messages = list(facts.source.messages)
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")

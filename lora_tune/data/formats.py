@@ -57,6 +57,7 @@ class Message(TypedDict):
     role: Role
     content: str
     tool_calls: NotRequired[list[dict[str, Any]]]
+    tool_call_id: NotRequired[str]  # a tool turn: the call it answers (Mistral's template requires it)
 
 
 Conversation = list[Message]
@@ -188,6 +189,8 @@ def _from_messages(row: Mapping[str, Any], where: Origin) -> Example:
         message: Message = {"role": role, "content": content}
         if calls:
             message["tool_calls"] = _tool_calls(calls, where, f"{field}.tool_calls")
+        if role == "tool" and isinstance(turn.get("tool_call_id"), str):
+            message["tool_call_id"] = turn["tool_call_id"]
         conversation.append(message)
     _check_shape(conversation, where, column)
     return Example(conversation, _tools(row, where))
@@ -275,7 +278,10 @@ def _tool_calls(calls: Any, where: Origin, field: str) -> list[dict[str, Any]]:
                 arguments = json.loads(arguments)
             except ValueError:
                 pass  # keep text arguments as they are; templates print strings verbatim
-        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+        kept: dict[str, Any] = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call, dict) and isinstance(call.get("id"), str):  # templates that pair results with calls
+            kept["id"] = call["id"]
+        out.append(kept)
     return out
 
 

@@ -72,9 +72,9 @@ def render_with_spans(
         if closing and through.endswith(closing):  # written after the last message only: not part of this turn
             through = through[: -len(closing)]
         if not text.startswith(before):
-            raise _not_a_prefix(i, " with the generation prompt", tokenizer)
+            raise _not_a_prefix(i, " with the generation prompt", _builtin_hint(tokenizer, messages, tools))
         if not text.startswith(through):
-            raise _not_a_prefix(i + 1, "", tokenizer)
+            raise _not_a_prefix(i + 1, "", _builtin_hint(tokenizer, messages, tools))
         start, end = len(before), len(through.rstrip())
         spans.append((start, max(start, end)))
     return text, spans
@@ -307,25 +307,38 @@ def _render(
             add_generation_prompt=add_generation_prompt,
         )
     except JinjaError as e:  # templates raise on shapes they refuse, e.g. roles that do not alternate
-        raise TemplateError(f"the chat template refused the conversation: {e}{_builtin_hint(tokenizer)}") from e
+        hint = _builtin_hint(tokenizer, messages, tools)
+        raise TemplateError(f"the chat template refused the conversation: {e}{hint}") from e
     if not isinstance(rendered, str):
         raise TemplateError(f"the chat template rendered {type(rendered).__name__}, expected text")
     return rendered
 
 
-def _not_a_prefix(count: int, how: str, tokenizer: PreTrainedTokenizerBase) -> TemplateError:
+def _not_a_prefix(count: int, how: str, hint: str) -> TemplateError:
     return TemplateError(
         f"the chat template is not prefix-consistent: the first {count} messages rendered{how} are not a prefix of "
         "the whole conversation, so assistant turns cannot be located; use a template that renders earlier turns "
-        f"the same whatever follows (model.chat_template){_builtin_hint(tokenizer)}"
+        f"the same whatever follows (model.chat_template){hint}"
     )
 
 
-def _builtin_hint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Names the built-in that writes the refused template's turn format, so the user has a template that works."""
+def _builtin_hint(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]], tools: Tools) -> str:
+    """Names the built-in that writes the refused template's turn format, when it renders this conversation (the
+    built-ins are prefix-consistent, so it then masks it too)."""
+    from jinja2 import TemplateError as JinjaError
+
     builtin = builtin_for(getattr(tokenizer, "chat_template", None))
     if builtin is None:
         return ""
+    try:
+        tokenizer.apply_chat_template(
+            list(messages),
+            tools=[dict(t) for t in tools] if tools else None,
+            chat_template=builtin.source,
+            tokenize=False,
+        )
+    except JinjaError:
+        return ""  # e.g. a tool call, which the [INST] built-ins have no place for
     return f"; the built-in '{builtin.name}' writes these turns maskably (model.chat_template: {builtin.name})"
 
 

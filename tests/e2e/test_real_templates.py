@@ -387,6 +387,13 @@ def test_check_fails_on_a_template_without_a_generation_prompt(tmp_path, real) -
     assert "(the built-in 'llama-3' does)" in line and "\n" not in line
 
 
+def test_check_passes_on_replies_that_start_with_a_special_token_in_a_format_without_headers(tmp_path, real) -> None:
+    real("mistral")  # [INST] formats ignore add_generation_prompt; a tool call reply starts with [TOOL_CALLS]
+    rows = [{"messages": MISTRAL_TOOL_TURNS[:2], "tools": [WEATHER]}] * 3
+    report = check(check_recipe(tmp_path, model_folder(tmp_path, "mistral"), rows))
+    assert report.passed, report.format()
+
+
 def test_check_warns_when_the_pad_token_is_the_end_of_turn_token(tmp_path, real) -> None:
     """Labels come from the masks (TRL pads labels with -100 and never masks by pad id), so the end-of-turn token
     stays trained: a warning naming the risk for other tools, not a failure."""

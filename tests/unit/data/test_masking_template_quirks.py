@@ -88,3 +88,18 @@ def test_a_template_that_is_not_prefix_consistent_names_the_builtin(tokenizer) -
     tokenizer.chat_template = DROPS_EARLIER
     with pytest.raises(TemplateError, match=r"not prefix-consistent.*\(model.chat_template: chatml\)$"):
         tokenize_conversation(CONVERSATION, tokenizer)
+
+
+def test_no_builtin_is_named_when_it_cannot_render_the_conversation_either(tokenizer) -> None:
+    tokenizer.chat_template = GEMMA2  # refuses the system turn; the gemma built-in has no place for a tool turn
+    call = {"type": "function", "function": {"name": "f", "arguments": {}}}
+    messages = [
+        CONVERSATION[0],
+        CONVERSATION[1],
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "4"},
+        CONVERSATION[2],
+    ]
+    with pytest.raises(TemplateError) as caught:
+        tokenize_conversation(messages, tokenizer)
+    assert "System role not supported" in str(caught.value) and "built-in" not in str(caught.value)
