@@ -168,6 +168,12 @@ def _add_planning_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
     new = verbs.add_parser("new", help="write a starting recipe for a model, a method and a data file (stdout)")
     new.add_argument("--model", required=True, help="hub id or local folder of the base model")
     new.add_argument("--method", required=True, choices=("qlora", "lora"), help="qlora: 4-bit base; lora: 16-bit")
+    new.add_argument(
+        "--objective",
+        default="sft",
+        choices=("sft", "dpo", "orpo", "kto", "simpo"),
+        help="sft (default), or a preference stage on prompt/chosen/rejected rows (kto: prompt/completion/label)",
+    )
     new.add_argument("--data", required=True, help="a local .jsonl or .json file; its format is detected")
     new.add_argument("--gpu-memory", default="24GiB", help="memory of the GPU to size for (default 24GiB)")
     new.add_argument(
@@ -523,7 +529,7 @@ def cmd_new(args: argparse.Namespace) -> int:
         root = catalog_dir(args.dir)
     except CatalogError:
         root = None  # sizing from a local config.json or the name still works without the catalog's configs
-    print(new_recipe(args.model, args.method, args.data, args.gpu_memory, root), end="")
+    print(new_recipe(args.model, args.method, args.data, args.gpu_memory, root, args.objective), end="")
     return EXIT_OK
 
 

@@ -15,6 +15,10 @@ What it counts, for one GPU, bf16 compute (dtype auto on a GPU):
 - logits: TRL's chunked LM head (TRL >= 1.14) never builds the (tokens x vocab) logits; its tiles are counted.
 - overhead: CUDA context and cuBLAS workspaces (fixed), allocator fragmentation (a share of activations).
 Tokens per step are batch_size x max_length, the worst case, as padded or packed rows can reach it.
+Preference objectives (training.objective): each row runs two answers in one pass (chosen and rejected; KTO's
+completion and its KL pair), so twice the tokens; DPO and KTO also run the reference policy (the adapter switched
+off) forward without gradients unless `preference.precompute_ref_log_probs`: one layer's activations and the LM-head
+tiles at a time, counted as "reference forward".
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ BLOCK_8BIT_OPTIM, MIN_8BIT_OPTIM_SIZE = 256, 4096  # bitsandbytes' blockwise 8-b
 LOGPROB_TOKEN_CHUNK, LOGPROB_VOCAB_CHUNK = 4096, 32768  # TRL's chunked log-prob tiles
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # context + cuBLAS/cuDNN workspaces; outside torch's allocated figure
 FRAGMENTATION = 0.10  # caching-allocator slack on activations
+PAIRS = ("", " x 2 answers")  # sft rows, preference rows (chosen and rejected in one pass)
 
 
 @dataclass
@@ -80,7 +85,7 @@ def estimate(recipe: Recipe, shape: ModelShape) -> tuple[dict[str, int], dict[st
     """Peak bytes per component, how each was counted, trainable parameter count and paged bytes."""
     t, q = recipe.training, recipe.quantization
     act = 4 if recipe.model.dtype == "float32" else 2  # bytes per activation element (bf16 autocast on a GPU)
-    tokens = t.batch_size * (t.max_length or shape.max_position_embeddings or 2048)
+    tokens = tokens_per_step(recipe, shape)
     weights, weights_how = weight_bytes(shape, q.bits, q.double_quant, act)
     tensors = trainable_parameters(shape, recipe.adapter)
     params = sum(n for _, n in tensors)
@@ -99,19 +104,35 @@ def estimate(recipe: Recipe, shape: ModelShape) -> tuple[dict[str, int], dict[st
         "fragmentation": int(FRAGMENTATION * (stored + working)),
         "overhead": CUDA_CONTEXT_BYTES,
     }
+    if needs_reference_pass(recipe):
+        parts["reference forward"] = max(logits, layer)
+    pairs = t.objective != "sft"
     ckpt = "checkpointed: layer inputs + one recomputed layer" if t.gradient_checkpointing else "all layers kept"
     details = {
         "weights": weights_how,
         "adapter": f"{params:,} trainable params (fp32)",
         "gradients": "fp32, one per trainable param",
         "optimizer": optim_how,
-        "activations": f"{tokens:,} tokens/step ({t.batch_size} x {t.max_length}), {ckpt}",
+        "activations": f"{tokens:,} tokens/step ({t.batch_size} x {t.max_length}{PAIRS[pairs]}), {ckpt}",
         "backward working set": "max(chunked LM-head tiles, one layer's recompute + gradients)",
         "fragmentation": f"{FRAGMENTATION:.0%} of activations (caching allocator)",
         "overhead": "CUDA context + library workspaces",
+        "reference forward": "no-grad pass of the policy without its adapter: one layer or the LM-head tiles",
     }
     paged = optim if optimizer.startswith("paged_") else 0
     return parts, details, params, paged
+
+
+def tokens_per_step(recipe: Recipe, shape: ModelShape) -> int:
+    """Tokens in one forward pass per device: batch x max_length, twice that for the preference objectives."""
+    t = recipe.training
+    answers = 2 if t.objective != "sft" else 1
+    return answers * t.batch_size * (t.max_length or shape.max_position_embeddings or 2048)
+
+
+def needs_reference_pass(recipe: Recipe) -> bool:
+    """DPO and KTO compare with a reference policy during training unless its log-probabilities are precomputed."""
+    return recipe.training.objective in ("dpo", "kto") and not recipe.preference.precompute_ref_log_probs
 
 
 def weight_bytes(shape: ModelShape, bits: int | None, double_quant: bool, act: int) -> tuple[int, str]:
@@ -238,7 +259,7 @@ def plan(
         model=recipe.model.name,
         config_source=source,
         shape=shape,
-        tokens_per_step=t.batch_size * (t.max_length or shape.max_position_embeddings or 2048),
+        tokens_per_step=tokens_per_step(recipe, shape),
         parts=parts,
         details=details,
         trainable_parameters=params,

@@ -20,6 +20,7 @@ from lora_tune.plan.catalog import CatalogError, shipped_config
 from lora_tune.plan.memory import GIB, estimate
 from lora_tune.plan.shape import ModelShape, shape_from_config
 from lora_tune.recipe.schema import DatasetConfig, Recipe
+from lora_tune.training.trl_args import DEFAULT_BETA
 
 EFFECTIVE_BATCH = 16  # examples per optimizer step: the QLoRA paper's batch size for 7B-13B models
 MAX_LENGTHS = (2048, 1024, 512)
@@ -87,15 +88,15 @@ def _shipped_shapes(catalog: Path | None) -> list[tuple[str, ModelShape]]:
     ]
 
 
-def size_training(shape: ModelShape, method: str, gpu_gib: float) -> Sizing:
+def size_training(shape: ModelShape, method: str, gpu_gib: float, objective: str = "sft") -> Sizing:
     """Batch size, accumulation, max_length and gradient checkpointing whose planned peak (the planner's estimate of
     the recipe `new` writes) fits `gpu_gib` GiB: the longest of 2048/1024/512 tokens that fits one row with
     checkpointing; checkpointing off when 4 rows fit without it; the batch the largest power of two up to 16 that
-    fits, and accumulation bringing each step to 16 examples."""
+    fits, and accumulation bringing each step to 16 examples (pairs, for the preference objectives)."""
     budget = gpu_gib * GIB
 
     def peak(batch: int, max_length: int, checkpointing: bool) -> int:
-        return sum(estimate(_candidate(method, batch, max_length, checkpointing), shape)[0].values())
+        return sum(estimate(_candidate(method, batch, max_length, checkpointing, objective), shape)[0].values())
 
     max_length = next((n for n in MAX_LENGTHS if peak(1, n, True) <= budget), None)
     if max_length is None:
@@ -109,7 +110,7 @@ def size_training(shape: ModelShape, method: str, gpu_gib: float) -> Sizing:
     batch = 1
     while batch * 2 <= EFFECTIVE_BATCH and peak(batch * 2, max_length, checkpointing) <= budget:
         batch *= 2
-    parts = estimate(_candidate(method, batch, max_length, checkpointing), shape)[0]
+    parts = estimate(_candidate(method, batch, max_length, checkpointing, objective), shape)[0]
     precision = "NF4 projections, 16-bit embeddings" if method == "qlora" else "16-bit"
     trained = parts["adapter"] + parts["gradients"] + parts["optimizer"]
     notes = [
@@ -122,7 +123,7 @@ def size_training(shape: ModelShape, method: str, gpu_gib: float) -> Sizing:
     return Sizing(batch, max(1, EFFECTIVE_BATCH // batch), max_length, checkpointing, notes)
 
 
-def _candidate(method: str, batch: int, max_length: int, checkpointing: bool) -> Recipe:
+def _candidate(method: str, batch: int, max_length: int, checkpointing: bool, objective: str = "sft") -> Recipe:
     """The memory-relevant part of the recipe `_render` writes, as the planner reads it."""
     return Recipe.model_validate(
         {
@@ -136,6 +137,7 @@ def _candidate(method: str, batch: int, max_length: int, checkpointing: bool) ->
                 "max_length": max_length,
                 "gradient_checkpointing": checkpointing,
                 "optimizer": _optimizer(method),
+                "objective": objective,
             },
             "output_dir": "runs/candidate",
         }
@@ -146,24 +148,59 @@ def _optimizer(method: str) -> str:
     return "paged_adamw_8bit" if method == "qlora" else "adamw_torch"
 
 
-def detect_data(path: str) -> tuple[str, int]:
-    """The format of a local .jsonl/.json file (from its first row) and its row count."""
+def detect_data(path: str, objective: str = "sft") -> tuple[str, int]:
+    """The format of a local .jsonl/.json file (from its first row) and its row count; a preference objective's
+    rows must carry its columns (prompt/chosen/rejected, or prompt/completion/label for kto)."""
     if not Path(path).expanduser().is_file():
         raise CatalogError(f"--data: '{path}' is not a file; expected a local .jsonl or .json file")
     rows = load_rows(DatasetConfig(path=path))
     if not rows:
         raise CatalogError(f"--data: '{path}' has no rows")
-    return detect_format(rows[0], file=path), len(rows)
+    if objective == "sft":
+        return detect_format(rows[0], file=path), len(rows)
+    wanted = ("completion", "label") if objective == "kto" else ("chosen", "rejected")
+    if not all(column in rows[0] for column in wanted):
+        raise CatalogError(
+            f"--data: '{path}': {objective} reads rows with {' and '.join(wanted)}; the first row has none"
+        )
+    return "auto", len(rows)
 
 
-def new_recipe(model: str, method: str, data: str, gpu_memory: str = "24GiB", catalog: Path | None = None) -> str:
-    """The text of a complete recipe for `model` trained with `method` (qlora or lora) on the file `data`."""
+def new_recipe(
+    model: str,
+    method: str,
+    data: str,
+    gpu_memory: str = "24GiB",
+    catalog: Path | None = None,
+    objective: str = "sft",
+) -> str:
+    """The text of a complete recipe for `model` trained with `method` (qlora or lora) and `objective` (sft, or a
+    preference objective) on the file `data`."""
     gpu_gib = parse_memory(gpu_memory)
-    fmt, rows = detect_data(data)
+    fmt, rows = detect_data(data, objective)
     shape, shape_source = model_shape(model, catalog)
-    sizing = size_training(shape, method, gpu_gib)
+    sizing = size_training(shape, method, gpu_gib, objective)
     slug = re.sub(r"[^a-z0-9.]+", "-", Path(model.rstrip("/")).name.lower()).strip("-") or "model"
-    return _render(model, method, data, fmt, rows, shape, shape_source, sizing, gpu_gib, f"runs/{slug}-{method}")
+    suffix = method if objective == "sft" else f"{method}-{objective}"
+    text = _render(model, method, data, fmt, rows, shape, shape_source, sizing, gpu_gib, f"runs/{slug}-{suffix}")
+    return text if objective == "sft" else _with_objective(text, objective)
+
+
+def _with_objective(text: str, objective: str) -> str:
+    """The SFT recipe turned into a preference stage: the objective, its learning rate, its `preference:` section,
+    and where to continue an SFT run from."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("  learning_rate:"):
+            line = "  learning_rate: 5.0e-5         # a preference stage takes far smaller steps than SFT"
+        if line == "datasets:":
+            lines.append("# adapter: {init_from: runs/YOUR-SFT-RUN}   # continue an SFT run's adapter (lineage kept)")
+        if line.startswith("output_dir:"):
+            lines += ["preference:", f"  beta: {DEFAULT_BETA[objective]}"]
+        lines.append(line)
+        if line == "training:":
+            lines.append(f"  objective: {objective}              # docs/preference.md")
+    return "\n".join(lines) + "\n"
 
 
 def _render(

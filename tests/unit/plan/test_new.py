@@ -128,3 +128,26 @@ def test_new_and_plan_share_one_memory_model(tmp_path: Path, model: str, method:
 
 def planned_batch(path: Path) -> int:
     return yaml.safe_load(path.read_text())["training"]["batch_size"]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_new_writes_a_preference_stage_the_planner_sizes_with_both_answers(tmp_path: Path, objective: str):
+    pairs = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}] * 120
+    labelled = [{"prompt": "2+2?", "completion": "4", "label": True}] * 120
+    data = write_jsonl(tmp_path / "pairs.jsonl", labelled if objective == "kto" else pairs)
+    path = tmp_path / "dpo.yaml"
+    path.write_text(new_recipe("Qwen/Qwen2.5-7B-Instruct", "qlora", str(data), "24GiB", CATALOG, objective))
+    recipe = load_recipe(path)
+    assert recipe.training.objective == objective and recipe.preference.beta == 0.1
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(shipped_config("Qwen/Qwen2.5-7B-Instruct", CATALOG)))
+    planned = plan(recipe, config=config, gpu_memory="24GiB")
+    assert planned.fits and "reference forward" in planned.parts
+    precomputed = plan(
+        load_recipe(path, ["preference.precompute_ref_log_probs=true"]), config=config, gpu_memory="24GiB"
+    )
+    assert "reference forward" not in precomputed.parts and precomputed.total < planned.total
+    assert planned.tokens_per_step == 2 * recipe.training.batch_size * recipe.training.max_length
+    with pytest.raises(CatalogError, match="reads rows with chosen and rejected"):
+        sft_rows = str(write_jsonl(tmp_path / "sft.jsonl", fruit_rows(3)))
+        new_recipe("Qwen/Qwen2.5-7B-Instruct", "qlora", sft_rows, "24GiB", CATALOG, "dpo")
