@@ -19,26 +19,23 @@ from lora_tune.data.preference import PreferenceSplits, load_preference_splits
 from lora_tune.errors import LoraTuneError
 from lora_tune.methods import runtime as methods
 from lora_tune.methods.runtime import artifact_name, save_artifact
-from lora_tune.model.dtype import keep_trainable_dtypes
 from lora_tune.model.load import count_quantized_layers, load_model, load_tokenizer, resolve_dtype
 from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import TEST_SPLIT, RunDir, replace_dir_atomic, write_json_atomic, write_text_atomic
-from lora_tune.training.checkpoints import checkpoint_callback
 from lora_tune.training.distributed import Processes
-from lora_tune.training.divergence import Divergence, divergence_callback, raise_if_diverged
+from lora_tune.training.divergence import Divergence, raise_if_diverged
 from lora_tune.training.faults import translate_faults
 from lora_tune.training.log import (
     last_value,
-    metrics_callback,
     peak_memory,
     plot_loss,
     read_metrics,
-    use_compact_progress,
 )
 from lora_tune.training.result import RunResult, best_checkpoint
-from lora_tune.training.resume import evaluation_keeps_rng, open_run, resume_hint, train_or_finish
-from lora_tune.training.signals import StopRequest, graceful_stop, raise_if_stopped, stop_callback
-from lora_tune.training.trl_args import early_stopping_callbacks, preference_classes, to_preference_config
+from lora_tune.training.resume import open_run, resume_hint, train_or_finish
+from lora_tune.training.signals import StopRequest, graceful_stop, raise_if_stopped
+from lora_tune.training.trainer_setup import prepare_trainer, run_callbacks
+from lora_tune.training.trl_args import preference_classes, to_preference_config
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +89,9 @@ def train_preference(
         eval_dataset=Dataset.from_list(splits.validation) if splits.validation else None,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[
-            metrics_callback(run.metrics),
-            *early_stopping_callbacks(recipe),
-            checkpoint_callback(run.checkpoints, recipe.training.save_total_limit),
-            stop_callback(stop),
-            divergence_callback(diverged),  # last: it cancels a save the others asked for at a non-finite step
-        ],
+        callbacks=run_callbacks(recipe, run, stop, diverged),
     )
-    evaluation_keeps_rng(trainer)
-    methods.attach(recipe, trainer, run.root)
-    keep_trainable_dtypes(trainer)
-    use_compact_progress(trainer)
+    prepare_trainer(trainer, recipe, run)
 
     # 5. Train (from the checkpoint when resuming); SIGTERM/SIGINT save a checkpoint and stop.
     with graceful_stop(stop), translate_faults(recipe, run.checkpoints, hint):

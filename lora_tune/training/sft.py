@@ -18,36 +18,32 @@ from lora_tune.data.packing import (
 from lora_tune.methods import runtime as methods
 from lora_tune.methods.runtime import artifact_name, save_artifact
 from lora_tune.model.attention import use_varlen_attention
-from lora_tune.model.dtype import keep_trainable_dtypes
 from lora_tune.model.load import count_quantized_layers, load_model, load_tokenizer, resolve_dtype
 from lora_tune.recipe.schema import Recipe
 from lora_tune.recipe.strategy import SHARDED
 from lora_tune.run.layout import RunDir, replace_dir_atomic, write_json_atomic
 from lora_tune.training import distributed as dist
 from lora_tune.training import processes as ranks
-from lora_tune.training.checkpoints import checkpoint_callback
-from lora_tune.training.divergence import Divergence, divergence_callback, raise_if_diverged
-from lora_tune.training.faults import check_free_disk, translate_faults
+from lora_tune.training.divergence import Divergence, raise_if_diverged
+from lora_tune.training.faults import translate_faults
 from lora_tune.training.levers import apply_liger, check_levers, describe_levers
 from lora_tune.training.log import (
     last_value,
-    metrics_callback,
     peak_memory,
     plot_loss,
     read_metrics,
-    use_compact_progress,
 )
 from lora_tune.training.result import RunResult, best_checkpoint
 from lora_tune.training.resume import (
-    evaluation_keeps_rng,
     open_run,
     restore_token_count,
     resume_hint,
     resume_point_of,
     train_or_finish,
 )
-from lora_tune.training.signals import StopRequest, graceful_stop, raise_if_stopped, stop_callback
-from lora_tune.training.trl_args import early_stopping_callbacks, to_sft_config
+from lora_tune.training.signals import StopRequest, graceful_stop, raise_if_stopped
+from lora_tune.training.trainer_setup import prepare_trainer, run_callbacks
+from lora_tune.training.trl_args import to_sft_config
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +131,9 @@ def train_sft(
         eval_dataset=eval_set,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[
-            metrics_callback(run.metrics),
-            *early_stopping_callbacks(recipe),
-            checkpoint_callback(run.checkpoints, recipe.training.save_total_limit),
-            stop_callback(stop),
-            divergence_callback(diverged),  # last: it cancels a save the others asked for at a non-finite step
-        ],
+        callbacks=run_callbacks(recipe, run, stop, diverged),
     )
-    _prepare_trainer(trainer, recipe, run)
+    prepare_trainer(trainer, recipe, run)
 
     # 7. Train (from the checkpoint when resuming). SIGTERM/SIGINT save a checkpoint and stop; out-of-memory and a
     #    full disk become one line naming the last complete checkpoint.
@@ -205,15 +195,6 @@ def _load_base(recipe: Recipe, launch: Launch) -> tuple[Any, Any, int]:
     attention = use_varlen_attention(model, recipe, packed=launch.packed)
     log.info("speed: %s", describe_levers(recipe, resolve_dtype(recipe.model.dtype), attention))
     return model, peft_config, quantized_layers
-
-
-def _prepare_trainer(trainer: Any, recipe: Recipe, run: RunDir) -> None:
-    """What TRL's trainer needs besides its arguments, before the first step."""
-    evaluation_keeps_rng(trainer)  # so a run resumed at an epoch's end shuffles the next epoch as the unbroken one
-    methods.attach(recipe, trainer, run.root)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
-    keep_trainable_dtypes(trainer)  # a resumed QLoRA adapter trains in bfloat16 again, as before the kill
-    check_free_disk(run.root, recipe, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
-    use_compact_progress(trainer)
 
 
 def _result(
