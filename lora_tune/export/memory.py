@@ -21,7 +21,7 @@ GiB = 2**30
 # The Python process with torch, transformers and peft imported, measured on this project's pinned versions
 # (~220 MiB with torch alone; the layer-by-layer check imports transformers for the model class).
 BASELINE = 500 * 2**20
-ROW_BLOCK = 3 * 64 * 2**20  # one block of the output matrix: stored bytes, its float32 copy, the logits slice
+ROW_BLOCK = 3 * 8 * 2**20  # one block of the output matrix: stored bytes, its float32 copy, the logits slice
 _LAYER = re.compile(r"^(?P<list>.*?layers)\.(?P<index>\d+)\.")
 
 

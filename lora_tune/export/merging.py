@@ -111,6 +111,7 @@ def merge(
                 run, recipe, base_dir, layout, plan, peft_type, build, torch_dtype, from_dequantized
             )
             result.output, result.dtype = output, dtype
+            plan = None  # the merge's copy of the adapter, updated in place; the verification reads its own
             finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
             copy_tokenizer(run.adapter, build, recipe)
             _copy_lineage(run, build)

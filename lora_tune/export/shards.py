@@ -15,7 +15,7 @@ from lora_tune.model.weights import ShardReader, WeightsError, base_layout, torc
 if TYPE_CHECKING:
     import torch
 
-ROW_BLOCK_BYTES = 64 * 2**20  # the output matrix is read this many bytes (stored dtype) at a time
+ROW_BLOCK_BYTES = 8 * 2**20  # the output matrix is read this many bytes (stored dtype) at a time
 
 
 class ShardTensors:

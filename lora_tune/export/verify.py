@@ -137,7 +137,10 @@ def verify_merge(
         result.max_abs_diff,
         result.tolerance,
         dtype,
-        f"; largest layer difference {worst.max_abs:.3g} at {worst.name}" if worst else "",
+        f"; largest layer difference {worst.max_abs:.3g} at {worst.name} (tolerance "
+        f"{layer_tolerance(dtype, worst):.3g})"
+        if worst
+        else "",
     )
     layer_failed = worst is not None and not worst.max_abs <= layer_tolerance(dtype, worst)
     if not result.max_abs_diff <= result.tolerance or layer_failed:  # also catches NaN
