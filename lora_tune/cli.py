@@ -295,14 +295,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from lora_tune.data.preview import build_preview, format_preview
-    from lora_tune.model.load import load_tokenizer
+    from lora_tune import tasks
     from lora_tune.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    tokenizer = load_tokenizer(recipe.model)  # the tokenizer only: the preview never loads model weights
-    preview = build_preview(recipe, tokenizer, n=max(0, args.n))
-    print(format_preview(preview, tokenizer, color=sys.stdout.isatty()))
+    # The tokenizer only: the preview never loads model weights.
+    print(tasks.preview(recipe, n=max(0, args.n), color=sys.stdout.isatty()))
     return EXIT_OK
 
 

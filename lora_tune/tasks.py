@@ -16,6 +16,7 @@ from lora_tune.check import run_checks
 from lora_tune.check.labels import preflight_report
 from lora_tune.check.preference import preference_report
 from lora_tune.check.report import PreflightReport
+from lora_tune.data.preview import build_preview, format_preference_preview, format_preview
 from lora_tune.evaluate import head, preference, run
 from lora_tune.evaluate.result import EvalReport
 from lora_tune.model.load import load_tokenizer
@@ -36,7 +37,12 @@ class Task:
     checks: Callable[[Recipe, Any], PreflightReport]  # (recipe, tokenizer): `lora-tune check`, and train's step
     evaluate: Callable[..., EvalReport]  # (Evaluation, *, base, limit, progress): scores; writes eval.json/eval.md
     console: Callable[[EvalReport, str], str]  # (report, run_dir): the summary `lora-tune eval` prints
-    report_kind: str  # EvalReport.task of its reports: "head", or "text"/"labels" for generated answers
+    report_kinds: tuple[str, ...]  # EvalReport.task of its reports
+    preview: Callable[..., str]  # (recipe, tokenizer, *, n, color): what `lora-tune data` prints
+
+
+def _preview_chat(recipe: Recipe, tokenizer: Any, *, n: int, color: bool) -> str:
+    return format_preview(build_preview(recipe, tokenizer, n=n), tokenizer, color=color)
 
 
 def _train_sft(recipe: Recipe, **options: Any) -> RunResult:
@@ -52,17 +58,26 @@ def _train_classifier(recipe: Recipe, *, overwrite: bool, **_: Any) -> RunResult
 
 
 TASKS: dict[str, Task] = {
-    "sft": Task("sft", _train_sft, run_checks, run.evaluate_generations, run.format_report, "generated"),
+    "sft": Task(
+        "sft", _train_sft, run_checks, run.evaluate_generations, run.format_report, ("text", "labels"), _preview_chat
+    ),
     "preference": Task(
         "preference",
         _train_preference,
         preference_report,
         preference.evaluate_preference,
         preference.format_preference_console,
-        preference.TASK,
+        (preference.TASK,),
+        format_preference_preview,
     ),
     "classification": Task(
-        "classification", _train_classifier, preflight_report, head.evaluate_head_run, head.format_console, head.TASK
+        "classification",
+        _train_classifier,
+        preflight_report,
+        head.evaluate_head_run,
+        head.format_console,
+        (head.TASK,),
+        _preview_chat,
     ),
 }
 
@@ -117,7 +132,13 @@ def evaluate_run(
     return task_of(evaluation.recipe).evaluate(evaluation, base=base, limit=limit, progress=progress)
 
 
+def preview(recipe: Recipe, *, n: int = 3, color: bool = False) -> str:
+    """`lora-tune data`: what the task will train on, with the tokenizer training uses (no weights load)."""
+    tokenizer = load_tokenizer(recipe.model)
+    return task_of(recipe).preview(recipe, tokenizer, n=n, color=color)
+
+
 def format_report(report: EvalReport, run_dir: str) -> str:
     """The console summary of an evaluation, as the task that produced it writes it."""
-    task = next((t for t in TASKS.values() if t.report_kind == report.task), TASKS["sft"])
+    task = next(t for t in TASKS.values() if report.task in t.report_kinds)
     return task.console(report, run_dir)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from lora_tune.check.report import CheckResult, PreflightReport
-from lora_tune.data.preference import load_preference_splits
+from lora_tune.data.preference import load_preference_splits, tokenize_pair
 from lora_tune.recipe.schema import Recipe
 
 
@@ -22,7 +22,7 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     splits = load_preference_splits(recipe)
     rows = splits.train + splits.validation
     limit = recipe.training.max_length
-    rendered = [_render(tokenizer, row) for row in rows]
+    rendered = [tokenize_pair(tokenizer, row) for row in rows]
     stop_ids = _stop_ids(tokenizer)
     unclosed = [i for i, (_, answers) in enumerate(rendered) if any(not stop_ids & set(a) for a in answers)]
     too_long = [
@@ -55,26 +55,6 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
         max_length=limit,
         longest_example=max(lengths, default=0),
     )
-
-
-def _render(tokenizer: Any, row: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids, [answer ids, ...]) as TRL's preference trainers tokenize a conversational row."""
-    prompt = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)
-    prompt = _ids(prompt)
-    answers = [row[k] for k in ("chosen", "rejected", "completion") if k in row]
-    full = [_ids(tokenizer.apply_chat_template(row["prompt"] + answer, tokenize=True)) for answer in answers]
-    return prompt, [ids[_common_prefix(prompt, ids) :] for ids in full]
-
-
-def _ids(encoded: Any) -> list[int]:
-    return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def _stop_ids(tokenizer: Any) -> set[int]:

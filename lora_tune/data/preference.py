@@ -16,7 +16,7 @@ and line: chosen equal to rejected, chosen and rejected after different prompts,
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +139,28 @@ def _with_system(turns: Turns, system_prompt: str | None) -> Turns:
     return turns
 
 
-def pair_texts(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, str]]:
-    """(last user turn, chosen, rejected) of each pair: for reports and examples."""
-    return [(r["prompt"][-1]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows]
+def tokenize_pair(tokenizer: Any, row: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids, [answer ids, ...]) as TRL's preference trainers tokenize a conversational row."""
+    prompt = _ids(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True))
+    answers = [row[k] for k in ("chosen", "rejected", "completion") if k in row]
+    return prompt, [split_completion(tokenizer, row["prompt"], answer)[1] for answer in answers]
+
+
+def split_completion(tokenizer: Any, prompt: Turns, answer: Turns) -> tuple[list[int], list[int]]:
+    """(context ids, answer ids) of the whole conversation: the answer starts where the conversation's tokens part
+    from the prompt rendered with its generation prompt (not always at the prompt's end: TRL's rule)."""
+    prompt_ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+    full = _ids(tokenizer.apply_chat_template(prompt + answer, tokenize=True))
+    start = _common_prefix(prompt_ids, full)
+    return full[:start], full[start:]
+
+
+def _ids(encoded: Any) -> list[int]:
+    return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lora_tune.data.preference import read_preference_rows
+from lora_tune.data.preference import read_preference_rows, split_completion
 from lora_tune.evaluate.report import markdown_table, number, percent, table_cell
 from lora_tune.evaluate.result import EvalReport, Score
 from lora_tune.evaluate.run import EvalDataError, Evaluation, write_report
@@ -96,19 +96,14 @@ def answer_logprob(model: Any, tokenizer: Any, prompt: list[dict], answer: list[
     """(summed log-probability of the answer's tokens given the prompt, their count), tokenized as TRL does."""
     import torch
 
-    prompt_ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
-    full = _ids(tokenizer.apply_chat_template(prompt + answer, tokenize=True))
-    start = next((i for i, (a, b) in enumerate(zip(prompt_ids, full, strict=False)) if a != b), len(prompt_ids))
-    ids = torch.tensor([full], device=model.device)
+    context, answer_ids = split_completion(tokenizer, prompt, answer)
+    start = max(len(context), 1)  # the first token has no prediction to score
+    ids = torch.tensor([context + answer_ids], device=model.device)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, :-1].float()
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
     answer_part = logprobs[start - 1 :]
     return float(answer_part.sum()), int(answer_part.numel())
-
-
-def _ids(encoded: Any) -> list[int]:
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def _score(scores: PairScores, *, reward_accuracy: float | None = None, margin: float | None = None) -> Score:

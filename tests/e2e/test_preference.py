@@ -162,3 +162,19 @@ def test_eval_of_a_dpo_run_reports_base_and_tuned_on_held_out_pairs(tiny_model_d
     assert tuned["chosen_logprob"] - tuned["rejected_logprob"] > base["chosen_logprob"] - base["rejected_logprob"]
     assert "reward accuracy" in capsys.readouterr().out
     assert "| prompt | chosen | base | fine-tuned |" in (tmp_path / "run" / "eval.md").read_text()
+
+
+def test_check_and_data_show_the_pairs_as_the_trainer_tokenizes_them(tiny_model_dir: Path, tmp_path: Path, capsys):
+    recipe = write_recipe(tmp_path, tiny_model_dir, "dpo", "run")
+    assert main(["check", str(recipe)]) == 0
+    checked = capsys.readouterr().out
+    assert "pre-flight: 4 checks passed on 32 rows" in checked and "stop token <|end|>" in checked
+    assert main(["data", str(recipe), "--n", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "dpo: 32 training rows, 8 validation, 0 test" in shown
+    assert "chosen: ⟦" in shown and "<|end|>" in shown  # the answer ends with the end-of-turn marker it trains
+    cut = write_recipe(tmp_path, tiny_model_dir, "dpo", "cut")
+    text = cut.read_text().replace("max_length: 64", "max_length: 12")
+    cut.write_text(text)
+    assert main(["check", str(cut)]) == 2
+    assert "pairs become identical once max_length cuts them" in capsys.readouterr().out
