@@ -46,7 +46,8 @@ def plan_memory(
         for name in names:
             sizes[name] = (math.prod(reader.shape(name)), reader.dtype(name).itemsize)
     fp32_model = sum(n for n, _ in sizes.values()) * 4
-    largest = max((n * (stored + out_size) for n, stored in sizes.values()), default=0)
+    # a tensor is cast (a second copy) only when the output dtype differs from the stored one
+    largest = max((n * (stored + (out_size if out_size != stored else 0)) for n, stored in sizes.values()), default=0)
     largest_update = max((n * 4 * 2 for name, (n, _) in sizes.items() if _LAYER.match(name)), default=0)
     if streaming:  # one tensor read, its float32 copy and update, its cast to the output dtype
         merge = BASELINE + adapter_bytes + largest + largest_update
