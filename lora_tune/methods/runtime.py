@@ -83,10 +83,12 @@ def save_artifact(recipe: Recipe, trainer: Any, tokenizer: Any, build: Path, run
     """Write the trained artefact into `build` (renamed into place by the caller)."""
     model = trainer.model
     init_dir = run_root / PISSA_INIT_DIR
+    # Only the trained adapter: a preference run continuing an earlier adapter also holds TRL's frozen "ref" copy.
+    only_trained = {"selected_adapters": ["default"]} if len(getattr(model, "peft_config", {})) > 1 else {}
     if has_adapter(recipe) and init_dir.is_dir():
-        model.save_pretrained(build, path_initial_model_for_weight_conversion=str(init_dir))
+        model.save_pretrained(build, path_initial_model_for_weight_conversion=str(init_dir), **only_trained)
     else:
-        model.save_pretrained(build)
+        model.save_pretrained(build, **only_trained)
     tokenizer.save_pretrained(build)
 
 

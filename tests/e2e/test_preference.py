@@ -178,3 +178,42 @@ def test_check_and_data_show_the_pairs_as_the_trainer_tokenizes_them(tiny_model_
     cut.write_text(text)
     assert main(["check", str(cut)]) == 2
     assert "pairs become identical once max_length cuts them" in capsys.readouterr().out
+
+
+def test_dpo_continues_an_sft_run_against_the_sft_policy(tiny_model_dir: Path, tmp_path: Path):
+    """adapter.init_from: DPO trains the SFT run's adapter; the reference is that adapter frozen (TRL's "ref" copy),
+    not the base; only the trained adapter is saved, and lineage names the SFT run."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import fruit_rows
+
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", fruit_rows(40, "messages"))
+    sft = tmp_path / "sft.yaml"
+    sft.write_text(
+        RECIPE.format(model=tiny_model_dir, data=sft_data, objective="sft", steps=4, out=tmp_path / "sft-run")
+    )
+    assert main(["train", str(sft)]) == 0
+    dpo = write_recipe(tmp_path, tiny_model_dir, "dpo", "dpo-run")
+    text = dpo.read_text().replace("  r: 8\n  alpha: 16\n  dropout: 0.0\n", f"  init_from: {tmp_path / 'sft-run'}\n")
+    dpo.write_text(text)  # the SFT adapter's own settings stay
+    assert main(["train", str(dpo)]) == 0
+    adapter = tmp_path / "dpo-run" / "adapter"
+    assert not (adapter / "ref").exists()  # the frozen reference copy is not part of the result
+    lineage = json.loads((tmp_path / "dpo-run" / "lineage.json").read_text())
+    assert str(tmp_path / "sft-run") in json.dumps(lineage)
+    trained, start = (
+        load_file(adapter / "adapter_model.safetensors"),
+        load_file(tmp_path / "sft-run" / "adapter" / "adapter_model.safetensors"),
+    )
+    assert trained.keys() == start.keys()
+    assert any((trained[k] - start[k]).abs().max() > 0 for k in trained)  # DPO moved the SFT adapter
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_precomputed_reference_log_probs_train(objective: str, tiny_model_dir: Path, tmp_path: Path):
+    recipe = write_recipe(tmp_path, tiny_model_dir, objective, "run", steps=4)
+    recipe.write_text(
+        recipe.read_text().replace("output_dir:", "preference:\n  precompute_ref_log_probs: true\noutput_dir:")
+    )
+    assert main(["train", str(recipe)]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
