@@ -57,6 +57,10 @@ PREFERENCE_KEYS: dict[str, set[str]] = {
     "simpo": {"beta", "simpo_gamma", "label_smoothing"},
 }
 PREFERENCE_FORMATS = {"dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "kto"}
+# The validation metrics each objective's trainer logs, which best_metric may name.
+PAIRWISE = ("loss", "rewards/accuracies", "rewards/margins")
+BEST_METRICS = {"sft": ("loss", "mean_token_accuracy"), "dpo": PAIRWISE, "orpo": PAIRWISE, "simpo": PAIRWISE}
+BEST_METRICS["kto"] = ("loss",)
 SFT_ONLY_TRAINING_KEYS = ("packing", "train_on")  # what the SFT loop reads and the preference trainers do not
 # Keys that still apply when an earlier run's adapter (and its saved settings) is continued.
 CONTINUE_KEYS = {"method", "init_from", "loraplus_lr_ratio"}
@@ -138,6 +142,7 @@ def _check_adalora(recipe: Recipe) -> None:
 def check_objective(recipe: Recipe) -> None:
     """The preference settings belong to the objective; the data and task fit it."""
     objective = recipe.training.objective
+    _check_best_metric(objective, recipe.training.best_metric)
     allowed = PREFERENCE_KEYS[objective]
     foreign = sorted(recipe.preference.model_fields_set - allowed)
     if foreign:
@@ -150,8 +155,6 @@ def check_objective(recipe: Recipe) -> None:
         return
     if recipe.task.type != "sft":
         raise FieldError("training.objective", f"{objective} trains a causal LM; task.type must be sft")
-    if recipe.training.best_metric != "loss":  # TRL's preference trainers log no token accuracy
-        raise FieldError("training.best_metric", f"{objective} logs eval_loss and rewards, not mean_token_accuracy")
     for key in SFT_ONLY_TRAINING_KEYS:
         if key in recipe.training.model_fields_set:
             raise FieldError(f"training.{key}", f"applies to training.objective sft only, not {objective}")
@@ -161,3 +164,10 @@ def check_objective(recipe: Recipe) -> None:
             raise FieldError(
                 "datasets", f"'{source.path}': {objective} reads {wanted} rows, not format {source.format}"
             )
+
+
+def _check_best_metric(objective: str, metric: str) -> None:
+    """The metric must be one the objective's trainer logs at evaluation (KTO logs no pairwise accuracy)."""
+    logged = BEST_METRICS[objective]
+    if metric not in logged:
+        raise FieldError("training.best_metric", f"{objective} logs {', '.join(logged)} at evaluation, not {metric}")

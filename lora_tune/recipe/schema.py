@@ -390,10 +390,11 @@ class TrainingConfig(StrictModel):
         description="Make the saved adapter the checkpoint with the best validation metric, not the last step "
         "(needs a checkpoint at each evaluation: save_strategy = eval_strategy, save_steps a multiple of eval_steps).",
     )
-    best_metric: Literal["loss", "mean_token_accuracy"] = Field(
+    best_metric: Literal["loss", "mean_token_accuracy", "rewards/accuracies", "rewards/margins"] = Field(
         "loss",
         description="Validation metric that picks the best checkpoint, drives early stopping and "
-        "reduce_lr_on_plateau: loss (lower is better; perplexity ranks the same) or mean_token_accuracy (higher).",
+        "reduce_lr_on_plateau: loss (lower is better; perplexity ranks the same) or mean_token_accuracy (higher); "
+        "preference runs (dpo, orpo, simpo): rewards/accuracies or rewards/margins (higher).",
     )
     plateau_patience: int = Field(
         1,

@@ -137,6 +137,8 @@ def test_pairs_that_prefer_nothing_stop_the_run_before_the_model_loads(tiny_mode
 
 def test_eval_of_a_dpo_run_reports_base_and_tuned_on_held_out_pairs(tiny_model_dir: Path, tmp_path: Path, capsys):
     recipe = write_recipe(tmp_path, tiny_model_dir, "dpo", "run", steps=16, rows=form_rows(40))
+    best = "save_steps: 4\n  keep_best: true\n  best_metric: rewards/accuracies\n"
+    recipe.write_text(recipe.read_text().replace("save_steps: 2\n", best))
     assert main(["train", str(recipe)]) == 0
     held_out = write_jsonl(tmp_path / "held_out.jsonl", form_rows(18, start=100))  # numbers never trained on
     assert main(["eval", str(tmp_path / "run"), "--data", str(held_out)]) == 0
@@ -148,6 +150,7 @@ def test_eval_of_a_dpo_run_reports_base_and_tuned_on_held_out_pairs(tiny_model_d
     assert 0.0 <= summary["reward_accuracy"] <= 1.0 and summary["reward_margin"] is not None  # TRL's, in training
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_rewards/accuracies" in r for r in records)
+    assert summary["best"]["metric"] == "eval_rewards/accuracies"  # keep_best chose the adapter by reward accuracy
     assert tuned["reward_accuracy"] >= 0.9, tuned  # the chosen answer gained over the base on held-out pairs
     assert tuned["preference_accuracy"] > base["preference_accuracy"], (tuned, base)
     assert tuned["chosen_logprob"] - tuned["rejected_logprob"] > base["chosen_logprob"] - base["rejected_logprob"]

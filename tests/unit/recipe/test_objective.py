@@ -35,6 +35,9 @@ def test_each_objective_validates_with_its_defaults(objective: str):
         ),
         ({"datasets": [{"path": "p.jsonl", "format": "preference"}]}, "needs a preference training.objective"),
         ({"training": {"objective": "dpo"}, "task": {"type": "classification", "labels": ["a", "b"]}}, "task.type"),
+        ({"training": {"objective": "kto", "best_metric": "rewards/accuracies"}}, "kto logs loss at evaluation"),
+        ({"training": {"best_metric": "rewards/margins"}}, "sft logs loss, mean_token_accuracy"),
+        ({"training": {"objective": "dpo", "best_metric": "mean_token_accuracy"}}, "not mean_token_accuracy"),
     ],
 )
 def test_settings_that_belong_elsewhere_are_refused(sections: dict, message: str):
