@@ -150,10 +150,10 @@ ARCHITECTURES = {
 }
 
 
-@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-def test_catalog_architectures_verify_layer_by_layer(model_type: str, tmp_path: Path, caplog):
+def tiny_base(model_type: str, out: Path) -> int:
+    """A 2-layer model of the architecture, saved with the project's tiny tokenizer; returns the vocabulary size."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = build_tokenizer(CORPUS * 20, vocab_size=320)
     config = AutoConfig.for_model(
@@ -169,15 +169,36 @@ def test_catalog_architectures_verify_layer_by_layer(model_type: str, tmp_path: 
         **ARCHITECTURES[model_type],
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    AutoTokenizer.from_pretrained(tmp_path / "base")
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return len(tokenizer)
+
+
+def assert_layerwise_equals_whole(run: Path, base: Path, merged: Path, vocab: int) -> None:
+    ids = verification_inputs(vocab)
+    outcome = layerwise_logits(merged, base, read_adapter(run / "adapter"), ids)
+    reference, whole = peft_and_merged_logits(run, base, merged, ids)
+    assert float((outcome.reference - reference).abs().max()) < 1e-4
+    assert float((outcome.merged - whole).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_catalog_architectures_verify_layer_by_layer(model_type: str, tmp_path: Path, caplog):
+    vocab = tiny_base(model_type, tmp_path / "base")
     run = make_run(tmp_path, tmp_path / "base", lora())
     with caplog.at_level(logging.INFO):
         merge(run, tmp_path / "merged", dtype="fp32")
     assert "largest layer difference" in caplog.text and WHOLE_MODEL_NOTE not in caplog.text
-    ids = verification_inputs(len(tokenizer))
-    outcome = layerwise_logits(tmp_path / "merged", tmp_path / "base", read_adapter(run / "adapter"), ids)
-    reference, merged = peft_and_merged_logits(run, tmp_path / "base", tmp_path / "merged", ids)
-    assert float((outcome.reference - reference).abs().max()) < 1e-4
-    assert float((outcome.merged - merged).abs().max()) < 1e-4
+    assert_layerwise_equals_whole(run, tmp_path / "base", tmp_path / "merged", vocab)
+
+
+def test_lora_bias_on_biased_projections_verifies_layer_by_layer(tmp_path: Path, caplog):
+    from peft import LoraConfig
+
+    vocab = tiny_base("qwen2", tmp_path / "base")  # q, k and v projections have biases
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True)
+    run = make_run(tmp_path, tmp_path / "base", config)
+    with caplog.at_level(logging.INFO):
+        merge(run, tmp_path / "merged", dtype="fp32")
+    assert "largest layer difference" in caplog.text and WHOLE_MODEL_NOTE not in caplog.text
+    assert_layerwise_equals_whole(run, tmp_path / "base", tmp_path / "merged", vocab)
