@@ -5,8 +5,8 @@ final norm, logit soft-capping), built on the meta device from config.json, so i
 each decoder layer, the final norm and the output layer get their tensors only while they run, once for each side:
 
 - reference: the base tensors (modules_to_save copies where the adapter has them) with the LoRA path added beside
-  each adapted layer as peft computes it, `W x + s * B (A x)` (DoRA: `m / ||W + s B A||_row * (...)`), never the
-  merged matrix;
+  each adapted layer as peft computes it, `W x + s * B (A x)` (DoRA: `m / ||W + s B A||_row * (...)`); inputs are
+  never multiplied by a merged matrix;
 - merged: the tensors the merge wrote, read back from the output folder.
 
 The batch holds the inputs twice, the first half for the reference and the second for the merged model; each
@@ -19,7 +19,6 @@ and one block of the output matrix.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -362,8 +361,3 @@ def _combine(outputs: list[Any], n: int) -> Any:
     reference, merged = outputs
     combined = torch.cat([_first(reference)[:n], _first(merged)[n:]])
     return (combined, *merged[1:]) if isinstance(merged, tuple) else combined
-
-
-def vocab_size(folder: Path) -> int:
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    return config.get("vocab_size") or config.get("text_config", {})["vocab_size"]
