@@ -46,7 +46,7 @@ from lora_tune.model.weights import (
     write_safetensors,
 )
 from lora_tune.recipe.load import load_recipe
-from lora_tune.run.layout import RunDir, make_dir, replace_dir_atomic, write_json_atomic
+from lora_tune.run.layout import PREFLIGHT_FILE, RunDir, make_dir, replace_dir_atomic, write_json_atomic
 from lora_tune.run.locks import held
 
 if TYPE_CHECKING:
@@ -114,6 +114,7 @@ def merge(
             plan = None  # the merge's copy of the adapter, updated in place; the verification reads its own
             finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
             copy_tokenizer(run.adapter, build, recipe)
+            add_trained_stops(run, build)
             _copy_lineage(run, build)
 
             # 4. Verify: the merged folder must compute what base + adapter computes.
@@ -467,6 +468,29 @@ def copy_tokenizer(adapter: Path, build: Path, recipe: Recipe) -> None:
         return
     for path in files:
         shutil.copy2(path, build / path.name)
+
+
+def add_trained_stops(run: RunDir, build: Path) -> None:
+    """generation_config.eos_token_id lists the end-of-turn tokens training taught (the pre-flight report's stop
+    tokens), so the merged model stops where the trained one stops even when the base's generation config names
+    only its EOS (a base, not instruct, checkpoint; or a run trained with preflight.on_failure: warn)."""
+    report = run.root / PREFLIGHT_FILE
+    stops = json.loads(report.read_text(encoding="utf-8")).get("stop_tokens") if report.is_file() else None
+    if not stops:
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(build)
+    ids = [i for i in tokenizer.convert_tokens_to_ids(stops) if isinstance(i, int) and i != tokenizer.unk_token_id]
+    path = build / "generation_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    listed = config.get("eos_token_id")
+    current = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    missing = [i for i in ids if i not in current]
+    if missing:
+        config["eos_token_id"] = current + missing
+        write_json_atomic(path, config)
+        log.info("merge: generation_config.eos_token_id now also lists %s, the end-of-turn token(s) trained", missing)
 
 
 __all__ = ["DTYPES", "MergeResult", "SINGLE_FILE", "merge"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,21 @@ def test_resized_embeddings_with_an_adapter_peft_merges(tiny_model_dir: Path, tm
     assert result.method == "peft merge_and_unload" and result.vocab_size == vocab
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == vocab
     assert resized_reference_diff(tmp_path / "merged", run, tiny_model_dir, vocab) < 1e-4
+
+
+def test_the_merged_generation_config_stops_on_the_trained_end_of_turn(tiny_model_dir: Path, tmp_path: Path):
+    """A base whose generation config names only its EOS still gives a merged model that stops at the end-of-turn
+    token training taught (preflight.json's stop tokens)."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    end_of_turn = "<|assistant|>"  # any special token other than EOS stands for a template's end-of-turn marker
+    assert tokenizer.convert_tokens_to_ids(end_of_turn) != tokenizer.eos_token_id
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": tokenizer.eos_token_id}))
+    run = make_run(tmp_path, base, lora())
+    (run / "preflight.json").write_text(json.dumps({"stop_tokens": [end_of_turn]}))
+    merge(run, tmp_path / "merged", dtype="fp32", verify=False)
+    stops = json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"]
+    assert stops == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn)]
