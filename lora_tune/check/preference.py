@@ -13,14 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 from lora_tune.check.report import CheckResult, PreflightReport
-from lora_tune.data.preference import load_preference_splits, tokenize_pair
+from lora_tune.data.preference import load_preference_splits, preference_rows_with_origins, tokenize_pair
+from lora_tune.data.sources import Origin
 from lora_tune.recipe.schema import Recipe
 
 
 def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     """`lora-tune check` (and train's pre-flight step) for a preference recipe."""
-    splits = load_preference_splits(recipe)
-    rows = splits.train + splits.validation
+    splits = load_preference_splits(recipe)  # the splits training will use (all rows checked on the way)
+    kto = recipe.training.objective == "kto"
+    located = [
+        pair for s in (*recipe.datasets, *recipe.eval_datasets) for pair in preference_rows_with_origins(s, kto=kto)
+    ]
+    origins, rows = [o for o, _ in located], [r for _, r in located]
     limit = recipe.training.max_length
     rendered = [tokenize_pair(tokenizer, row) for row in rows]
     stop_ids = _stop_ids(tokenizer)
@@ -31,21 +36,24 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     prompt_only = [i for i, (p, _) in enumerate(rendered) if limit and len(p) >= limit]
     identical = [i for i, (p, a) in enumerate(rendered) if limit and len(a) == 2 and _same_when_cut(p, a, limit)]
     checks = [
-        _check("stop", unclosed, len(rows), "answers are not closed by the end-of-turn token "
+        _check("stop", unclosed, origins, "answers are not closed by the end-of-turn token "
                f"({', '.join(tokenizer.convert_ids_to_tokens(sorted(stop_ids)))}); the model would not learn to stop",
                "use a chat template that closes the assistant turn (model.chat_template)"),
-        _check("truncated-identical", identical, len(rows), "pairs become identical once max_length cuts them",
+        _check("truncated-identical", identical, origins, "pairs become identical once max_length cuts them",
                "raise training.max_length"),
-        _check("truncation", too_long, len(rows), f"rows are longer than max_length {limit} and are cut",
+        _check("truncation", too_long, origins, f"rows are longer than max_length {limit} and are cut",
                "raise training.max_length", status="warn"),
-        _check("prompt-too-long", prompt_only, len(rows), f"prompts alone fill max_length {limit}; TRL drops them",
+        _check("prompt-too-long", prompt_only, origins, f"prompts alone fill max_length {limit}; TRL drops them",
                "raise training.max_length", status="warn"),
     ]  # fmt: skip
     lengths = [len(p) + max(map(len, a)) for p, a in rendered]
     return PreflightReport(
         checks=checks,
         rows=len(splits.train),
-        sources={d.path: {"rows": len(rows), "checked": len(rows)} for d in recipe.datasets},
+        sources={
+            d.path: {"rows": sum(o.file == d.path for o in origins), "checked": sum(o.file == d.path for o in origins)}
+            for d in recipe.datasets
+        },
         tokens=sum(lengths),
         trained_tokens=sum(sum(map(len, a)) for _, a in rendered),
         stop_tokens=tokenizer.convert_ids_to_tokens(sorted(stop_ids)),
@@ -72,7 +80,14 @@ def _same_when_cut(prompt: list[int], answers: list[list[int]], limit: int) -> b
     return answers[0][:room] == answers[1][:room]
 
 
-def _check(name: str, rows: list[int], total: int, what: str, fix: str, status: str = "fail") -> CheckResult:
+def _check(
+    name: str, rows: list[int], origins: list[Origin], what: str, fix: str, status: str = "fail"
+) -> CheckResult:
+    """The check's result; a finding names its first row by file and line, as the SFT checks do."""
+    total = len(origins)
     if not rows:
         return CheckResult(name, "pass", f"0 of {total} rows: {what}")
-    return CheckResult(name, status, f"{len(rows)} of {total} {what}", fix=fix, count=len(rows))  # type: ignore[arg-type]
+    first = origins[rows[0]]
+    return CheckResult(
+        name, status, f"{len(rows)} of {total} {what}", fix=fix, count=len(rows), file=first.file, row=first.number
+    )  # type: ignore[arg-type]

@@ -57,11 +57,19 @@ def load_preference_splits(recipe: Recipe) -> PreferenceSplits:
 
 def read_preference_rows(source: DatasetConfig, *, kto: bool) -> list[dict[str, Any]]:
     """One source's rows as TRL preference examples, each checked; errors name the file and line."""
+    return [row for _, row in preference_rows_with_origins(source, kto=kto)]
+
+
+def preference_rows_with_origins(source: DatasetConfig, *, kto: bool) -> list[tuple[Origin, dict[str, Any]]]:
+    """(where the row is, the TRL example) for each row of one source, each checked."""
     rows = read_source(source).rows
     if not rows:
         raise DataError("has no rows", file=source.path)
     to_example = to_kto_example if kto else to_pair
-    return [to_example(map_columns(row, source.columns, origin), origin, source.system_prompt) for origin, row in rows]
+    return [
+        (origin, to_example(map_columns(row, source.columns, origin), origin, source.system_prompt))
+        for origin, row in rows
+    ]
 
 
 def to_pair(row: Mapping[str, Any], origin: Origin, system_prompt: str | None = None) -> dict[str, Turns]:

@@ -1,6 +1,7 @@
 """Preference tuning end to end on the tiny 4-bit model on the CPU, one run per objective (dpo, orpo, kto,
 simpo): it trains from the same recipes as SFT, saves an adapter that vanilla peft reloads and that changes the
-model; a DPO run killed mid-training resumes to the same adapter; the adapter merges with verification."""
+model, merges with verification, and a run killed mid-training resumes to the same adapter. On a pre-trained base,
+preference data moves held-out reward accuracy and the greedy answers."""
 
 from __future__ import annotations
 
@@ -104,16 +105,17 @@ def test_objective_trains_saves_and_reloads_with_vanilla_peft(objective: str, ti
     before = probe_logits(base, tokenizer)
     tuned = PeftModel.from_pretrained(base, run / "adapter")
     assert not torch.allclose(probe_logits(tuned, tokenizer), before, atol=1e-4)
-    if objective == "dpo":  # the adapter merges like an SFT one, verified against base + adapter
-        assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
-        assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").num_parameters() > 0
+    # The adapter merges like an SFT one, verified against base + adapter.
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").num_parameters() > 0
 
 
-def test_dpo_killed_mid_run_resumes_to_the_uninterrupted_adapter(tiny_model_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto", "simpo"])
+def test_killed_mid_run_resumes_to_the_uninterrupted_adapter(objective: str, tiny_model_dir: Path, tmp_path: Path):
     from safetensors.torch import load_file
 
-    assert main(["train", str(write_recipe(tmp_path, tiny_model_dir, "dpo", "reference"))]) == 0
-    recipe = write_recipe(tmp_path, tiny_model_dir, "dpo", "killed")
+    assert main(["train", str(write_recipe(tmp_path, tiny_model_dir, objective, "reference"))]) == 0
+    recipe = write_recipe(tmp_path, tiny_model_dir, objective, "killed")
     killed = run_cli("train", str(recipe), fault=("kill-at-step", 5))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "adapter").exists()
@@ -171,7 +173,9 @@ def test_check_and_data_show_the_pairs_as_the_trainer_tokenizes_them(tiny_model_
     text = cut.read_text().replace("max_length: 64", "max_length: 12")
     cut.write_text(text)
     assert main(["check", str(cut)]) == 2
-    assert "pairs become identical once max_length cuts them" in capsys.readouterr().out
+    found = capsys.readouterr().out
+    assert "pairs become identical once max_length cuts them" in found
+    assert f"truncated-identical  {tmp_path / 'dpo.jsonl'} row 1 (and 39 more rows)" in found  # named by file and row
 
 
 def test_dpo_continues_an_sft_run_against_the_sft_policy(tiny_model_dir: Path, tmp_path: Path):
@@ -211,3 +215,44 @@ def test_precomputed_reference_log_probs_train(objective: str, tiny_model_dir: P
     )
     assert main(["train", str(recipe)]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+
+
+@pytest.fixture(scope="module")
+def pretrained_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quickstart's base, pre-trained the same way for fewer steps (about 20 s): it writes prose about its
+    made-up world and has never seen the answer form the preference data asks for."""
+    from lora_tune.quickstart import world
+
+    out = tmp_path_factory.mktemp("quickstart") / "base"
+    world.build_base(out, steps=120, progress=False)
+    return out
+
+
+def test_orpo_on_a_pretrained_base_answers_in_the_preferred_form(pretrained_base: Path, tmp_path: Path):
+    """Chosen answers follow a form the base never writes ("Answer: CITY"); rejected ones give the city alone.
+    Measured: held-out reward accuracy 1.0 (the base's preference accuracy 0.0), and the tuned model's greedy
+    answers take the form in 20 of 20 held-out prompts, the base's in none. DPO alone on this base moves the
+    reward accuracy the same way but not the greedy answers: it lowers the rejected form more than it raises the
+    chosen one, which is why DPO runs after an SFT stage (adapter.init_from)."""
+    from lora_tune.quickstart import world
+
+    facts = world.make_world()
+
+    def rows(facts: list) -> list[dict]:
+        return [
+            {"prompt": f"What is the capital of {f.country}?", "chosen": f"Answer: {f.capital}", "rejected": f.capital}
+            for f in facts
+        ]
+
+    recipe = write_recipe(tmp_path, pretrained_base, "orpo", "run", steps=60, rows=rows(facts[:80]))
+    text = recipe.read_text().replace("learning_rate: 1.0e-2", "learning_rate: 1.0e-2\n  lr_scheduler: constant")
+    recipe.write_text(text.replace("output_dir:", "eval:\n  examples: 20\n  max_new_tokens: 8\noutput_dir:"))
+    assert main(["train", str(recipe)]) == 0
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", rows(facts[200:220]))  # countries never trained on
+    assert main(["eval", str(tmp_path / "run"), "--data", str(held_out)]) == 0
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["tuned"]["preference"]["reward_accuracy"] >= 0.9
+    assert report["base"]["preference"]["preference_accuracy"] <= 0.5
+    follows = [(e["base"].startswith("Answer:"), e["tuned"].startswith("Answer:")) for e in report["examples"]]
+    assert len(follows) == 20
+    assert sum(tuned for _, tuned in follows) >= 15 and sum(base for base, _ in follows) <= 2, report["examples"]
