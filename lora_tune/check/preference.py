@@ -15,17 +15,18 @@ from typing import Any
 from lora_tune.check.report import CheckResult, PreflightReport
 from lora_tune.data.preference import load_preference_splits, preference_rows_with_origins, tokenize_pair
 from lora_tune.data.sources import Origin
+from lora_tune.errors import DataError
 from lora_tune.recipe.schema import Recipe
 
 
 def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     """`lora-tune check` (and train's pre-flight step) for a preference recipe."""
-    splits = load_preference_splits(recipe)  # the splits training will use (all rows checked on the way)
     kto = recipe.training.objective == "kto"
-    located = [
-        pair for s in (*recipe.datasets, *recipe.eval_datasets) for pair in preference_rows_with_origins(s, kto=kto)
-    ]
+    refused: list[tuple[Origin, DataError]] = []
+    sources = (*recipe.datasets, *recipe.eval_datasets)
+    located = [pair for s in sources for pair in preference_rows_with_origins(s, kto=kto, refused=refused)]
     origins, rows = [o for o, _ in located], [r for _, r in located]
+    train_rows = len(load_preference_splits(recipe).train) if not refused else len(rows)
     limit = recipe.training.max_length
     rendered = [tokenize_pair(tokenizer, row) for row in rows]
     stop_ids = _stop_ids(tokenizer)
@@ -35,7 +36,7 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     ]
     prompt_only = [i for i, (p, _) in enumerate(rendered) if limit and len(p) >= limit]
     identical = [i for i, (p, a) in enumerate(rendered) if limit and len(a) == 2 and _same_when_cut(p, a, limit)]
-    checks = [
+    checks = _refusals(refused, len(origins) + len(refused)) + [
         _check("stop", unclosed, origins, "answers are not closed by the end-of-turn token "
                f"({', '.join(tokenizer.convert_ids_to_tokens(sorted(stop_ids)))}); the model would not learn to stop",
                "use a chat template that closes the assistant turn (model.chat_template)"),
@@ -49,7 +50,7 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     lengths = [len(p) + max(map(len, a)) for p, a in rendered]
     return PreflightReport(
         checks=checks,
-        rows=len(splits.train),
+        rows=train_rows,
         sources={
             d.path: {"rows": sum(o.file == d.path for o in origins), "checked": sum(o.file == d.path for o in origins)}
             for d in recipe.datasets
@@ -78,6 +79,28 @@ def _stop_ids(tokenizer: Any) -> set[int]:
 def _same_when_cut(prompt: list[int], answers: list[list[int]], limit: int) -> bool:
     room = max(0, limit - len(prompt))
     return answers[0][:room] == answers[1][:room]
+
+
+ROW_FAULTS = (  # (check name, what the data error says)
+    ("prefers-nothing", "chosen equals rejected"),
+    ("prompt-mismatch", "different prompts"),
+    ("empty-answer", "is empty"),
+)
+
+
+def _refusals(refused: list[tuple[Origin, DataError]], total: int) -> list[CheckResult]:
+    """One failed check per kind of row that cannot teach a preference, with its count and its first row."""
+    results = []
+    for name, says in (*ROW_FAULTS, ("bad-row", "")):
+        matching = [(o, e) for o, e in refused if says in e.message] if says else refused
+        refused = [(o, e) for o, e in refused if (o, e) not in matching]
+        if matching:
+            first, error = matching[0]
+            results.append(
+                CheckResult(name, "fail", f"{len(matching)} of {total} rows: {error.message}", count=len(matching),
+                            file=first.file, row=first.number, fix="fix or drop these rows")
+            )  # fmt: skip
+    return results
 
 
 def _check(

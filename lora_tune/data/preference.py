@@ -60,16 +60,26 @@ def read_preference_rows(source: DatasetConfig, *, kto: bool) -> list[dict[str, 
     return [row for _, row in preference_rows_with_origins(source, kto=kto)]
 
 
-def preference_rows_with_origins(source: DatasetConfig, *, kto: bool) -> list[tuple[Origin, dict[str, Any]]]:
-    """(where the row is, the TRL example) for each row of one source, each checked."""
+def preference_rows_with_origins(
+    source: DatasetConfig, *, kto: bool, refused: list[tuple[Origin, DataError]] | None = None
+) -> list[tuple[Origin, dict[str, Any]]]:
+    """(where the row is, the TRL example) for each row of one source, each checked. A row that cannot teach a
+    preference raises, unless `refused` collects it (the pre-flight check counts them all)."""
     rows = read_source(source).rows
     if not rows:
         raise DataError("has no rows", file=source.path)
     to_example = to_kto_example if kto else to_pair
-    return [
-        (origin, to_example(map_columns(row, source.columns, origin), origin, source.system_prompt))
-        for origin, row in rows
-    ]
+    examples = []
+    for origin, row in rows:
+        try:
+            examples.append(
+                (origin, to_example(map_columns(row, source.columns, origin), origin, source.system_prompt))
+            )
+        except DataError as error:
+            if refused is None:
+                raise
+            refused.append((origin, error))
+    return examples
 
 
 def to_pair(row: Mapping[str, Any], origin: Origin, system_prompt: str | None = None) -> dict[str, Turns]:

@@ -127,6 +127,20 @@ def test_killed_mid_run_resumes_to_the_uninterrupted_adapter(objective: str, tin
         assert (resumed[name] - tensor).abs().max().item() < 1e-6, name
 
 
+def test_check_counts_every_row_that_cannot_teach_a_preference(tiny_model_dir: Path, tmp_path: Path, capsys):
+    recipe = write_recipe(tmp_path, tiny_model_dir, "dpo", "run")
+    rows = pair_rows(40)
+    for i in (3, 9, 20):
+        rows[i]["rejected"] = rows[i]["chosen"]
+    rows[12]["chosen"] = " "
+    write_jsonl(tmp_path / "dpo.jsonl", rows)
+    assert main(["check", str(recipe)]) == 2
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'dpo.jsonl'} row 4 (and 2 more rows): 3 of 40 rows: chosen equals rejected" in out
+    assert f"{tmp_path / 'dpo.jsonl'} row 13: 1 of 40 rows: chosen is empty" in out
+    assert "2 checks failed (prefers-nothing, empty-answer)" in out
+
+
 def test_pairs_that_prefer_nothing_stop_the_run_before_the_model_loads(tiny_model_dir: Path, tmp_path: Path, capsys):
     recipe = write_recipe(tmp_path, tiny_model_dir, "dpo", "run")
     data = tmp_path / "dpo.jsonl"
@@ -134,7 +148,7 @@ def test_pairs_that_prefer_nothing_stop_the_run_before_the_model_loads(tiny_mode
     rows[6]["rejected"] = rows[6]["chosen"]
     write_jsonl(data, rows)
     assert main(["train", str(recipe)]) == 2
-    assert "dpo.jsonl: line 7: field 'rejected': chosen equals rejected" in capsys.readouterr().err
+    assert "dpo.jsonl row 7: 1 of 40 rows: chosen equals rejected" in capsys.readouterr().err  # the pre-flight step
 
 
 def test_eval_of_a_dpo_run_reports_base_and_tuned_on_held_out_pairs(tiny_model_dir: Path, tmp_path: Path, capsys):
