@@ -45,25 +45,17 @@ def _preview_chat(recipe: Recipe, tokenizer: Any, *, n: int, color: bool) -> str
     return format_preview(build_preview(recipe, tokenizer, n=n), tokenizer, color=color)
 
 
-def _train_sft(recipe: Recipe, **options: Any) -> RunResult:
-    return train_sft(recipe, **options)
-
-
-def _train_preference(recipe: Recipe, **options: Any) -> RunResult:
-    return train_preference(recipe, **options)
-
-
 def _train_classifier(recipe: Recipe, *, overwrite: bool, **_: Any) -> RunResult:
     return train_classifier(recipe, overwrite=overwrite)  # a head trains in one go: no resume, no launcher
 
 
 TASKS: dict[str, Task] = {
     "sft": Task(
-        "sft", _train_sft, run_checks, run.evaluate_generations, run.format_report, ("text", "labels"), _preview_chat
+        "sft", train_sft, run_checks, run.evaluate_generations, run.format_report, ("text", "labels"), _preview_chat
     ),
     "preference": Task(
         "preference",
-        _train_preference,
+        train_preference,
         preference_report,
         preference.evaluate_preference,
         preference.format_preference_console,

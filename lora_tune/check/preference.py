@@ -10,8 +10,10 @@ how many prompts and pairs max_length truncates.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+from lora_tune.check.checks import read_generation_stops
 from lora_tune.check.report import CheckResult, PreflightReport
 from lora_tune.data.preference import load_preference_splits, preference_rows_with_origins, tokenize_pair
 from lora_tune.data.sources import Origin
@@ -26,10 +28,12 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     sources = (*recipe.datasets, *recipe.eval_datasets)
     located = [pair for s in sources for pair in preference_rows_with_origins(s, kto=kto, refused=refused)]
     origins, rows = [o for o, _ in located], [r for _, r in located]
+    per_file = Counter(o.file for o in origins)
     train_rows = len(load_preference_splits(recipe).train) if not refused else len(rows)
     limit = recipe.training.max_length
     rendered = [tokenize_pair(tokenizer, row) for row in rows]
-    stop_ids = _stop_ids(tokenizer)
+    generation_stops, source = read_generation_stops(recipe.model)
+    stop_ids = set(generation_stops or [tokenizer.eos_token_id])  # what generation stops on, as the SFT checks read it
     unclosed = [i for i, (_, answers) in enumerate(rendered) if any(not stop_ids & set(a) for a in answers)]
     too_long = [
         i for i, (p, answers) in enumerate(rendered) if limit and any(len(p) + len(a) > limit for a in answers)
@@ -51,29 +55,16 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     return PreflightReport(
         checks=checks,
         rows=train_rows,
-        sources={
-            d.path: {"rows": sum(o.file == d.path for o in origins), "checked": sum(o.file == d.path for o in origins)}
-            for d in recipe.datasets
-        },
+        sources={d.path: {"rows": per_file[d.path], "checked": per_file[d.path]} for d in recipe.datasets},
         tokens=sum(lengths),
         trained_tokens=sum(sum(map(len, a)) for _, a in rendered),
         stop_tokens=tokenizer.convert_ids_to_tokens(sorted(stop_ids)),
-        generation_stop_tokens=None,
-        generation_config="not read by the preference check",
+        generation_stop_tokens=tokenizer.convert_ids_to_tokens(generation_stops) if generation_stops else None,
+        generation_config=source,
         chat_template_sha256="",
         max_length=limit,
         longest_example=max(lengths, default=0),
     )
-
-
-def _stop_ids(tokenizer: Any) -> set[int]:
-    """The tokens that may end an assistant turn: EOS and the template's end-of-turn markers known to the vocab."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for marker in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>"):
-        token = tokenizer.convert_tokens_to_ids(marker)
-        if isinstance(token, int) and token != tokenizer.unk_token_id:
-            ids.add(token)
-    return ids
 
 
 def _same_when_cut(prompt: list[int], answers: list[list[int]], limit: int) -> bool:
@@ -90,14 +81,17 @@ ROW_FAULTS = (  # (check name, what the data error says)
 
 def _refusals(refused: list[tuple[Origin, DataError]], total: int) -> list[CheckResult]:
     """One failed check per kind of row that cannot teach a preference, with its count and its first row."""
+    kinds = [name for name, _ in ROW_FAULTS] + ["bad-row"]
+    by_kind: dict[str, list[tuple[Origin, DataError]]] = {kind: [] for kind in kinds}
+    for origin, error in refused:
+        kind = next((name for name, says in ROW_FAULTS if says in error.message), "bad-row")
+        by_kind[kind].append((origin, error))
     results = []
-    for name, says in (*ROW_FAULTS, ("bad-row", "")):
-        matching = [(o, e) for o, e in refused if says in e.message] if says else refused
-        refused = [(o, e) for o, e in refused if (o, e) not in matching]
-        if matching:
-            first, error = matching[0]
+    for kind, found in by_kind.items():
+        if found:
+            first, error = found[0]
             results.append(
-                CheckResult(name, "fail", f"{len(matching)} of {total} rows: {error.message}", count=len(matching),
+                CheckResult(kind, "fail", f"{len(found)} of {total} rows: {error.message}", count=len(found),
                             file=first.file, row=first.number, fix="fix or drop these rows")
             )  # fmt: skip
     return results

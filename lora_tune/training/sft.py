@@ -159,10 +159,15 @@ def train_sft(
 
     # 10. Summary: metrics file, loss curve, summary.json.
     records = read_metrics(run.metrics)
-    result = _result(recipe, run, launch, trainer, records, prepared)
-    result.steps, result.eval_loss, result.quantized_layers = output.global_step, eval_loss, quantized_layers
-    result.best = best_checkpoint(trainer.state, recipe, output.global_step)
-    result.replica_checksums, result.wall_seconds = checksums, round(time.monotonic() - started, 1)
+    result = _result(
+        recipe, run, launch, trainer, records, prepared,
+        steps=output.global_step,
+        eval_loss=eval_loss,
+        quantized_layers=quantized_layers,
+        best=best_checkpoint(trainer.state, recipe, output.global_step),
+        replica_checksums=checksums,
+        wall_seconds=round(time.monotonic() - started, 1),
+    )  # fmt: skip
     log.info("trainable parameters: %d of %d (%.4f%%)", *result.parameter_share())
     if trainer.is_world_process_zero():
         result.loss_plot = plot_loss(records, run.loss_plot, title=f"{run.root.name}: loss")
@@ -198,24 +203,26 @@ def _load_base(recipe: Recipe, launch: Launch) -> tuple[Any, Any, int]:
 
 
 def _result(
-    recipe: Recipe, run: RunDir, launch: Launch, trainer: Any, records: list[dict[str, Any]], prepared: Any
+    recipe: Recipe,
+    run: RunDir,
+    launch: Launch,
+    trainer: Any,
+    records: list[dict[str, Any]],
+    prepared: Any,
+    **measured: Any,
 ) -> RunResult:
-    """The run's figures that the trainer and the data determine; train_sft adds the ones it measured itself."""
+    """The run's figures from the trainer, the data and the launch, with the ones train_sft `measured` itself."""
     trainable, total = methods.parameter_counts(trainer.model)
     eval_set = prepared.datasets.get("validation")
     return RunResult(
         run_dir=run.root,
         adapter_dir=run.root / methods.artifact_name(recipe),
-        steps=0,
         train_loss=last_value(records, "loss"),
-        eval_loss=None,
         tokens_seen=last_value(records, "num_tokens"),
         trained_token_share=round(prepared.stats.train.trained_share, 4),
         train_rows=len(prepared.datasets["train"]),
         validation_rows=len(eval_set) if eval_set is not None else 0,
         trainable_parameters=trainable,
-        quantized_layers=0,
-        wall_seconds=0.0,
         memory=peak_memory(),
         processes=launch.procs.world_size,
         effective_batch_size=ranks.effective_batch_size(*launch.batch),
@@ -224,6 +231,7 @@ def _result(
         method=recipe.adapter.method,
         total_parameters=total,
         trainable_percent=round(100 * trainable / max(total, 1), 4),
+        **measured,
     )
 
 
