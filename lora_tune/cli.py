@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and library logs")
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    subparsers = [add(verbs) for add in (_add_recipe_verbs, _add_run_verbs, _add_export_verbs, _add_planning_verbs)]
+    groups = (_add_recipe_verbs, _add_run_verbs, _add_export_verbs, _add_planning_verbs, _add_serve_verbs)
+    subparsers = [add(verbs) for add in groups]
     for sub in (sub for group in subparsers for sub in group):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -189,6 +190,38 @@ def _add_planning_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
     plan.add_argument("--config", metavar="PATH", default=None, help="the model's config.json (file or folder)")
     plan.set_defaults(handler=cmd_plan)
     return [recipes, new, plan]
+
+
+def _add_serve_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
+    """serve: a run, a merged folder or a GGUF file behind an OpenAI-compatible HTTP API."""
+    serve = verbs.add_parser(
+        "serve", help="serve a run, a merged folder or a .gguf file over an OpenAI-compatible HTTP API"
+    )
+    serve.add_argument("model_path", metavar="PATH", help="run directory, merged model folder or .gguf file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` (default: LORA_TUNE_API_KEY; prefer it, argv is visible to ps)",
+    )
+    serve.add_argument("--model-name", default=None, help="the model id clients use (default: the path's name)")
+    serve.add_argument(
+        "--max-tokens-limit", type=int, default=1024, metavar="N", help="most tokens one request may generate"
+    )
+    serve.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, metavar="N", help="largest request body (default 1 MiB)"
+    )
+    serve.add_argument("--max-waiting", type=int, default=64, metavar="N", help="queued requests before 503")
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish (default 30)",
+    )
+    serve.set_defaults(handler=cmd_serve)
+    return [serve]
 
 
 def _recipe_arguments(sub: argparse.ArgumentParser) -> None:
@@ -529,6 +562,43 @@ def cmd_new(args: argparse.Namespace) -> int:
         root = None  # sizing from a local config.json or the name still works without the catalog's configs
     print(new_recipe(args.model, args.method, args.data, args.gpu_memory, root, args.objective), end="")
     return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lora_tune.serve.backend import ServeError, model_kind
+    from lora_tune.serve.protocol import Limits
+    from lora_tune.serve.server import ServeConfig
+
+    checks = {
+        "--port": (0 <= args.port <= 65535, "a port between 0 and 65535"),
+        "--max-tokens-limit": (args.max_tokens_limit >= 1, "a number of tokens >= 1"),
+        "--max-body-bytes": (args.max_body_bytes >= 1024, "at least 1024 bytes"),
+        "--max-waiting": (args.max_waiting >= 1, "at least 1"),
+        "--shutdown-grace": (args.shutdown_grace >= 0, "seconds >= 0"),
+    }
+    for flag, (ok, expected) in checks.items():
+        if not ok:
+            raise ServeError(f"{flag}: expected {expected}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    model_kind(Path(args.model_path))  # a bad path fails here, before any weights are read
+    from lora_tune.serve.load import model_name, open_backend
+    from lora_tune.serve.server import serve
+
+    api_key = args.api_key or os.environ.get("LORA_TUNE_API_KEY") or None
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach it may use it")
+    backend = open_backend(args.model_path)
+    default_tokens = min(backend.defaults.max_new_tokens, args.max_tokens_limit)
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        model_name=args.model_name or model_name(args.model_path),
+        limits=Limits(max_tokens=args.max_tokens_limit, default_max_tokens=default_tokens),
+        max_body_bytes=args.max_body_bytes,
+        max_waiting=args.max_waiting,
+        shutdown_grace=args.shutdown_grace,
+    )
+    return serve(backend, config)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "lora_tune"
 
 LAYERS: list[set[str]] = [
     {"cli", "tasks", "__main__", "__init__"},
-    {"evaluate", "export", "plan", "quickstart"},
+    {"evaluate", "export", "plan", "quickstart", "serve"},
     {"inference"},
     {"training"},
     {"check"},
