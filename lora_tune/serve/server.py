@@ -27,6 +27,7 @@ log = logging.getLogger("lora_tune.serve")
 
 POST_ROUTES = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
 GET_ROUTES = {"/v1/models", "/health"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SOCKET_TIMEOUT = 60.0  # seconds a client may take to send its request, so a silent one cannot hold a thread
 
 
@@ -215,26 +216,28 @@ def serve(backend: Backend, config: ServeConfig) -> int:
     grace period) and return 0."""
     scheduler = Scheduler(backend, max_waiting=config.max_waiting)
     server = ApiServer(config, scheduler)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        if stopping.is_set():
-            return
-        stopping.set()
-        log.info("lora-tune serve: %s received; finishing the requests in flight", signal.Signals(signum).name)
-        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for serve_forever
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    received: list[int] = []
+    # The handler only appends (atomic, no lock): a handler that takes a lock can deadlock when a second signal
+    # interrupts the first while it holds it. The main thread watches the list and does the stopping.
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in STOP_SIGNALS}
+    listener = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="lora-tune-http")
+    listener.start()
     host, port = server.server_address[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"lora-tune serve: {config.model_name} ({backend.description}) listening on {url}/v1", flush=True)
     try:
-        server.serve_forever(poll_interval=0.2)
+        while not received and listener.is_alive():
+            time.sleep(0.1)
+        if received:
+            name = signal.Signals(received[0]).name
+            log.info("lora-tune serve: %s received; finishing the requests in flight", name)
     finally:
+        server.shutdown()  # serve_forever returns; no new connections are taken from here on
+        listener.join()
+        server.socket.close()
+        cut = scheduler.close(config.shutdown_grace, hurry=lambda: len(received) > 1)  # a second ^C
+        server.server_close()  # joins the handler threads, which end with their jobs
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        server.socket.close()  # no new connections from here on
-        cut = scheduler.close(config.shutdown_grace)
-        server.server_close()  # joins the handler threads, which end with their jobs
     print(f"lora-tune serve: stopped{f' ({cut} answers cut short)' if cut else ''}", flush=True)
     return 0

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from lora_tune.serve.backend import Backend
@@ -85,14 +86,14 @@ class Scheduler:
             self.active.add(job)
         return job
 
-    def close(self, grace: float) -> int:
-        """Take no more jobs; let those queued or running finish within `grace` seconds, then end the rest.
-        Returns how many were ended early."""
+    def close(self, grace: float, hurry: Callable[[], bool] = lambda: False) -> int:
+        """Take no more jobs; let those queued or running finish within `grace` seconds (or until `hurry()` says
+        so, e.g. at a second Ctrl-C), then end the rest. Returns how many were ended early."""
+        deadline = time.monotonic() + grace
         with self.lock:
             self.closing = True
-            deadline = time.monotonic() + grace
-            while self.active and time.monotonic() < deadline:
-                self.idle.wait(timeout=max(0.0, deadline - time.monotonic()))
+            while self.active and time.monotonic() < deadline and not hurry():
+                self.idle.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
             cut = list(self.active)
         for job in cut:
             job.cancelled.set()
