@@ -28,6 +28,7 @@ log = logging.getLogger("lora_tune.serve")
 POST_ROUTES = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
 GET_ROUTES = {"/v1/models", "/health"}
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DISCARD_LIMIT = 16 << 20  # bytes of an oversized body read and dropped so that its sender gets the 413
 SOCKET_TIMEOUT = 60.0  # seconds a client may take to send its request, so a silent one cannot hold a thread
 
 
@@ -124,8 +125,16 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(411, "a request body needs a Content-Length header", code="length_required")
         limit = self.server.config.max_body_bytes
         if int(length) > limit:
+            self._discard(int(length))
             raise ApiError(413, f"the request body is {int(length):,} bytes; at most {limit:,}", code="too_large")
         return self.rfile.read(int(length))
+
+    def _discard(self, length: int) -> None:
+        # A client still sending when the connection closes may see a reset instead of the 413: read a moderately
+        # oversized body away first; a huge one is cut off (its sender gets the reset).
+        left = length if length <= DISCARD_LIMIT else 0
+        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+            left -= len(chunk)
 
     def _known_model(self, name: str | None) -> str:
         served = self.server.config.model_name
