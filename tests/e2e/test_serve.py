@@ -42,7 +42,7 @@ adapter:
 datasets:
   - path: {data}
 training:
-  learning_rate: 1.0e-3     # barely trained: answers stay long and varied (a well-fit tiny model ends its turn at once)
+  learning_rate: 1.0e-3  # barely trained: answers stay long and varied (a well-fit tiny model ends its turn at once)
   max_steps: 2
   batch_size: 8
   max_length: 64
@@ -264,3 +264,69 @@ def test_sigterm_lets_the_answer_in_flight_finish_and_exits_0(server: Server) ->
     with pytest.raises(openai.APIConnectionError):
         server.client().models.list()
     assert "SIGTERM received" in "".join(server.lines) and "stopped" in server.lines[-1]
+
+
+# A .gguf file through llama.cpp: a tiny Llama with the real Llama 3 vocabulary and chat template (cached by
+# scripts/real_material.py), exported by `lora-tune export --format gguf`.
+
+LLAMA3_VOCAB = ROOT / ".cache" / "real-material" / "tokenizers" / "llama-3.1"
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the model folder, its f16 .gguf)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("llama-cpp-python not installed; run: make llama-cpp")
+    if not (LLAMA3_VOCAB / "tokenizer.json").is_file():
+        pytest.skip(f"real tokenizer not in {LLAMA3_VOCAB}; run: python scripts/real_material.py")
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from lora_tune.quickstart.tiny import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("serve-gguf")
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_VOCAB)
+    folder = root / "tiny-llama3"
+    build_tiny_llama(tokenizer, hidden_size=64, num_layers=2, num_heads=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    GenerationConfig(eos_token_id=[128001, 128009]).save_pretrained(folder)  # <|end_of_text|>, <|eot_id|>
+    assert main(["export", str(folder), "--format", "gguf", "--quant", "f16", "--output", str(root / "gguf")]) == 0
+    [gguf] = (root / "gguf").glob("*.gguf")
+    return folder, gguf
+
+
+def test_a_gguf_file_answers_as_transformers_does_through_its_own_chat_template(gguf_model: tuple[Path, Path]):
+    from lora_tune.inference.chat import reply, with_settings
+    from lora_tune.inference.load import load_for_inference
+
+    folder, gguf = gguf_model
+    server = start_server(gguf)
+    try:
+        client = server.client("unused")
+        assert [m.id for m in client.models.list()] == [gguf.stem]
+        question = [{"role": "user", "content": "Name a fruit like apple or pear."}]
+        answer = client.chat.completions.create(model=gguf.stem, messages=question, temperature=0, max_tokens=12)
+        streamed = client.chat.completions.create(
+            model=gguf.stem, messages=question, temperature=0, max_tokens=12, stream=True
+        )
+        pieces = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        sampled = [
+            client.chat.completions.create(
+                model=gguf.stem, messages=question, temperature=1.0, max_tokens=8, seed=seed
+            )
+            .choices[0]
+            .message.content
+            for seed in (5, 5, 6)
+        ]
+    finally:
+        assert stop_server(server) == 0
+    loaded = with_settings(load_for_inference(folder), {"max_new_tokens": 12})
+    text = answer.choices[0].message.content
+    assert text.strip() == reply(loaded, question) and pieces == text
+    prompt = loaded.tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    assert answer.usage.prompt_tokens == len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert sampled[0] == sampled[1] != sampled[2]
+    assert "GGUF, llama.cpp" in "".join(server.lines)
