@@ -10,7 +10,7 @@ STAMP := $(VENV)/.lora-tune-installed
 LATEST ?= .venv-latest
 QUICKSTART_BASE ?= runs/quickstart-base
 
-.PHONY: install lock quickstart test test-isa test-latest docs lint format clean
+.PHONY: install llama-cpp lock quickstart test test-isa test-latest docs lint format clean
 
 install: $(STAMP)
 
@@ -45,7 +45,11 @@ quickstart: $(STAMP)
 	$(BIN)/lora-tune train recipes/quickstart.yaml --overwrite
 	$(BIN)/lora-tune eval runs/quickstart --data recipes/data/quickstart/test.jsonl --base
 
-test: $(STAMP)
+# llama.cpp's binding, for the GGUF and serving tests: compiled once per machine, then taken from the wheel cache.
+llama-cpp: $(STAMP)
+	scripts/install_llama_cpp.sh $(BIN)/python
+
+test: $(STAMP) llama-cpp
 	$(BIN)/ruff check .
 	$(BIN)/python scripts/real_material.py || echo "real material unavailable: tests/e2e/test_real_templates.py skips"
 	$(BIN)/python -m pytest -q

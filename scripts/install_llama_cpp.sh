@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs llama.cpp's Python binding (llama-cpp-python) into the venv: the real llama.cpp that proves GGUF exports,
+# quantizes k-quants and serves .gguf files. PyPI has only its source, and compiling it takes 15-25 minutes on an
+# idle 2-core machine (56 minutes measured on a busy one), so the wheel is built once per machine and kept in
+# $LORA_TUNE_WHEEL_CACHE (default ~/.cache/lora-tune/wheels); later installs (and CI on the same machine) take it in
+# seconds. GGML_NATIVE=OFF: the wheel must run on any x86-64 CPU the cache is copied to, not only this one's ISA.
+# Usage: scripts/install_llama_cpp.sh [PYTHON]   (make llama-cpp)
+set -euo pipefail
+python=${1:-.venv/bin/python}
+version=0.3.36
+cache=${LORA_TUNE_WHEEL_CACHE:-$HOME/.cache/lora-tune/wheels}
+wheel_glob="$cache/llama_cpp_python-$version-*.whl"
+
+if "$python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$version')" 2>/dev/null; then
+  exit 0
+fi
+mkdir -p "$cache"
+# shellcheck disable=SC2086
+if ! ls $wheel_glob >/dev/null 2>&1; then
+  echo "llama-cpp-python $version: no wheel in $cache; compiling llama.cpp (15-25 minutes on 2 idle cores)..." >&2
+  start=$(date +%s)
+  CMAKE_ARGS="-DGGML_NATIVE=OFF" "$python" -m pip wheel --quiet --no-deps "llama-cpp-python==$version" -w "$cache"
+  echo "llama-cpp-python $version built in $(( $(date +%s) - start )) s; kept in $cache" >&2
+fi
+# Its dependencies (numpy, jinja2, diskcache, typing-extensions) come pinned from requirements.lock.
+"$python" -m pip install --quiet --no-deps --no-index --find-links "$cache" "llama-cpp-python==$version"
+"$python" -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
