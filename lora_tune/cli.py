@@ -14,6 +14,8 @@ from lora_tune.errors import LoraTuneError
 from lora_tune.run.secrets import install_log_redaction, redact
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
+# lora_tune.export.gguf.QUANTS, spelled out so that `--help` imports nothing heavy (a test keeps them equal)
+GGUF_QUANTS = ("f16", "bf16", "q8_0", "q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool whose reader closed the pipe
 
 
@@ -156,7 +158,23 @@ def _add_export_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
         "(default: LORA_TUNE_HUB_TIMEOUT, else 30)",
     )
     push.set_defaults(handler=cmd_push)
-    return [merge, push]
+
+    export = verbs.add_parser("export", help="write a run or a merged folder as a GGUF file (llama.cpp, Ollama)")
+    export.add_argument("source", help="run directory, or a merged folder from `lora-tune merge`")
+    export.add_argument("--format", choices=("gguf",), default="gguf", help="output format (default gguf)")
+    export.add_argument(
+        "--quant",
+        choices=GGUF_QUANTS,
+        default="q8_0",
+        help="f16, bf16 and q8_0 need nothing more; k-quants (q4_k_m ...) need llama-cpp-python (default q8_0)",
+    )
+    export.add_argument("--output", default=None, help="folder for the .gguf, Modelfile, card (default SOURCE-gguf)")
+    export.add_argument(
+        "--merge-dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="a run is merged first, in this dtype"
+    )
+    export.add_argument("--overwrite", action="store_true", help="replace a file of the same quant in --output")
+    export.set_defaults(handler=cmd_export)
+    return [merge, push, export]
 
 
 def _add_planning_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
@@ -526,6 +544,34 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from lora_tune.export.push import format_push, push
 
         print(format_push(push(result.output, push_to, private=args.private)))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lora_tune.export.gguf import export_gguf
+    from lora_tune.export.gguf_verify import iter_checks
+
+    result = export_gguf(
+        args.source, args.output, quant=args.quant, merge_dtype=args.merge_dtype, overwrite=args.overwrite
+    )
+    folder = result.path.parent
+    size = result.bytes / 2**20
+    lines = [
+        f"GGUF written to {result.path}  ({result.quant}, {size:,.1f} MiB, {result.seconds:.1f}s: merge "
+        f"{result.merge_seconds:.1f}s, convert {result.convert_seconds:.1f}s, verify {result.check.seconds:.1f}s; "
+        f"converter peak {result.converter_peak_mib:,.0f} MiB)",
+        f"  read back: {len(result.check.tensors)} tensors and {result.check.tokens} tokens equal the merged model's",
+        *(f"    {line}" for line in iter_checks(result.check)),
+    ]
+    stops = ", ".join(result.stops) or "-"
+    lines.append(
+        f"  llama.cpp stops on: {stops}"
+        if result.stops_checked
+        else f"  stops on {stops} (not asked of llama.cpp: it is not installed)"
+    )
+    lines.append(f"Also written: {folder / 'Modelfile'}, {folder / 'README.md'}")
+    lines.append(f"Next:\n  ollama create NAME -f {folder / 'Modelfile'}\n  lora-tune serve {result.path}")
+    print("\n".join(lines), flush=True)
     return EXIT_OK
 
 

@@ -1,0 +1,252 @@
+"""`export_gguf(source, output, quant)`: a run or a merged folder as a GGUF file for llama.cpp, Ollama, LM Studio.
+
+Steps: a run is merged first (streaming, verified: `merge`) into a build folder inside the output folder -> llama.cpp's
+own converter writes f16/bf16/q8_0 (`gguf_converter`); k-quants convert to f16 and go through llama.cpp's quantizer
+(`gguf_quantize`) -> the file is read back and compared with the merged weights (`gguf_verify`) and, when llama.cpp
+is installed, its end-of-generation tokens with the ones the run trained -> rename into place -> Modelfile, model
+card and export.json beside it. The .gguf appears under its name only when complete; a killed export leaves a
+`.export-*` build folder that the next export to the same folder removes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_tune.export.errors import ExportError, VerificationError
+from lora_tune.export.gguf_card import gguf_card
+from lora_tune.export.gguf_converter import OUTTYPES, convert
+from lora_tune.export.gguf_quantize import K_QUANTS, llama_cpp_module, quantize
+from lora_tune.export.gguf_verify import GgufCheck, verify_gguf
+from lora_tune.export.merging import merge
+from lora_tune.export.ollama import modelfile
+from lora_tune.run.layout import RunDir, make_dir, write_json_atomic, write_text_atomic
+from lora_tune.run.locks import held
+
+log = logging.getLogger(__name__)
+
+QUANTS = ("f16", "bf16", "q8_0", *K_QUANTS)
+RECORD = "export.json"  # every file exported to the folder, with its figures; the card is written from it
+MODELFILE = "Modelfile"
+
+
+@dataclass
+class GgufResult:
+    """What one export wrote and measured."""
+
+    path: Path
+    quant: str
+    bytes: int
+    source: str
+    merged: bool  # True when a run was merged first
+    check: GgufCheck
+    stops: list[str] = field(default_factory=list)  # end-of-turn tokens llama.cpp ends generation on
+    stops_checked: bool = False  # False when llama.cpp is not installed to ask
+    seconds: float = 0.0
+    convert_seconds: float = 0.0
+    converter_peak_mib: float = 0.0
+    merge_seconds: float = 0.0
+
+
+def export_gguf(
+    source: str | Path,
+    output: str | Path | None = None,
+    *,
+    quant: str = "q8_0",
+    merge_dtype: str = "bf16",
+    overwrite: bool = False,
+) -> GgufResult:
+    """Write SOURCE (a run directory or a merged folder) as one GGUF file in the `output` folder."""
+    started = time.monotonic()
+    if quant not in QUANTS:
+        raise ExportError(f"--quant: expected one of {', '.join(QUANTS)}, got '{quant}'")
+    if quant in K_QUANTS:
+        llama_cpp_module()  # before a merge of many minutes: say now what to install
+    source = Path(source)
+    is_run = _kind(source)
+    output = Path(output) if output is not None else source.with_name(f"{source.name}-gguf")
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output: '{output}' is a file, expected a folder (for the .gguf, Modelfile and card)")
+    target = output / f"{_model_name(source)}-{quant.upper()}.gguf"
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} exists; pass --overwrite to replace it")
+    make_dir(output, "--output")
+    with held(output / ".export.lock", f"--output '{output}'"):
+        _remove_leftovers(output)
+        build = Path(tempfile.mkdtemp(dir=output, prefix=".export-"))
+        try:
+            result = _export(source, is_run, build, target, quant, merge_dtype)
+            result.seconds = round(time.monotonic() - started, 1)
+            _write_companions(output, result, build / "merged" if is_run else source)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    return result
+
+
+def _kind(source: Path) -> bool:
+    """True for a run directory, False for a merged folder; anything else is refused in one line."""
+    if RunDir(source).is_run():
+        return True
+    if (source / "config.json").is_file():
+        return False
+    raise ExportError(
+        f"{source}: neither a lora-tune run (recipe.yaml) nor a model folder (config.json); pass a run directory "
+        "or a folder written by `lora-tune merge`"
+    )
+
+
+def _model_name(source: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", source.resolve().name).strip("-") or "model"
+
+
+def _export(source: Path, is_run: bool, build: Path, target: Path, quant: str, merge_dtype: str) -> GgufResult:
+    merge_seconds = 0.0
+    merged_dir = source
+    if is_run:
+        merged = merge(source, build / "merged", dtype=merge_dtype)
+        merged_dir, merge_seconds = merged.output, merged.seconds
+    partial = build / target.name
+    name = target.stem
+    if quant in OUTTYPES:
+        conversion = convert(merged_dir, partial, quant, name)
+    else:
+        conversion = convert(merged_dir, build / "f16.gguf", "f16", name)
+        log.info("export: quantizing to %s with llama.cpp", quant)
+        quantize(conversion.path, partial, quant)
+        (build / "f16.gguf").unlink()
+    check = verify_gguf(partial, merged_dir)
+    stops, checked = _generation_stops(partial, merged_dir)
+    partial.replace(target)  # the only moment the file appears under its name
+    return GgufResult(
+        path=target,
+        quant=quant,
+        bytes=target.stat().st_size,
+        source=str(source),
+        merged=is_run,
+        check=check,
+        stops=stops,
+        stops_checked=checked,
+        convert_seconds=conversion.seconds,
+        converter_peak_mib=conversion.peak_rss_mib,
+        merge_seconds=merge_seconds,
+    )
+
+
+def trained_stops(merged_dir: Path) -> list[int]:
+    """The ids generation stops on in the merged model: its generation_config's eos_token_id (merge adds the
+    end-of-turn tokens the run trained), else the tokenizer's EOS."""
+    config_path = merged_dir / "generation_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    listed = config.get("eos_token_id")
+    if listed is None:
+        tokenizer_config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+        listed = tokenizer_config.get("eos_token_id")
+    return [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+
+
+def _generation_stops(gguf_path: Path, merged_dir: Path) -> tuple[list[str], bool]:
+    """The texts of the tokens the merged model stops on, and whether llama.cpp (when installed) was asked.
+
+    The token that closes an assistant turn in the chat template must end generation in llama.cpp, or the exported
+    model runs on past its answers; other stop tokens the merged model lists (a base's spare EOS variants) that
+    llama.cpp does not stop on are only logged."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    stops = trained_stops(merged_dir)
+    closing = end_of_turn_id(tokenizer)
+    required = [closing] if closing is not None else [i for i in [tokenizer.eos_token_id] if i is not None]
+    stops = list(dict.fromkeys([*required, *stops]))
+    texts = [str(t) for t in tokenizer.convert_ids_to_tokens(stops)]
+    try:
+        llama_cpp = llama_cpp_module()
+    except ExportError:
+        return texts, False
+    from llama_cpp import Llama
+
+    model = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model.model)
+        ends = {i for i in stops if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    finally:
+        model.close()
+    missing = [text for i, text in zip(stops, texts, strict=True) if i in required and i not in ends]
+    if missing:
+        raise VerificationError(
+            f"llama.cpp would not stop generating at {', '.join(missing)}, which closes the assistant's turns in "
+            "the chat template; the exported file would run on past the end of its answers"
+        )
+    ignored = [text for i, text in zip(stops, texts, strict=True) if i not in ends]
+    if ignored:
+        log.warning("export: llama.cpp does not stop on %s (listed in generation_config.json)", ", ".join(ignored))
+    return [text for i, text in zip(stops, texts, strict=True) if i in ends], True
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the chat template writes right after an assistant's answer, or None (no template, or
+    plain text follows the answer)."""
+    marker = "lora-tune-answer-marker"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # noqa: BLE001 - a template that refuses this conversation shape: no answer from it
+        return None
+    if not isinstance(text, str) or marker not in text:
+        return None
+    ids = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    return ids[0] if ids and ids[0] in special else None
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Build folders of killed exports (`.export-*`), removed under the folder's lock so none is live."""
+    for path in output.glob(".export-*"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("export: removed %s, left by an interrupted export", path.name)
+
+
+def _write_companions(output: Path, result: GgufResult, merged_dir: Path) -> None:
+    """export.json (every file in the folder), the Modelfile for this file, and the model card for them all."""
+    record_path = output / RECORD
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {"files": {}}
+    record["files"][result.path.name] = _record_entry(result)
+    record["files"] = {name: entry for name, entry in record["files"].items() if (output / name).is_file()}
+    write_json_atomic(record_path, record)
+    write_text_atomic(output / MODELFILE, modelfile(result.path.name, merged_dir, result.stops))
+    write_text_atomic(output / "README.md", gguf_card(record, merged_dir))
+
+
+def _record_entry(result: GgufResult) -> dict[str, Any]:
+    return {
+        "quant": result.quant,
+        "bytes": result.bytes,
+        "source": result.source,
+        "merged_from_run": result.merged,
+        "verification": {
+            "tensors": len(result.check.tensors),
+            "tokens": result.check.tokens,
+            "metadata": result.check.metadata,
+            "by_type": result.check.summary(),
+            "generated": result.check.generated,
+            "llama_cpp_stops": result.stops if result.stops_checked else None,
+        },
+        "seconds": {
+            "total": result.seconds,
+            "merge": result.merge_seconds,
+            "convert": result.convert_seconds,
+            "verify": result.check.seconds,
+        },
+        "converter_peak_mib": result.converter_peak_mib,
+    }
+
+
+__all__ = ["GgufResult", "QUANTS", "export_gguf"]

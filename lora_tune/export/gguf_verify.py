@@ -1,0 +1,303 @@
+"""Read a written GGUF back with the `gguf` package and compare it with the merged folder it came from.
+
+Runs after every export, like the merge's verification: the metadata (architecture, shape, tokenizer ids, chat
+template, every token's text) and every tensor, dequantized and compared with the merged weight under the
+converter's layout changes (llama's q/k row order for its rope, Gemma's norm offset). Memory: the file is memory-
+mapped and large tensors are compared a block of rows at a time, so about one block is in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora_tune.export.errors import VerificationError
+from lora_tune.export.gguf_file import GgufFile, GgufTensor, read_gguf
+
+# Largest |gguf - merged| / max|merged| a tensor may show in each stored type: the type's rounding with a margin.
+# f16 keeps 11 significant bits (2^-11 = 4.9e-4 relative); bf16 8 (3.9e-3); q8_0 rounds to 1/127 of each block's
+# largest value (half a step: 3.9e-3 of the block max, which is at most the tensor max) with an f16 scale, after an
+# f16 step when llama.cpp's quantizer writes it (k-quant exports): 4.6e-3 measured there.
+MAX_RELATIVE = {"F32": 1e-6, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 6e-3}
+# Other (k-)quant types: relative RMS error. A 4-bit k-quant measures about 0.03-0.1; a wrong tensor about 1.4.
+MAX_RELATIVE_RMS = 0.25
+ROWS_PER_BLOCK = 4096
+
+
+@dataclass
+class TensorCheck:
+    name: str
+    source: str  # the merged tensor it was compared with
+    kind: str  # the GGUF storage type
+    relative_max: float  # max |gguf - merged| / max |merged|
+    relative_rms: float  # rms(gguf - merged) / rms(merged)
+    transform: str = "as is"
+
+
+@dataclass
+class GgufCheck:
+    """What the read-back found; `lora-tune export` prints it and the model card carries it."""
+
+    architecture: str
+    tensors: list[TensorCheck] = field(default_factory=list)
+    generated: list[str] = field(default_factory=list)  # tensors llama.cpp computes from the config (rope factors)
+    tokens: int = 0
+    metadata: list[str] = field(default_factory=list)  # fields that were compared and matched
+    seconds: float = 0.0
+
+    def worst(self, kind: str | None = None) -> TensorCheck | None:
+        chosen = [t for t in self.tensors if kind is None or t.kind == kind]
+        return max(chosen, key=lambda t: t.relative_max, default=None)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per storage type: tensors, the largest relative max and rms error."""
+        out: dict[str, dict[str, float]] = {}
+        for t in self.tensors:
+            entry = out.setdefault(t.kind, {"tensors": 0, "relative_max": 0.0, "relative_rms": 0.0})
+            entry["tensors"] += 1
+            entry["relative_max"] = max(entry["relative_max"], t.relative_max)
+            entry["relative_rms"] = max(entry["relative_rms"], t.relative_rms)
+        return out
+
+
+def verify_gguf(gguf_path: Path, merged_dir: Path) -> GgufCheck:
+    """Compare `gguf_path` with the merged transformers folder; VerificationError names what differs."""
+    started = time.monotonic()
+    reader = read_gguf(gguf_path)
+    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    config = config.get("text_config", config) if "num_hidden_layers" not in config else config
+    arch = _field(reader, "general.architecture")
+    check = GgufCheck(architecture=arch)
+    _check_metadata(reader, arch, config, merged_dir, check)
+    names = _source_names(arch, int(config["num_hidden_layers"]), merged_dir)
+    with ExitStack() as stack:
+        open_tensor = _opener(merged_dir, stack)
+        for tensor in reader.tensors:
+            source = names.get(tensor.name)
+            if source is None:
+                check.generated.append(tensor.name)
+                continue
+            check.tensors.append(_compare(tensor, source, open_tensor, config))
+    _check_tensor_errors(check, gguf_path)
+    _check_all_written(names, check, config, gguf_path)
+    check.seconds = round(time.monotonic() - started, 1)
+    return check
+
+
+# ---- metadata ------------------------------------------------------------------------------------------------
+
+
+def _field(reader: GgufFile, key: str) -> Any:
+    return reader.fields.get(key)
+
+
+def _check_metadata(reader: GgufFile, arch: str, config: dict[str, Any], merged_dir: Path, check: GgufCheck) -> None:
+    from transformers import AutoTokenizer
+
+    expected = {
+        f"{arch}.block_count": config["num_hidden_layers"],
+        f"{arch}.embedding_length": config["hidden_size"],
+        f"{arch}.attention.head_count": config["num_attention_heads"],
+    }
+    if "num_key_value_heads" in config:
+        expected[f"{arch}.attention.head_count_kv"] = config["num_key_value_heads"]
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    for name, id_ in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id)):
+        if id_ is not None and _field(reader, f"tokenizer.ggml.{name}_token_id") is not None:
+            expected[f"tokenizer.ggml.{name}_token_id"] = id_
+    if tokenizer.chat_template:
+        expected["tokenizer.chat_template"] = tokenizer.chat_template
+    for key, want in expected.items():
+        got = _field(reader, key)
+        if got != want:
+            shown = "the run's chat template" if key.endswith("chat_template") else repr(want)
+            raise VerificationError(f"GGUF field {key} is {_short(got)}, expected {shown} (from {merged_dir})")
+        check.metadata.append(key)
+    check.tokens = _check_tokens(reader, tokenizer)
+
+
+def _check_tokens(reader: GgufFile, tokenizer: Any) -> int:
+    """Every token of the tokenizer has the same text at the same id in the GGUF (the converter pads the rest)."""
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    n = len(tokenizer)
+    if len(tokens) < n:
+        raise VerificationError(f"the GGUF has {len(tokens)} tokens; the tokenizer has {n}")
+    hf = tokenizer.convert_ids_to_tokens(list(range(n)))
+    wrong = [i for i in range(n) if hf[i] is not None and tokens[i] != hf[i] and not _same_byte(tokens[i], hf[i])]
+    if wrong:
+        i = wrong[0]
+        raise VerificationError(
+            f"{len(wrong)} of {n} tokens differ between the GGUF and the tokenizer; first: id {i} is "
+            f"{tokens[i]!r} in the GGUF, {hf[i]!r} in the tokenizer"
+        )
+    return n
+
+
+def _same_byte(gguf_token: str, hf_token: str) -> bool:
+    """SentencePiece byte tokens: '<0x0A>' in both, or written as the byte itself by some converters."""
+    return gguf_token.upper() == hf_token.upper() and gguf_token.startswith("<0x")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---- tensors -------------------------------------------------------------------------------------------------
+
+
+def _source_names(arch: str, n_blocks: int, merged_dir: Path) -> dict[str, str]:
+    """GGUF tensor name -> merged tensor name, through gguf's own HF -> GGUF name map."""
+    import gguf
+
+    by_name = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in by_name:
+        raise VerificationError(f"the gguf package does not know the architecture '{arch}'")
+    table = gguf.get_tensor_name_map(by_name[arch], n_blocks)
+    names: dict[str, str] = {}
+    for hf_name in _merged_names(merged_dir):
+        mapped = table.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if mapped is not None:
+            names[mapped] = hf_name
+    return names
+
+
+def _merged_names(merged_dir: Path) -> list[str]:
+    index = merged_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+    from safetensors import safe_open
+
+    with safe_open(merged_dir / "model.safetensors", framework="pt") as f:
+        return list(f.keys())
+
+
+def _opener(merged_dir: Path, stack: ExitStack) -> Callable[[str], Any]:
+    """name -> a safetensors slice handle, opening each shard once."""
+    from safetensors import safe_open
+
+    index = merged_dir / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else None
+    handles: dict[str, Any] = {}
+
+    def open_tensor(name: str) -> Any:
+        shard = weight_map[name] if weight_map else "model.safetensors"
+        if shard not in handles:
+            handles[shard] = stack.enter_context(safe_open(merged_dir / shard, framework="pt"))
+        return handles[shard].get_slice(name)
+
+    return open_tensor
+
+
+def _compare(
+    tensor: GgufTensor, source: str, open_tensor: Callable[[str], Any], config: dict[str, Any]
+) -> TensorCheck:
+    kind = tensor.kind_name
+    handle = open_tensor(source)
+    rows = int(handle.get_shape()[0]) if handle.get_shape() else 1
+    transforms = _transforms(tensor.name, config)
+    if len(transforms) == 1 and rows > ROWS_PER_BLOCK:  # large (embeddings, output): a block of rows at a time
+        stats = _Stats()
+        for start in range(0, rows, ROWS_PER_BLOCK):
+            stop = min(rows, start + ROWS_PER_BLOCK)
+            stats.add(_dequantized(tensor, start, stop), handle[start:stop].float().numpy())
+        return TensorCheck(tensor.name, source, kind, stats.relative_max(), stats.relative_rms())
+    got = _dequantized(tensor, 0, rows)
+    merged = handle[:].float().numpy()
+    tried = []
+    for label, transform in transforms:
+        stats = _Stats()
+        stats.add(got, transform(merged).reshape(got.shape))
+        tried.append(TensorCheck(tensor.name, source, kind, stats.relative_max(), stats.relative_rms(), label))
+    return min(tried, key=lambda t: t.relative_max)
+
+
+def _transforms(name: str, config: dict[str, Any]) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
+    """How the converter may have laid the merged tensor out: as is, or (llama's rope) q/k rows reordered within
+    each head, or (Gemma's norms) 1 added. Each candidate is compared; the closest is reported with its name."""
+    options: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = [("as is", lambda w: w)]
+    heads = config.get("num_attention_heads")
+    if name.endswith(("attn_q.weight", "attn_q.bias")) and heads:
+        options.append(("rope row order", lambda w: _rope_rows(w, heads)))
+    if name.endswith(("attn_k.weight", "attn_k.bias")) and heads:
+        kv = config.get("num_key_value_heads") or heads
+        options.append(("rope row order", lambda w: _rope_rows(w, kv)))
+    if name.endswith("norm.weight"):
+        options.append(("+1 (norm offset)", lambda w: w + 1))
+    return options
+
+
+def _rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Rows of each head from HF's two-halves rope layout to llama.cpp's interleaved pairs."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _dequantized(tensor: GgufTensor, start: int, stop: int) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    data = tensor.data
+    block = data[start:stop] if data.ndim > 1 else data
+    if block.dtype != np.uint8:
+        return np.asarray(block, dtype=np.float32)
+    return np.asarray(dequantize(np.asarray(block), GGMLQuantizationType(tensor.kind)), dtype=np.float32)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.diff_max = self.ref_max = self.diff_sq = self.ref_sq = 0.0
+
+    def add(self, got: np.ndarray, ref: np.ndarray) -> None:
+        got, ref = got.reshape(-1).astype(np.float64), ref.reshape(-1).astype(np.float64)
+        if got.shape != ref.shape:
+            raise VerificationError(f"shape mismatch: GGUF {got.shape} vs merged {ref.shape}")
+        diff = got - ref
+        self.diff_max = max(self.diff_max, float(np.abs(diff).max(initial=0.0)))
+        self.ref_max = max(self.ref_max, float(np.abs(ref).max(initial=0.0)))
+        self.diff_sq += float(np.dot(diff, diff))
+        self.ref_sq += float(np.dot(ref, ref))
+
+    def relative_max(self) -> float:
+        return self.diff_max / self.ref_max if self.ref_max else self.diff_max
+
+    def relative_rms(self) -> float:
+        return (self.diff_sq / self.ref_sq) ** 0.5 if self.ref_sq else self.diff_sq**0.5
+
+
+def _check_tensor_errors(check: GgufCheck, gguf_path: Path) -> None:
+    for t in check.tensors:
+        limit = MAX_RELATIVE.get(t.kind)
+        bad = t.relative_max > limit if limit is not None else t.relative_rms > MAX_RELATIVE_RMS
+        if bad:
+            figure = f"max error {t.relative_max:.3g}" if limit is not None else f"rms error {t.relative_rms:.3g}"
+            bound = limit if limit is not None else MAX_RELATIVE_RMS
+            raise VerificationError(
+                f"{gguf_path.name}: tensor {t.name} ({t.kind}) differs from the merged {t.source}: relative "
+                f"{figure} > {bound:g}"
+            )
+
+
+def _check_all_written(names: dict[str, str], check: GgufCheck, config: dict[str, Any], gguf_path: Path) -> None:
+    written = {t.name for t in check.tensors}
+    missing = [hf for gguf_name, hf in names.items() if gguf_name not in written]
+    if config.get("tie_word_embeddings"):
+        missing = [name for name in missing if not name.endswith("lm_head.weight")]
+    if missing:
+        raise VerificationError(f"{gguf_path.name} lacks {len(missing)} merged tensor(s), first {missing[0]}")
+
+
+def iter_checks(check: GgufCheck) -> Iterator[str]:
+    """Lines for the console and the card: per storage type, tensors and worst error."""
+    for kind, entry in sorted(check.summary().items()):
+        yield (
+            f"{kind}: {int(entry['tensors'])} tensors, max relative error {entry['relative_max']:.3g}, "
+            f"max relative rms {entry['relative_rms']:.3g}"
+        )
