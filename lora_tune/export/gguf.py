@@ -114,10 +114,11 @@ def _export(source: Path, is_run: bool, build: Path, target: Path, quant: str, m
         merged_dir, merge_seconds = merged.output, merged.seconds
     partial = build / target.name
     name = target.stem
+    converter_input = _with_architectures(merged_dir, build)
     if quant in OUTTYPES:
-        conversion = convert(merged_dir, partial, quant, name)
+        conversion = convert(converter_input, partial, quant, name)
     else:
-        conversion = convert(merged_dir, build / "f16.gguf", "f16", name)
+        conversion = convert(converter_input, build / "f16.gguf", "f16", name)
         log.info("export: quantizing to %s with llama.cpp", quant)
         quantize(conversion.path, partial, quant)
         (build / "f16.gguf").unlink()
@@ -137,6 +138,27 @@ def _export(source: Path, is_run: bool, build: Path, target: Path, quant: str, m
         converter_peak_mib=conversion.peak_rss_mib,
         merge_seconds=merge_seconds,
     )
+
+
+def _with_architectures(merged_dir: Path, build: Path) -> Path:
+    """The converter picks its model class from config.json's `architectures`, which a config saved by hand may
+    lack; then it reads a view of the folder (links to its files) whose config names the causal-LM class of its
+    model_type. The source folder is never changed."""
+    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("architectures"):
+        return merged_dir
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+    if class_name is None:
+        raise ExportError(f"{merged_dir}/config.json names no architectures and no model_type transformers knows")
+    view = build / "converter-input"
+    view.mkdir()
+    for path in merged_dir.iterdir():
+        if path.name != "config.json":
+            (view / path.name).symlink_to(path.resolve())
+    write_json_atomic(view / "config.json", {**config, "architectures": [class_name]})
+    return view
 
 
 def trained_stops(merged_dir: Path) -> list[int]:

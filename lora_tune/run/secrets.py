@@ -7,7 +7,14 @@ import logging
 import os
 import re
 
-TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN", "HUGGINGFACEHUB_API_TOKEN", "WANDB_API_KEY")
+TOKEN_ENV = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_HUB_TOKEN",
+    "HUGGINGFACEHUB_API_TOKEN",
+    "WANDB_API_KEY",
+    "LORA_TUNE_API_KEY",  # lora-tune serve's key
+)
 
 
 # Hugging Face user/org access tokens: "hf_" then 30+ letters and digits.
