@@ -1,4 +1,4 @@
-"""A fast read of a GGUF file's metadata and tensor table, with each tensor's data as a memory-mapped array.
+"""A fast read of a GGUF file's metadata and tensor table; each tensor's data is read by rows when asked.
 
 gguf's own GGUFReader builds a numpy view for every part of every field: on a 128k-token vocabulary (400k strings
 with the merges) that takes 7 s. This reads the same header (GGUF v2/v3, little-endian) with struct in a fraction
@@ -26,13 +26,34 @@ class GgufTensor:
     name: str
     shape: tuple[int, ...]  # numpy order (rows first), the reverse of GGUF's ne[]
     kind: int  # GGMLQuantizationType value
-    data: np.ndarray  # memory-mapped: float32/float16 values, else the raw blocks as uint8 rows
+    path: Path
+    offset: int  # of the data in the file
+    row_bytes: int  # bytes of one row (the last numpy axis) as stored
+    dtype: str  # "float32", "float16", else "uint8" (the raw blocks of a quantized row)
 
     @property
     def kind_name(self) -> str:
         from gguf import GGMLQuantizationType
 
         return GGMLQuantizationType(self.kind).name
+
+    @property
+    def rows(self) -> int:
+        return int(np.prod(self.shape[:-1])) if len(self.shape) > 1 else 1
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the flattened leading axes, read from the file (not mapped: the pages do not stay
+        in this process's resident memory after the block is compared)."""
+        with self.path.open("rb") as f:
+            f.seek(self.offset + start * self.row_bytes)
+            raw = f.read((stop - start) * self.row_bytes)
+        data = np.frombuffer(raw, dtype=self.dtype)
+        return data.reshape(stop - start, -1) if len(self.shape) > 1 else data
+
+    @property
+    def data(self) -> np.ndarray:
+        """The whole tensor, shaped as stored (raw uint8 blocks for quantized types)."""
+        return self.read_rows(0, self.rows).reshape(*self.shape[:-1], -1)
 
 
 @dataclass
@@ -70,14 +91,32 @@ class _Cursor:
 
 
 def read_gguf(path: Path) -> GgufFile:
-    """Metadata as Python values and tensors as memory-mapped arrays."""
+    """Metadata as Python values, and each tensor's place in the file (its data is read later, by rows)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    # Mapped for the header only: the pages touched (the metadata) are the only ones that become resident.
     mapped = np.memmap(path, dtype=np.uint8, mode="r")
-    cursor = _Cursor(memoryview(mapped))
-    if bytes(mapped[:4]) != MAGIC:
-        raise ValueError(f"{path}: not a GGUF file")
-    cursor.pos = 4
+    try:
+        if bytes(mapped[:4]) != MAGIC:
+            raise ValueError(f"{path}: not a GGUF file")
+        cursor = _Cursor(memoryview(mapped))
+        cursor.pos = 4
+        fields, infos = _header(cursor, path)
+    finally:
+        del mapped
+    alignment = int(fields.get("general.alignment", 32))
+    start = -(-cursor.pos // alignment) * alignment
+    tensors = []
+    for name, dims, kind, offset in infos:
+        shape = tuple(reversed(dims))
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        row_bytes = shape[-1] // block * size if shape else size
+        dtype = {GGMLQuantizationType.F32: "float32", GGMLQuantizationType.F16: "float16"}.get(kind, "uint8")
+        tensors.append(GgufTensor(name, shape, kind, path, start + offset, row_bytes, dtype))
+    return GgufFile(fields, tensors)
+
+
+def _header(cursor: _Cursor, path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]]]:
     version, n_tensors, n_fields = cursor.unpack("<I"), cursor.unpack("<Q"), cursor.unpack("<Q")
     if version not in (2, 3):
         raise ValueError(f"{path}: GGUF version {version}; this reader knows 2 and 3")
@@ -90,20 +129,4 @@ def read_gguf(path: Path) -> GgufFile:
         name = cursor.string()
         dims = [cursor.unpack("<Q") for _ in range(cursor.unpack("<I"))]
         infos.append((name, dims, cursor.unpack("<I"), cursor.unpack("<Q")))
-    alignment = int(fields.get("general.alignment", 32))
-    start = -(-cursor.pos // alignment) * alignment
-    tensors = []
-    for name, dims, kind, offset in infos:
-        shape = tuple(reversed(dims))
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-        count = int(np.prod(dims)) if dims else 1
-        nbytes = count // block * size
-        raw = mapped[start + offset : start + offset + nbytes]
-        if kind == GGMLQuantizationType.F32:
-            data = raw.view(np.float32).reshape(shape)
-        elif kind == GGMLQuantizationType.F16:
-            data = raw.view(np.float16).reshape(shape)
-        else:
-            data = raw.reshape(*shape[:-1], shape[-1] // block * size)
-        tensors.append(GgufTensor(name, shape, kind, data))
-    return GgufFile(fields, tensors)
+    return fields, infos

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,14 +76,13 @@ def verify_gguf(gguf_path: Path, merged_dir: Path) -> GgufCheck:
     check = GgufCheck(architecture=arch)
     _check_metadata(reader, arch, config, merged_dir, check)
     names = _source_names(arch, int(config["num_hidden_layers"]), merged_dir)
-    with ExitStack() as stack:
-        open_tensor = _opener(merged_dir, stack)
-        for tensor in reader.tensors:
-            source = names.get(tensor.name)
-            if source is None:
-                check.generated.append(tensor.name)
-                continue
-            check.tensors.append(_compare(tensor, source, open_tensor, config))
+    read_merged = _merged_reader(merged_dir)
+    for tensor in reader.tensors:
+        source = names.get(tensor.name)
+        if source is None:
+            check.generated.append(tensor.name)
+            continue
+        check.tensors.append(_compare(tensor, source, read_merged, config))
     _check_tensor_errors(check, gguf_path)
     _check_all_written(names, check, config, gguf_path)
     check.seconds = round(time.monotonic() - started, 1)
@@ -179,42 +177,55 @@ def _merged_names(merged_dir: Path) -> list[str]:
         return list(f.keys())
 
 
-def _opener(merged_dir: Path, stack: ExitStack) -> Callable[[str], Any]:
-    """name -> a safetensors slice handle, opening each shard once."""
+# (name, start row, stop row or None for all) -> the merged tensor's rows as float32, and its row count
+MergedReader = Callable[[str, int, "int | None"], np.ndarray]
+
+
+def _merged_reader(merged_dir: Path) -> tuple[MergedReader, Callable[[str], int]]:
+    """Readers of the merged safetensors that open the shard for each read: a mapping kept open would keep every
+    page read so far in this process's resident memory, the whole model by the end."""
     from safetensors import safe_open
 
     index = merged_dir / "model.safetensors.index.json"
     weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else None
-    handles: dict[str, Any] = {}
 
-    def open_tensor(name: str) -> Any:
-        shard = weight_map[name] if weight_map else "model.safetensors"
-        if shard not in handles:
-            handles[shard] = stack.enter_context(safe_open(merged_dir / shard, framework="pt"))
-        return handles[shard].get_slice(name)
+    def shard(name: str) -> Path:
+        return merged_dir / (weight_map[name] if weight_map else "model.safetensors")
 
-    return open_tensor
+    def read(name: str, start: int, stop: int | None) -> np.ndarray:
+        with safe_open(shard(name), framework="pt") as f:
+            part = f.get_slice(name)
+            values = part[start:stop] if part.get_shape() else part[:]
+            return values.float().numpy()
+
+    def rows(name: str) -> int:
+        with safe_open(shard(name), framework="pt") as f:
+            shape = f.get_slice(name).get_shape()
+        return int(shape[0]) if shape else 1
+
+    return read, rows
 
 
 def _compare(
-    tensor: GgufTensor, source: str, open_tensor: Callable[[str], Any], config: dict[str, Any]
+    tensor: GgufTensor, source: str, merged: tuple[MergedReader, Callable[[str], int]], config: dict[str, Any]
 ) -> TensorCheck:
+    read, row_count = merged
     kind = tensor.kind_name
-    handle = open_tensor(source)
-    rows = int(handle.get_shape()[0]) if handle.get_shape() else 1
+    rows = tensor.rows
     transforms = _transforms(tensor.name, config)
-    if len(transforms) == 1 and rows > ROWS_PER_BLOCK:  # large (embeddings, output): a block of rows at a time
+    blocked = len(transforms) == 1 and rows > ROWS_PER_BLOCK and len(tensor.shape) == 2
+    if blocked and row_count(source) == rows:  # large (embeddings, output): a block of rows at a time
         stats = _Stats()
         for start in range(0, rows, ROWS_PER_BLOCK):
             stop = min(rows, start + ROWS_PER_BLOCK)
-            stats.add(_dequantized(tensor, start, stop), handle[start:stop].float().numpy())
+            stats.add(_dequantized(tensor, start, stop), read(source, start, stop))
         return TensorCheck(tensor.name, source, kind, stats.relative_max(), stats.relative_rms())
     got = _dequantized(tensor, 0, rows)
-    merged = handle[:].float().numpy()
+    weights = read(source, 0, None)
     tried = []
     for label, transform in transforms:
         stats = _Stats()
-        stats.add(got, transform(merged).reshape(got.shape))
+        stats.add(got, transform(weights).reshape(got.shape))
         tried.append(TensorCheck(tensor.name, source, kind, stats.relative_max(), stats.relative_rms(), label))
     return min(tried, key=lambda t: t.relative_max)
 
@@ -244,8 +255,7 @@ def _dequantized(tensor: GgufTensor, start: int, stop: int) -> np.ndarray:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    data = tensor.data
-    block = data[start:stop] if data.ndim > 1 else data
+    block = tensor.read_rows(start, stop)
     if block.dtype != np.uint8:
         return np.asarray(block, dtype=np.float32)
     return np.asarray(dequantize(np.asarray(block), GGMLQuantizationType(tensor.kind)), dtype=np.float32)
