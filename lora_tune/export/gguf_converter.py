@@ -44,7 +44,7 @@ class Conversion:
 
     path: Path
     seconds: float
-    peak_rss_mib: float  # the converter process's own peak resident memory
+    peak_rss_mib: float  # the converter process's peak anonymous memory (RssAnon, sampled every 20 ms)
 
 
 def cache_root() -> Path:
@@ -134,16 +134,30 @@ def convert(model_dir: Path, outfile: Path, outtype: str, model_name: str) -> Co
 
 
 PEAK_ENV = "LORA_TUNE_PEAK_FILE"
-# Runs the converter script as __main__ and writes the process's own peak RSS (KiB) when it ends, however it ends.
+# Runs the converter script as __main__ and, when it ends however it ends, writes the process's peak anonymous memory
+# (KiB): RssAnon sampled every 20 ms. Not ru_maxrss: the converter memory-maps the safetensors, and the file pages it
+# has read count in RSS although the kernel can drop them at any time; the anonymous part is what can run out.
 _LAUNCHER = f"""
-import os, resource, runpy, sys
+import os, runpy, sys, threading, time
+peak = [0]
+def sample():
+    while True:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        peak[0] = max(peak[0], int(line.split()[1]))
+        except OSError:
+            return
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
 script = sys.argv[1]
 sys.argv = sys.argv[1:]
 try:
     runpy.run_path(script, run_name="__main__")
 finally:
     with open(os.environ["{PEAK_ENV}"], "w") as f:
-        f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+        f.write(str(peak[0]))
 """
 
 
