@@ -255,6 +255,9 @@ def test_held_out_prompt_answered_as_lora_tune_generate_and_stops_at_end_of_turn
 def test_run_exports_merged_first_and_k_quant_goes_through_llama_cpps_quantizer(exported, capsys) -> None:
     import gguf
 
+    killed = exported["out"] / ".export-killed"  # what an export killed mid-way leaves: nothing under a .gguf name
+    killed.mkdir()
+    (killed / "run-Q4_K_M.gguf").write_bytes(b"GGUF partial")
     capsys.readouterr()
     assert main(["export", str(exported["run"]), "--quant", "q4_k_m", "--output", str(exported["out"])]) == 0
     printed = capsys.readouterr().out
@@ -270,7 +273,7 @@ def test_run_exports_merged_first_and_k_quant_goes_through_llama_cpps_quantizer(
     assert reply["choices"][0]["message"]["content"]
     record = json.loads((exported["out"] / "export.json").read_text())
     assert set(record["files"]) == {"merged-F16.gguf", "merged-Q8_0.gguf", "run-Q4_K_M.gguf"}
-    assert not list(exported["out"].glob(".export-*"))  # the build folder (merged weights, f16 step) is gone
+    assert not list(exported["out"].glob(".export-*"))  # this export's build folder and the killed one's are gone
 
 
 def test_modelfile_and_card_describe_the_file(exported) -> None:
