@@ -17,51 +17,12 @@ import pytest
 from lora_tune.cli import main
 from lora_tune.plan.catalog import list_catalog, method_of, shipped_config
 from tests.conftest import CORPUS, fruit_rows, write_jsonl
+from tests.helpers import catalog_by_architecture, shrink
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = ROOT / "recipes"
 FAMILIES = {"llama", "qwen", "mistral", "gemma", "phi", "smollm"}
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 16}
-# Keys whose values are sized for the full model (per-layer lists, RoPE scaling tables): the tiny copy drops them
-# and lets the config class derive them for 2 layers and head_dim 16.
-# model_type and architectures are passed separately.
-DROPPED = (
-    *("model_type", "architectures", "rope_scaling", "rope_parameters"),
-    *("layer_types", "torch_dtype", "dtype", "_lora_tune_note"),
-)
-
-
-def catalog_by_architecture() -> dict[str, object]:
-    """One catalog entry per model_type (the first by name), covering every architecture the catalog uses."""
-    chosen: dict[str, object] = {}
-    for entry in list_catalog(CATALOG):
-        config = shipped_config(entry.model, CATALOG)
-        if config is not None:
-            chosen.setdefault(config["model_type"], entry)
-    return chosen
-
-
 ARCHITECTURES = catalog_by_architecture()
-
-
-def shrink(config: dict, tokenizer) -> dict:  # noqa: ANN001 - a transformers tokenizer
-    """The full config with its sizes replaced by tiny ones; attention layout kept (GQA stays GQA)."""
-    small = {k: v for k, v in config.items() if k not in DROPPED}
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    small.update(TINY)
-    small["num_key_value_heads"] = 4 if kv == heads else (1 if kv == 1 else 2)
-    small.update(vocab_size=len(tokenizer), max_position_embeddings=256)
-    small.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    small["pad_token_id"] = tokenizer.pad_token_id
-    if small.get("sliding_window"):
-        small["sliding_window"] = 16
-    if "sliding_window_pattern" in small:
-        small["sliding_window_pattern"] = 2  # one sliding and one global layer
-    if "query_pre_attn_scalar" in small:
-        small["query_pre_attn_scalar"] = TINY["head_dim"]
-    if "max_window_layers" in small:
-        small["max_window_layers"] = TINY["num_hidden_layers"]
-    return small
 
 
 @pytest.fixture(scope="module")
