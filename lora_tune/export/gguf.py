@@ -114,7 +114,7 @@ def _export(source: Path, is_run: bool, build: Path, target: Path, quant: str, m
         merged_dir, merge_seconds = merged.output, merged.seconds
     partial = build / target.name
     name = target.stem
-    converter_input = _with_architectures(merged_dir, build)
+    converter_input = _converter_view(merged_dir, build)
     if quant in OUTTYPES:
         conversion = convert(converter_input, partial, quant, name)
     else:
@@ -140,25 +140,59 @@ def _export(source: Path, is_run: bool, build: Path, target: Path, quant: str, m
     )
 
 
-def _with_architectures(merged_dir: Path, build: Path) -> Path:
+def _converter_view(merged_dir: Path, build: Path) -> Path:
+    """The folder the converter reads: `merged_dir` itself, or, when a file of it must say more to the converter,
+    a view of it (links to its files, under the same folder name so the converter's name-based checks see the
+    same) with those files rewritten. The source folder is never changed."""
+    candidates = {"config.json": _with_architectures, "tokenizer_config.json": _with_added_tokens}
+    rewritten = {name: content for name, make in candidates.items() if (content := make(merged_dir)) is not None}
+    if not rewritten:
+        return merged_dir
+    view = build / "converter-input" / merged_dir.resolve().name
+    view.mkdir(parents=True)
+    for path in merged_dir.iterdir():
+        if path.name not in rewritten:
+            (view / path.name).symlink_to(path.resolve())
+    for name, content in rewritten.items():
+        write_json_atomic(view / name, content)
+    return view
+
+
+def _with_architectures(merged_dir: Path) -> dict[str, Any] | None:
     """The converter picks its model class from config.json's `architectures`, which a config saved by hand may
-    lack; then it reads a view of the folder (links to its files) whose config names the causal-LM class of its
-    model_type. The source folder is never changed."""
+    lack; then the view's config names the causal-LM class of its model_type."""
     config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
     if config.get("architectures"):
-        return merged_dir
+        return None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
     if class_name is None:
         raise ExportError(f"{merged_dir}/config.json names no architectures and no model_type transformers knows")
-    view = build / "converter-input"
-    view.mkdir()
-    for path in merged_dir.iterdir():
-        if path.name != "config.json":
-            (view / path.name).symlink_to(path.resolve())
-    write_json_atomic(view / "config.json", {**config, "architectures": [class_name]})
-    return view
+    return {**config, "architectures": [class_name]}
+
+
+def _with_added_tokens(merged_dir: Path) -> dict[str, Any] | None:
+    """For a SentencePiece vocabulary (tokenizer.model: Gemma, Phi-3, Mistral, Llama 2) the converter takes the kind
+    of each added token (the chat markers) from tokenizer_config.json's added_tokens_decoder, which transformers 5
+    no longer writes: without it '<start_of_turn>' is typed as ordinary text, and llama.cpp splits it into pieces in
+    every chat prompt (the read-back refuses such a file). Then the view's tokenizer_config lists them, from the
+    tokenizer itself."""
+    path = merged_dir / "tokenizer_config.json"
+    if not (merged_dir / "tokenizer.model").is_file() or not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("added_tokens_decoder"):
+        return None
+    from transformers import AutoTokenizer
+
+    added = AutoTokenizer.from_pretrained(merged_dir).added_tokens_decoder
+    if not added:
+        return None
+    fields = ("content", "lstrip", "rstrip", "normalized", "single_word", "special")
+    listed = {str(i): {f: getattr(token, f) for f in fields} for i, token in sorted(added.items())}
+    log.info("export: listing the %d added tokens in tokenizer_config.json for llama.cpp's converter", len(added))
+    return {**config, "added_tokens_decoder": listed}
 
 
 def trained_stops(merged_dir: Path) -> list[int]:

@@ -9,6 +9,7 @@ mapped and large tensors are compared a block of rows at a time, so about one bl
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,14 @@ MAX_RELATIVE = {"F32": 1e-6, "F16": 1e-3, "BF16": 8e-3, "Q8_0": 6e-3}
 # Other (k-)quant types: relative RMS error. A 4-bit k-quant measures about 0.03-0.1; a wrong tensor about 1.4.
 MAX_RELATIVE_RMS = 0.25
 ROWS_PER_BLOCK = 4096
+# GGUF token types (llama.cpp's llama_token_type) under which llama.cpp matches a token's text as one token when it
+# tokenizes with special tokens parsed: control, user-defined; and the unknown token.
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
+# llama.cpp's sliding-window layout for architectures whose GGUF carries no per-layer pattern: every n-th layer is
+# global, the others slide (llama_hparams::set_swa_pattern(n), as llama.cpp's gemma2/gemma3 loaders call it).
+SWA_EVERY = {"gemma2": 2, "gemma3": 6}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +84,7 @@ def verify_gguf(gguf_path: Path, merged_dir: Path) -> GgufCheck:
     arch = _field(reader, "general.architecture")
     check = GgufCheck(architecture=arch)
     _check_metadata(reader, arch, config, merged_dir, check)
+    _check_layer_pattern(reader, arch, config)
     names = _source_names(arch, int(config["num_hidden_layers"]), merged_dir)
     read_merged = _merged_reader(merged_dir)
     for tensor in reader.tensors:
@@ -135,12 +145,67 @@ def _check_tokens(reader: GgufFile, tokenizer: Any) -> int:
             f"{len(wrong)} of {n} tokens differ between the GGUF and the tokenizer; first: id {i} is "
             f"{tokens[i]!r} in the GGUF, {hf[i]!r} in the tokenizer"
         )
+    _check_added_token_types(reader, tokenizer, n)
     return n
+
+
+def _check_added_token_types(reader: GgufFile, tokenizer: Any, n: int) -> None:
+    """transformers reads every added token (the chat markers) as one token wherever it appears in a text; llama.cpp
+    does so only for tokens typed control or user-defined. With the right text but the type 'normal' (the
+    converter's SentencePiece path types added tokens from tokenizer_config.json's added_tokens_decoder, which
+    transformers 5 no longer writes) llama.cpp would split '<start_of_turn>' into pieces in every chat prompt."""
+    types = _field(reader, "tokenizer.ggml.token_type")
+    if types is None:
+        return
+    added = sorted(i for i in tokenizer.added_tokens_decoder if i < n)
+    plain = [i for i in added if types[i] not in (UNKNOWN, CONTROL, USER_DEFINED)]
+    if plain:
+        i = plain[0]
+        raise VerificationError(
+            f"{len(plain)} of the tokenizer's {len(added)} added tokens are ordinary text in the GGUF (type "
+            f"{types[i]}), first id {i} {tokenizer.convert_ids_to_tokens(i)!r}: llama.cpp would split it into "
+            "pieces where transformers reads one token"
+        )
 
 
 def _same_byte(gguf_token: str, hf_token: str) -> bool:
     """SentencePiece byte tokens: '<0x0A>' in both, or written as the byte itself by some converters."""
     return gguf_token.upper() == hf_token.upper() and gguf_token.startswith("<0x")
+
+
+def _check_layer_pattern(reader: GgufFile, arch: str, config: dict[str, Any]) -> None:
+    """Which layers slide, as llama.cpp will run them, against the model's own layer types. The converter writes
+    no pattern for Gemma 2/3 and llama.cpp assumes the released models' one; a model with another layout would
+    convert silently and compute other attention (and, for Gemma 3, another rope base) in those layers."""
+    window = config.get("sliding_window")
+    if arch == "phi3" and window and window < config.get("max_position_embeddings", 0):
+        log.warning(
+            "export: llama.cpp ignores Phi-3's sliding window (%d tokens): past it, it attends to the whole "
+            "context where transformers attends to the window",
+            window,
+        )
+    if arch not in SWA_EVERY or not window:
+        return
+    n_layers = int(config["num_hidden_layers"])
+    layer_types = config.get("layer_types")
+    if layer_types is None and config.get("sliding_window_pattern"):  # Gemma 3's configs before layer_types
+        every = int(config["sliding_window_pattern"])
+        layer_types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)]
+    if layer_types is None:
+        return
+    stored = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(stored, list):
+        sliding = [bool(v) for v in stored]
+    else:
+        every = int(stored) if stored else SWA_EVERY[arch]
+        sliding = [i % every < every - 1 for i in range(n_layers)]
+    expected = [t == "sliding_attention" for t in layer_types]
+    if sliding != expected:
+        show = "".join("S" if s else "G" for s in sliding)
+        raise VerificationError(
+            f"llama.cpp would run the layers of this {arch} model as {show} (S sliding, G global); the model's "
+            f"layer_types are {''.join('S' if s else 'G' for s in expected)}"
+        )
 
 
 def _short(value: Any) -> str:
