@@ -110,9 +110,11 @@ def collect(folder: Path) -> tuple[str, dict[str, Path | bytes], str, list[tuple
         card = found.get("README.md")
         named = re.search(r"lora-tune run `([^`]+)`", card.read_text(encoding="utf-8")) if card else None
         return "merged model", dict(found), named.group(1) if named else folder.resolve().name, skipped
+    if any(name.endswith(".gguf") and "/" not in name for name in found):  # a `lora-tune export` folder
+        return "GGUF files", dict(found), folder.resolve().name, skipped
     raise ExportError(
-        f"{folder}: neither a lora-tune run directory (recipe.yaml + adapter/) nor a merged model folder "
-        "(config.json + *.safetensors)"
+        f"{folder}: neither a lora-tune run directory (recipe.yaml + adapter/), a merged model folder "
+        "(config.json + *.safetensors) nor a GGUF export folder (*.gguf)"
     )
 
 

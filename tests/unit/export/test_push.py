@@ -154,6 +154,17 @@ def test_dry_run_lists_files_and_sends_nothing(hub, merged_and_run, capsys):
         assert path.name in out
 
 
+def test_a_gguf_export_folder_is_pushed_whole(hub, tmp_path: Path, capsys):
+    (tmp_path / "x-Q8_0.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    for name in ("Modelfile", "README.md", "export.json"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / ".export.lock").write_text("")
+    assert main(["push", str(tmp_path), "me/x-GGUF", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Would upload GGUF files" in out and "x-Q8_0.gguf" in out and "Modelfile" in out
+    assert "skipped .export.lock (hidden)" in out and hub.requests == []
+
+
 def test_push_refuses_a_folder_that_is_neither_run_nor_model(tmp_path: Path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     assert main(["push", str(tmp_path), "me/x", "--dry-run"]) == 2
