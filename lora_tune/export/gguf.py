@@ -113,7 +113,7 @@ def _export(source: Path, is_run: bool, build: Path, target: Path, quant: str, m
         merged = merge(source, build / "merged", dtype=merge_dtype)
         merged_dir, merge_seconds = merged.output, merged.seconds
     partial = build / target.name
-    name = target.stem
+    name = _llama_cpp_name(target.stem, merged_dir)
     converter_input = _converter_view(merged_dir, build)
     if quant in OUTTYPES:
         conversion = convert(converter_input, partial, quant, name)
@@ -138,6 +138,15 @@ def _export(source: Path, is_run: bool, build: Path, target: Path, quant: str, m
         converter_peak_mib=conversion.peak_rss_mib,
         merge_seconds=merge_seconds,
     )
+
+
+def _llama_cpp_name(name: str, merged_dir: Path) -> str:
+    """general.name for the file. llama.cpp tokenizes a Phi-3 vocabulary as Phi-3 does (stripping the whitespace
+    after special tokens) only when general.name contains 'phi-3' or 'phi3', so a Phi-3 fine-tune gets it."""
+    config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") == "phi3" and not re.search(r"phi-?3", name, re.IGNORECASE):
+        return f"phi-3-{name}"
+    return name
 
 
 def _converter_view(merged_dir: Path, build: Path) -> Path:

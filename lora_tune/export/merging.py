@@ -113,7 +113,7 @@ def merge(
             result.output, result.dtype = output, dtype
             plan = None  # the merge's copy of the adapter, updated in place; the verification reads its own
             finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
-            copy_tokenizer(run.adapter, build, recipe)
+            copy_tokenizer(run.adapter, build, recipe, base_dir)
             add_trained_stops(run, build)
             _copy_lineage(run, build)
 
@@ -458,16 +458,25 @@ def finish_config(base_dir: Path, build: Path, dtype_name: str, *, untie: bool, 
         shutil.copy2(generation, build / "generation_config.json")
 
 
-def copy_tokenizer(adapter: Path, build: Path, recipe: Recipe) -> None:
-    """The tokenizer saved with the adapter (the training one, with its chat template), copied byte for byte."""
+# SentencePiece model files: transformers 5 no longer writes them with a fast tokenizer, so a tokenizer saved with
+# the adapter lacks the one its base ships. The merged folder gets it from the base: llama.cpp's GGUF converter reads
+# Gemma 2, Phi-3 and other SentencePiece vocabularies only from it.
+SENTENCEPIECE_FILES = ("tokenizer.model",)
+
+
+def copy_tokenizer(adapter: Path, build: Path, recipe: Recipe, base_dir: Path | None = None) -> None:
+    """The tokenizer saved with the adapter (the training one, with its chat template), copied byte for byte, plus
+    the base's SentencePiece model when the adapter's copy lacks it."""
     files = [p for p in adapter.iterdir() if p.is_file() and p.name not in ADAPTER_FILES]
     if not any(p.name.startswith("tokenizer") for p in files):
         log.warning("merge: no tokenizer saved with the adapter; saving the recipe's tokenizer instead")
 
         load_tokenizer(recipe.model).save_pretrained(build)
-        return
     for path in files:
         shutil.copy2(path, build / path.name)
+    for name in SENTENCEPIECE_FILES:
+        if base_dir is not None and (base_dir / name).is_file() and not (build / name).exists():
+            shutil.copy2(base_dir / name, build / name)
 
 
 def add_trained_stops(run: RunDir, build: Path) -> None:

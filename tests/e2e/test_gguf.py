@@ -287,6 +287,19 @@ def test_modelfile_and_card_describe_the_file(exported) -> None:
     assert "`<|eot_id|>`" in card and "hf_" not in card
 
 
+def test_the_file_carries_the_chat_template_and_ids_the_run_trained_with(exported) -> None:
+    from transformers import AutoTokenizer
+
+    from lora_tune.export.gguf_file import read_gguf
+
+    trained = AutoTokenizer.from_pretrained(exported["run"] / "adapter")
+    fields = read_gguf(_gguf(exported, "q8_0")).fields
+    assert fields["tokenizer.chat_template"] == trained.chat_template
+    assert fields["tokenizer.ggml.bos_token_id"] == trained.bos_token_id
+    assert fields["tokenizer.ggml.eos_token_id"] == trained.eos_token_id
+    assert fields["tokenizer.ggml.tokens"][: len(trained)] == trained.convert_ids_to_tokens(list(range(len(trained))))
+
+
 def test_read_back_catches_a_corrupted_tensor(exported, tmp_path) -> None:
     import gguf
 

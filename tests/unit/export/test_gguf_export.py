@@ -125,3 +125,14 @@ def test_a_tokenizer_llama_cpp_does_not_know_is_refused_in_one_line(tiny_model_d
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not know this tokenizer's BPE pre-tokenizer" in err[0]
     assert not list((tmp_path / "out").glob("*.gguf")) and not list((tmp_path / "out").glob(".export-*"))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "name", "expected"),
+    [("phi3", "chat-Q8_0", "phi-3-chat-Q8_0"), ("phi3", "my-Phi3-Q8_0", "my-Phi3-Q8_0"), ("llama", "x-F16", "x-F16")],
+)
+def test_a_phi_3_file_is_named_so_llama_cpp_tokenizes_it_as_phi_3(tmp_path: Path, model_type, name, expected) -> None:
+    from lora_tune.export.gguf import _llama_cpp_name
+
+    (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
+    assert _llama_cpp_name(name, tmp_path) == expected

@@ -121,6 +121,19 @@ def test_merged_folder_loads_with_auto_classes_and_keeps_the_chat_template(tiny_
     assert "train loss" in card and "max |logit difference|" in card
 
 
+def test_the_bases_sentencepiece_model_joins_the_merged_tokenizer(tiny_model_dir: Path, tmp_path: Path):
+    """transformers 5 saves no tokenizer.model with the adapter; llama.cpp's converter needs it (Gemma 2, Phi-3)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    run = make_run(tmp_path, base, lora())
+    assert not (run / "adapter" / "tokenizer.model").exists()
+    assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--no-verify"]) == 0
+    assert (tmp_path / "merged" / "tokenizer.model").read_bytes() == b"sentencepiece model bytes"
+
+
 def test_tied_embeddings_stay_tied_unless_the_adapter_changes_lm_head(tiny_model_dir: Path, tmp_path: Path):
     base = save_base(tiny_model_dir, tmp_path / "tied-base", tied=True)
     run = make_run(tmp_path / "a", base, lora())
