@@ -24,7 +24,7 @@ from lora_tune.export.errors import ExportError, VerificationError
 from lora_tune.export.gguf_card import gguf_card
 from lora_tune.export.gguf_converter import OUTTYPES, convert
 from lora_tune.export.gguf_quantize import K_QUANTS, llama_cpp_module, quantize
-from lora_tune.export.gguf_verify import GgufCheck, verify_gguf
+from lora_tune.export.gguf_verify import GgufCheck, merged_tokenizer, verify_gguf
 from lora_tune.export.merging import merge
 from lora_tune.export.ollama import modelfile
 from lora_tune.run.layout import RunDir, make_dir, write_json_atomic, write_text_atomic
@@ -193,9 +193,7 @@ def _with_added_tokens(merged_dir: Path) -> dict[str, Any] | None:
     config = json.loads(path.read_text(encoding="utf-8"))
     if config.get("added_tokens_decoder"):
         return None
-    from transformers import AutoTokenizer
-
-    added = AutoTokenizer.from_pretrained(merged_dir).added_tokens_decoder
+    added = merged_tokenizer(merged_dir).added_tokens_decoder
     if not added:
         return None
     fields = ("content", "lstrip", "rstrip", "normalized", "single_word", "special")
@@ -222,9 +220,7 @@ def _generation_stops(gguf_path: Path, merged_dir: Path) -> tuple[list[str], boo
     The token that closes an assistant turn in the chat template must end generation in llama.cpp, or the exported
     model runs on past its answers; other stop tokens the merged model lists (a base's spare EOS variants) that
     llama.cpp does not stop on are only logged."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = merged_tokenizer(merged_dir)
     stops = trained_stops(merged_dir)
     closing = end_of_turn_id(tokenizer)
     required = [closing] if closing is not None else [i for i in [tokenizer.eos_token_id] if i is not None]

@@ -8,6 +8,7 @@ mapped and large tensors are compared a block of rows at a time, so about one bl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -75,6 +76,21 @@ class GgufCheck:
         return out
 
 
+def merged_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, loaded once per export: the read-back, the stop-token check and the Modelfile each
+    need it, and a 128k-token vocabulary takes about a second to load. Keyed by the tokenizer files' times, so a
+    changed folder loads anew; callers only read it."""
+    files = [p for p in folder.iterdir() if p.name.startswith(("tokenizer", "chat_template", "special_tokens"))]
+    return _load_tokenizer(str(folder.resolve()), max((p.stat().st_mtime_ns for p in files), default=0))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(folder: str, _stamp: int) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 def verify_gguf(gguf_path: Path, merged_dir: Path) -> GgufCheck:
     """Compare `gguf_path` with the merged transformers folder; VerificationError names what differs."""
     started = time.monotonic()
@@ -107,8 +123,6 @@ def _field(reader: GgufFile, key: str) -> Any:
 
 
 def _check_metadata(reader: GgufFile, arch: str, config: dict[str, Any], merged_dir: Path, check: GgufCheck) -> None:
-    from transformers import AutoTokenizer
-
     expected = {
         f"{arch}.block_count": config["num_hidden_layers"],
         f"{arch}.embedding_length": config["hidden_size"],
@@ -116,7 +130,7 @@ def _check_metadata(reader: GgufFile, arch: str, config: dict[str, Any], merged_
     }
     if "num_key_value_heads" in config:
         expected[f"{arch}.attention.head_count_kv"] = config["num_key_value_heads"]
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = merged_tokenizer(merged_dir)
     for name, id_ in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id)):
         if id_ is not None and _field(reader, f"tokenizer.ggml.{name}_token_id") is not None:
             expected[f"tokenizer.ggml.{name}_token_id"] = id_

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lora_tune.export.gguf_verify import merged_tokenizer
 from lora_tune.recipe.templates import BUILTIN_TEMPLATES, builtin_for
 
 # Plain conversations (system, user, assistant turns; no tool calls): what each format writes, in Go-template form.
@@ -70,9 +71,7 @@ def template_format(chat_template: str | None) -> str | None:
 
 def modelfile(gguf_name: str, merged_dir: Path, stops: list[str]) -> str:
     """The Modelfile text for `gguf_name` (in the same folder), from the merged folder's chat template."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    tokenizer = merged_tokenizer(merged_dir)
     name = template_format(tokenizer.chat_template)
     stop_texts = stops or [tokenizer.eos_token or ""]
     lines = [
