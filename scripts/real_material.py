@@ -30,6 +30,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_tune.run.layout import sha256_file
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "real-material"
 SDIST = "llama-cpp-python==0.3.36"
@@ -124,14 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     done = f"converted {', '.join(made)}" if made else "up to date"
     print(f"real material in {cache}: {done}")
     return 0
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _has(cache: Path, name: str, digest: str) -> bool:

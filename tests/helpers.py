@@ -487,3 +487,42 @@ def shrink(config: dict, tokenizer) -> dict:  # noqa: ANN001 - a transformers to
     if "max_window_layers" in small:
         small["max_window_layers"] = TINY["num_hidden_layers"]
     return small
+
+
+# ---- llama.cpp and the real vocabularies (GGUF export, serving a .gguf) ------------------------------------------
+
+REAL_TOKENIZERS = ROOT / ".cache" / "real-material" / "tokenizers"  # scripts/real_material.py
+LLAMA3_STOPS = [128001, 128009]  # <|end_of_text|>, <|eot_id|>: what Llama 3 instruct models stop on
+
+
+def require_llama_cpp() -> Any:
+    """llama_cpp, required in CI (`make test` installs it); elsewhere a skip that names the install command."""
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("llama-cpp-python not installed; run: make llama-cpp")
+    return llama_cpp
+
+
+def real_tokenizer_dir(name: str) -> Path:
+    """The cached real tokenizer folder `name` (llama-3.1, qwen2.5, ...), or a skip naming the command."""
+    folder = REAL_TOKENIZERS / name
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"real tokenizer not in {folder}; run: python scripts/real_material.py")
+    return folder
+
+
+def tiny_llama_with_real_vocab(folder: Path, name: str = "llama-3.1") -> Path:
+    """A tiny float32 Llama (hidden 64, 2 layers) on a real vocabulary, saved with the tokenizer and Llama 3's
+    generation stops: a model llama.cpp's converter accepts."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from lora_tune.quickstart.tiny import build_tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(real_tokenizer_dir(name))
+    build_tiny_llama(tokenizer, hidden_size=64, num_layers=2, num_heads=4).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    GenerationConfig(eos_token_id=LLAMA3_STOPS).save_pretrained(folder)
+    return folder

