@@ -3,7 +3,8 @@
 # quantizes k-quants and serves .gguf files. PyPI has only its source, and compiling it takes 15-25 minutes on an
 # idle 2-core machine (56 minutes measured on a busy one), so the wheel is built once per machine and kept in
 # $LORA_TUNE_WHEEL_CACHE (default ~/.cache/lora-tune/wheels); later installs (and CI on the same machine) take it in
-# seconds. GGML_NATIVE=OFF: the wheel must run on any x86-64 CPU the cache is copied to, not only this one's ISA.
+# seconds. GGML_NATIVE=OFF: built for generic x86-64 with AVX2, not this CPU's own extensions (the 0.3.36 wheel built
+# here has no AVX-512 instruction), so a cache copied to another machine with AVX2 still runs.
 # Usage: scripts/install_llama_cpp.sh [PYTHON]   (make llama-cpp)
 set -euo pipefail
 python=${1:-.venv/bin/python}
