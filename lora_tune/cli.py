@@ -630,6 +630,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from lora_tune.serve.server import serve
 
     api_key = args.api_key or os.environ.get("LORA_TUNE_API_KEY") or None
+    if api_key:  # redact() masks the values of TOKEN_ENV: a key given as --api-key too, in any line printed
+        os.environ["LORA_TUNE_API_KEY"] = api_key
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without an API key: anyone who can reach it may use it")
     backend = open_backend(args.model_path)

@@ -66,3 +66,20 @@ def test_bad_serve_arguments_exit_2_with_one_line(
     assert main(["serve", *(a.format(tmp=tmp_path) for a in args)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_key_given_on_the_command_line_is_masked_in_what_is_printed(tmp_path, monkeypatch, capsys) -> None:
+    import lora_tune.serve.load as load
+    from lora_tune.serve.backend import ServeError
+
+    key = "sekrit-serve-key-0123456789"
+    (tmp_path / "config.json").write_text("{}")
+
+    def failing_backend(path):  # noqa: ANN001, ANN202 - stands in for loading weights
+        raise ServeError(f"could not load {path} for key {key}")
+
+    monkeypatch.setenv("LORA_TUNE_API_KEY", "")  # recorded, so the value the command sets is undone after
+    monkeypatch.setattr(load, "open_backend", failing_backend)
+    assert main(["serve", str(tmp_path), "--api-key", key]) == 2
+    out = capsys.readouterr()
+    assert key not in out.out + out.err and "hf_***" in out.err
