@@ -181,7 +181,7 @@ def _build(name: str, case: Case, root: Path) -> dict[str, Any]:
     started = time.monotonic()
     assert main(["export", str(folder), "--quant", "f16", "--output", str(root / "gguf")]) == 0
     print(f"{name}: exported in {time.monotonic() - started:.1f}s")
-    return {"model": model, "tokenizer": tokenizer, "gguf": root / "gguf" / f"tiny-{name}-F16.gguf"}
+    return {"model": model, "tokenizer": tokenizer, "gguf": root / "gguf" / f"tiny-{name}-F16.gguf", "folder": folder}
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +296,59 @@ def test_f16_logits_match_transformers(name: str, exported) -> None:
         llm.close()
     print(f"{name}: max |logit difference| llama.cpp vs transformers {worst:.3g} (logits up to {scale:.3g})")
     assert worst < LOGIT_TOLERANCE
+
+
+RUN_RECIPE = """\
+model:
+  name: {base}
+  dtype: float32
+  attn_implementation: eager  # Gemma 2's logit soft-capping, as its catalog recipes set
+quantization:
+  bits: 4
+adapter:
+  r: 4
+  alpha: 8
+datasets:
+  - path: {data}
+training:
+  max_steps: 2
+  batch_size: 2
+  max_length: 64
+  eval_strategy: "no"
+  save_strategy: "no"
+  gradient_checkpointing: false
+output_dir: {out}
+"""
+
+
+def test_a_qlora_run_on_a_sentencepiece_family_exports_with_its_chat_markers_special(exported, tmp_path) -> None:
+    """A run's adapter folder has no tokenizer.model (transformers 5 does not save one), which llama.cpp's converter
+    needs for Gemma 2: the merge takes the base's, and the chat markers reach llama.cpp as single tokens."""
+    from transformers import GenerationConfig
+
+    from lora_tune.export.gguf_file import read_gguf
+    from tests.conftest import write_jsonl
+
+    case = exported("gemma2")
+    tokenizer = case["tokenizer"]
+    base = tmp_path / "base"
+    shutil.copytree(case["folder"], base)
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    GenerationConfig(eos_token_id=stops).save_pretrained(base)  # as Gemma's instruct models stop
+    rows = [
+        {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "A fig."}]} for text in PLAIN
+    ]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RUN_RECIPE.format(base=base, data=data, out=tmp_path / "run"))
+    assert main(["train", str(recipe)]) == 0
+    assert not (tmp_path / "run" / "adapter" / "tokenizer.model").exists()
+    assert main(["export", str(tmp_path / "run"), "--quant", "f16", "--output", str(tmp_path / "gguf")]) == 0
+    path = tmp_path / "gguf" / "run-F16.gguf"
+    assert read_gguf(path).fields["tokenizer.ggml.model"] == "llama"  # SentencePiece, from tokenizer.model
+    llm = _load(path, vocab_only=True)
+    try:
+        marker = llm.tokenize(b"<start_of_turn>user", add_bos=False, special=True)
+    finally:
+        llm.close()
+    assert marker[0] == tokenizer.convert_tokens_to_ids("<start_of_turn>")
