@@ -74,6 +74,11 @@ def export_gguf(
     output = Path(output) if output is not None else source.with_name(f"{source.name}-gguf")
     if output.exists() and not output.is_dir():
         raise ExportError(f"--output: '{output}' is a file, expected a folder (for the .gguf, Modelfile and card)")
+    if is_run and output.resolve().is_relative_to(source.resolve()):  # the merge would build inside the run
+        raise ExportError(
+            f"--output: '{output}' is inside the run directory '{source}'; choose a folder outside it "
+            f"(the default is '{source.with_name(source.name + '-gguf')}')"
+        )
     target = output / f"{_model_name(source)}-{quant.upper()}.gguf"
     if target.exists() and not overwrite:
         raise ExportError(f"{target} exists; pass --overwrite to replace it")

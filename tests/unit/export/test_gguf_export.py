@@ -136,3 +136,13 @@ def test_a_phi_3_file_is_named_so_llama_cpp_tokenizes_it_as_phi_3(tmp_path: Path
 
     (tmp_path / "config.json").write_text(f'{{"model_type": "{model_type}"}}')
     assert _llama_cpp_name(name, tmp_path) == expected
+
+
+def test_an_output_inside_the_run_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("model: {name: x}\n")  # a run directory, as far as export can tell
+    assert main(["export", str(run), "--output", str(run / "gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is inside the run directory" in err and f"{run}-gguf" in err and len(err.splitlines()) == 1
+    assert not (run / "gguf").exists()
