@@ -30,13 +30,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The llama.cpp release pinned once: the GGUF exporter's converter comes from the same sdist, and MEMBERS below
+# are that sdist's files.
+from lora_tune.export.gguf_converter import SDIST, SDIST_FILE, SDIST_SHA256
 from lora_tune.run.layout import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "real-material"
-SDIST = "llama-cpp-python==0.3.36"
-SDIST_FILE = "llama_cpp_python-0.3.36.tar.gz"
-SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 MODELS = "vendor/llama.cpp/models/"  # inside the sdist's top folder
 
 # Extracted file (relative to MODELS) -> its SHA-256, as read from the 0.3.36 sdist.
