@@ -333,14 +333,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+CHECK_REPORT = "lora-tune check"  # the "written_by" of `check --json` reports: only those are replaced
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from lora_tune import tasks
     from lora_tune.recipe.load import load_recipe
     from lora_tune.run.layout import write_json_atomic
+    from lora_tune.run.outputs import check_own_json
 
+    if args.json:
+        check_own_json(Path(args.json), CHECK_REPORT, "--json")  # before the check's work, not after it
     report = tasks.check(load_recipe(args.recipe, args.overrides))
     if args.json:
-        write_json_atomic(Path(args.json), report.to_json())
+        write_json_atomic(Path(args.json), {"written_by": CHECK_REPORT, **report.to_json()})
     print(report.format())
     return EXIT_OK if report.passed else EXIT_USER_ERROR
 

@@ -3,8 +3,9 @@
 
     python scripts/build_quickstart_base.py [--output runs/quickstart-base] [--force] [--steps N] [--seed S]
 
-An existing output folder is kept as it is (the build is deterministic, so rebuilding gives the same model on the
-same machine); `--force` rebuilds it. See `lora_tune/quickstart/world.py` for the world, the corpus and the SFT data.
+An existing base is kept as it is (the build is deterministic, so rebuilding gives the same model on the same
+machine); `--force` rebuilds it. A folder that holds anything else is refused, and nothing in it is deleted.
+See `lora_tune/quickstart/world.py` for the world, the corpus and the SFT data.
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from lora_tune.quickstart import world as quickstart
+    from lora_tune.run.outputs import OutputError
 
     output = Path(args.output)
-    if output.exists() and not args.force:
+    if quickstart.is_quickstart_base(output) and not args.force:
         print(f"{output} exists: keeping it (--force rebuilds it)")
         return 0
     seed = quickstart.SEED if args.seed is None else args.seed
     print(f"Pre-training the quickstart base into {output} ...", flush=True)
-    quickstart.build_base(output, steps=args.steps, seed=seed, progress=not args.no_progress, overwrite=args.force)
+    try:
+        quickstart.build_base(output, steps=args.steps, seed=seed, progress=not args.no_progress, overwrite=args.force)
+    except OutputError as exc:  # a folder that is not a base it may replace: one line, nothing deleted
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     info = quickstart.read_base_info(output)
     shape = info["model"]
     print(

@@ -31,14 +31,8 @@ from lora_tune.inference.generate import generate_answers, prompt_messages, refe
 from lora_tune.inference.load import ModelFolderError, load_base_model, load_run_model, run_artifact
 from lora_tune.recipe.load import load_recipe
 from lora_tune.recipe.schema import DatasetConfig, EvalConfig, Recipe
-from lora_tune.run.layout import (
-    EVAL_JSON,
-    EVAL_MARKDOWN,
-    RunDir,
-    ensure_writable,
-    write_json_atomic,
-    write_text_atomic,
-)
+from lora_tune.run.layout import EVAL_JSON, EVAL_MARKDOWN, LOSS_PLOT, RunDir, write_json_atomic
+from lora_tune.run.outputs import check_replaceable, ensure_writable, write_text_atomic
 from lora_tune.training.log import plot_loss, read_metrics
 
 
@@ -93,6 +87,7 @@ def open_evaluation(
         raise RunNotFoundError(str(exc)) from None
 
     ensure_writable(run.root, "eval")  # eval.json and eval.md go there: fail now, not after scoring
+    check_replaceable(run.root, [EVAL_JSON, EVAL_MARKDOWN, LOSS_PLOT], "eval")
 
     recipe = load_recipe(run.recipe, check_paths=False)
     settings = recipe.eval.model_copy(

@@ -5,7 +5,8 @@ own converter writes f16/bf16/q8_0 (`gguf_converter`); k-quants convert to f16 a
 (`gguf_quantize`) -> the file is read back and compared with the merged weights (`gguf_verify`) and, when llama.cpp
 is installed, its end-of-generation tokens with the ones the run trained -> rename into place -> Modelfile, model
 card and export.json beside it. The .gguf appears under its name only when complete; a killed export leaves a
-`.export-*` build folder that the next export to the same folder removes.
+marked `.export-*` build folder that the next export to the same folder removes. The output folder is new, empty or
+one exports wrote (its marker lists what they wrote); anything else in it is refused before any work.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +27,33 @@ from lora_tune.export.gguf_quantize import K_QUANTS, llama_cpp_module, quantize
 from lora_tune.export.gguf_verify import GgufCheck, merged_tokenizer, verify_gguf
 from lora_tune.export.merging import merge
 from lora_tune.export.ollama import modelfile
-from lora_tune.run.layout import RunDir, make_dir, write_json_atomic, write_text_atomic
+from lora_tune.run.layout import RunDir, write_json_atomic
 from lora_tune.run.locks import held
+from lora_tune.run.outputs import (
+    OutputKind,
+    check_overlap,
+    check_replaceable,
+    make_build_dir,
+    make_dir,
+    record,
+    refuse_foreign,
+    remove_leftovers,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
 QUANTS = ("f16", "bf16", "q8_0", *K_QUANTS)
 RECORD = "export.json"  # every file exported to the folder, with its figures; the card is written from it
 MODELFILE = "Modelfile"
+CARD = "README.md"
+LOCK = ".export.lock"  # one export at a time per folder
+BUILD_PREFIX = ".export-"  # the build folder inside the output folder (marked: lora_tune.run.outputs)
+# The output folder (lora_tune.run.outputs): several exports (one .gguf per quant) share it; its marker lists the
+# .gguf files, and the companions are fixed names. A folder holding anything else is refused.
+GGUF_FOLDER = OutputKind(
+    "GGUF export folder", "--output", ".lora-tune-export", fixed=frozenset({RECORD, MODELFILE, CARD, LOCK})
+)
 
 
 @dataclass
@@ -71,21 +90,15 @@ def export_gguf(
         llama_cpp_module()  # before a merge of many minutes: say now what to install
     source = Path(source)
     is_run = _kind(source)
-    output = Path(output) if output is not None else source.with_name(f"{source.name}-gguf")
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"--output: '{output}' is a file, expected a folder (for the .gguf, Modelfile and card)")
-    if is_run and output.resolve().is_relative_to(source.resolve()):  # the merge would build inside the run
-        raise ExportError(
-            f"--output: '{output}' is inside the run directory '{source}'; choose a folder outside it "
-            f"(the default is '{source.with_name(source.name + '-gguf')}')"
-        )
+    output = Path(output) if output is not None else default_output(source)
     target = output / f"{_model_name(source)}-{quant.upper()}.gguf"
-    if target.exists() and not overwrite:
-        raise ExportError(f"{target} exists; pass --overwrite to replace it")
+    _check_output(output, target, source, is_run, overwrite=overwrite)  # every refusal before any work
     make_dir(output, "--output")
-    with held(output / ".export.lock", f"--output '{output}'"):
-        _remove_leftovers(output)
-        build = Path(tempfile.mkdtemp(dir=output, prefix=".export-"))
+    record(output, GGUF_FOLDER)  # the folder is lora-tune's from here on (its lock too); what it writes is listed
+    with held(output / LOCK, f"--output '{output}'"):
+        _check_output(output, target, source, is_run, overwrite=overwrite)  # again: decided under the lock
+        remove_leftovers(output, lambda name: name.startswith(BUILD_PREFIX), f"export to '{output}'")
+        build = make_build_dir(output, BUILD_PREFIX)
         try:
             result = _export(source, is_run, build, target, quant, merge_dtype)
             result.seconds = round(time.monotonic() - started, 1)
@@ -93,6 +106,44 @@ def export_gguf(
         finally:
             shutil.rmtree(build, ignore_errors=True)
     return result
+
+
+def default_output(source: Path) -> Path:
+    """SOURCE-gguf beside the source."""
+    return source.with_name(f"{source.name}-gguf")
+
+
+def _check_output(output: Path, target: Path, source: Path, is_run: bool, *, overwrite: bool) -> None:
+    """The output folder is new, empty or an export folder that holds only what exports wrote; the .gguf name is
+    free (or, with --overwrite, an earlier export's file); export.json is the record exports write."""
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"--output: '{output}' is a file, expected a folder (for the .gguf, Modelfile and card)")
+    if is_run and output.resolve().is_relative_to(source.resolve()):  # the merge would build inside the run
+        raise ExportError(
+            f"--output: '{output}' is inside the run directory '{source}'; choose a folder outside it "
+            f"(the default is '{default_output(source)}')"
+        )
+    check_overlap(output, [source], "--output")
+    refuse_foreign(output, GGUF_FOLDER)
+    check_replaceable(output, [target.name, RECORD, MODELFILE, CARD], "--output")
+    if target.exists() and not overwrite:
+        raise ExportError(f"{target} exists; pass --overwrite to replace it")
+    _read_record(output)
+
+
+def _read_record(output: Path) -> dict[str, Any]:
+    """export.json of the folder ({"files": {name: entry}}), or a new one; anything else is refused in one line."""
+    path = output / RECORD
+    if not path.is_file():
+        return {"files": {}}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ExportError(f"{path}: not the record lora-tune exports write ({exc}); move it away") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        got = f"a JSON {type(data).__name__}" if not isinstance(data, dict) else 'an object without "files"'
+        raise ExportError(f"{path}: expected the record lora-tune exports write, got {got}; move it away")
+    return data
 
 
 def _kind(source: Path) -> bool:
@@ -129,6 +180,7 @@ def _export(source: Path, is_run: bool, build: Path, target: Path, quant: str, m
         (build / "f16.gguf").unlink()
     check = verify_gguf(partial, merged_dir)
     stops, checked = _generation_stops(partial, merged_dir)
+    record(target.parent, GGUF_FOLDER, [target.name])  # listed first: an unlisted .gguf would be the user's
     partial.replace(target)  # the only moment the file appears under its name
     return GgufResult(
         path=target,
@@ -272,23 +324,14 @@ def end_of_turn_id(tokenizer: Any) -> int | None:
     return ids[0] if ids and ids[0] in special else None
 
 
-def _remove_leftovers(output: Path) -> None:
-    """Build folders of killed exports (`.export-*`), removed under the folder's lock so none is live."""
-    for path in output.glob(".export-*"):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("export: removed %s, left by an interrupted export", path.name)
-
-
 def _write_companions(output: Path, result: GgufResult, merged_dir: Path) -> None:
     """export.json (every file in the folder), the Modelfile for this file, and the model card for them all."""
-    record_path = output / RECORD
-    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {"files": {}}
-    record["files"][result.path.name] = _record_entry(result)
-    record["files"] = {name: entry for name, entry in record["files"].items() if (output / name).is_file()}
-    write_json_atomic(record_path, record)
+    files = _read_record(output)
+    files["files"][result.path.name] = _record_entry(result)
+    files["files"] = {name: entry for name, entry in files["files"].items() if (output / name).is_file()}
+    write_json_atomic(output / RECORD, files)
     write_text_atomic(output / MODELFILE, modelfile(result.path.name, merged_dir, result.stops))
-    write_text_atomic(output / "README.md", gguf_card(record, merged_dir))
+    write_text_atomic(output / CARD, gguf_card(files, merged_dir))
 
 
 def _record_entry(result: GgufResult) -> dict[str, Any]:

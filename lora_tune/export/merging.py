@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,8 +44,22 @@ from lora_tune.model.weights import (
     write_safetensors,
 )
 from lora_tune.recipe.load import load_recipe
-from lora_tune.run.layout import PREFLIGHT_FILE, RunDir, make_dir, replace_dir_atomic, write_json_atomic
+from lora_tune.run.layout import PREFLIGHT_FILE, RunDir, write_json_atomic
 from lora_tune.run.locks import held
+from lora_tune.run.outputs import (
+    BUILD_MARKER,
+    OutputKind,
+    check_build_slot,
+    check_overlap,
+    is_empty,
+    make_build_dir,
+    make_dir,
+    record,
+    refuse_foreign,
+    remove_leftovers,
+    replace_dir_atomic,
+    write_text_atomic,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +80,10 @@ PROMPT_LEARNING_PEFT_TYPES = {
     "CPT",
 }
 DISK_MARGIN = 1.05  # weights + 5% for config, tokenizer and the card
+BUILD_INFIX = ".merge-"  # the build folder beside the destination: .NAME.merge-XXXXXXXX
+# The destination as an output folder (lora_tune.run.outputs): its marker lists every file the merge wrote, and a
+# later merge with --overwrite replaces the folder only when it holds nothing else.
+MERGED = OutputKind("merged model folder", "--output", ".lora-tune-merged")
 
 
 def merge(
@@ -98,14 +114,14 @@ def merge(
     make_dir(output.parent, "--output")  # the lock, the build folder and the result all go there
     with held(merge_lock_path(output), f"--output '{output}'"):
         _check_destination(output, overwrite=overwrite, protected=protected)  # again: decided under the lock
-        remove_leftovers(output)
+        remove_leftovers(output.parent, lambda name: _is_leftover_name(name, output.name), f"merge to '{output}'")
         layout = base_layout(base_dir)
         check_disk_for_merge(output, estimate_bytes(base_dir, layout, torch_dtype.itemsize))
         plan = _streaming_plan(run, recipe, peft_type, from_dequantized)
         check_memory_for_merge(_memory_plan(run, base_dir, layout, plan, torch_dtype, verify, from_dequantized))
 
-        # 3. Merge into a temporary folder beside the destination; it becomes the destination only when complete.
-        build = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.merge-"))
+        # 3. Merge into a marked build folder beside the destination; it becomes the destination only when complete.
+        build = make_build_dir(output.parent, f".{output.name}{BUILD_INFIX}")
         try:
             result = _merged_weights(
                 run, recipe, base_dir, layout, plan, peft_type, build, torch_dtype, from_dequantized
@@ -121,9 +137,9 @@ def merge(
             if verify:
                 verify_merge(build, base_dir, run.adapter, recipe, dtype, result, from_dequantized=from_dequantized)
 
-            # 5. Model card, then the rename that makes it all appear at once.
-
-            (build / "README.md").write_text(merged_card(run, recipe, base_dir, result), encoding="utf-8")
+            # 5. Model card and the marker listing every file, then the rename that makes it all appear at once.
+            write_text_atomic(build / "README.md", merged_card(run, recipe, base_dir, result))
+            record(build, MERGED, [entry.name for entry in build.iterdir() if entry.name != BUILD_MARKER])
             result.seconds = round(time.monotonic() - started, 1)
             replace_dir_atomic(build, output)
         except BaseException:
@@ -222,15 +238,15 @@ def _copy_lineage(run: RunDir, build: Path) -> None:
 
 
 def _check_destination(output: Path, *, overwrite: bool, protected: list[Path]) -> None:
-    target = output.resolve()
-    for keep in protected:
-        keep = keep.resolve()
-        if target == keep or keep.is_relative_to(target) or target.is_relative_to(keep):
-            raise ExportError(f"--output: '{output}' overlaps '{keep}', which the merge reads; choose another folder")
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"--output: '{output}' is a file, expected a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"--output: '{output}' is not empty; pass --overwrite to replace it, or choose a new folder")
+    """The destination is new, empty, or an earlier merge that holds only what the merge wrote (replaced with
+    --overwrite); a folder with anything else in it is refused, with or without --overwrite, and nothing deleted."""
+    check_overlap(output, protected, "--output")
+    refuse_foreign(output, MERGED)
+    check_build_slot(output.with_name(f".{output.name}.old"), "--output")  # where the earlier merge is moved aside
+    if output.is_dir() and not is_empty(output) and not overwrite:
+        raise ExportError(
+            f"--output: '{output}' holds an earlier merge; pass --overwrite to replace it, or choose a new folder"
+        )
 
 
 def merge_lock_path(output: Path) -> Path:
@@ -238,42 +254,12 @@ def merge_lock_path(output: Path) -> Path:
     return output.parent / f".{output.name}.merge.lock"
 
 
-def remove_leftovers(output: Path) -> None:
-    """Remove what merges to `output` that were killed left beside it: build folders `.NAME.merge-XXXXXXXX` (mkdtemp)
-    and `.NAME.old` (replace_dir_atomic's previous destination). Call it holding the destination's lock, so no live
-    merge owns them; nothing but these exact names of this destination is touched."""
-    if not output.parent.is_dir():
-        return
-    build = re.compile(rf"\.{re.escape(output.name)}\.merge-[a-z0-9_]+")  # mkdtemp's names: a-z, 0-9 and _
-    found = sorted(
-        path
-        for path in output.parent.iterdir()
-        if (build.fullmatch(path.name) or path.name == f".{output.name}.old")
-        and path.is_dir()
-        and not path.is_symlink()
-    )
-    if not found:
-        return
-    size = sum(_tree_bytes(path) for path in found)
-    for path in found:
-        shutil.rmtree(path, ignore_errors=True)
-    log.info(
-        "merge: removed what an interrupted merge to '%s' left behind: %s (%s)",
-        output,
-        ", ".join(path.name for path in found),
-        f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB",
-    )
-
-
-def _tree_bytes(root: Path) -> int:
-    total = 0
-    for folder, _, files in os.walk(root):  # does not follow links
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(folder, name)).st_size
-            except OSError:
-                pass
-    return total
+def _is_leftover_name(name: str, destination: str) -> bool:
+    """What merges to `destination` that were killed may leave beside it: a build folder `.NAME.merge-XXXXXXXX`
+    (mkdtemp's names: a-z, 0-9 and _) or the previous destination moved aside, `.NAME.old`. The names keep other
+    destinations' folders (another lock, maybe a live merge) apart; the build marker inside proves them lora-tune's."""
+    build = re.fullmatch(rf"\.{re.escape(destination)}{re.escape(BUILD_INFIX)}[a-z0-9_]+", name)
+    return build is not None or name == f".{destination}.old"
 
 
 def check_disk_for_merge(output: Path, needed: int) -> None:
@@ -455,7 +441,7 @@ def finish_config(base_dir: Path, build: Path, dtype_name: str, *, untie: bool, 
     write_json_atomic(build / "config.json", config)
     generation = base_dir / "generation_config.json"
     if generation.is_file() and not (build / "generation_config.json").is_file():
-        shutil.copy2(generation, build / "generation_config.json")
+        shutil.copyfile(generation, build / "generation_config.json")
 
 
 # SentencePiece model files: transformers 5 no longer writes them with a fast tokenizer, so a tokenizer saved with
@@ -472,11 +458,11 @@ def copy_tokenizer(adapter: Path, build: Path, recipe: Recipe, base_dir: Path | 
         log.warning("merge: no tokenizer saved with the adapter; saving the recipe's tokenizer instead")
 
         load_tokenizer(recipe.model).save_pretrained(build)
-    for path in files:
-        shutil.copy2(path, build / path.name)
+    for path in files:  # copyfile, not copy2: the copy gets the umask's permissions, not the source's
+        shutil.copyfile(path, build / path.name)
     for name in SENTENCEPIECE_FILES:
         if base_dir is not None and (base_dir / name).is_file() and not (build / name).exists():
-            shutil.copy2(base_dir / name, build / name)
+            shutil.copyfile(base_dir / name, build / name)
 
 
 def add_trained_stops(run: RunDir, build: Path) -> None:

@@ -18,7 +18,6 @@ with the same thread count, the same base model (`build_base`'s `seed` varies on
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -27,6 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.quickstart import tiny
+from lora_tune.run.locks import held
+from lora_tune.run.outputs import (
+    BUILD_MARKER,
+    OutputError,
+    OutputKind,
+    is_empty,
+    make_build_dir,
+    make_dir,
+    record,
+    refuse_foreign,
+    remove_leftovers,
+    replace_dir_atomic,
+    write_text_atomic,
+)
 
 SEED = 0
 NUM_COUNTRIES = 250
@@ -63,6 +76,10 @@ MODEL_SHAPE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4}
 PRETRAIN = {"steps": 360, "batch_size": 32, "seq_len": 64, "lr": 6e-3, "warmup_steps": 30, "weight_decay": 0.01}
 NUM_DOCUMENTS = 4000
 BASE_INFO = "quickstart-base.json"
+BUILD_INFIX = ".building-"  # the base is built beside its folder, in .NAME.building-XXXXXXXX, then renamed into place
+# The base's folder as an output folder (lora_tune.run.outputs): --force replaces it only when it holds nothing but
+# what the build wrote.
+BASE = OutputKind("quickstart base", "--output", ".lora-tune-base")
 
 
 @dataclass(frozen=True)
@@ -169,15 +186,15 @@ def build_base(
     The tokenizer is trained on the pre-training corpus and carries `tiny.CHAT_TEMPLATE`; the folder loads with
     `AutoTokenizer.from_pretrained` and `AutoModelForCausalLM.from_pretrained` (safetensors weights, generation
     config with the end-of-turn token as EOS). `steps` overrides `PRETRAIN["steps"]`. The folder is built next
-    to `out_dir` and renamed into place, so an interrupted build leaves no half-written base. An existing
-    `out_dir` is an error unless `overwrite`. `seed` seeds the initialisation and the batches; the world and the
-    corpus are always those of the shipped SFT data. `BASE_INFO` in the folder records the build.
+    to `out_dir` and renamed into place, so an interrupted build leaves no half-written base. `seed` seeds the
+    initialisation and the batches; the world and the corpus are always those of the shipped SFT data. `BASE_INFO`
+    in the folder records the build. An existing base is replaced only with `overwrite`, and only when it holds
+    nothing but what a build wrote.
     """
-    import torch
-
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists")
+    refuse_foreign(out_dir, BASE)  # a folder with anything but an earlier base in it: before a minute of work
+    if out_dir.exists() and not is_empty(out_dir) and not overwrite:
+        raise OutputError(f"--output: '{out_dir}' holds a quickstart base already; --force rebuilds it")
     started = time.perf_counter()
     facts = make_world()  # always the world of the shipped SFT data; `seed` varies the model's run only
     corpus = pretraining_corpus(facts)
@@ -186,34 +203,51 @@ def build_base(
     schedule: dict[str, Any] = {**PRETRAIN, "steps": steps if steps is not None else PRETRAIN["steps"]}
     losses = tiny.pretrain(model, tokenizer, corpus, **schedule, seed=seed, progress=progress)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        info = {
-            "seed": seed,
-            "countries": len(facts),
-            "documents": len(corpus),
-            "vocab_size": len(tokenizer),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "model": MODEL_SHAPE,
-            "pretraining": schedule,
-            "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-            "loss_every_25_steps": [round(loss, 3) for loss in losses[::25]],
-            "seconds": round(time.perf_counter() - started, 1),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        }
-        (staging / BASE_INFO).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    make_dir(out_dir.parent, "--output")
+    with held(out_dir.parent / f".{out_dir.name}.build.lock", f"--output '{out_dir}'"):
+        refuse_foreign(out_dir, BASE)  # again, under the lock
+        building = f".{out_dir.name}{BUILD_INFIX}"
+        remove_leftovers(out_dir.parent, lambda name: name.startswith(building), f"base build to '{out_dir}'")
+        staging = make_build_dir(out_dir.parent, f".{out_dir.name}{BUILD_INFIX}")
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            info = _build_record(seed, facts, corpus, tokenizer, model, schedule, losses, started)
+            write_text_atomic(staging / BASE_INFO, json.dumps(info, indent=1) + "\n")
+            record(staging, BASE, [entry.name for entry in staging.iterdir() if entry.name != BUILD_MARKER])
+            replace_dir_atomic(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return out_dir
+
+
+def _build_record(
+    seed: int, facts: Any, corpus: list[str], tokenizer: Any, model: Any, schedule: dict, losses: list, started: float
+) -> dict[str, Any]:
+    """BASE_INFO: how the base was built, and its pre-training loss."""
+    import torch
+
+    return {
+        "seed": seed,
+        "countries": len(facts),
+        "documents": len(corpus),
+        "vocab_size": len(tokenizer),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model": MODEL_SHAPE,
+        "pretraining": schedule,
+        "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
+        "loss_every_25_steps": [round(loss, 3) for loss in losses[::25]],
+        "seconds": round(time.perf_counter() - started, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def is_quickstart_base(folder: str | Path) -> bool:
+    """A base `build_base` wrote: its marker, or (built before the marker) its build record."""
+    folder = Path(folder)
+    return (folder / BASE.marker).is_file() or (folder / BASE_INFO).is_file()
 
 
 def read_base_info(path: str | Path) -> dict[str, Any]:

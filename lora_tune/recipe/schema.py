@@ -638,6 +638,13 @@ class Recipe(StrictModel):
         """The run directory's layout at output_dir (what is in it is named there, in lora_tune.run.layout)."""
         return RunDir(Path(self.output_dir))
 
+    @property
+    def local_sources(self) -> list[Path]:
+        """The local files and folders a run reads (base model, tokenizer, data, an adapter to continue): its
+        output_dir may not be, hold or lie inside any of them. Hub ids, which are not local paths, are left out."""
+        named = [self.model.name, self.model.tokenizer, self.adapter.init_from, *(d.path for d in self.datasets)]
+        return [Path(name) for name in named if name and Path(name).exists()]
+
     @model_validator(mode="after")
     def _evaluation_needs_data(self) -> Recipe:
         if self.training.eval_strategy != "no" and not self.has_validation:

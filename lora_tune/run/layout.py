@@ -1,22 +1,19 @@
-"""The run directory's layout, and writes that never leave a half-written file behind."""
+"""The run directory's layout: the name of every file a run writes (as `RunDir` properties), the run directory as an
+output folder (locked by one process, replaced only where lora-tune wrote: lora_tune.run.outputs), and JSON writes
+that never leave a half-written file behind."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_tune.errors import LoraTuneError
+from lora_tune.run import outputs
 from lora_tune.run.locks import acquire, release
-
-
-class RunDirError(LoraTuneError):
-    """The output directory cannot be used without losing something."""
+from lora_tune.run.outputs import OutputError, OutputKind, ensure_writable, make_dir, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -81,9 +78,10 @@ MODEL_DIR = "model"  # what partial and full fine-tuning save instead of adapter
 PISSA_INIT_DIR = "adapter_init"  # the un-trained PiSSA/OLoRA adapter, needed to save the trained one as plain LoRA
 PREPARED_DATA_DIR = ".prepared-data"  # the main process's tokenized data, for the other processes
 PREPARED_STATS = "stats.json"  # inside it, written last: the copy is complete
-# Every top-level name a run writes (its marker and lock included). `--overwrite` removes these and nothing else;
-# a directory with anything more refuses. tests/unit/run/test_layout.py tests the rules; the e2e runs
-# (test_train_qlora, test_methods, test_evaluation) check that real runs write nothing outside the list.
+# Every top-level name a run writes (its marker and lock included). `--overwrite` removes these (and the run's
+# marked build folders) and nothing else; a directory with anything more refuses. tests/unit/run/test_layout.py
+# tests the rules; the e2e runs (test_train_qlora, test_methods, test_evaluation) check that real runs write
+# nothing outside the list.
 RUN_ENTRIES = frozenset(
     {
         MARKER,
@@ -103,110 +101,84 @@ RUN_ENTRIES = frozenset(
         ADAPTER_DIR,
         PISSA_INIT_DIR,
         MODEL_DIR,
-        *(f".{name}.{end}" for name in (ADAPTER_DIR, MODEL_DIR) for end in ("tmp", "old")),  # their atomic swaps
-        PREPARED_DATA_DIR,
     }
 )
-WRITE_PROBE = ".lora-tune-write-check."  # ensure_writable's file, removed at once (a kill may leave one)
+# Build folders a run writes and renames or removes: .adapter.tmp, .model.tmp, the .adapter.old of a swap and the
+# tokenized data for the other processes. They are lora-tune's by the marker inside (outputs.BUILD_MARKER); the
+# names count only for telling a run from before the marker.
+BUILD_ENTRIES = frozenset(
+    {*(f".{name}.{end}" for name in (ADAPTER_DIR, MODEL_DIR) for end in ("tmp", "old")), PREPARED_DATA_DIR}
+)
 _HELD: dict[Path, Any] = {}  # run directory -> the lock this process holds on it
 
 
-def ensure_writable(folder: Path, what: str) -> None:
-    """Refuse, in one line and before any work, a folder this command could not write its results into: a file is
-    created and removed there (a permission check alone would pass for root on a read-only mount)."""
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=WRITE_PROBE)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise RunDirError(
-            f"{what}: '{folder}' is not writable ({exc.strerror or type(exc).__name__}); choose a folder you can "
-            "write to"
-        ) from None
+def _legacy_run(root: Path) -> bool:
+    """A run from before the marker: its recipe.yaml, and only names runs write."""
+    names = RUN_ENTRIES | BUILD_ENTRIES
+    return (root / RECIPE_FILE).is_file() and all(entry.name in names for entry in root.iterdir())
 
 
-def make_dir(folder: Path, what: str) -> None:
-    """mkdir -p, failing in one line (a read-only or forbidden parent) instead of with a raw OSError."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunDirError(f"{what}: cannot create '{folder}' ({exc.strerror or type(exc).__name__})") from None
-    ensure_writable(folder, what)
+# The run directory as an output folder (lora_tune.run.outputs): what `--overwrite` may remove. Its build folders
+# (.adapter.tmp, .model.tmp, .prepared-data, the .adapter.old of a swap) are lora-tune's by their marker, not by name.
+RUN = OutputKind("run directory", "output_dir", MARKER, fixed=RUN_ENTRIES, legacy=_legacy_run)
 
 
 def foreign_entries(root: Path) -> list[str]:
-    """Top-level names in `root` that no lora-tune run writes (a half-written `.NAME.xxx.tmp` of ours counts as
-    ours)."""
-    return sorted(p.name for p in root.iterdir() if not _ours(p.name))
-
-
-def _ours(name: str) -> bool:
-    if name in RUN_ENTRIES or name.startswith(WRITE_PROBE):
-        return True
-    if name.startswith(".") and name.endswith(".tmp"):  # write_text_atomic's temporary: .recipe.yaml.x1y2.tmp
-        return name[1:].split(".tmp")[0].rsplit(".", 1)[0] in RUN_ENTRIES
-    return False
+    """Top-level names in the run directory `root` that no lora-tune run wrote."""
+    return outputs.foreign_entries(root, RUN)
 
 
 def is_lora_tune_run(run: RunDir) -> bool:
     """Made by lora-tune: its marker, or (a run from before the marker) recipe.yaml and only names runs write."""
-    if (run.root / MARKER).is_file():
-        return True
-    return run.recipe.is_file() and not foreign_entries(run.root)
+    return (run.root / MARKER).is_file() or _legacy_run(run.root)
 
 
-def prepare_run_dir(root: str | Path, *, overwrite: bool, resume: bool = False) -> RunDir:
+def prepare_run_dir(root: str | Path, *, overwrite: bool, resume: bool = False, reads: Iterable[Path] = ()) -> RunDir:
     """Create the run directory and lock it for this process (release_run_dir lets go); refuse to write into another
-    run (unless overwrite or resume) or into a directory lora-tune did not make. --overwrite removes only what a run
-    writes, and refuses when anything else is there."""
+    run (unless overwrite or resume), into a directory lora-tune did not make, or into a folder the run reads
+    (`reads`: the base model, when it is a local folder). --overwrite removes only what a run writes, and refuses
+    when anything else is there."""
     run = RunDir(Path(root))
     if overwrite and resume:
-        raise RunDirError("--overwrite and resume exclude each other: replace the run, or continue it")
+        raise OutputError("--overwrite and resume exclude each other: replace the run, or continue it")
     if run.root.exists() and not run.root.is_dir():
-        raise RunDirError(f"output_dir: '{run.root}' is a file, expected a directory")
-    if run.root.is_dir() and any(run.root.iterdir()):
-        if not is_lora_tune_run(run):
-            raise RunDirError(
-                f"output_dir: '{run.root}' is not empty and holds no lora-tune run "
-                f"({_listing(foreign_entries(run.root))}); choose an empty or new directory"
-            )
+        raise OutputError(f"output_dir: '{run.root}' is a file, expected a directory")
+    occupied = run.root.is_dir() and any(run.root.iterdir())
+    if occupied and not is_lora_tune_run(run):
+        outputs.refuse_foreign(run.root, RUN)  # not a run: refused, whatever the flags
+    outputs.check_overlap(run.root, [path for path in reads if path.exists()], "output_dir")
+    for name in sorted(BUILD_ENTRIES):  # a resume renames into these too: a folder of the user's there is refused now
+        outputs.check_build_slot(run.root / name, "output_dir")
+    if occupied:
         ensure_writable(run.root, "output_dir")
         _lock(run)
         if not resume:
             _clear_for_overwrite(run, overwrite)
-    else:
+    else:  # the marker first: a run killed at any point after this leaves a folder that is known as a run
         make_dir(run.root, "output_dir")
+        outputs.record(run.root, RUN)
         _lock(run)
-    (run.root / MARKER).write_text("lora-tune run directory: --overwrite removes only what lora-tune wrote\n")
+    outputs.record(run.root, RUN)
     return run
 
 
 def _clear_for_overwrite(run: RunDir, overwrite: bool) -> None:
     if not overwrite:
         release_run_dir(run)
-        raise RunDirError(
+        raise OutputError(
             f"output_dir: '{run.root}' already holds a run; pass --resume to continue it, --overwrite to "
             f"replace it, or set output_dir=runs/another-name"
         )
-    foreign = foreign_entries(run.root)
-    if foreign:
+    try:  # decided again under the lock: another process may have written there since
+        outputs.remove_ours(run.root, RUN, keep=[LOCK, MARKER])
+    except OutputError:
         release_run_dir(run)
-        raise RunDirError(
-            f"output_dir: '{run.root}' holds files lora-tune did not write ({_listing(foreign)}); --overwrite "
-            "removes only a run's own files: move these away or choose another output_dir (nothing was deleted)"
-        )
-    for entry in run.root.iterdir():
-        if entry.name == LOCK:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        raise
 
 
-def _listing(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def adapter_build_dir(run: RunDir) -> Path:
+    """A fresh, marked .adapter.tmp for the artefact, renamed into place by replace_dir_atomic when complete."""
+    return outputs.fresh_build_dir(run.adapter_build, "output_dir")
 
 
 def _lock(run: RunDir) -> None:
@@ -222,19 +194,6 @@ def release_run_dir(run: RunDir) -> None:
         release(lock)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def sha256_file(path: Path) -> str:
     """The file's SHA-256, read a MiB at a time."""
     digest = hashlib.sha256()
@@ -246,14 +205,3 @@ def sha256_file(path: Path) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
-def replace_dir_atomic(build: Path, target: Path) -> None:
-    """Move a fully written directory into place; an older one at `target` is removed only after that succeeds."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():  # left by a process killed between the two renames below; target is then the newer one
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(build, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -19,7 +19,8 @@ from lora_tune.methods import runtime as methods
 from lora_tune.model.load import count_quantized_layers, load_classifier, load_tokenizer, resolve_dtype
 from lora_tune.recipe.load import dump_resolved
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import LABELS_FILE, prepare_run_dir, replace_dir_atomic, write_json_atomic, write_text_atomic
+from lora_tune.run.layout import LABELS_FILE, adapter_build_dir, prepare_run_dir, write_json_atomic, write_text_atomic
+from lora_tune.run.outputs import replace_dir_atomic
 from lora_tune.training.log import last_value, metrics_callback, peak_memory, plot_loss, read_metrics
 from lora_tune.training.result import RunResult
 from lora_tune.training.trl_args import to_sft_config
@@ -39,7 +40,7 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
     from transformers import DataCollatorWithPadding, Trainer
 
     # 1. Run directory, resolved recipe, lineage.
-    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite)
+    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite, reads=recipe.local_sources)
     write_text_atomic(run.recipe, dump_resolved(recipe))
     write_json_atomic(run.root / methods.LINEAGE_FILE, methods.lineage(recipe))
 
@@ -90,7 +91,7 @@ def train_classifier(recipe: Recipe, *, overwrite: bool = False) -> RunResult:
 
     # 5. Save the artefact and the label names beside it.
     if trainer.is_world_process_zero():
-        build = run.adapter_build
+        build = adapter_build_dir(run)
         methods.save_artifact(recipe, trainer, tokenizer, build, run.root)
         (build / LABELS_FILE).write_text(json.dumps(list(recipe.task.labels)), encoding="utf-8")
         replace_dir_atomic(build, run.root / methods.artifact_name(recipe))

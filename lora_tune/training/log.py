@@ -74,8 +74,8 @@ def plot_loss(records: list[dict[str, Any]], out: Path, title: str) -> Path | No
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    tmp = out.with_name(f".{out.name}.plot.tmp")  # the shape of write_text_atomic's temporaries: a run's own name
+    fig.savefig(tmp, format="png")
     plt.close(fig)
     tmp.replace(out)
     return out

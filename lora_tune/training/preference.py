@@ -21,7 +21,8 @@ from lora_tune.methods import runtime as methods
 from lora_tune.methods.runtime import artifact_name, save_artifact
 from lora_tune.model.load import count_quantized_layers, load_model, load_tokenizer, resolve_dtype
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import TEST_SPLIT, RunDir, replace_dir_atomic, write_json_atomic, write_text_atomic
+from lora_tune.run.layout import TEST_SPLIT, RunDir, adapter_build_dir, write_json_atomic, write_text_atomic
+from lora_tune.run.outputs import replace_dir_atomic
 from lora_tune.training.distributed import Processes
 from lora_tune.training.divergence import Divergence, raise_if_diverged
 from lora_tune.training.faults import translate_faults
@@ -101,7 +102,7 @@ def train_preference(
     final = trainer.evaluate() if splits.validation else {}
 
     # 6. Save the adapter atomically, then the summary.
-    build = run.adapter_build
+    build = adapter_build_dir(run)
     save_artifact(recipe, trainer, tokenizer, build, run.root)
     replace_dir_atomic(build, run.root / artifact_name(recipe))
     return _summarize(recipe, run, trainer, splits, final, output.global_step, quantized_layers, started)

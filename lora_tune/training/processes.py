@@ -18,6 +18,7 @@ from lora_tune.data import build_datasets
 from lora_tune.data.pipeline import DataStats, PreparedData, SplitStats
 from lora_tune.recipe.strategy import SHARDED
 from lora_tune.run.layout import PREPARED_DATA_DIR, PREPARED_STATS, write_json_atomic
+from lora_tune.run.outputs import fresh_build_dir, is_build_dir
 from lora_tune.training.distributed import Processes
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def prepare_data(recipe: Recipe, tokenizer: Any, run_root: Path, procs: Processe
 def _save_prepared(prepared: Any, cache: Path) -> None:
     from dataclasses import asdict
 
-    shutil.rmtree(cache, ignore_errors=True)
+    fresh_build_dir(cache, "output_dir")  # marked: --overwrite and the next run know it as lora-tune's
     prepared.datasets.save_to_disk(str(cache / "datasets"))
     write_json_atomic(cache / PREPARED_STATS, asdict(prepared.stats))  # written last: marks the copy complete
 
@@ -90,7 +91,7 @@ def _load_prepared(cache: Path) -> Any:
 
 def remove_prepared_data(run_root: Path, procs: Processes) -> None:
     """After training every process has its data in memory (or memory-mapped: unlinking is safe on POSIX)."""
-    if procs.is_main:
+    if procs.is_main and is_build_dir(run_root / PREPARED_DATA_DIR):
         shutil.rmtree(run_root / PREPARED_DATA_DIR, ignore_errors=True)
 
 

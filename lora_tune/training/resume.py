@@ -225,7 +225,7 @@ def open_run(
     import sys
 
     wants_resume = _wants_resume(recipe, resume=resume, overwrite=overwrite)
-    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite, resume=wants_resume)
+    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite, resume=wants_resume, reads=recipe.local_sources)
     start = ResumePoint(None)
     if wants_resume and run.is_run():
         start = plan_resume(run, recipe)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from lora_tune.model.attention import use_varlen_attention
 from lora_tune.model.load import count_quantized_layers, load_model, load_tokenizer, resolve_dtype
 from lora_tune.recipe.schema import Recipe
 from lora_tune.recipe.strategy import SHARDED
-from lora_tune.run.layout import RunDir, replace_dir_atomic, write_json_atomic
+from lora_tune.run.layout import RunDir, adapter_build_dir, write_json_atomic
+from lora_tune.run.outputs import replace_dir_atomic
 from lora_tune.training import distributed as dist
 from lora_tune.training import processes as ranks
 from lora_tune.training.divergence import Divergence, raise_if_diverged
@@ -150,8 +150,8 @@ def train_sft(
     # 9. Save the adapter (with the tokenizer and its chat template) atomically, on the main process only
     #    (FSDP and ZeRO-3 first gather the sharded adapter: every process takes part in that).
     checksums = ranks.replica_checksums(trainer.model, procs, launch.strategy)
-    if launch.sharded:
-        ranks.save_sharded_adapter(trainer, run.adapter_build)
+    if launch.sharded:  # only the main process writes: it makes the build folder first
+        ranks.save_sharded_adapter(trainer, adapter_build_dir(run) if procs.is_main else run.adapter_build)
     if trainer.is_world_process_zero():
         with translate_faults(recipe, run.checkpoints, hint):
             _save_adapter(trainer, tokenizer, run, recipe, gathered=launch.sharded)
@@ -236,12 +236,11 @@ def _result(
 
 
 def _save_adapter(trainer: Any, tokenizer: Any, run: RunDir, recipe: Recipe, *, gathered: bool = False) -> None:
-    build = run.adapter_build
-    if build.is_dir() and not gathered:  # left by a process killed while saving: start the folder anew
-        shutil.rmtree(build)
-    if gathered:  # FSDP / ZeRO-3: the adapter was gathered and written by every process together
+    if gathered:  # FSDP / ZeRO-3: the adapter was gathered into the build folder by every process together
+        build = run.adapter_build
         tokenizer.save_pretrained(build)
-    else:
+    else:  # a build folder a killed process left is started anew
+        build = adapter_build_dir(run)
         save_artifact(recipe, trainer, tokenizer, build, run.root)
     replace_dir_atomic(build, run.root / artifact_name(recipe))
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from lora_tune.cli import main
+from lora_tune.run.outputs import BUILD_MARKER
 from tests.conftest import write_jsonl
 from tests.helpers import require_llama_cpp, tiny_llama_with_real_vocab
 
@@ -236,6 +237,7 @@ def test_run_exports_merged_first_and_k_quant_goes_through_llama_cpps_quantizer(
 
     killed = exported["out"] / ".export-killed"  # what an export killed mid-way leaves: nothing under a .gguf name
     killed.mkdir()
+    (killed / BUILD_MARKER).write_text("")  # every build folder carries it from its first moment
     (killed / "run-Q4_K_M.gguf").write_bytes(b"GGUF partial")
     capsys.readouterr()
     assert main(["export", str(exported["run"]), "--quant", "q4_k_m", "--output", str(exported["out"])]) == 0

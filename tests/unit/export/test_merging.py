@@ -156,8 +156,8 @@ def test_interrupted_merge_leaves_no_partial_output_and_keeps_the_old_one(
 
     run = make_run(tmp_path, sharded_base, lora())
     out = tmp_path / "merged"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous export")
+    merge(run, out, verify=False)  # the previous merge, which the interrupted one must leave as it was
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
     real_write = merge_module.write_shard
 
@@ -171,21 +171,33 @@ def test_interrupted_merge_leaves_no_partial_output_and_keeps_the_old_one(
     with pytest.raises(KeyboardInterrupt):
         merge(run, out, overwrite=True, verify=False)
     assert names(tmp_path) == ["merged", "run"], "no temporary folder left behind"
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "previous export"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_non_empty_destination_is_refused_without_overwrite(tiny_model_dir: Path, tmp_path: Path, capsys):
+def test_an_earlier_merge_is_replaced_only_with_overwrite(tiny_model_dir: Path, tmp_path: Path, capsys):
+    run = make_run(tmp_path, tiny_model_dir, lora())
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--output", str(out), "--no-verify"]) == 0
+    (out / "config.json").write_text("{}")  # an earlier merge, changed: the name is still the merge's own
+    capsys.readouterr()
+    assert main(["merge", str(run), "--output", str(out)]) == 2
+    assert "holds an earlier merge; pass --overwrite" in capsys.readouterr().err
+    assert main(["merge", str(run), "--output", str(run / "adapter")]) == 2
+    assert "overlaps" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "{}"
+    assert main(["merge", str(run), "--output", str(out), "--overwrite", "--no-verify"]) == 0
+    assert (out / "config.json").read_text() != "{}"
+
+
+def test_a_folder_with_anything_else_is_refused_even_with_overwrite(tiny_model_dir: Path, tmp_path: Path, capsys):
     run = make_run(tmp_path, tiny_model_dir, lora())
     out = tmp_path / "merged"
     out.mkdir()
     (out / "something").write_text("x")
-    assert main(["merge", str(run), "--output", str(out)]) == 2
-    assert "not empty; pass --overwrite" in capsys.readouterr().err
-    assert main(["merge", str(run), "--output", str(run / "adapter")]) == 2
-    assert "overlaps" in capsys.readouterr().err
-    assert (out / "something").read_text() == "x"
-    assert main(["merge", str(run), "--output", str(out), "--overwrite", "--no-verify"]) == 0
-    assert not (out / "something").exists() and (out / "config.json").is_file()
+    for flags in ([], ["--overwrite"]):
+        assert main(["merge", str(run), "--output", str(out), "--no-verify", *flags]) == 2
+        assert "holds no lora-tune merged model folder (something)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["something"] and (out / "something").read_text() == "x"
 
 
 def test_not_enough_disk_is_refused_before_writing(tiny_model_dir: Path, tmp_path: Path, monkeypatch):

@@ -13,6 +13,7 @@ import yaml
 from lora_tune.cli import main
 from lora_tune.export import merge
 from lora_tune.run.locks import LockedError, acquire, release
+from lora_tune.run.outputs import BUILD_MARKER
 from tests.helpers import lora, make_run
 
 # The lock a merge takes: beside the destination, since the destination is replaced whole by a rename.
@@ -36,8 +37,8 @@ def hold_in_another_process(*locks: Path) -> subprocess.Popen:
 def test_a_second_merge_to_a_live_destination_refuses_in_one_line(tiny_model_dir: Path, tmp_path: Path, capsys):
     run = make_run(tmp_path, tiny_model_dir, lora())
     out, fresh = tmp_path / "merged", tmp_path / "fresh"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous export")
+    assert main(["merge", str(run), "--output", str(out), "--no-verify"]) == 0  # the previous export
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     holder = hold_in_another_process(tmp_path / ".merged.merge.lock", tmp_path / ".fresh.merge.lock")
     try:
         capsys.readouterr()
@@ -46,14 +47,14 @@ def test_a_second_merge_to_a_live_destination_refuses_in_one_line(tiny_model_dir
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1, err
             assert f"--output '{dest}' is in use by another lora-tune process (pid {holder.pid} on " in err, err
-        assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "previous export"
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
         assert not fresh.exists()
         assert not [p.name for p in tmp_path.iterdir() if ".merge-" in p.name], "no build folder was started"
     finally:
         holder.kill()
         holder.wait()
     assert main(["merge", str(run), "--output", str(out), "--overwrite", "--no-verify"]) == 0  # the holder is gone
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "config.json").is_file()
 
 
 def test_the_destination_stays_locked_while_the_merge_builds_and_is_let_go_after(
@@ -94,31 +95,35 @@ def test_leftovers_of_killed_merges_to_the_destination_are_removed_and_nothing_e
     run = make_run(tmp_path, tiny_model_dir, lora())
     parent = tmp_path / "exports"
     dest = parent / "DEST"
-    dest.mkdir(parents=True)
-    (dest / "old.txt").write_text("an earlier export")
-    leftovers = [".DEST.merge-abc123", ".DEST.old"]  # mkdtemp's build folder, replace_dir_atomic's previous one
+    assert main(["merge", str(run), "--output", str(dest), "--no-verify"]) == 0  # an earlier export
+    # A killed merge's build folder and replace_dir_atomic's previous destination: both carry the build marker.
+    leftovers = [".DEST.merge-abc123", ".DEST.old"]
+    # Other destinations' folders, and folders named like this destination's that lora-tune did not mark.
     unrelated = [".other.merge-x", ".DESTX.merge-y", ".DEST.merge-abc123.d", ".DEST.old.bak", "DEST.merge-z", ".DEST"]
-    for name in leftovers + unrelated:
+    unmarked = [".DEST.merge-user", ".DEST.merge-abc999"]
+    for name in leftovers + unrelated + unmarked:
         (parent / name).mkdir()
         (parent / name / "model.safetensors").write_bytes(b"\0" * 2**20)
+        if name not in unmarked:
+            (parent / name / BUILD_MARKER).write_text("")
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "precious.txt").write_text("not a merge's")
+    (outside / BUILD_MARKER).write_text("")
     (parent / ".DEST.merge-link").symlink_to(outside, target_is_directory=True)
     (parent / ".DEST.merge-file").write_text("a file, not a build folder")
 
     capsys.readouterr()
     assert main(["merge", str(run), "--output", str(dest), "--overwrite", "--no-verify"]) == 0
-    out = capsys.readouterr().out
-    line = next(line for line in out.splitlines() if "left behind" in line)
+    printed = capsys.readouterr()
+    line = next(line for line in (printed.out + printed.err).splitlines() if "left behind" in line)
     assert f"merge to '{dest}'" in line and ".DEST.merge-abc123, .DEST.old" in line and "(2.0 MiB)" in line, line
     left = sorted(p.name for p in parent.iterdir())
-    assert left == sorted(["DEST", ".DEST.merge.lock", ".DEST.merge-link", ".DEST.merge-file", *unrelated]), (
-        "only the two leftovers of this destination went"
-    )
-    assert all((parent / name / "model.safetensors").is_file() for name in unrelated)
+    expected = ["DEST", ".DEST.merge.lock", ".DEST.merge-link", ".DEST.merge-file", *unrelated, *unmarked]
+    assert left == sorted(expected), "only the two marked leftovers of this destination went"
+    assert all((parent / name / "model.safetensors").is_file() for name in unrelated + unmarked)
     assert (outside / "precious.txt").read_text() == "not a merge's", "a link is not followed"
-    assert (dest / "config.json").is_file() and not (dest / "old.txt").exists()
+    assert (dest / "config.json").is_file()
 
 
 def test_leftovers_stay_when_the_merge_is_refused(tiny_model_dir: Path, tmp_path: Path):
@@ -127,7 +132,9 @@ def test_leftovers_stay_when_the_merge_is_refused(tiny_model_dir: Path, tmp_path
     dest.mkdir()
     (dest / "x").write_text("x")
     (tmp_path / ".DEST.merge-abc123").mkdir()
-    assert main(["merge", str(run), "--output", str(dest)]) == 2  # not empty, no --overwrite: nothing is touched
+    (tmp_path / ".DEST.merge-abc123" / BUILD_MARKER).write_text("")
+    for flags in ([], ["--overwrite"]):  # a user's file in the destination: nothing is touched, either way
+        assert main(["merge", str(run), "--output", str(dest), *flags]) == 2
     assert (tmp_path / ".DEST.merge-abc123").is_dir() and (dest / "x").read_text() == "x"
 
 

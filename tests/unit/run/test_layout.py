@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from lora_tune.cli import main
-from lora_tune.run.layout import LOCK, MARKER, RunDir, RunDirError, prepare_run_dir, release_run_dir
+from lora_tune.run.layout import LOCK, MARKER, RunDir, prepare_run_dir, release_run_dir
 from lora_tune.run.locks import LockedError
+from lora_tune.run.outputs import OutputError
 
 RECIPE = "model:\n  name: some/model\ndatasets:\n  - path: {data}\noutput_dir: {out}\n"
 
@@ -49,7 +50,7 @@ def test_overwrite_of_a_run_with_a_user_file_in_it_refuses_and_deletes_nothing(t
     release_run_dir(run)
     (run.recipe).write_text("old: run\n")
     (run.root / "notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match=r"holds files lora-tune did not write \(notes.txt\).*nothing was deleted"):
+    with pytest.raises(OutputError, match=r"holds files lora-tune did not write \(notes.txt\).*nothing was deleted"):
         prepare_run_dir(run.root, overwrite=True)
     assert (run.root / "notes.txt").read_text() == "mine" and run.recipe.read_text() == "old: run\n"
     # ...and the refusal let go of the lock: a later attempt is not told the directory is busy.
@@ -74,7 +75,7 @@ def test_a_run_from_before_the_marker_is_still_a_run(tmp_path: Path):
     (legacy / "adapter").mkdir(parents=True)
     for name in ("recipe.yaml", "summary.json", "metrics.jsonl"):
         (legacy / name).write_text("{}")
-    with pytest.raises(RunDirError, match="already holds a run"):
+    with pytest.raises(OutputError, match="already holds a run"):
         prepare_run_dir(legacy, overwrite=False)
     release_run_dir(prepare_run_dir(legacy, overwrite=True))
     assert (legacy / MARKER).is_file() and not (legacy / "adapter").exists()
@@ -168,7 +169,7 @@ def test_train_into_a_folder_it_cannot_create_is_one_line_before_any_work(tmp_pa
 def test_a_folder_even_root_cannot_write_is_refused_in_one_line():
     from lora_tune.run.layout import ensure_writable
 
-    with pytest.raises(RunDirError, match="'/sys' is not writable"):
+    with pytest.raises(OutputError, match="'/sys' is not writable"):
         ensure_writable(Path("/sys"), "--output")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.recipe.load import load_recipe
-from lora_tune.run.layout import RunDirError
+from lora_tune.run.outputs import OutputError
 from lora_tune.training.checkpoints import find_resume_point, rotate, verify_checkpoint, write_manifest
 from lora_tune.training.resume import ResumeError, open_run, recipe_changes, truncate_metrics
 
@@ -130,16 +130,16 @@ def test_resume_refuses_changed_or_vanished_data(recipe_file: Path, tmp_path: Pa
 def test_resume_auto_in_the_recipe_and_refusals(recipe_file: Path, tmp_path: Path):
     recipe = load_recipe(recipe_file)
     open_run(recipe, overwrite=False, resume=False)
-    with pytest.raises(RunDirError, match="pass --resume to continue it, --overwrite to replace it"):
+    with pytest.raises(OutputError, match="pass --resume to continue it, --overwrite to replace it"):
         open_run(recipe, overwrite=False, resume=False)
-    with pytest.raises(RunDirError, match="exclude each other"):
+    with pytest.raises(OutputError, match="exclude each other"):
         open_run(recipe, overwrite=True, resume=True)
     run, _ = open_run(load_recipe(recipe_file, ["training.resume=auto"]), overwrite=False, resume=False)
     (run.root / "eval.json").write_text("{}")
     run, _ = open_run(load_recipe(recipe_file, ["training.resume=auto"]), overwrite=True, resume=False)
     assert not (run.root / "eval.json").exists(), "--overwrite wins over the recipe's resume: auto"
     (run.root / "keep.txt").write_text("x")  # but it removes nothing lora-tune did not write
-    with pytest.raises(RunDirError, match=r"did not write \(keep.txt\)"):
+    with pytest.raises(OutputError, match=r"did not write \(keep.txt\)"):
         open_run(load_recipe(recipe_file, ["training.resume=auto"]), overwrite=True, resume=False)
     (run.root / "keep.txt").unlink()
     (run.root / "summary.json").write_text("{}")
@@ -149,7 +149,7 @@ def test_resume_auto_in_the_recipe_and_refusals(recipe_file: Path, tmp_path: Pat
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match="holds no lora-tune run"):
+    with pytest.raises(OutputError, match="holds no lora-tune run"):
         open_run(load_recipe(recipe_file, [f"output_dir={foreign}"]), overwrite=False, resume=True)
     assert (foreign / "notes.txt").read_text() == "mine"
 
