@@ -7,11 +7,11 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lora_tune import __version__
 from lora_tune.errors import LoraTuneError
-from lora_tune.run.secrets import install_log_redaction, redact
+from lora_tune.run.secrets import RedactingStream, install_log_redaction
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
 # lora_tune.export.gguf.QUANTS, spelled out so that `--help` imports nothing heavy (a test keeps them equal)
@@ -256,18 +256,41 @@ def _generation_arguments(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (implies --sample)")
 
 
+# Verbs whose stdout is their result (`answer=$(lora-tune generate RUN "...")`): their log lines go to stderr.
+RESULT_ON_STDOUT = frozenset({"generate", "chat", "recipes", "new", "validate", "push"})
+
+
 def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a verb; user errors become one line on stderr (exit 2), other failures one line (exit 1)."""
+    """Run a verb with every line it prints, on stdout and stderr, masked by `redact` (one place, so that no verb
+    can forget it); user errors become one line on stderr (exit 2), other failures one line (exit 1)."""
+    original = sys.stdout, sys.stderr
+    consoles = RedactingStream(original[0]), RedactingStream(original[1])
+    sys.stdout, sys.stderr = consoles
+    try:
+        return _run(handler, args, consoles)
+    finally:
+        for console in consoles:
+            console.release()
+        sys.stdout, sys.stderr = original
+
+
+def _run(
+    handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, consoles: tuple[RedactingStream, ...]
+) -> int:
     debug = bool(getattr(args, "debug", False)) or os.environ.get("LORA_TUNE_DEBUG") == "1"
-    _configure_logging(debug)
+    _configure_logging(debug, sys.stderr if getattr(args, "command", None) in RESULT_ON_STDOUT else sys.stdout)
     if not debug:
         _quiet_libraries()
     try:
-        return handler(args)
+        code = handler(args)
+        for console in consoles:  # here, so that a reader gone away (BrokenPipeError) is handled below
+            console.release()
+            console.flush()
+        return code
     except LoraTuneError as exc:
         if debug:
             raise
-        print(f"{_rank()}error: {redact(str(exc))}", file=sys.stderr)
+        print(f"{_rank()}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -282,7 +305,7 @@ def run_verb(handler: Callable[[argparse.Namespace], int], args: argparse.Namesp
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(
-            f"{_rank()}error: {type(exc).__name__}: {redact(first)} (run with --debug for the traceback)",
+            f"{_rank()}error: {type(exc).__name__}: {first} (run with --debug for the traceback)",
             file=sys.stderr,
         )
         return EXIT_FAILURE
@@ -295,10 +318,11 @@ def _rank() -> str:
     return Processes.from_env().prefix()
 
 
-def _configure_logging(debug: bool) -> None:
+def _configure_logging(debug: bool, stream: IO[str]) -> None:
+    """lora_tune's log lines go to `stream`: stderr for a verb whose stdout is its result, else stdout."""
     import logging
 
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s" if not debug else "%(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("lora_tune")
     logger.handlers[:] = [handler]

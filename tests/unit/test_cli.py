@@ -119,3 +119,100 @@ def test_error_lines_mask_credential_shaped_values(recipe, capsys, path, secret)
     assert main(["validate", str(recipe), f"datasets.0.path={path}"]) == 2
     err = capsys.readouterr().err
     assert secret not in err and "***" in err, err
+
+
+# Every line a command prints goes through `redact` (run_verb wraps stdout and stderr), not only error lines.
+
+HF_SECRET = "hf_SilentHubTestToken0123456789abcdefXYZ"  # the value of HF_TOKEN in these tests
+URL_SECRET = "https://alice:PA55word-secret@example.org/m"
+
+
+def test_validate_masks_its_ok_line_and_the_resolved_recipe(recipe, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", HF_SECRET)
+    assert main(["validate", str(recipe), f"model.name={HF_SECRET}/m"]) == 0
+    assert main(["validate", str(recipe), f"model.name={URL_SECRET}", "--print"]) == 0
+    out = capsys.readouterr().out
+    assert HF_SECRET not in out and "PA55word" not in out, out
+    assert "on hf_***/m;" in out and "https://***@example.org/m" in out
+
+
+def test_the_first_line_of_train_is_masked(recipe, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "mine.txt").write_text("x")  # refused after the first line: no training needed
+    assert main(["train", str(recipe), f"model.name={URL_SECRET}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("lora-tune: ") and "https://***@example.org/m" in captured.out
+    assert "PA55word" not in captured.out + captured.err
+
+
+def test_streamed_generate_output_is_masked_even_in_pieces(capsys, monkeypatch):
+    """A secret the model writes a few characters at a time, flushing after each, never reaches stdout whole."""
+    import types
+
+    import lora_tune.inference.chat as chat
+    import lora_tune.inference.load as load
+
+    def reply(loaded, messages, *, stream=None, settings=None):  # noqa: ANN001, ANN202 - chat.reply's signature
+        for piece in ["the key is ", HF_SECRET[:6], HF_SECRET[6:20], HF_SECRET[20:], " and ", URL_SECRET[:12]]:
+            stream.write(piece)
+            stream.flush()
+        stream.write(URL_SECRET[12:] + "\n")
+        return ""
+
+    monkeypatch.setenv("HF_TOKEN", HF_SECRET)
+    monkeypatch.setattr(load, "load_for_inference", lambda path: types.SimpleNamespace(settings=None))
+    monkeypatch.setattr(chat, "reply", reply)
+    assert main(["generate", "some-run", "what is the key?"]) == 0
+    assert capsys.readouterr().out == "the key is hf_*** and https://***@example.org/m\n"
+
+
+# Log lines of a verb whose stdout is its result go to stderr: `answer=$(lora-tune generate ...)` is the answer.
+
+LOG_LINE = "a log line, not part of the result"
+
+
+def _logging(result: str):  # noqa: ANN202 - a stand-in for the function that makes the verb's result
+    import logging
+
+    def make(*args, **kwargs) -> str:  # noqa: ANN002, ANN003 - whatever the real one takes
+        logging.getLogger("lora_tune.test").info(LOG_LINE)
+        return result
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("argv", "module", "name"),
+    [
+        (["validate", "{recipe}", "--print"], "lora_tune.recipe.load", "dump_resolved"),
+        (["recipes"], "lora_tune.plan.catalog", "format_table"),
+        (["new", "--model", "m", "--method", "lora", "--data", "d.jsonl"], "lora_tune.plan.new", "new_recipe"),
+        (["push", "{folder}", "me/x", "--dry-run"], "lora_tune.export.push", "format_push"),
+    ],
+)
+def test_result_verbs_log_to_stderr(recipe, tmp_path, capsys, monkeypatch, argv, module, name):
+    import importlib
+
+    from tests.helpers import model_folder
+
+    monkeypatch.setattr(importlib.import_module(module), name, _logging("THE RESULT\n"))
+    folder = model_folder(tmp_path)
+    assert main([arg.format(recipe=recipe, folder=folder) for arg in argv]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "THE RESULT" and LOG_LINE in captured.err
+
+
+def test_generate_prints_the_answer_alone_on_stdout(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The 4-bit kernel note (logged while loading a QLoRA run on an AVX512-BF16 CPU) goes to stderr."""
+    import lora_tune.model.load as model_load
+    from tests.helpers import lora, make_run
+
+    run = make_run(tmp_path, tiny_model_dir, lora())
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("adapter:", "quantization:\n  bits: 4\nadapter:", 1))
+    note = "4-bit: this CPU has AVX512-BF16, so bitsandbytes computes the 4-bit layers in bfloat16"
+    monkeypatch.setattr(model_load, "inference_note", lambda model: note)  # what such a CPU logs
+    assert main(["generate", str(run), "fruit number 1?", "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert note in captured.err and note not in captured.out
+    assert captured.out.count("\n") == 1, captured.out
