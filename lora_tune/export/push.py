@@ -10,6 +10,7 @@ silent, failing after the retries, or refusing the commit for another reason is 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from lora_tune.export.card import adapter_card
 from lora_tune.export.errors import ExportError
 from lora_tune.recipe.load import load_recipe
 from lora_tune.run.layout import RunDir
+from lora_tune.run.secrets import redact, redact_json
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ CREDENTIAL_STATUS = {401, 403}  # the token is missing, wrong, or may not write 
 DEFAULT_TIMEOUT_S = 30.0  # per request: connect, and each wait for the hub's next bytes
 TIMEOUT_ENV = "LORA_TUNE_HUB_TIMEOUT"  # also reaches `merge --push-to-hub`, which has no --timeout flag
 sleep = time.sleep  # monkeypatched by tests
+# Weights are uploaded as they are, never read for masking: a file with one of these suffixes, or a NUL byte in its
+# first SNIFF_BYTES (safetensors, GGUF and SentencePiece files all have one), is binary.
+BINARY_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".onnx", ".h5", ".model")
+SNIFF_BYTES = 8192
 
 
 class HubError(ExportError):
@@ -53,6 +59,7 @@ class PushResult:
     url: str | None = None  # commit URL; None on a dry run
     dry_run: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path in the folder, why it is not uploaded)
+    masked: list[str] = field(default_factory=list)  # paths in the repo whose text had credentials masked
     total_bytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,24 +78,37 @@ def vetted_files(folder: Path, *, recursive: bool) -> tuple[dict[str, Path], lis
     pending = [folder]
     while pending:  # no link is followed, so this walks a finite tree once
         current = pending.pop()
-        with os.scandir(current) as entries:
-            for entry in entries:
-                path = Path(entry.path)
-                rel = path.relative_to(folder).as_posix()
-                is_dir = entry.is_dir(follow_symlinks=False)
-                if entry.is_symlink():
-                    skipped.append((rel, "symlink, not followed"))
-                elif entry.name.startswith("."):
-                    skipped.append((rel + "/" if is_dir else rel, "hidden"))
-                elif is_dir and recursive:
-                    pending.append(path)
-                elif is_dir:
-                    skipped.append((rel + "/", "sub-folder"))
-                elif entry.is_file(follow_symlinks=False):
-                    files[rel] = path
-                else:
-                    skipped.append((rel, "not a regular file"))
+        for entry in _entries(current):
+            path = Path(entry.path)
+            rel = path.relative_to(folder).as_posix()
+            is_dir = entry.is_dir(follow_symlinks=False)
+            if entry.is_symlink():
+                skipped.append((rel, "symlink, not followed"))
+            elif entry.name.startswith("."):
+                skipped.append((rel + "/" if is_dir else rel, "hidden"))
+            elif redact(entry.name) != entry.name:  # the name would be published as it is
+                skipped.append((rel + "/" if is_dir else rel, "its name holds a credential"))
+            elif is_dir and recursive:
+                pending.append(path)
+            elif is_dir:
+                skipped.append((rel + "/", "sub-folder"))
+            elif entry.is_file(follow_symlinks=False):
+                files[rel] = path
+            else:
+                skipped.append((rel, "not a regular file"))
     return dict(sorted(files.items())), sorted(skipped)
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    """The entries of one folder; one that cannot be read (permissions) is a one-line error naming it."""
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise ExportError(
+            f"{shown(str(folder))}: cannot read this folder ({exc.strerror or type(exc).__name__}); "
+            "fix its permissions, or move it out of the folder you push"
+        ) from None
 
 
 def collect(folder: Path) -> tuple[str, dict[str, Path | bytes], str, list[tuple[str, str]]]:
@@ -96,6 +116,7 @@ def collect(folder: Path) -> tuple[str, dict[str, Path | bytes], str, list[tuple
 
     The returned dict is the whole upload: push() commits exactly these entries and nothing else.
     """
+    _entries(folder)  # a folder that cannot be listed is named as such, before anything looks inside it
     run = RunDir(folder)
     if run.is_run():
         found, skipped = vetted_files(run.adapter, recursive=False) if run.adapter.is_dir() else ({}, [])
@@ -105,12 +126,16 @@ def collect(folder: Path) -> tuple[str, dict[str, Path | bytes], str, list[tuple
         files: dict[str, Path | bytes] = {name: p for name, p in found.items() if name != "README.md"}
         files["README.md"] = adapter_card(run, load_recipe(run.recipe, check_paths=False)).encode("utf-8")
         return "adapter", files, folder.resolve().name, [(f"adapter/{path}", why) for path, why in skipped]
-    found, skipped = vetted_files(folder, recursive=True)
-    if "config.json" in found and any(name.endswith(".safetensors") and "/" not in name for name in found):
+    # What the folder is, from its top level alone: `push /` (or any folder that is not a model) is refused
+    # without walking all that lies below it.
+    top, _ = vetted_files(folder, recursive=False)
+    if "config.json" in top and any(name.endswith(".safetensors") for name in top):
+        found, skipped = vetted_files(folder, recursive=True)
         card = found.get("README.md")
-        named = re.search(r"lora-tune run `([^`]+)`", card.read_text(encoding="utf-8")) if card else None
+        named = re.search(r"lora-tune run `([^`]+)`", _read_text(card)) if card else None
         return "merged model", dict(found), named.group(1) if named else folder.resolve().name, skipped
-    if any(name.endswith(".gguf") and "/" not in name for name in found):  # a `lora-tune export` folder
+    if any(name.endswith(".gguf") for name in top):  # a `lora-tune export` folder
+        found, skipped = vetted_files(folder, recursive=True)
         return "GGUF files", dict(found), folder.resolve().name, skipped
     raise ExportError(
         f"{folder}: neither a lora-tune run directory (recipe.yaml + adapter/), a merged model folder "
@@ -138,15 +163,83 @@ def push(
     seconds = _timeout(timeout)
     if not folder.is_dir():
         raise ExportError(f"{folder}: not a directory")
-    kind, files, name, skipped = collect(folder)
-    message = message or f"Upload {kind} of lora-tune run '{name}'"
-    sizes = [(path, len(src) if isinstance(src, bytes) else src.stat().st_size) for path, src in files.items()]
-    result = PushResult(repo_id=repo_id, files=sizes, kind=kind, message=message, dry_run=dry_run, skipped=skipped)
+    try:
+        kind, files, name, skipped = collect(folder)
+        files, masked = masked_files(files)
+    except OSError as exc:  # what the checks below did not foresee (a file that vanished, an odd mount)
+        where = shown(str(exc.filename or folder))
+        raise ExportError(f"{where}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    message = redact(message or f"Upload {kind} of lora-tune run '{name}'")  # a commit message is published too
+    sizes = [(path, len(src) if isinstance(src, bytes) else _size_of(src)) for path, src in files.items()]
+    result = PushResult(
+        repo_id=repo_id, files=sizes, kind=kind, message=message, dry_run=dry_run, skipped=skipped, masked=masked
+    )
     if dry_run:
         return result
     with _client_timeout(seconds):
         result.url = _upload(repo_id, files, message, private=private, endpoint=endpoint, timeout=seconds)
     return result
+
+
+def masked_files(files: dict[str, Path | bytes]) -> tuple[dict[str, Path | bytes], list[str]]:
+    """The upload with every text file's credentials masked as the model card's are (`redact`; a JSON file string
+    by string, so it stays valid JSON), and the paths that changed. A file with nothing to mask, and every binary
+    file (weights), is uploaded as it is."""
+    upload: dict[str, Path | bytes] = {}
+    masked: list[str] = []
+    for path, src in files.items():
+        text = _text_of(src)
+        clean = text if text is None else _masked_text(path, text)
+        if clean == text:
+            upload[path] = src
+        else:
+            upload[path] = clean.encode("utf-8")
+            masked.append(path)
+    return upload, masked
+
+
+def _text_of(src: Path | bytes) -> str | None:
+    """The file's text, or None for a binary file."""
+    if isinstance(src, Path) and src.suffix.lower() in BINARY_SUFFIXES:
+        return None
+    try:
+        data = src if isinstance(src, bytes) else _read_bytes(src)
+        return None if b"\0" in data[:SNIFF_BYTES] else data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _masked_text(path: str, text: str) -> str:
+    if not path.endswith(".json"):
+        return redact(text)
+    try:
+        data = json.loads(text)
+    except ValueError:  # not JSON after all: masked as text
+        return redact(text)
+    clean = redact_json(data)
+    return text if clean == data else json.dumps(clean, indent=2, ensure_ascii=False) + "\n"
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _read_text(path: Path) -> str:
+    return _read_bytes(path).decode("utf-8", errors="replace")
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: OSError) -> ExportError:
+    return ExportError(f"{shown(str(path))}: cannot read this file ({exc.strerror or type(exc).__name__})")
 
 
 def _upload(
@@ -352,16 +445,28 @@ def _client_errors(*names: tuple[str, str]) -> list[type[BaseException]]:
 
 
 def format_push(result: PushResult) -> str:
+    """The listing a user reads before uploading: one line per file (names escaped, so that a name cannot add a
+    line of its own), the files whose credentials were masked, what was skipped and why."""
+    masked = set(result.masked)
     lines = [
         f"{'Would upload' if result.dry_run else 'Uploaded'} {result.kind}: {len(result.files)} files, "
         f"{_size(result.total_bytes)} -> {result.repo_id}",
-        *(f"  {path}  {_size(size)}" for path, size in result.files),
-        *(f"  skipped {path} ({why})" for path, why in result.skipped),
-        f"  commit message: {result.message}",
+        *(
+            f"  {shown(path)}  {_size(size)}{'  (credentials masked)' if path in masked else ''}"
+            for path, size in result.files
+        ),
+        *(f"  skipped {shown(path)} ({why})" for path, why in result.skipped),
+        f"  commit message: {shown(result.message)}",
     ]
     if result.url:
         lines.append(f"  commit: {result.url}")
     return "\n".join(lines)
+
+
+def shown(name: str) -> str:
+    """`name` as one line shows it: a backslash, a line break or any other character that does not print
+    (a terminal's escape sequences, a name's undecodable bytes) written as a Python escape."""
+    return "".join(c if c.isprintable() and c != "\\" else repr(c)[1:-1] for c in name)
 
 
 def _size(n: int) -> str:

@@ -78,6 +78,11 @@ class FakeHub(BaseHTTPRequestHandler):
         return self._reply(404, {"error": f"unexpected {path}"})
 
 
+def visible(folder: Path) -> list[Path]:
+    """What push uploads of a merged folder: not the hidden names (merge's own marker among them)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
 @pytest.fixture
 def hub(monkeypatch):
     import importlib
@@ -121,7 +126,7 @@ def test_push_merged_folder_delivers_every_file_byte_identical(hub, merged_and_r
     assert len(hub.commits) == 1, "one commit"
     commit = hub.commits[0]
     assert commit["path"] == "/api/models/me/tiny-merged/commit/main"
-    local = {p.name: p.read_bytes() for p in merged.iterdir()}
+    local = {p.name: p.read_bytes() for p in visible(merged)}
     assert set(commit["files"]) == set(local) and "README.md" in local
     for name, data in local.items():
         assert commit["files"][name] == data, name
@@ -150,7 +155,7 @@ def test_dry_run_lists_files_and_sends_nothing(hub, merged_and_run, capsys):
     assert hub.requests == []
     out = capsys.readouterr().out
     assert "Would upload merged model" in out
-    for path in merged.iterdir():
+    for path in visible(merged):
         assert path.name in out
 
 
@@ -177,10 +182,11 @@ def test_transient_hub_error_is_retried_with_backoff(hub, merged_and_run, capsys
     assert main(["push", str(merged), "me/tiny-retry"]) == 0
     commit_posts = [path for method, path in hub.requests if "/commit/" in path]
     assert len(commit_posts) == 2, "one failed attempt, one retry"
-    assert len(hub.commits) == 1 and set(hub.commits[0]["files"]) == {p.name for p in merged.iterdir()}
+    assert len(hub.commits) == 1 and set(hub.commits[0]["files"]) == {p.name for p in visible(merged)}
     assert hub.sleeps == [2.0]
-    out = capsys.readouterr().out
-    assert "commit failed (HTTP 503), retrying in 2s (attempt 2/3)" in out and "Uploaded merged model" in out
+    captured = capsys.readouterr()
+    assert "Uploaded merged model" in captured.out
+    assert "commit failed (HTTP 503), retrying in 2s (attempt 2/3)" in captured.err, "a log line: on stderr"
 
 
 def test_persistent_5xx_gives_up_after_the_attempts(hub, merged_and_run, capsys):
@@ -189,7 +195,7 @@ def test_persistent_5xx_gives_up_after_the_attempts(hub, merged_and_run, capsys)
     assert main(["push", str(merged), "me/tiny-down"]) == 1, "the hub's trouble, not the user's: exit 1"
     assert hub.sleeps == [2.0, 4.0] and hub.commits == []
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "HTTP 502 after 3 tries (" in err
+    assert err.count("error: ") == 1 and "HTTP 502 after 3 tries (" in err.splitlines()[-1]
 
 
 @pytest.mark.parametrize(("status", "code"), [(401, 2), (403, 2), (404, 1), (422, 1)])
@@ -245,8 +251,8 @@ def test_hub_that_stalls_mid_commit_is_tried_3_times_in_all(hub, tmp_path: Path,
     assert hub.sleeps == [2.0, 4.0] and hub.commits == []
     captured = capsys.readouterr()
     err = captured.err.strip()
-    assert len(err.splitlines()) == 1 and "did not answer within 0.2 s (3 tries, " in err
-    assert "commit failed (no answer within 0.2 s), retrying in 2s (attempt 2/3)" in captured.out
+    assert err.count("error: ") == 1 and "did not answer within 0.2 s (3 tries, " in err.splitlines()[-1]
+    assert "commit failed (no answer within 0.2 s), retrying in 2s (attempt 2/3)" in captured.err
     assert "hf_fake_token" not in captured.out + captured.err
 
 
@@ -275,7 +281,7 @@ def test_merge_with_push_to_hub_uploads_the_verified_folder(hub, tiny_model_dir:
     assert main(["merge", str(run), "--output", str(out), "--push-to-hub", "me/tiny-pushed", "--private"]) == 0
     assert hub.repos == {"me/tiny-pushed": {"visibility": "private"}}
     assert len(hub.commits) == 1
-    local = {p.name: p.read_bytes() for p in out.iterdir()}
+    local = {p.name: p.read_bytes() for p in visible(out)}
     assert hub.commits[0]["files"] == local and "README.md" in local
     out_text = capsys.readouterr().out
     assert "verified" in out_text and "Uploaded merged model" in out_text
@@ -297,4 +303,48 @@ def test_failed_merge_pushes_nothing(hub, tiny_model_dir: Path, tmp_path: Path, 
     real_delta = LoraUpdate.delta
     monkeypatch.setattr(LoraUpdate, "delta", lambda self, fan_in_fan_out: 3 * real_delta(self, fan_in_fan_out))
     assert main(["merge", str(run), "--output", str(tmp_path / "merged"), "--push-to-hub", "me/x"]) == 1
+    assert hub.requests == []
+
+
+# Every text file published is masked as the model card is; weights go as they are.
+
+SECRET = "hf_SilentHubTestToken0123456789abcdefXYZ"
+BASE = f"/models/{SECRET}/base"  # a base model path the user's token ended up in
+
+
+@pytest.fixture
+def with_secret_paths(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:  # noqa: ANN001
+    """A merged folder whose lineage.json, and a run whose adapter_config.json, name the base by that path."""
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    merged, run = model_folder(tmp_path / "m"), adapter_run(tmp_path / "r")
+    (merged / "lineage.json").write_text(json.dumps({"base_model": BASE, "parents": []}, separators=(",", ":")))
+    (merged / "notes.txt").write_text(f"trained from https://alice:PA55word@example.org/{BASE}\n")
+    (merged / "model.safetensors").write_bytes(b"\0" * 8 + SECRET.encode())  # binary: never rewritten
+    config = {"peft_type": "LORA", "r": 4, "base_model_name_or_path": BASE}
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return merged, run
+
+
+def test_text_files_are_uploaded_masked_and_weights_as_they_are(hub, with_secret_paths):
+    merged, run = with_secret_paths
+    assert main(["push", str(merged), "me/m"]) == 0
+    assert main(["push", str(run), "me/r"]) == 0
+    merged_files, adapter_files = (commit["files"] for commit in hub.commits)
+    assert json.loads(merged_files["lineage.json"]) == {"base_model": "/models/hf_***/base", "parents": []}
+    assert merged_files["notes.txt"] == b"trained from https://***@example.org//models/hf_***/base\n"
+    assert merged_files["model.safetensors"] == (merged / "model.safetensors").read_bytes()
+    assert json.loads(adapter_files["adapter_config.json"])["base_model_name_or_path"] == "/models/hf_***/base"
+    assert merged_files["config.json"] == b"{}", "a file with nothing to mask goes byte for byte"
+    for name, data in [*merged_files.items(), *adapter_files.items()]:
+        if not name.endswith(".safetensors"):
+            assert SECRET.encode() not in data and b"PA55word" not in data, name
+
+
+def test_the_dry_run_says_which_files_were_masked(hub, with_secret_paths, capsys):
+    merged, run = with_secret_paths
+    assert main(["push", str(merged), "me/m", "--dry-run"]) == 0
+    assert main(["push", str(run), "me/r", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    masked = sorted(line.split()[0] for line in lines if line.endswith("(credentials masked)"))
+    assert masked == ["adapter_config.json", "lineage.json", "notes.txt"]
     assert hub.requests == []

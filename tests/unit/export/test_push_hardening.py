@@ -106,7 +106,8 @@ def test_silent_hub_times_out_with_one_line_and_exit_1(silent_hub, tmp_path: Pat
     assert len(accepted) == push_module.ATTEMPTS and sleeps == [2.0, 4.0]
     captured = capsys.readouterr()
     err = captured.err.strip()
-    assert len(err.splitlines()) == 1
+    assert err.count("error: ") == 1, "the retries' log lines, then one error line"
+    err = err.splitlines()[-1]
     assert f"the hub at {url} did not answer within 0.2 s (3 tries, " in err and " s in all)" in err
     assert "HF_ENDPOINT" in err and "--timeout" in err
     assert TOKEN not in captured.out + captured.err
@@ -123,7 +124,7 @@ def test_unreachable_hub_fails_with_exit_1_after_the_tries(online, tmp_path: Pat
     assert rc == 1 and sleeps == [2.0, 4.0]
     captured = capsys.readouterr()
     err = captured.err.strip()
-    assert len(err.splitlines()) == 1 and f"cannot reach the hub at {url} (3 tries, " in err
+    assert err.count("error: ") == 1 and f"cannot reach the hub at {url} (3 tries, " in err.splitlines()[-1]
     assert TOKEN not in captured.out + captured.err
 
 
@@ -150,3 +151,78 @@ def test_merge_push_to_hub_checks_the_repo_id_before_merging(tmp_path: Path, cap
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: repo id:") and not (tmp_path / "out").exists()
+
+
+# Names are shown escaped: a name cannot add a line of its own to the listing a user checks before uploading.
+
+
+def test_a_name_with_a_line_break_cannot_fake_a_line_of_the_listing(tmp_path: Path, capsys):
+    folder = model_folder(tmp_path)
+    forged = "notes.txt\n  skipped model.safetensors (hidden)"
+    (folder / forged).write_text("x")
+    (folder / "bell\x07\x1b[2J.txt").write_text("x")  # a terminal's escape sequence: clears the screen
+    assert main(["push", str(folder), "me/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed, skipped = listed_and_skipped(out)
+    assert skipped == {} and "model.safetensors" in listed
+    assert "  notes.txt\\n  skipped model.safetensors (hidden)  1 B" in out.splitlines()
+    assert "  bell\\x07\\x1b[2J.txt  1 B" in out.splitlines() and "\x1b" not in out
+    assert len(out.splitlines()) == 8  # title, 4 files, the 2 planted ones, commit message
+
+
+def test_a_name_that_holds_a_credential_is_not_uploaded(tmp_path: Path, capsys):
+    folder = model_folder(tmp_path)
+    (folder / f"notes-{TOKEN}.txt").write_text("x")
+    assert main(["push", str(folder), "me/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "  skipped notes-hf_***.txt (its name holds a credential)" in out.splitlines() and TOKEN not in out
+
+
+# A folder push cannot read is one line naming it, exit 2 (as root, permissions are simulated where they cannot be
+# real).
+
+
+def test_an_unreadable_sub_folder_is_one_line_naming_it(tmp_path: Path, capsys, monkeypatch):
+    import os
+
+    folder = model_folder(tmp_path)
+    locked = folder / "tokenizer"
+    real_scandir = os.scandir
+
+    def scandir(path):  # noqa: ANN001, ANN202 - os.scandir's signature
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(push_module.os, "scandir", scandir)
+    assert main(["push", str(folder), "me/x", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"error: {locked}: cannot read this folder (Permission denied); fix its permissions, or move it "
+        "out of the folder you push\n"
+    )
+
+
+def test_a_folder_even_root_may_not_read_is_one_line(capsys):
+    """/proc/1/fdinfo refuses root too where the process lacks CAP_SYS_PTRACE over pid 1 (containers)."""
+    import os
+
+    try:
+        os.scandir("/proc/1/fdinfo").close()
+        pytest.skip("/proc/1/fdinfo is readable here")
+    except PermissionError:
+        pass
+    except OSError:
+        pytest.skip("no /proc/1/fdinfo here")
+    assert main(["push", "/proc/1/fdinfo", "me/x", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: /proc/1/fdinfo: cannot read this folder (Permission denied)") and err.count("\n") == 1
+    )
+
+
+def test_the_root_folder_is_refused_without_walking_it(capsys):
+    rc, seconds = run_bounded(["push", "/", "me/x", "--dry-run"], limit_s=10)
+    assert rc == 2 and seconds < 10
+    err = capsys.readouterr().err
+    assert err.startswith("error: /: neither a lora-tune run directory") and err.count("\n") == 1
