@@ -13,7 +13,6 @@ computed in float32, then cast to the output dtype. Tensors in the adapter that 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.export.errors import ExportError
-from lora_tune.model.weights import ShardReader
+from lora_tune.model.weights import ShardReader, read_json, safetensors_header
 
 if TYPE_CHECKING:
     import torch
@@ -79,13 +78,18 @@ class AdapterPlan:
 
 def read_adapter(adapter_dir: Path) -> AdapterPlan:
     """Parse `adapter_model.safetensors` and `adapter_config.json` of a LoRA adapter."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    config = read_json(adapter_dir / "adapter_config.json")
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise ExportError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are read)")
-    tensors = load_file(weights_file)
+    safetensors_header(weights_file)  # an empty or cut-short file is named, before safetensors' own message
+    try:
+        tensors = load_file(weights_file)
+    except SafetensorError as exc:  # what the header check does not see (an unknown dtype, ...)
+        raise ExportError(f"{weights_file}: cannot be read as safetensors: {exc}") from None
     unsupported = [f"adapter option '{key}'" for key in _UNSUPPORTED_OPTIONS if config.get(key)]
     updates: dict[str, LoraUpdate] = {}
     replacements: dict[str, torch.Tensor] = {}

@@ -11,6 +11,7 @@ from lora_tune.errors import LoraTuneError
 from lora_tune.model.chat_template import ensure_pad_token
 from lora_tune.model.load import load_model, load_tokenizer, resolve_dtype
 from lora_tune.model.safety import check_weights_format
+from lora_tune.model.weights import check_adapter_folder, check_model_folder
 from lora_tune.recipe.load import load_recipe
 from lora_tune.recipe.schema import EvalConfig
 from lora_tune.run.layout import LABELS_FILE, MODEL_DIR, RunDir
@@ -44,6 +45,9 @@ def run_artifact(run: RunDir) -> Path:
 def load_base_model(recipe: Any) -> Any:
     """The recipe's base model, loaded (and quantized) as in training, in eval mode, for inference only (4-bit layers
     may compute in bfloat16 on an AVX512-BF16 CPU: the load logs it)."""
+    local = Path(recipe.model.name).expanduser()
+    if local.is_dir():  # a hub id is fetched and checked by transformers; a local folder may be broken
+        check_model_folder(local)
     training = recipe.training.model_copy(update={"gradient_checkpointing": False})
     model = load_model(recipe.model, recipe.quantization, training, inference=True)
     model.eval()
@@ -54,7 +58,11 @@ def load_run_model(run: RunDir) -> tuple[Any, Any]:
     """The tuned model and the tokenizer saved with it: the base (quantized as in training) with the adapter on it,
     or the saved `model/` folder of a partial or full fine-tuning run (safetensors only)."""
     artifact = run_artifact(run)
-
+    # A broken file of the run is named here, before the base model's weights are loaded (minutes, for a big one).
+    if artifact == run.adapter:
+        check_adapter_folder(artifact)
+    else:
+        check_model_folder(artifact)
     recipe = load_recipe(run.recipe, check_paths=False)
     if (artifact / LABELS_FILE).is_file():  # a classification head's label names: see lora_tune.tasks
         raise ModelFolderError(
@@ -97,6 +105,7 @@ def load_for_inference(path: str | Path) -> LoadedModel:
             f"{root}: neither a lora-tune run (recipe.yaml) nor a model folder (config.json); "
             "pass a run directory or a folder written by `lora-tune merge`"
         )
+    check_model_folder(root)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(root)

@@ -24,11 +24,6 @@ if TYPE_CHECKING:
 
     from lora_tune.recipe.schema import ModelConfig
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
-
 _NAMES = {
     "F64": "float64",
     "F32": "float32",
@@ -65,17 +60,107 @@ def dtype_code(dtype: torch.dtype) -> str:
     raise WeightsError(f"cannot write {dtype} to safetensors")
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path` (config.json, adapter_config.json, an index): a missing, unreadable, empty or
+    broken file is one line that names it (WeightsError, exit 2), not a JSONDecodeError without a file name."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    if not text.strip():
+        raise WeightsError(f"{path}: the file is empty; expected a JSON object (copy it again, or save it again)")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise WeightsError(f"{path}: not valid JSON{where} (a truncated or hand-edited file?)") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on a header's size
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The tensor entries of a safetensors file's header and where its data starts, checked against the file's
+    size, so that an empty, truncated or foreign file is one line naming it (WeightsError, exit 2) before any
+    tensor is read, rather than the safetensors library's "header too small" without a file name."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            raw_length = handle.read(8)
+            length = struct.unpack("<Q", raw_length)[0] if len(raw_length) == 8 else None
+            raw = handle.read(length) if length is not None and length <= min(MAX_HEADER, size - 8) else b""
+    except OSError as exc:
+        raise WeightsError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if size == 0:
+        raise WeightsError(f"{path}: the file is empty; expected safetensors weights (copy it again, or train again)")
+    if length is None or not raw:
+        raise WeightsError(f"{path}: not a safetensors file, or cut short ({size:,} bytes; no complete header)")
+    header = _parse_header(path, raw)
+    data = size - 8 - length
+    needed = max((_end(path, name, info) for name, info in header.items()), default=0)
+    if data != needed:
+        shortfall = "truncated" if data < needed else "longer than its header says"
+        raise WeightsError(
+            f"{path}: {shortfall}: its header describes {needed:,} bytes of tensors, the file holds {data:,} "
+            "(copy it again, or train again)"
+        )
+    return header, 8 + length
+
+
+def _parse_header(path: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    return header
+
+
+def _end(path: Path, name: str, info: Any) -> int:
+    """Where a tensor's bytes end in the data section, from its header entry."""
+    try:
+        start, end = info["data_offsets"]
+        if not 0 <= int(start) <= int(end):
+            raise ValueError
+        return int(end)
+    except (KeyError, TypeError, ValueError):
+        raise WeightsError(f"{path}: not a safetensors file (tensor '{name}' has no valid data_offsets)") from None
+
+
+def check_model_folder(folder: Path) -> None:
+    """config.json and every safetensors file of a model folder (a merged model, a run's model/) are whole: one
+    line naming the first broken file, exit 2, before any weights are loaded. Only headers are read."""
+    read_json(folder / "config.json")
+    index = folder / INDEX_FILE
+    shards = set(read_json(index).get("weight_map", {}).values()) if index.is_file() else set()
+    shards |= {path.name for path in folder.glob("*.safetensors")}
+    for shard in sorted(shards):
+        safetensors_header(folder / shard)
+
+
+def check_adapter_folder(folder: Path) -> dict[str, Any]:
+    """adapter_config.json, returned, and adapter_model.safetensors (when there is one) of a peft adapter are
+    whole: one line naming the first broken file, exit 2, before any weights are loaded."""
+    config = read_json(folder / "adapter_config.json")
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        safetensors_header(weights)
+    return config
+
+
 class ShardReader:
     """Header of a safetensors file, and its tensors read one by one."""
 
     def __init__(self, path: Path):
         self.path = path
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        header.pop("__metadata__", None)
-        self.header: dict[str, Any] = header
-        self.data_start = 8 + length
+        self.header, self.data_start = safetensors_header(path)
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -199,7 +284,9 @@ def base_layout(base_dir: Path) -> dict[str, list[str]]:
     """Shard file -> tensor names, in the base's own order; one entry for a single-file checkpoint."""
     index = base_dir / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise WeightsError(f"{index}: no weight_map (tensor name -> shard file)")
         shards: dict[str, list[str]] = {}
         for name, shard in weight_map.items():
             shards.setdefault(shard, []).append(name)
