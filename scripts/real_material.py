@@ -13,8 +13,13 @@ about a second instead of converting a GGUF each time (10-15 s for a 150k-token 
 Where the sdist has no exact vocabulary of a catalog model, FAMILIES says which stand-in is used and why (e.g. Gemma
 2's 256k vocabulary is absent: Gemma 4's, whose turn markers sit at Gemma 3's ids 105/106, gets Gemma's names back).
 
+LLaMA-Factory's public demo data sets (`data/` of its 0.9.5 source distribution on the package registry, 5.2 MB)
+land in `llamafactory/`: the rows its quickstart trains on, which tests/e2e/test_demo_datasets.py reads through
+lora-tune's data path at several max_length values (no row of them may trip the per-row memory bound).
+
 Idempotent: with the cache in place and its hashes right it does nothing (well under a second). Exit status 1 when
-the material cannot be had (registry unreachable, hash mismatch); `make test` then carries on and those tests skip.
+the material cannot be had (registry unreachable, hash mismatch); `make test` then carries on and those tests skip
+(except under CI=true, where the demo-set tests fail).
 """
 
 from __future__ import annotations
@@ -107,6 +112,23 @@ FAMILIES = {
         ),
     ),
 }
+# LLaMA-Factory's demo sets: the sdist pinned by version and hash, and each extracted member's hash.
+DEMO_SDIST, DEMO_SDIST_FILE = "llamafactory==0.9.5", "llamafactory-0.9.5.tar.gz"
+DEMO_SDIST_SHA256 = "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f"
+DEMO_DATA = "data/"  # inside the sdist's top folder
+DEMO_FOLDER = "llamafactory"  # in the cache
+DEMO_MEMBERS = {
+    "alpaca_en_demo.json": "bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
+    "alpaca_zh_demo.json": "d5a4be46ae70d23a461ffc16048069324c0865ee9aa0c8730e21ac4b65ea0f08",
+    "identity.json": "fd029da7dd3df283ed034c82375d16d125a7b07cf1cb0316d03fb8743057d5f2",
+    "glaive_toolcall_en_demo.json": "8b84773e44e71881f32490080350734cad3069dc227eafd771ccfb80732f6437",
+    "glaive_toolcall_zh_demo.json": "d5bbc25b250ff7578ea339abe90a612511866d9beb1ea3b66d094b4f250c9c50",
+    "mllm_demo.json": "0732db8e2351bc22233268e2956bed1f66c75343c27bdc08b80b2a47e12c7f24",
+    "c4_demo.jsonl": "f51528081ef22279f2840c02c4cd7cdfc372138be0817c5b8714d200af692b78",
+    "dpo_en_demo.json": "b949be2421cfa62744afcf1b479f95b299d643d1a4c1c97d1341b314a1aa5cb3",
+    "dpo_zh_demo.json": "9ea7206bc1a45df8b7811d1fc02d5555c65379d05905f343da88f221ff145376",
+    "kto_en_demo.json": "9891687dea7c00e54af2e39534085c151ce3462d073574eeff2af927cc56fb74",
+}
 STAMP = "converted.json"  # in each tokenizer folder: the transformers version and member hashes it was made from
 
 
@@ -116,16 +138,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdist", type=Path, default=None, help=f"a downloaded {SDIST_FILE} to use")
     args = parser.parse_args(argv)
     cache: Path = args.cache
+    failed = False
     try:
         if not all(_has(cache, name, digest) for name, digest in MEMBERS.items()):
             _extract(_sdist(cache, args.sdist), cache)
         made = [name for name, family in FAMILIES.items() if _convert(cache, name, family)]
+        done = f"converted {', '.join(made)}" if made else "up to date"
+        print(f"real material in {cache}: {done}")
     except RuntimeError as e:
         print(f"real material: {e}", file=sys.stderr)
-        return 1
-    done = f"converted {', '.join(made)}" if made else "up to date"
-    print(f"real material in {cache}: {done}")
-    return 0
+        failed = True
+    try:  # apart from the tokenizers: either can be had without the other
+        demo = cache / DEMO_FOLDER
+        if not all(_has(demo, name, digest) for name, digest in DEMO_MEMBERS.items()):
+            _extract_demo_sets(_sdist(cache, None, DEMO_SDIST, DEMO_SDIST_FILE, DEMO_SDIST_SHA256), demo)
+            print(f"real material: LLaMA-Factory's demo sets in {demo}")
+    except RuntimeError as e:
+        print(f"real material: {e}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
 
 
 def _has(cache: Path, name: str, digest: str) -> bool:
@@ -133,19 +164,40 @@ def _has(cache: Path, name: str, digest: str) -> bool:
     return path.is_file() and sha256_file(path) == digest
 
 
-def _sdist(cache: Path, given: Path | None) -> Path:
-    """The sdist: the one given, the cached copy, else downloaded with pip into the cache."""
-    path = given or cache / "sdist" / SDIST_FILE
+def _sdist(
+    cache: Path, given: Path | None, spec: str = SDIST, file: str = SDIST_FILE, digest: str = SDIST_SHA256
+) -> Path:
+    """The sdist `spec` (`file` once downloaded): the one given, the cached copy, else downloaded with pip into the
+    cache; checked against `digest` either way."""
+    path = given or cache / "sdist" / file
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps"]
-        done = subprocess.run([*command, SDIST, "-d", str(path.parent)], capture_output=True, text=True)
+        done = subprocess.run([*command, spec, "-d", str(path.parent)], capture_output=True, text=True)
         if done.returncode != 0 or not path.is_file():
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"could not download {SDIST} (the package registry unreachable?): {tail}")
-    if sha256_file(path) != SDIST_SHA256:
-        raise RuntimeError(f"{path} has sha256 {sha256_file(path)}, expected {SDIST_SHA256}")
+            raise RuntimeError(f"could not download {spec} (the package registry unreachable?): {tail}")
+    if sha256_file(path) != digest:
+        raise RuntimeError(f"{path} has sha256 {sha256_file(path)}, expected {digest}")
     return path
+
+
+def _extract_demo_sets(sdist: Path, folder: Path) -> None:
+    """The DEMO_MEMBERS of LLaMA-Factory's data/ folder, each checked against its hash before it lands in `folder`."""
+    with tarfile.open(sdist, "r:gz") as tar:
+        for info in tar:
+            parts = info.name.split("/", 1)
+            name = parts[1].removeprefix(DEMO_DATA) if len(parts) == 2 and parts[1].startswith(DEMO_DATA) else None
+            if name not in DEMO_MEMBERS or not info.isfile():
+                continue
+            data = tar.extractfile(info).read()  # type: ignore[union-attr]
+            if hashlib.sha256(data).hexdigest() != DEMO_MEMBERS[name]:
+                raise RuntimeError(f"{DEMO_SDIST_FILE}: {name} does not have the recorded sha256 {DEMO_MEMBERS[name]}")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+    missing = [name for name, digest in DEMO_MEMBERS.items() if not _has(folder, name, digest)]
+    if missing:
+        raise RuntimeError(f"{DEMO_SDIST_FILE} lacks {', '.join(missing)}")
 
 
 def _extract(sdist: Path, cache: Path) -> None:

@@ -29,13 +29,7 @@ def run_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreflightR
     model's generation config (generation_config.json, else config.json), never its weights.
     """
     skip_bad = recipe.data.on_bad_rows == "skip"
-    rows, sources = sample_rows(
-        recipe.datasets,
-        recipe.preflight.sample_rows,
-        recipe.training.seed,
-        skip_bad=skip_bad,
-        max_length=recipe.training.max_length,
-    )
+    rows, sources = sample_rows(recipe.datasets, recipe.preflight.sample_rows, recipe.training.seed, skip_bad=skip_bad)
     max_length = recipe.training.max_length
     facts: list[ExampleFacts] = []
     refused: list[tuple[str, int, str]] = []

@@ -22,7 +22,6 @@ from lora_tune.data.masking import (
     wrap_trained_runs,
 )
 from lora_tune.data.pipeline import load_source
-from lora_tune.data.sources import RowLimit
 from lora_tune.recipe.schema import DatasetConfig
 
 if TYPE_CHECKING:
@@ -58,15 +57,13 @@ def sample_rows(
     seed: int,
     *,
     skip_bad: bool = False,
-    max_length: int | None = None,
 ) -> tuple[list[SampledRow], dict[str, dict[str, int]]]:
     """Up to `limit` rows of each dataset (a seeded sample, in file order, when it has more), as conversations; a
-    row longer than training would read (RowLimit.for_max_length) is a bad row here too."""
-    row_limit = RowLimit.for_max_length(max_length)
+    row over the memory bound (`sources.RowLimit`) is a bad row here too, refused before it is tokenized."""
     rows: list[SampledRow] = []
     sources: dict[str, dict[str, int]] = {}
     for index, cfg in enumerate(configs):
-        examples, _ = load_source(cfg, skip_bad=skip_bad, row_limit=row_limit)
+        examples, _ = load_source(cfg, skip_bad=skip_bad)
         conversational = [(origin, e) for origin, e in examples if e.text is None]
         picked: Sequence[int] = range(len(conversational))
         if limit is not None and len(conversational) > limit:

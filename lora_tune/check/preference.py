@@ -1,11 +1,12 @@
 """The pre-flight check of a preference run (dpo, orpo, kto, simpo): the pairs as TRL will tokenize them.
 
-Every row is read and checked on load (lora_tune.data.preference: pairs that prefer nothing, answers after
-different prompts, empty answers fail there with their file and line). Here each pair is rendered with the run's
-chat template, as the trainers render it: the prompt once with the generation prompt, each answer as the assistant
-turn of the whole conversation. The checks: both answers are closed by the end-of-turn token the model must learn to
-stop at (a template may write a newline after it); no pair becomes identical when max_length cuts it;
-how many prompts and pairs max_length truncates.
+Every row is read and checked on load (lora_tune.data.preference: pairs that prefer nothing, answers after different
+prompts, empty answers fail there with their file and line; a row over the memory bound stops the check at once,
+before anything tokenizes it), and a KTO set needs both labels among its training rows (`one-class`). Here each pair
+is rendered with the run's chat template, as the trainers render it: the prompt once with the generation prompt,
+each answer as the assistant turn of the whole conversation. The checks: both answers are closed by the end-of-turn
+token the model must learn to stop at (a template may write a newline after it); no pair becomes identical when
+max_length cuts it; how many prompts and pairs max_length truncates.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from lora_tune.check.checks import read_generation_stops
 from lora_tune.check.report import CheckResult, PreflightReport
-from lora_tune.data.preference import load_preference_splits, preference_rows_with_origins, tokenize_pair
+from lora_tune.data.preference import load_preference_splits, one_class, preference_rows_with_origins, tokenize_pair
 from lora_tune.data.sources import Origin
 from lora_tune.errors import DataError
 from lora_tune.recipe.schema import Recipe
@@ -25,11 +26,15 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     """`lora-tune check` (and train's pre-flight step) for a preference recipe."""
     kto = recipe.training.objective == "kto"
     refused: list[tuple[Origin, DataError]] = []
-    sources = (*recipe.datasets, *recipe.eval_datasets)
-    located = [pair for s in sources for pair in preference_rows_with_origins(s, kto=kto, refused=refused)]
+    training = [pair for s in recipe.datasets for pair in preference_rows_with_origins(s, kto=kto, refused=refused)]
+    held = [pair for s in recipe.eval_datasets for pair in preference_rows_with_origins(s, kto=kto, refused=refused)]
+    located = training + held
     origins, rows = [o for o, _ in located], [r for _, r in located]
     per_file = Counter(o.file for o in origins)
-    train_rows = len(load_preference_splits(recipe).train) if not refused else len(rows)
+    kinds = [_kinds(training)] if kto else []
+    # The split refuses what the checks report (a row, one label): count its rows only when it will not.
+    splits = not refused and all(check.status == "pass" for check in kinds)
+    train_rows = len(load_preference_splits(recipe).train) if splits else len(rows)
     limit = recipe.training.max_length
     rendered = [tokenize_pair(tokenizer, row) for row in rows]
     generation_stops, source = read_generation_stops(recipe.model)
@@ -40,7 +45,7 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     ]
     prompt_only = [i for i, (p, _) in enumerate(rendered) if limit and len(p) >= limit]
     identical = [i for i, (p, a) in enumerate(rendered) if limit and len(a) == 2 and _same_when_cut(p, a, limit)]
-    checks = _refusals(refused, len(origins) + len(refused)) + [
+    checks = _refusals(refused, len(origins) + len(refused)) + kinds + [
         _check("stop", unclosed, origins, "answers are not closed by the end-of-turn token "
                f"({', '.join(tokenizer.convert_ids_to_tokens(sorted(stop_ids)))}); the model would not learn to stop",
                "use a chat template that closes the assistant turn (model.chat_template)"),
@@ -65,6 +70,17 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
         max_length=limit,
         longest_example=max(lengths, default=0),
     )
+
+
+def _kinds(training: list[tuple[Origin, dict[str, Any]]]) -> CheckResult:
+    """`one-class`: KTO's training rows carry both labels; a failure names the first row."""
+    found = one_class([row for _, row in training]) if training else None
+    if found is None:
+        desirable = sum(row["label"] for _, row in training)
+        both = f"{desirable:,} desirable and {len(training) - desirable:,} undesirable training rows"
+        return CheckResult("one-class", "pass", both)
+    (why, fix), first = found, training[0][0]
+    return CheckResult("one-class", "fail", why, fix=fix, count=len(training), file=first.file, row=first.number)
 
 
 def _same_when_cut(prompt: list[int], answers: list[list[int]], limit: int) -> bool:

@@ -134,23 +134,30 @@ def tokenize_batch(
     ]
 
 
-def tokenize_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int | None = None):
-    """Plain texts (the text format: continued pretraining) tokenized with BOS (when the tokenizer adds one) and EOS
-    appended, so the model learns where a document ends; every token is trained and no chat template is used."""
+def tokenize_texts(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+) -> list[list[TokenizedExample]]:
+    """Plain texts (the text format: continued pretraining), each as its pieces of at most `max_length` tokens.
+
+    A text is tokenized with BOS (when the tokenizer adds one) and EOS appended, so the model learns where a document
+    ends; every token is trained and no chat template is used. A text longer than `max_length` is cut into
+    consecutive pieces (the last one shorter), each a training row, as LLaMA-Factory's pretrain stage and TRL's
+    wrapped packing cut documents: continued pretraining learns from all of a document, not from its first
+    `max_length` tokens. Pieces carry no extra BOS, so their tokens are exactly the document's."""
     if not texts:
         return []
     encoding = tokenizer(list(texts), add_special_tokens=False)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     prefix = [bos] if bos is not None and _adds_bos(tokenizer) else []
     suffix = [eos] if eos is not None else []
-    examples = []
-    for ids in encoding["input_ids"]:
-        ids = [*prefix, *ids, *suffix]
-        truncated = max_length is not None and len(ids) > max_length
-        if truncated:
-            ids = ids[:max_length]
-        examples.append(TokenizedExample(input_ids=ids, labels=list(ids), truncated=truncated))
-    return examples
+    return [_pieces([*prefix, *ids, *suffix], max_length) for ids in encoding["input_ids"]]
+
+
+def _pieces(ids: list[int], max_length: int | None) -> list[TokenizedExample]:
+    if max_length is None or len(ids) <= max_length:
+        return [TokenizedExample(input_ids=ids, labels=list(ids))]
+    cuts = range(0, len(ids), max_length)
+    return [TokenizedExample(input_ids=ids[i : i + max_length], labels=ids[i : i + max_length]) for i in cuts]
 
 
 def tokenize_dataset(
@@ -166,9 +173,11 @@ def tokenize_dataset(
     """Map a dataset with a `messages` column (a list of turns or its JSON text; optionally `tools`, a list or its
     JSON text, and `text`: rows whose text is not null are plain text) to tokenized columns.
 
-    Adds `input_ids`, `labels`, `truncated` and `num_trained` and removes the other columns. Batched over the fast
-    tokenizer, in `num_proc` processes; `datasets` caches the result when the dataset is backed by files or a
-    `cache_file_name` is given. A `TemplateError` carries the dataset index of the row it is about (`index`).
+    Adds `input_ids`, `labels`, `truncated`, `num_trained` and `piece` and removes the other columns. A plain-text
+    row longer than `max_length` becomes several rows, its pieces in order (`piece` 0, 1, ...; 0 for every other
+    row). Batched over the fast tokenizer, in `num_proc` processes; `datasets` caches the result when the dataset is
+    backed by files or a `cache_file_name` is given. A `TemplateError` carries the dataset index of the row it is
+    about (`index`).
     """
     return dataset.map(
         _tokenize_columns,
@@ -210,16 +219,18 @@ def _tokenize_columns(
         if e.index is not None or len(chat) == 1:
             e.index = indices[chat[e.index or 0]]
         raise
-    examples: list[TokenizedExample] = [None] * size  # type: ignore[list-item]
+    pieces: list[list[TokenizedExample]] = [[] for _ in range(size)]
     for i, example in zip(chat, chat_examples, strict=True):
-        examples[i] = example
-    for i, example in zip(plain, tokenize_texts([texts[i] for i in plain], tokenizer, max_length), strict=True):
-        examples[i] = example
+        pieces[i] = [example]
+    for i, cut in zip(plain, tokenize_texts([texts[i] for i in plain], tokenizer, max_length), strict=True):
+        pieces[i] = cut
+    rows = [(number, example) for cut in pieces for number, example in enumerate(cut)]  # input order kept
     return {
-        "input_ids": [e.input_ids for e in examples],
-        "labels": [e.labels for e in examples],
-        "truncated": [e.truncated for e in examples],
-        "num_trained": [e.num_trained for e in examples],
+        "input_ids": [e.input_ids for _, e in rows],
+        "labels": [e.labels for _, e in rows],
+        "truncated": [e.truncated for _, e in rows],
+        "num_trained": [e.num_trained for _, e in rows],
+        "piece": [number for number, _ in rows],
     }
 
 

@@ -2,15 +2,16 @@
 
 Steps, all before any token is trained on:
 1. read every source (bad rows raise, or are skipped and counted with `data.on_bad_rows: skip`) and convert each
-   row to the canonical form (`formats`); a row with more text than 16 x `max_length` characters is a bad row
-   (`sources.RowLimit`), refused before it is tokenized;
+   row to the canonical form (`formats`); a row with more text than `sources.MAX_ROW_CHARS` characters is a bad
+   row (`sources.RowLimit`: tokenizing it would endanger memory), refused before it is tokenized;
 2. clean: drop examples with an empty turn, then duplicates (`data.dedupe`), keeping the copy in the most held-out
    split (test, then validation, then train), so an example is never in two splits;
 3. split: explicit `eval_datasets` / `test_datasets`, or a seeded ratio split of the training sources
    (`data.split`, or the older `val_size`); identical examples always go to the same split;
 4. mix: each training source's rows are repeated or sampled by its `weight`, then all are shuffled with the seed;
-5. tokenize and mask train and validation in batches (`datasets.map`, `num_proc` workers); drop rows left with no
-   trained token by truncation, or over `max_length` when `data.too_long: drop`; stop below `data.min_rows`.
+5. tokenize and mask train and validation in batches (`datasets.map`, `num_proc` workers); cut plain-text rows
+   longer than `max_length` into pieces of `max_length` tokens, each a training row; drop rows left with no trained
+   token by truncation, or over `max_length` when `data.too_long: drop`; stop below `data.min_rows`.
 The test split stays canonical (it is for generation, not loss): `write_test_split` saves it as JSON Lines.
 """
 
@@ -160,12 +161,11 @@ def load_source(
 
 def _load_all(recipe: Recipe) -> _Loaded:
     skip = recipe.data.on_bad_rows == "skip"
-    row_limit = RowLimit.for_max_length(recipe.training.max_length)
     loaded = _Loaded({name: [] for name in SPLITS}, [], [])
     sections = (("train", recipe.datasets), ("validation", recipe.eval_datasets), ("test", recipe.test_datasets))
     for split, configs in sections:
         for index, cfg in enumerate(configs):
-            examples, bad = load_source(cfg, skip_bad=skip, row_limit=row_limit)
+            examples, bad = load_source(cfg, skip_bad=skip)
             source = index if split == "train" else -1
             loaded.records[split] += [_Record(example, origin, source) for origin, example in examples]
             loaded.sources.append(SourceStats(split, cfg.path, len(examples), len(bad)))
@@ -260,19 +260,22 @@ def _tokenize(
         }
     )
     tokenized = _map(table, tokenizer, (max_length, train_on), _num_proc(recipe.data, len(records)), records, files)
-    # Whole Arrow columns as Python lists: indexing a `datasets` column row by row is slow.
+    # Whole Arrow columns as Python lists: indexing a `datasets` column row by row is slow. A plain text cut into
+    # pieces is several rows from here on, so rows are counted in `tokenized`, not in `records`.
     trained = tokenized.data.column("num_trained").to_pylist()
     truncated = tokenized.data.column("truncated").to_pylist()
+    pieces = tokenized.data.column("piece").to_pylist()
     drop_long = recipe.data.too_long == "drop"
-    keep = [i for i in range(len(records)) if trained[i] > 0 and not (drop_long and truncated[i])]
-    too_long = sum(1 for i in range(len(records)) if drop_long and truncated[i])
-    dropped = sum(1 for i in range(len(records)) if trained[i] == 0 and not (drop_long and truncated[i]))
+    rows = range(len(trained))
+    keep = [i for i in rows if trained[i] > 0 and not (drop_long and truncated[i])]
+    too_long = sum(1 for i in rows if drop_long and truncated[i])
+    dropped = sum(1 for i in rows if trained[i] == 0 and not (drop_long and truncated[i]))
     if dropped:
         logger.warning(
             "%s: dropped %d of %d rows: truncation to max_length=%s left no assistant token",
             split,
             dropped,
-            len(records),
+            len(trained),
             max_length,
         )
     if not keep:
@@ -282,10 +285,11 @@ def _tokenize(
             + "; raise training.max_length",
             file=files,
         )
-    if len(keep) < len(records):
+    if len(keep) < len(trained):
         tokenized = tokenized.select(keep)
     import pyarrow.compute as pc
 
+    cut_texts = pieces.count(1)  # each text cut in two or more has exactly one second piece
     stats = SplitStats(
         rows=len(keep),
         dropped=dropped,
@@ -293,6 +297,8 @@ def _tokenize(
         tokens=pc.sum(pc.list_value_length(tokenized.data.column("input_ids"))).as_py() or 0,
         trained_tokens=sum(trained[i] for i in keep),
         too_long=too_long,
+        cut_texts=cut_texts,
+        text_pieces=cut_texts + sum(1 for p in pieces if p > 0),  # their first pieces, and the rest
     )
     return tokenized.select_columns(list(COLUMNS)), stats
 

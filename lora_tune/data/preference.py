@@ -10,7 +10,9 @@ Accepted rows (after the recipe's `columns:` mapping):
 Every pair becomes `{"prompt": [turns...], "chosen": [assistant], "rejected": [assistant]}`: TRL renders the prompt
 once with the generation prompt and each answer as the assistant turn of the full conversation, so both answers end
 with the end-of-turn marker the template writes. Rows the objective cannot learn from are refused with their file
-and line: chosen equal to rejected, chosen and rejected after different prompts, empty answers.
+and line: chosen equal to rejected, chosen and rejected after different prompts, empty answers; and so is a KTO
+training set whose labels are all true or all false. A row with more text than SFT rows may have
+(`sources.RowLimit`) is refused as it is read, before anything tokenizes it.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora_tune.data.formats import map_columns
-from lora_tune.data.sources import Origin, read_source
+from lora_tune.data.sources import Origin, RowLimit, read_source, text_chars
 from lora_tune.errors import DataError
 from lora_tune.recipe.schema import DatasetConfig, Recipe
 
 PAIR_COLUMNS = ("chosen", "rejected")
 KTO_COLUMNS = ("completion", "label")
 Turns = list[dict[str, str]]
+ROW_LIMIT = RowLimit(skippable=False)  # SFT rows' bound; data.on_bad_rows does not apply: every row is read
 
 
 @dataclass
@@ -52,7 +55,27 @@ def load_preference_splits(recipe: Recipe) -> PreferenceSplits:
         validation, train = shuffled[:held], shuffled[held:]
     if not train:
         raise DataError("no training rows left after the validation split", file=recipe.datasets[0].path)
+    if kto and (one_kind := one_class(train)):
+        files = ", ".join(dict.fromkeys(source.path for source in recipe.datasets))
+        raise DataError("; ".join(one_kind), file=files, field="label")
     return PreferenceSplits(train, validation, test)
+
+
+def one_class(rows: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(why, fix) when KTO rows are labelled all true or all false; None when both kinds are there.
+
+    KTO learns from desirable and undesirable answers together: with one kind it only pushes their likelihood one
+    way against the reference (SFT, or unlikelihood, without a preference), so such a set is refused like the rows
+    that cannot teach a preference."""
+    labels = {row["label"] for row in rows}
+    if len(labels) != 1:
+        return None
+    kind, other = ("true (desirable)", "false") if True in labels else ("false (undesirable)", "true")
+    why = (
+        f"all {len(rows):,} training rows are labelled {kind}; KTO learns a preference from desirable and "
+        "undesirable answers together"
+    )
+    return why, f"add rows labelled {other}"
 
 
 def read_preference_rows(source: DatasetConfig, *, kto: bool) -> list[dict[str, Any]]:
@@ -65,21 +88,33 @@ def preference_rows_with_origins(
 ) -> list[tuple[Origin, dict[str, Any]]]:
     """(where the row is, the TRL example) for each row of one source, each checked. A row that cannot teach a
     preference raises, unless `refused` collects it (the pre-flight check counts them all)."""
-    rows = read_source(source).rows
+    rows = read_source(source, row_limit=ROW_LIMIT).rows
     if not rows:
         raise DataError("has no rows", file=source.path)
     to_example = to_kto_example if kto else to_pair
     examples = []
     for origin, row in rows:
         try:
-            examples.append(
-                (origin, to_example(map_columns(row, source.columns, origin), origin, source.system_prompt))
-            )
+            example = to_example(map_columns(row, source.columns, origin), origin, source.system_prompt)
         except DataError as error:
             if refused is None:
                 raise
             refused.append((origin, error))
+            continue
+        within_row_limit(example, origin)  # refused at once, as an SFT row is: never tokenized, never counted
+        examples.append((origin, example))
     return examples
+
+
+def within_row_limit(example: dict[str, Any], origin: Origin) -> None:
+    """Raise when the example has more text than a row may have (`sources.RowLimit`), naming its longest column.
+
+    Checked on the converted example, as SFT rows are, before the pre-flight or a trainer tokenizes it: a 15.6 MB
+    answer cost `check` 42 s and 3.3 GB before it was bounded."""
+    sizes = {column: text_chars(value) for column, value in example.items()}
+    size = sum(sizes.values())
+    if size > ROW_LIMIT.chars:
+        raise origin.error(ROW_LIMIT.refusal(f"has {size:,} characters of text"), max(sizes, key=sizes.__getitem__))
 
 
 def to_pair(row: Mapping[str, Any], origin: Origin, system_prompt: str | None = None) -> dict[str, Turns]:

@@ -4,10 +4,12 @@ Rows come back as plain dicts, each with its `Origin` (file and line or row numb
 conversations. Errors name the file and the line (JSON Lines, CSV) or row (JSON arrays, Parquet, Arrow folders).
 With `skip_bad`, unreadable rows are collected instead of raised, so the pipeline can drop and count them.
 
-A row far longer than training can use is a bad row too (`RowLimit`), refused here before anything parses or
-tokenizes it: a JSON line longer than `RowLimit.raw` bytes is skipped unparsed, read in chunks and never held whole,
-and a row of another source whose values add up to more than `RowLimit.raw` characters is refused as it is produced.
-`pipeline.load_source` then holds the text the format uses to the tighter `RowLimit.chars`.
+A row so large that tokenizing it endangers memory is a bad row too (`RowLimit`), refused here before anything
+parses or tokenizes it: a JSON line longer than `RowLimit.raw` bytes is skipped unparsed, read in chunks and never
+held whole, and a row of another source whose values add up to more than `RowLimit.raw` characters is refused as it
+is produced. `pipeline.load_source` (SFT rows) and `preference.preference_rows_with_origins` (pairs) then hold the
+text the row trains on to the tighter `RowLimit.chars`. The bound does not depend on training.max_length: a row
+merely longer than max_length is truncated, dropped or, as plain text, cut into pieces, all with their counts.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from lora_tune.errors import DataError
 from lora_tune.recipe.schema import DatasetConfig
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-# A token is rarely more than 8-10 characters in any real tokenizer (English averages about 4, code and CJK fewer),
-# so a row with more than 16 characters of text per token of training.max_length is truncated to a small part of
-# itself at best; tokenizing it whole first is what costs minutes and gigabytes (a 50 MB row: 212 s, 12.8 GB).
-CHARS_PER_TOKEN = 16
-# With training.max_length null nothing is truncated: 1,000,000 characters (about 250,000 tokens) is past the
-# context of the models this toolkit tunes and past what one training step holds in memory, yet tokenizes in seconds.
-MAX_ROW_CHARS = 1_000_000
+# The most characters of text one row may have, whatever training.max_length is: a bound on what tokenizing one row
+# costs, not on what training keeps of it (max_length truncates a conversation, or cuts a text into pieces).
+# Tokenizing is linear in the row: 4,000,000 characters took 10-11 s and 0.6 GB with Llama 3's and Qwen2.5's
+# tokenizers on English text, 23-28 s and 1.3-1.6 GB on Chinese (2 busy cores), where a 15.6 MB answer took 53 s and
+# 3.3 GB. So 4 million characters (about a million tokens of English) keep one row within a couple of gigabytes and
+# half a minute, yet let through any context window and a whole book as one continued-pretraining document (War and
+# Peace: 3.2 million); the longest row of LLaMA-Factory's demo sets has 37,499 (tests/e2e/test_demo_datasets.py).
+MAX_ROW_CHARS = 4_000_000
 # The reader's coarse bound, before a row is parsed or converted: JSON writes a character in at most 12 bytes (an
 # emoji as \ud83d\ude00), and the rest of the factor is room for keys, punctuation and columns the format ignores.
 RAW_PER_CHAR = 16
@@ -53,17 +56,11 @@ class Origin:
 
 @dataclass(frozen=True)
 class RowLimit:
-    """The most characters of text a row may have (`chars`) and how that number came about (`why`, for errors)."""
+    """The most characters of text a row may have (`chars`: MAX_ROW_CHARS, lower only in tests); `skippable`: whether
+    data.on_bad_rows: skip can drop such a row (not in preference data, which reads every row)."""
 
-    chars: int
-    why: str
-
-    @classmethod
-    def for_max_length(cls, max_length: int | None) -> RowLimit:
-        """CHARS_PER_TOKEN x training.max_length characters, or MAX_ROW_CHARS when max_length is null."""
-        if max_length is None:
-            return cls(MAX_ROW_CHARS, "the cap for a row when training.max_length is null")
-        return cls(CHARS_PER_TOKEN * max_length, f"{CHARS_PER_TOKEN} x training.max_length {max_length}")
+    chars: int = MAX_ROW_CHARS
+    skippable: bool = True
 
     @property
     def raw(self) -> int:
@@ -73,13 +70,15 @@ class RowLimit:
     def refusal(self, size: str, *, unread: str | None = None) -> str:
         """Why a row of `size` is refused and what to do, for a DataError; `unread`: what the reader skips unread."""
         far, tail = ("far ", f"; {unread} are not read") if unread else ("", "")
+        skip = ", or drop such rows with data.on_bad_rows: skip" if self.skippable else ""
+        fix = f"shorten or split the row{skip}"
         return (
-            f"{size}, {far}over the {self.chars:,} characters of text a row may have ({self.why}{tail}); "
-            "shorten or split the row, or drop such rows with data.on_bad_rows: skip"
+            f"{size}, {far}over the {self.chars:,} characters of text a row may have (a bound on the memory "
+            f"tokenizing one row takes{tail}); {fix}"
         )
 
 
-DEFAULT_ROW_LIMIT = RowLimit(MAX_ROW_CHARS, "the cap for any row")
+DEFAULT_ROW_LIMIT = RowLimit()
 
 
 @dataclass

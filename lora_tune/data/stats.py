@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 class SplitStats:
     """Counts for one split; token counts are over the examples kept (after truncation)."""
 
-    rows: int  # examples kept
+    rows: int  # examples kept (a plain text cut into pieces counts once per piece)
     dropped: int  # examples dropped because truncation left no assistant token
     truncated: int  # kept examples that were cut to max_length
     tokens: int
     trained_tokens: int
     too_long: int = 0  # examples dropped for being over max_length (data.too_long: drop)
+    cut_texts: int = 0  # plain texts longer than max_length, cut into pieces (continued pretraining)
+    text_pieces: int = 0  # the rows those texts became (included in `rows`)
 
     @property
     def trained_share(self) -> float:
@@ -23,6 +25,8 @@ class SplitStats:
     def describe(self) -> str:
         text = f"{self.rows:,} rows, {self.tokens:,} tokens, {self.trained_share:.1%} trained"
         notes = [f"{self.truncated:,} truncated"] if self.truncated else []
+        if self.cut_texts:
+            notes.append(f"{self.cut_texts:,} texts over max_length cut into {self.text_pieces:,} pieces")
         if self.dropped:
             notes.append(f"{self.dropped:,} dropped: no assistant token left")
         if self.too_long:

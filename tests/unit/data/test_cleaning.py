@@ -142,6 +142,27 @@ def test_too_long_rows_truncated_or_dropped(tmp_path: Path, tokenizer) -> None:
     assert "1 dropped: over max_length" in dropped.stats.summary()
 
 
+def test_texts_over_max_length_are_cut_into_pieces_never_truncated_or_dropped(tmp_path: Path, tokenizer) -> None:
+    """Continued pretraining trains all of each document, in max_length pieces; data.too_long is for conversations."""
+    from lora_tune.data.masking import tokenize_texts
+
+    docs = [" ".join(f"text {i} a b c" for i in range(n)) for n in (30, 2, 12)]
+    texts = write(tmp_path / "t.jsonl", [{"text": doc} for doc in docs])
+    chats = write(tmp_path / "c.jsonl", [chat("q", "a"), chat("q " * 5, "answer " * 40)])
+    whole = [pieces[0].input_ids for pieces in tokenize_texts(docs, tokenizer)]
+    assert [len(ids) for ids in whole] == [166, 13, 63]  # cut below into 5 + 1 + 2 rows of at most 40 tokens
+    fields = {"training": {"max_length": 40}, "data": {"too_long": "drop"}}
+    prepared = build_datasets(recipe(tmp_path, [{"path": texts}, {"path": chats}], **fields), tokenizer)
+    train, stats = prepared.datasets["train"], prepared.stats.train
+    expected = [ids[i : i + 40] for ids in whole for i in range(0, len(ids), 40)]
+    rows = train["input_ids"]
+    text_rows = [ids for ids in rows if ids in expected]
+    assert sorted(text_rows) == sorted(expected) and len(rows) == len(expected) + 1  # and the short conversation
+    assert sum(map(len, text_rows)) == sum(map(len, whole))  # every token of every document, once
+    assert (stats.rows, stats.cut_texts, stats.text_pieces, stats.too_long, stats.truncated) == (9, 2, 7, 1, 0)
+    assert stats.describe().endswith("(2 texts over max_length cut into 7 pieces, 1 dropped: over max_length)")
+
+
 def test_bad_rows_error_or_are_skipped_and_reported(tmp_path: Path, tokenizer, caplog) -> None:
     lines = [json.dumps(chat("q1")), '{"messages": [', json.dumps(chat("q2")), json.dumps({"instruction": "x"})]
     lines += [json.dumps({"messages": [{"role": "bot", "content": "x"}]})]

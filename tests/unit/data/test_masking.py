@@ -170,7 +170,7 @@ def test_tokenize_dataset_in_two_processes_with_a_tools_column(chatml_tokenizer)
     tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
     rows = {"messages": CONVERSATIONS, "tools": [json.dumps(tools) if i % 2 else None for i in range(12)]}
     result = tokenize_dataset(Dataset.from_dict(rows), chatml_tokenizer, 512, num_proc=2, batch_size=6)
-    assert result.column_names == ["input_ids", "labels", "truncated", "num_trained"]
+    assert result.column_names == ["input_ids", "labels", "truncated", "num_trained", "piece"]
     for i, conversation in enumerate(CONVERSATIONS):
         expected = tokenize_conversation(conversation, chatml_tokenizer, 512, tools=tools if i % 2 else None)
         assert result[i]["input_ids"] == expected.input_ids and result[i]["labels"] == expected.labels
@@ -246,17 +246,56 @@ def test_sharegpt_tool_turns_train_the_call_and_answer_never_the_tool_output(tem
 def test_text_examples_train_every_token_and_end_with_eos(tokenizer) -> None:
     from lora_tune.data.masking import tokenize_texts
 
-    [plain] = tokenize_texts(["Four. Three plus two is five."], tokenizer)
+    [[plain]] = tokenize_texts(["Four. Three plus two is five."], tokenizer)
     assert plain.input_ids[0] != tokenizer.bos_token_id  # this tokenizer adds no BOS by default
     bos = tokenizer.bos_token_id
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", special_tokens=[(BOS, bos)]
     )
-    [example] = tokenize_texts(["Four. Three plus two is five."], tokenizer)
+    [[example]] = tokenize_texts(["Four. Three plus two is five."], tokenizer)
     assert example.input_ids == [bos, *plain.input_ids]  # BOS once, when the tokenizer adds one
     assert example.labels == example.input_ids and example.num_trained == len(example.input_ids)
     assert example.input_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(example.input_ids[1:-1]) == "Four. Three plus two is five."
     assert "<|user|>" not in tokenizer.decode(example.input_ids)  # no chat template
-    [cut] = tokenize_texts(["Four. Three plus two is five."], tokenizer, max_length=3)
-    assert cut.truncated and len(cut.input_ids) == 3
+
+
+def test_a_text_longer_than_max_length_is_cut_into_pieces_that_keep_every_token(tokenizer) -> None:
+    """Continued pretraining: a long document is all trained, in max_length pieces, never truncated to its start."""
+    from lora_tune.data.masking import tokenize_texts
+
+    document = "Four. Three plus two is five. And three? " * 3
+    [[whole]] = tokenize_texts([document], tokenizer)
+    assert len(whole.input_ids) == 43  # cut below into 5 x 8 + 3 tokens
+    [pieces, [short]] = tokenize_texts([document, "Four."], tokenizer, max_length=8)
+    assert [len(p.input_ids) for p in pieces] == [8, 8, 8, 8, 8, 3]
+    assert [t for p in pieces for t in p.input_ids] == whole.input_ids  # no token lost, none added (no BOS)
+    assert all(p.labels == p.input_ids and not p.truncated for p in pieces)
+    assert pieces[-1].input_ids[-1] == tokenizer.eos_token_id  # the document's end is still learnt
+    assert short.input_ids[-1] == tokenizer.eos_token_id and len(short.input_ids) < 8
+    [[exact]] = tokenize_texts([document], tokenizer, max_length=43)  # exactly max_length: one row
+    assert exact.input_ids == whole.input_ids
+
+
+def test_tokenize_dataset_gives_each_piece_its_own_row_in_order(chatml_tokenizer) -> None:
+    """Pieces follow their text, chat rows are truncated as before, across batches and worker processes."""
+    import json
+
+    from datasets import Dataset
+
+    from lora_tune.data.masking import tokenize_dataset, tokenize_texts
+
+    document = "Four. Three plus two is five. And three? " * 3
+    texts = [document if i % 3 == 0 else None for i in range(12)]  # 4 long texts among 8 conversations
+    messages = [json.dumps([] if t else CONVERSATIONS[i]) for i, t in enumerate(texts)]  # as the pipeline writes
+    rows = {"messages": messages, "text": texts}
+    result = tokenize_dataset(Dataset.from_dict(rows), chatml_tokenizer, 8, num_proc=2, batch_size=5)
+    [pieces] = tokenize_texts([document], chatml_tokenizer, 8)
+    expected: list[tuple[list[int], int]] = []
+    for i, text in enumerate(texts):
+        if text:
+            expected += [(p.input_ids, n) for n, p in enumerate(pieces)]
+        else:
+            expected.append((tokenize_conversation(CONVERSATIONS[i], chatml_tokenizer, 8).input_ids, 0))
+    assert list(zip(result["input_ids"], result["piece"], strict=True)) == expected
+    assert len(result) == 8 + 4 * 6 and result["truncated"].count(True) == 8  # conversations cut, texts never

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.data.preference import read_preference_rows
+from lora_tune.data.sources import MAX_ROW_CHARS
 from lora_tune.errors import DataError
 from lora_tune.recipe.schema import DatasetConfig
 from tests.conftest import write_jsonl
@@ -89,3 +90,15 @@ def test_kto_rows_need_a_boolean_label(tmp_path: Path):
     assert rows == [{"prompt": [USER], "completion": [{"role": "assistant", "content": "4"}], "label": True}]
     with pytest.raises(DataError, match="label must be true or false"):
         read(tmp_path, [{"prompt": "2+2?", "completion": "4", "label": "yes"}], kto=True)
+
+
+def test_a_pair_at_the_row_bound_is_read_and_one_character_more_is_refused(tmp_path: Path):
+    """Preference rows have the SFT rows' bound, counted the same way: every text of the example, role names too."""
+    roles = len("user") + 2 * len("assistant")
+    room = MAX_ROW_CHARS - len("2+2?") - len("5") - roles
+    assert len(read(tmp_path, [{"prompt": "2+2?", "chosen": "4" * room, "rejected": "5"}])) == 1
+    with pytest.raises(DataError) as caught:
+        read(tmp_path, [{"prompt": "2+2?", "chosen": "4" * (room + 1), "rejected": "5"}])
+    assert str(caught.value).startswith(
+        f"{tmp_path / 'pairs.jsonl'}: line 1: field 'chosen': has 4,000,001 characters of text, over the 4,000,000"
+    )

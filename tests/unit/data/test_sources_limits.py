@@ -1,5 +1,6 @@
-"""Row length limits: a row far longer than training.max_length can use is a bad row, refused by the reader (file and
-line, one short error line) before anything tokenizes it, with memory bounded by the limit rather than the row."""
+"""Row size bound: a row whose tokenizing would endanger memory (over MAX_ROW_CHARS characters of text, whatever
+training.max_length is) is a bad row, refused by the reader (file and line, one short error line) before anything
+tokenizes it; a row merely longer than max_length is not refused, it is truncated, dropped or cut with its counts."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ training:
 output_dir: {out}
 """
 ROLES = len("user") + len("assistant")  # role names are text the template renders, and count
+OVER = MAX_ROW_CHARS + 500_000  # a row's text over the bound: 4.5 MB, parsed in well under a second
+SMALL = RowLimit(1_024)  # the bound scaled down, for tests of the reader's arithmetic
 
 
 def chat(user: str, answer: str = "apple") -> dict:
@@ -42,64 +45,66 @@ def write_recipe(tmp_path: Path, model: Path, rows: list[dict], extra: str = "")
     return recipe, data
 
 
-def test_a_2mb_row_is_refused_by_the_cli_with_file_and_line_in_bounded_time(
+def test_the_bound_is_an_absolute_size_of_a_few_megabytes() -> None:
+    assert RowLimit().chars == MAX_ROW_CHARS == 4_000_000  # the reasons are with MAX_ROW_CHARS in sources.py
+    assert RowLimit().raw == 64_000_000  # bytes of a JSON line past which it is not even parsed
+
+
+def test_a_row_over_the_bound_is_refused_by_the_cli_with_file_and_line(
     tiny_model_dir: Path, tmp_path: Path, capsys
 ) -> None:
     rows = fruit_rows(12, "messages")
-    rows.insert(2, chat("q" * 2_000_000))  # line 3
+    rows.insert(2, chat("q" * OVER))  # line 3
     recipe, data = write_recipe(tmp_path, tiny_model_dir, rows)
-    assert main(["data", str(recipe)]) == 2  # tokenizing the row whole took ~5 s here, and 12.8 GB at 50 MB
+    assert main(["data", str(recipe)]) == 2  # tokenizing a 15.6 MB row took 53 s and 3.3 GB here
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and len(err) < 400 and "qqqq" not in err  # one short line, no echo
-    assert f"{data}: line 3 is 2,000," in err and "bytes long" in err
-    assert "1,024 characters of text a row may have (16 x training.max_length 64" in err
-    assert "data.on_bad_rows: skip" in err
+    assert f"{data}: line 3: has {OVER + 5 + ROLES:,} characters of text, over the 4,000,000 characters" in err
+    assert "a bound on the memory tokenizing one row takes" in err and "data.on_bad_rows: skip" in err
 
 
-def test_with_on_bad_rows_skip_the_long_row_is_dropped_and_counted(
+def test_with_on_bad_rows_skip_the_row_over_the_bound_is_dropped_and_counted(
     tiny_model_dir: Path, tmp_path: Path, capsys
 ) -> None:
     rows = fruit_rows(12, "messages")
-    rows.insert(2, chat("q" * 2_000_000))
+    rows.insert(2, chat("q" * OVER))
     recipe, _ = write_recipe(tmp_path, tiny_model_dir, rows, "data:\n  on_bad_rows: skip\n")
     assert main(["data", str(recipe), "--n", "0"]) == 0
     out = capsys.readouterr().out
-    assert "(train; 1 bad rows skipped)" in out and "dropped before tokenizing: 1 bad rows (line 3 is" in out
+    assert "(train; 1 bad rows skipped)" in out and "dropped before tokenizing: 1 bad rows (line 3: has" in out
 
 
-def test_the_limit_scales_with_max_length(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
-    rows = fruit_rows(12, "messages")
-    rows.insert(4, chat("q" * 1_500))  # 16 x 64 = 1,024 characters allowed; 16 x 128 = 2,048
-    recipe, data = write_recipe(tmp_path, tiny_model_dir, rows)
-    assert main(["data", str(recipe)]) == 2
-    err = capsys.readouterr().err
-    assert f"{data}: line 5: has {1_500 + 5 + ROLES:,} characters of text, over the 1,024" in err
-    assert main(["data", str(recipe), "training.max_length=128", "--n", "0"]) == 0
-    assert RowLimit.for_max_length(128).chars == 2 * RowLimit.for_max_length(64).chars == 2_048
+@pytest.mark.parametrize("max_length", [128, 512, 2048])
+def test_rows_longer_than_max_length_are_truncated_not_refused(
+    max_length: int, tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """The lengths of public demo rows the old bound (16 x max_length characters) refused: alpaca_en_demo row 13
+    (2,536 characters) at 128, a glaive tool-call row (9,726) at 512, a c4 document (37,499) at 2,048."""
+    words = "the quick brown fox jumps over the lazy dog "
+    rows = [chat(f"fruit number {i}?", (words * 900)[: n - len(f"fruit number {i}?") - ROLES]) for i, n in
+            enumerate([2_536, 9_726, 37_499])]  # fmt: skip
+    recipe, _ = write_recipe(tmp_path, tiny_model_dir, [*fruit_rows(9, "messages"), *rows])
+    assert main(["data", str(recipe), f"training.max_length={max_length}", "--n", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 12 rows" in out and "dropped before tokenizing: nothing" in out
+    assert "truncated)" in out  # cut to max_length as before, and counted
+    assert main(["check", str(recipe), f"training.max_length={max_length}", "model.chat_template=null"]) == 0
+    assert "WARN  truncation" in capsys.readouterr().out
 
 
 def test_a_row_at_the_limit_is_read_and_one_character_more_is_refused(tmp_path: Path) -> None:
-    limit = RowLimit.for_max_length(64)
     at_limit = chat("q" * (1_024 - ROLES - 5))
     path = write_jsonl(tmp_path / "data.jsonl", [at_limit, chat("q" * (1_024 - ROLES - 4))])
     cfg = DatasetConfig(path=str(path))
-    examples, bad = load_source(cfg, skip_bad=True, row_limit=limit)
+    examples, bad = load_source(cfg, skip_bad=True, row_limit=SMALL)
     assert [origin.number for origin, _ in examples] == [1]
     assert [str(e) for e in bad] == [
         f"{path}: line 2: has 1,025 characters of text, over the 1,024 characters of text a row may have "
-        "(16 x training.max_length 64); shorten or split the row, or drop such rows with data.on_bad_rows: skip"
+        "(a bound on the memory tokenizing one row takes); shorten or split the row, or drop such rows with "
+        "data.on_bad_rows: skip"
     ]
     with pytest.raises(DataError, match=r": line 2: has 1,025 characters of text"):
-        load_source(cfg, row_limit=limit)
-
-
-def test_without_max_length_the_cap_is_a_million_characters(tmp_path: Path) -> None:
-    limit = RowLimit.for_max_length(None)
-    assert limit.chars == MAX_ROW_CHARS == 1_000_000
-    path = write_jsonl(tmp_path / "data.jsonl", [chat("q" * (MAX_ROW_CHARS - ROLES - 5)), chat("q" * MAX_ROW_CHARS)])
-    examples, bad = load_source(DatasetConfig(path=str(path)), skip_bad=True, row_limit=limit)
-    assert len(examples) == 1 and "line 2: has 1,000,018 characters of text" in str(bad[0])
-    assert "training.max_length is null" in str(bad[0])
+        load_source(cfg, row_limit=SMALL)
 
 
 def test_a_long_jsonl_line_is_not_parsed_and_never_held_whole(tmp_path: Path) -> None:
@@ -108,7 +113,7 @@ def test_a_long_jsonl_line_is_not_parsed_and_never_held_whole(tmp_path: Path) ->
         f.write(b'{"a": 1}\n{"a": "' + b"x" * 12_000_000 + b'\n\n{"a": 3}\n')
     tracemalloc.start()
     try:
-        result = read_source(DatasetConfig(path=str(path)), skip_bad=True, row_limit=RowLimit.for_max_length(64))
+        result = read_source(DatasetConfig(path=str(path)), skip_bad=True, row_limit=SMALL)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -122,7 +127,7 @@ def test_a_long_jsonl_line_is_not_parsed_and_never_held_whole(tmp_path: Path) ->
 def test_columns_the_format_does_not_use_count_only_toward_the_coarse_reader_bound(tmp_path: Path) -> None:
     row = {**chat("what fruit?"), "source_document": "d" * 10_000}  # 10x the text limit, under 16x
     path = write_jsonl(tmp_path / "data.jsonl", [row])
-    examples, bad = load_source(DatasetConfig(path=str(path)), row_limit=RowLimit.for_max_length(64))
+    examples, bad = load_source(DatasetConfig(path=str(path)), row_limit=SMALL)
     assert len(examples) == 1 and not bad
 
 
@@ -130,7 +135,6 @@ def test_csv_json_and_parquet_rows_are_measured_as_they_are_produced(tmp_path: P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    limit = RowLimit.for_max_length(64)
     long = "q" * 20_000  # over the 16,384-character bound of the reader
     rows = [{"prompt": "what fruit?", "completion": "apple"}, {"prompt": long, "completion": "pear"}]
     with (tmp_path / "data.csv").open("w", newline="") as f:
@@ -140,18 +144,19 @@ def test_csv_json_and_parquet_rows_are_measured_as_they_are_produced(tmp_path: P
     (tmp_path / "data.json").write_text(json.dumps(rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data.parquet")
     for name, where in (("data.csv", "line 3"), ("data.json", "row 2"), ("data.parquet", "row 2")):
-        result = read_source(DatasetConfig(path=str(tmp_path / name)), skip_bad=True, row_limit=limit)
+        result = read_source(DatasetConfig(path=str(tmp_path / name)), skip_bad=True, row_limit=SMALL)
         assert len(result.rows) == 1
         assert str(result.bad[0][1]).startswith(f"{tmp_path / name}: {where}: has 20,004 characters in its values")
         with pytest.raises(DataError, match="rows over 16,384 are not read"):
-            read_source(DatasetConfig(path=str(tmp_path / name)), row_limit=limit)
+            read_source(DatasetConfig(path=str(tmp_path / name)), row_limit=SMALL)
 
 
-def test_the_pre_flight_check_applies_the_recipes_limit_too(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
-    """Under the 1,000,000-character default cap but over 16 x max_length: `check` refuses it as training would."""
+def test_the_pre_flight_check_refuses_the_row_before_tokenizing_it(
+    tiny_model_dir: Path, tmp_path: Path, capsys
+) -> None:
     rows = fruit_rows(12, "messages")
-    rows.insert(4, chat("q" * 5_000))  # line 5
+    rows.insert(4, chat("q" * OVER))  # line 5
     recipe, data = write_recipe(tmp_path, tiny_model_dir, rows)
     assert main(["check", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and f"{data}: line 5" in err and "16 x training.max_length 64" in err
+    assert len(err.splitlines()) == 1 and f"{data}: line 5: has " in err and "over the 4,000,000" in err
