@@ -27,6 +27,7 @@ from lora_tune.export.gguf_quantize import K_QUANTS, llama_cpp_module, quantize
 from lora_tune.export.gguf_verify import GgufCheck, merged_tokenizer, verify_gguf
 from lora_tune.export.merging import merge
 from lora_tune.export.ollama import modelfile
+from lora_tune.model.weights import check_model_folder
 from lora_tune.run.layout import RunDir, write_json_atomic
 from lora_tune.run.locks import held
 from lora_tune.run.outputs import (
@@ -151,6 +152,7 @@ def _kind(source: Path) -> bool:
     if RunDir(source).is_run():
         return True
     if (source / "config.json").is_file():
+        check_model_folder(source)  # a broken config.json or shard is named now, not by the converter later
         return False
     raise ExportError(
         f"{source}: neither a lora-tune run (recipe.yaml) nor a model folder (config.json); pass a run directory "

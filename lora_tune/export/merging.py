@@ -39,6 +39,8 @@ from lora_tune.model.weights import (
     SINGLE_FILE,
     ShardReader,
     base_layout,
+    check_adapter_folder,
+    check_model_folder,
     match_names,
     resolve_base,
     write_safetensors,
@@ -109,6 +111,7 @@ def merge(
     output = Path(output)
     _check_destination(output, overwrite=overwrite, protected=[run.root])  # before the base is downloaded
     base_dir = resolve_base(recipe.model)
+    check_model_folder(base_dir)  # a broken config.json or shard of the base is named before any work
     protected = [run.root, base_dir]
     _check_destination(output, overwrite=overwrite, protected=protected)  # before a lock file is put beside it
     make_dir(output.parent, "--output")  # the lock, the build folder and the result all go there
@@ -157,8 +160,9 @@ def _finished_run(run: RunDir) -> tuple[RunDir, Recipe, str]:
         )
     if not run.is_run() or not (run.adapter / "adapter_config.json").is_file():
         raise ExportError(f"{run.root}: not a finished lora-tune run (no recipe.yaml or adapter/adapter_config.json)")
+    # A broken adapter_config.json or adapter_model.safetensors is named here, before the base is fetched.
+    adapter_config = check_adapter_folder(run.adapter)
     recipe = load_recipe(run.recipe, check_paths=False)
-    adapter_config = json.loads((run.adapter / "adapter_config.json").read_text(encoding="utf-8"))
     peft_type = str(adapter_config.get("peft_type", "LORA")).upper()
     if peft_type in PROMPT_LEARNING_PEFT_TYPES:
         raise ExportError(

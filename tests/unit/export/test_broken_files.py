@@ -90,12 +90,7 @@ MERGED_CASES = [
     [
         "serve",
         "generate",
-        pytest.param(
-            "export",
-            marks=pytest.mark.xfail(
-                strict=True, reason="export of a merged folder: lora_tune/export/gguf.py must call check_model_folder"
-            ),
-        ),
+        "export",
     ],
 )
 @pytest.mark.parametrize(("name", "damage", "says"), MERGED_CASES)
