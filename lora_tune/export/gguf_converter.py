@@ -12,10 +12,12 @@ is measured on its own (the merge's is bounded separately).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -112,25 +114,71 @@ def convert(model_dir: Path, outfile: Path, outtype: str, model_name: str) -> Co
     peak_file = outfile.with_name(outfile.name + ".peak")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder / "gguf-py"), str(folder)])}
     env[PEAK_ENV] = str(peak_file)
+    env[PARENT_ENV] = str(os.getpid())
     command = [sys.executable, "-c", _LAUNCHER, str(folder / SCRIPT), str(model_dir), "--outfile", str(outfile)]
     command += ["--outtype", OUTTYPES[outtype], "--model-name", model_name]
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    returncode, stderr = _run_child(command, env)
     seconds = round(time.monotonic() - started, 1)
     peak_kib = float(peak_file.read_text() or 0) if peak_file.is_file() else 0.0
     peak_file.unlink(missing_ok=True)
-    if done.returncode != 0:
+    if returncode != 0:
+        refused = _storage_refusal(outfile) if outfile.exists() else None
         outfile.unlink(missing_ok=True)
-        raise ExportError(explain_failure(done.stderr, model_dir))
+        raise ExportError(explain_failure(stderr, model_dir, outfile, refused))
     return Conversion(outfile, seconds, round(peak_kib / 1024, 1))
 
 
+def _storage_refusal(outfile: Path) -> OSError | None:
+    """The error the storage gives for more of the partial `outfile` (no space, a quota, a size limit), found by
+    appending 1 MiB to it before it is removed: numpy reports a tensor's short write only as 'N requested and M
+    written', without the reason."""
+    try:
+        with outfile.open("ab") as f:
+            f.write(bytes(PROBE_BYTES))
+    except OSError as error:
+        return error if error.errno in STORAGE_ERRNOS else None
+    return None
+
+
+def _run_child(command: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """The converter's exit status and stderr. It runs in a process group of its own, so that an interrupted export
+    (Ctrl-C, an exception) kills all of it rather than leave minutes of conversion writing GBs; a killed export
+    (SIGKILL, SIGTERM) cannot run code, so the launcher asks the kernel for SIGKILL when its parent dies (strictly,
+    when the thread that started it ends: this one, which waits for it)."""
+    pipe = subprocess.PIPE
+    child = subprocess.Popen(command, stdout=pipe, stderr=pipe, text=True, env=env, start_new_session=True)
+    try:
+        _, stderr = child.communicate()
+    except BaseException:
+        _kill_group(child)
+        raise
+    return child.returncode, stderr
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:  # it had ended already
+        pass
+    child.wait()
+
+
 PEAK_ENV = "LORA_TUNE_PEAK_FILE"
+PARENT_ENV = "LORA_TUNE_CONVERTER_PARENT"
 # Runs the converter script as __main__ and, when it ends however it ends, writes the process's peak anonymous memory
 # (KiB): RssAnon sampled every 20 ms. Not ru_maxrss: the converter memory-maps the safetensors, and the file pages it
 # has read count in RSS although the kernel can drop them at any time; the anonymous part is what can run out.
+# First (Linux) it asks for SIGKILL when the export that started it dies (prctl PR_SET_PDEATHSIG = 1), and exits if
+# that happened already, before the request (its parent is then another process). The peak is not written when the
+# disk is full: the converter's own error is the one to report.
 _LAUNCHER = f"""
 import os, runpy, sys, threading, time
+if sys.platform.startswith("linux"):
+    import ctypes, signal
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    if os.getppid() != int(os.environ["{PARENT_ENV}"]):
+        sys.exit("the export that started the GGUF converter has ended")
 peak = [0]
 def sample():
     while True:
@@ -148,8 +196,11 @@ sys.argv = sys.argv[1:]
 try:
     runpy.run_path(script, run_name="__main__")
 finally:
-    with open(os.environ["{PEAK_ENV}"], "w") as f:
-        f.write(str(peak[0]))
+    try:
+        with open(os.environ["{PEAK_ENV}"], "w") as f:
+            f.write(str(peak[0]))
+    except OSError:
+        pass
 """
 
 
@@ -158,8 +209,19 @@ _UNKNOWN_PRE = re.compile(r"BPE pre-tokenizer was not recognized|chkhsh")
 _UNSUPPORTED = re.compile(r"Model (\w+) is not supported")
 
 
-def explain_failure(stderr: str, model_dir: Path) -> str:
-    """One line for the converter's refusal; the full output goes to the debug log."""
+# A line of a tqdm progress bar (the converter draws one while it writes), and the last line of a traceback.
+_PROGRESS = re.compile(r"\d+%\|.*\||\[\d\d:\d\d")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt)(?::|$)")
+_TRACEBACK = "Traceback (most recent call last):"
+_ERRNO = re.compile(r"\[Errno (\d+)\] ([^\n]+)")
+_TOTAL_SIZE = re.compile(r"total_size = (\S+)")
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # the storage refused the write
+PROBE_BYTES = 1 << 20
+
+
+def explain_failure(stderr: str, model_dir: Path, outfile: Path | None = None, refused: OSError | None = None) -> str:
+    """One line for the converter's refusal; the full output goes to the debug log. `refused`: what the storage
+    said when more of `outfile` was written after the converter failed."""
     log.debug("convert_hf_to_gguf.py output:\n%s", stderr)
     if _UNKNOWN_PRE.search(stderr):
         return (
@@ -169,6 +231,42 @@ def explain_failure(stderr: str, model_dir: Path) -> str:
         )
     if match := _UNSUPPORTED.search(stderr):
         return f"{model_dir}: llama.cpp {VERSION} cannot convert the architecture {match.group(1)} to GGUF"
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else "no output"
-    return f"llama.cpp's GGUF converter failed on {model_dir}: {last} (--debug shows its full output)"
+    cause = refused.strerror if refused is not None else _storage_cause(stderr)
+    if outfile is not None and cause:
+        return _storage_full(cause, stderr, outfile)
+    return f"llama.cpp's GGUF converter failed on {model_dir}: {_error_line(stderr)} (--debug shows its full output)"
+
+
+def _error_line(stderr: str) -> str:
+    """The converter's own error: the last exception line after the last traceback, else the last line that is not
+    a progress bar (tqdm redraws its bar at exit, after the traceback)."""
+    tail = stderr.rsplit(_TRACEBACK, 1)[1] if _TRACEBACK in stderr else ""
+    exceptions = [line for line in _lines(tail) if _EXCEPTION.match(line)]
+    if exceptions:
+        return exceptions[-1]
+    text = [line for line in _lines(stderr) if not _PROGRESS.search(line)]
+    return text[-1] if text else "no output"
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+
+
+def _storage_cause(stderr: str) -> str | None:
+    """'No space left on device' (or a quota, a size limit) when the converter's output says so: closing a file
+    whose buffer could not be written raises it with the errno."""
+    for match in _ERRNO.finditer(stderr):
+        if int(match[1]) in STORAGE_ERRNOS:
+            return match[2].strip()
+    return None
+
+
+def _storage_full(cause: str, stderr: str, outfile: Path) -> str:
+    """The cause, the file, how large it would be and what is free there now that the partial file is gone."""
+    size = _TOTAL_SIZE.findall(stderr)
+    needed = f"; the file needs about {size[-1]}B" if size else ""
+    try:
+        free = f", {shutil.disk_usage(outfile.parent).free / 2**20:.0f} MiB free there now"
+    except OSError:
+        free = ""
+    return f"{cause} writing {outfile} (llama.cpp's GGUF converter{needed}{free})"

@@ -1,16 +1,20 @@
 """Read a written GGUF back with the `gguf` package and compare it with the merged folder it came from.
 
 Runs after every export, like the merge's verification: the metadata (architecture, shape, tokenizer ids, chat
-template, every token's text) and every tensor, dequantized and compared with the merged weight under the
-converter's layout changes (llama's q/k row order for its rope, Gemma's norm offset). Memory: the file is memory-
-mapped and large tensors are compared a block of rows at a time, so about one block is in flight.
+template, every token's text), the tensors every layer needs, and every tensor, dequantized and compared with the
+merged weight under the converter's layout changes (llama's q/k row order for its rope, Gemma's norm offset).
+Memory: the file is memory-mapped and large tensors are compared a block of rows at a time, so about one block is in
+flight. `llama_cpp_stops` then has llama.cpp itself load the file (when it is installed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +40,13 @@ UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
 # llama.cpp's sliding-window layout for architectures whose GGUF carries no per-layer pattern: every n-th layer is
 # global, the others slide (llama_hparams::set_swa_pattern(n), as llama.cpp's gemma2/gemma3 loaders call it).
 SWA_EVERY = {"gemma2": 2, "gemma3": 6}
+# Architectures (the catalog's) whose every block has the same tensors in llama.cpp, and which all need the token
+# embedding and the final norm: a block lacking a tensor the others have is a file llama.cpp cannot load. Others
+# (MoE models with dense first layers, interleaved layers) are left to llama.cpp's own load (`llama_cpp_stops`).
+UNIFORM_ARCHS = frozenset({"llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"})
+GLOBAL_TENSORS = ("token_embd.weight", "output_norm.weight")
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+GGML_LOG_LEVEL_ERROR = 4  # ggml.h of llama-cpp-python 0.3.36's llama.cpp (its _logger.py comment, 3, is older)
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +112,7 @@ def verify_gguf(gguf_path: Path, merged_dir: Path) -> GgufCheck:
     check = GgufCheck(architecture=arch)
     _check_metadata(reader, arch, config, merged_dir, check)
     _check_layer_pattern(reader, arch, config)
+    _check_blocks(reader, arch, merged_dir, gguf_path)
     names = _source_names(arch, int(config["num_hidden_layers"]), merged_dir)
     read_merged = _merged_reader(merged_dir)
     for tensor in reader.tensors:
@@ -225,6 +237,46 @@ def _check_layer_pattern(reader: GgufFile, arch: str, config: dict[str, Any]) ->
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_blocks(reader: GgufFile, arch: str, merged_dir: Path, gguf_path: Path) -> None:
+    """llama.cpp builds layer N from the tensors blk.N.* for every N below the file's block_count (config.json's
+    num_hidden_layers, checked above) and refuses a file that lacks one. The tensor comparison sees only tensors the
+    file or the merged folder has: a config.json that declares more layers than the weights hold passes it."""
+    count = int(_field(reader, f"{arch}.block_count") or 0)
+    blocks: dict[int, set[str]] = {}
+    for tensor in reader.tensors:
+        if match := _BLOCK.fullmatch(tensor.name):
+            blocks.setdefault(int(match[1]), set()).add(match[2])
+    missing = [n for n in range(count) if n not in blocks]
+    if missing:
+        raise VerificationError(
+            f"{gguf_path.name} has no tensors for layer {missing[0]}: {merged_dir}/config.json declares {count} "
+            f"layers (num_hidden_layers), its weights hold {_merged_layers(merged_dir)}; "
+            "llama.cpp cannot load such a file"
+        )
+    if extra := sorted(n for n in blocks if n >= count):
+        raise VerificationError(f"{gguf_path.name} has tensors for layer {extra[0]} beyond its block_count {count}")
+    if arch in UNIFORM_ARCHS:
+        _check_uniform(reader, blocks, gguf_path)
+
+
+def _check_uniform(reader: GgufFile, blocks: dict[int, set[str]], gguf_path: Path) -> None:
+    """A tensor absent from the file and the merged folder alike (a layer's projection lost before the merge was
+    saved) passes the comparison; in these architectures every layer needs what any layer has."""
+    names = {t.name for t in reader.tensors}
+    if lacking := [name for name in GLOBAL_TENSORS if name not in names]:
+        raise VerificationError(f"{gguf_path.name} lacks {lacking[0]}, which llama.cpp needs to load it")
+    every = set().union(*blocks.values())
+    for n, present in sorted(blocks.items()):
+        if lacking := sorted(every - present):
+            raise VerificationError(
+                f"{gguf_path.name} lacks blk.{n}.{lacking[0]}, which the other layers have and llama.cpp needs"
+            )
+
+
+def _merged_layers(merged_dir: Path) -> int:
+    return len({m[1] for name in _merged_names(merged_dir) if (m := re.search(r"\.layers\.(\d+)\.", name))})
 
 
 # ---- tensors -------------------------------------------------------------------------------------------------
@@ -392,3 +444,58 @@ def iter_checks(check: GgufCheck) -> Iterator[str]:
             f"{kind}: {int(entry['tensors'])} tensors, max relative error {entry['relative_max']:.3g}, "
             f"max relative rms {entry['relative_rms']:.3g}"
         )
+
+
+# ---- llama.cpp's own load -------------------------------------------------------------------------------------
+
+
+def llama_cpp_stops(gguf_path: Path, ids: list[int]) -> set[int]:
+    """Those of `ids` llama.cpp ends generation on, asked of the file loaded as llama.cpp will run it: the whole model,
+    not only its vocabulary, so that a file llama.cpp cannot load (a layer's tensors missing, a wrong shape) is
+    refused with llama.cpp's own reason. The weights stay memory-mapped from the file on the CPU and no context is
+    made: the load costs page cache, not memory the size of the model. Needs llama-cpp-python."""
+    from lora_tune.export.gguf_quantize import llama_cpp_module
+
+    llama_cpp = llama_cpp_module()
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0  # a check: nothing copied to a GPU
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+    params.use_extra_bufts = False  # no repacked copies of the weights for the CPU's kernels
+    with _llama_cpp_errors(llama_cpp) as errors:
+        model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), params)
+    if not model:
+        version = getattr(llama_cpp, "__version__", "?")
+        raise VerificationError(f"llama.cpp ({version}) cannot load {gguf_path.name}: {_reason(errors)}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return {i for i in ids if llama_cpp.llama_vocab_is_eog(vocab, i)}
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+@contextlib.contextmanager
+def _llama_cpp_errors(llama_cpp: Any) -> Iterator[list[str]]:
+    """llama.cpp's error lines while inside, kept instead of printed: a failed load logs its reason and returns
+    only NULL. The previous log callback is put back after."""
+    errors: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def keep(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        if level == GGML_LOG_LEVEL_ERROR:
+            errors.append(text.decode("utf-8", errors="replace").strip())
+
+    previous, user = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(user))
+    llama_cpp.llama_log_set(keep, None)
+    try:
+        yield errors
+    finally:
+        llama_cpp.llama_log_set(previous, user)
+
+
+def _reason(errors: list[str]) -> str:
+    """llama.cpp's own words, e.g. 'check_tensor_dims: tensor 'blk.2.attn_norm.weight' not found'."""
+    for line in reversed(errors):
+        if "error loading model: " in line:
+            return line.rsplit("error loading model: ", 1)[1]
+    return errors[-1] if errors else "it gave no reason"

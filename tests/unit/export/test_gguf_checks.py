@@ -1,7 +1,8 @@
 """The GGUF read-back's architecture checks and the converter's view of a SentencePiece folder, without llama.cpp:
 added tokens (chat markers) must be typed so llama.cpp reads them as one token; Gemma 2/3's sliding layers must be
-the ones llama.cpp assumes; a folder with tokenizer.model but no added_tokens_decoder is shown to the converter with
-its added tokens listed, the source untouched."""
+the ones llama.cpp assumes; every layer the file declares must have the tensors llama.cpp builds it from; a folder
+with tokenizer.model but no added_tokens_decoder is shown to the converter with its added tokens listed, the source
+untouched."""
 
 from __future__ import annotations
 
@@ -12,8 +13,14 @@ import pytest
 
 from lora_tune.export.errors import VerificationError
 from lora_tune.export.gguf import _converter_view
-from lora_tune.export.gguf_file import GgufFile
-from lora_tune.export.gguf_verify import CONTROL, USER_DEFINED, _check_added_token_types, _check_layer_pattern
+from lora_tune.export.gguf_file import GgufFile, GgufTensor
+from lora_tune.export.gguf_verify import (
+    CONTROL,
+    USER_DEFINED,
+    _check_added_token_types,
+    _check_blocks,
+    _check_layer_pattern,
+)
 from tests.conftest import CORPUS
 
 NORMAL = 1
@@ -96,6 +103,53 @@ def test_phi3_window_shorter_than_the_context_is_warned_of(caplog) -> None:
     config = {"num_hidden_layers": 2, "sliding_window": 2047, "max_position_embeddings": 4096}
     _check_layer_pattern(_reader(), "phi3", config)
     assert "ignores Phi-3's sliding window (2047 tokens)" in caplog.text
+
+
+LAYER = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _llama_file(block_count: int, layers: int, drop: str | None = None) -> GgufFile:
+    """A Llama GGUF's table (names only): `layers` full layers, less the tensor `drop`, declaring `block_count`."""
+    names = ["token_embd.weight", "output_norm.weight"]
+    names += [f"blk.{n}.{part}.weight" for n in range(layers) for part in LAYER]
+    tensors = [GgufTensor(name, (4, 4), 0, Path("x.gguf"), 0, 16, "float32") for name in names if name != drop]
+    return GgufFile(fields={"llama.block_count": block_count}, tensors=tensors)
+
+
+def test_a_file_with_every_layer_it_declares_passes(tiny_model_dir: Path) -> None:
+    _check_blocks(_llama_file(2, 2), "llama", tiny_model_dir, Path("x.gguf"))
+
+
+def test_a_layer_the_config_declares_but_no_weights_hold_is_refused(tiny_model_dir: Path) -> None:
+    """config.json says 3 layers, the weights hold 2: the converter writes block_count 3 and two layers' tensors,
+    every tensor present equals the merged one, and llama.cpp cannot load the file (missing blk.2.attn_norm)."""
+    expected = f"x.gguf has no tensors for layer 2: {tiny_model_dir}/config.json declares 3 layers .* weights hold 2;"
+    with pytest.raises(VerificationError, match=expected):
+        _check_blocks(_llama_file(3, 2), "llama", tiny_model_dir, Path("x.gguf"))
+
+
+@pytest.mark.parametrize(
+    ("drop", "expected"),
+    [
+        ("blk.1.ffn_down.weight", "lacks blk.1.ffn_down.weight, which the other layers have"),
+        ("output_norm.weight", "lacks output_norm.weight, which llama.cpp needs"),
+    ],
+)
+def test_a_tensor_llama_cpp_needs_missing_from_both_is_refused(tiny_model_dir: Path, drop: str, expected: str) -> None:
+    with pytest.raises(VerificationError, match=expected):
+        _check_blocks(_llama_file(2, 2, drop), "llama", tiny_model_dir, Path("x.gguf"))
+
+
+def test_layers_beyond_the_block_count_are_refused(tiny_model_dir: Path) -> None:
+    with pytest.raises(VerificationError, match="tensors for layer 2 beyond its block_count 2"):
+        _check_blocks(_llama_file(2, 3), "llama", tiny_model_dir, Path("x.gguf"))
+
+
+def test_layers_of_an_architecture_with_unlike_layers_are_left_to_llama_cpp(tiny_model_dir: Path) -> None:
+    """deepseek2's first layers are dense and the rest MoE: their tensors differ by design."""
+    table = _llama_file(2, 2, drop="blk.1.ffn_down.weight")
+    table.fields = {"deepseek2.block_count": 2}
+    _check_blocks(table, "deepseek2", tiny_model_dir, Path("x.gguf"))
 
 
 def _sentencepiece_folder(root: Path) -> tuple[Path, object]:
