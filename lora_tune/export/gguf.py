@@ -24,7 +24,7 @@ from lora_tune.export.errors import ExportError, VerificationError
 from lora_tune.export.gguf_card import gguf_card
 from lora_tune.export.gguf_converter import OUTTYPES, convert
 from lora_tune.export.gguf_quantize import K_QUANTS, llama_cpp_module, quantize
-from lora_tune.export.gguf_verify import GgufCheck, merged_tokenizer, verify_gguf
+from lora_tune.export.gguf_verify import GgufCheck, llama_cpp_stops, merged_tokenizer, verify_gguf
 from lora_tune.export.merging import merge
 from lora_tune.export.ollama import modelfile
 from lora_tune.model.weights import check_model_folder
@@ -286,17 +286,10 @@ def _generation_stops(gguf_path: Path, merged_dir: Path) -> tuple[list[str], boo
     stops = list(dict.fromkeys([*required, *stops]))
     texts = [str(t) for t in tokenizer.convert_ids_to_tokens(stops)]
     try:
-        llama_cpp = llama_cpp_module()
+        llama_cpp_module()
     except ExportError:
         return texts, False
-    from llama_cpp import Llama
-
-    model = Llama(str(gguf_path), vocab_only=True, verbose=False)
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(model.model)
-        ends = {i for i in stops if llama_cpp.llama_vocab_is_eog(vocab, i)}
-    finally:
-        model.close()
+    ends = llama_cpp_stops(gguf_path, stops)  # the whole model loaded: a file llama.cpp cannot load is refused
     missing = [text for i, text in zip(stops, texts, strict=True) if i in required and i not in ends]
     if missing:
         raise VerificationError(

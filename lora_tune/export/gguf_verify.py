@@ -25,6 +25,7 @@ import numpy as np
 
 from lora_tune.export.errors import VerificationError
 from lora_tune.export.gguf_file import GgufFile, GgufTensor, read_gguf
+from lora_tune.export.gguf_quantize import llama_cpp_module
 
 # Largest |gguf - merged| / max|merged| a tensor may show in each stored type: the type's rounding with a margin.
 # f16 keeps 11 significant bits (2^-11 = 4.9e-4 relative); bf16 8 (3.9e-3); q8_0 rounds to 1/127 of each block's
@@ -454,8 +455,6 @@ def llama_cpp_stops(gguf_path: Path, ids: list[int]) -> set[int]:
     not only its vocabulary, so that a file llama.cpp cannot load (a layer's tensors missing, a wrong shape) is
     refused with llama.cpp's own reason. The weights stay memory-mapped from the file on the CPU and no context is
     made: the load costs page cache, not memory the size of the model. Needs llama-cpp-python."""
-    from lora_tune.export.gguf_quantize import llama_cpp_module
-
     llama_cpp = llama_cpp_module()
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0  # a check: nothing copied to a GPU
