@@ -23,25 +23,7 @@ import pytest
 
 from lora_tune.cli import main
 from tests.conftest import fruit_rows, write_jsonl
-from tests.helpers import ROOT, tiny_llama_with_real_vocab
-
-RECIPE = """\
-model:
-  name: {model}
-  dtype: float32
-adapter:
-  r: 4
-  alpha: 8
-datasets:
-  - path: {data}
-training:
-  max_steps: 2
-  batch_size: 4
-  max_length: 64
-  logging_steps: 1
-  gradient_checkpointing: false
-output_dir: {out}
-"""
+from tests.helpers import ROOT, tiny_llama_with_real_vocab, write_resume_recipe
 
 
 @dataclass
@@ -58,33 +40,19 @@ class Command:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir_module: Path) -> dict[str, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     """The sources: a tiny base, its training data and recipe, a finished run, a model folder on a real vocabulary
     (llama.cpp's converter refuses a test-trained tokenizer) to export."""
     root = tmp_path_factory.mktemp("outputs")
-    data = write_jsonl(root / "train.jsonl", fruit_rows(24, "alpaca"))
-    recipe = root / "recipe.yaml"
-    recipe.write_text(RECIPE.format(model=tiny_model_dir_module, data=data, out=root / "run"))
+    recipe = write_resume_recipe(root, tiny_model_dir, "run")
     assert main(["train", str(recipe)]) == 0
     return {
         "root": root,
-        "base": tiny_model_dir_module,
+        "base": tiny_model_dir,
         "recipe": recipe,
         "run": root / "run",
         "model": tiny_llama_with_real_vocab(root / "real-vocab-model"),
     }
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora_tune.quickstart.tiny import build_tiny_llama, build_tokenizer
-    from tests.conftest import CORPUS
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = build_tokenizer(CORPUS * 20, vocab_size=320)
-    build_tiny_llama(tokenizer, hidden_size=64, num_layers=2, num_heads=4).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def commands(world: dict[str, Path]) -> dict[str, Command]:
@@ -207,7 +175,9 @@ def test_the_folder_a_command_reads_is_never_its_output(world, tmp_path: Path, c
     run, model = world["run"], world["model"]
     sequential = tmp_path / "sequential.yaml"  # continue the run's adapter, writing into the run itself
     text = world["recipe"].read_text()
-    sequential.write_text(text.replace("adapter:\n  r: 4\n  alpha: 8\n", f"adapter:\n  init_from: {run}\n"))
+    sequential.write_text(
+        text.replace("adapter:\n  r: 4\n  alpha: 8\n  dropout: 0.1\n", f"adapter:\n  init_from: {run}\n")
+    )
     assert f"output_dir: {run}\n" in text and "init_from" in sequential.read_text()
     attempts = {
         "train into the run it continues": ["train", str(sequential)],

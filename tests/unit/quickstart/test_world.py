@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.quickstart import world as qs
+from lora_tune.run.outputs import OutputError
 
 DATA = Path(__file__).resolve().parents[3] / "recipes" / "data" / "quickstart"
 COUNTRY_IN_QUESTION = [
@@ -104,7 +105,8 @@ def test_build_base_writes_a_loadable_folder_atomically(tmp_path: Path) -> None:
 
     out = tmp_path / "base"
     assert qs.build_base(out, steps=2, progress=False) == out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no staging folder left behind
+    # No staging folder left behind; the empty lock file beside the folder stays, as a merge's does (locks.release).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".base.build.lock", "base"]
     info = qs.read_base_info(out)
     assert info["pretraining"]["steps"] == 2 and info["parameters"] > 1_000_000
     assert (out / "model.safetensors").is_file() and (out / "generation_config.json").is_file()
@@ -113,7 +115,7 @@ def test_build_base_writes_a_loadable_folder_atomically(tmp_path: Path) -> None:
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert tokenizer.eos_token == END_OF_TURN
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="holds a quickstart base already; --force rebuilds it"):
         qs.build_base(out, steps=1, progress=False)
 
 
