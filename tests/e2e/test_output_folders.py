@@ -254,3 +254,39 @@ def test_written_files_and_folders_follow_the_umask(world, tmp_path: Path) -> No
             for path in folder.iterdir():
                 if path.is_file():
                     assert stat.S_IMODE(path.stat().st_mode) == expect_file, (path, oct(path.stat().st_mode))
+
+
+@pytest.mark.slow
+def test_export_into_a_project_with_its_own_readme_and_modelfile_replaces_neither(world, tmp_path: Path, capsys):
+    """The review's case: `export --output proj`, where proj holds the user's README.md and Modelfile."""
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "README.md").write_text("# my project\n")
+    (project / "Modelfile").write_text("FROM ./my-own.gguf\n")
+    for flags in ([], ["--overwrite"]):
+        assert commands(world)["export"].run(project, flags) == 2
+        assert "holds no lora-tune GGUF export folder (Modelfile, README.md)" in capsys.readouterr().err
+    assert snapshot(project) == {"README.md": b"# my project\n", "Modelfile": b"FROM ./my-own.gguf\n"}
+
+
+@pytest.mark.slow
+def test_export_checks_its_record_and_the_gguf_name_before_any_work(world, earlier, tmp_path: Path, capsys):
+    """A foreign export.json (a JSON list) and a folder where the .gguf goes are refused before the conversion,
+    not after it (the record used to fail with a TypeError once the file was written)."""
+    export = commands(world)["export"]
+    output = tmp_path / "out"
+    shutil.copytree(earlier["export"], output, symlinks=True)
+    (output / "export.json").write_text("[1, 2]")
+    before = snapshot(output)
+    assert export.run(output, ["--overwrite"]) == 2
+    assert "export.json: expected the record lora-tune exports write, got a JSON list" in capsys.readouterr().err
+    assert snapshot(output) == before
+    shutil.rmtree(output)
+    shutil.copytree(earlier["export"], output, symlinks=True)
+    target = next(output.glob("*.gguf"))
+    target.unlink()
+    target.mkdir()  # a folder where the .gguf of this quant goes (its name is listed: an earlier export wrote it)
+    before = snapshot(output)
+    assert export.run(output, ["--overwrite"]) == 2
+    assert "is in the way" in capsys.readouterr().err
+    assert snapshot(output) == before
