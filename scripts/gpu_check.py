@@ -535,7 +535,7 @@ def child_preflight() -> int:
         import lora_tune
         import lora_tune.export
         import lora_tune.plan.memory
-        import lora_tune.training.sft  # noqa: F401 - the import is the check
+        import lora_tune.tasks.sft.training  # noqa: F401 - the import is the check
 
         info["lora_tune"] = lora_tune.__file__
         if not Path(lora_tune.__file__).resolve().is_relative_to(ROOT):

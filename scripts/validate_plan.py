@@ -4,9 +4,10 @@
     python scripts/validate_plan.py [--hidden 2048 --layers 16 --vocab 128256] [--steps 4] [--only NAME]
 
 Builds a Llama-shaped model with random weights (values do not change memory) and a long synthetic chat set, then
-for each variant below runs `lora_tune.training.sft` for a few steps in a fresh subprocess (clean CUDA statistics) and
-prints the planner's allocator estimate (`MemoryPlan.allocated`: the peak minus CUDA context, allocator slack and
-paged optimizer state, which torch's counter does not see) beside the measured peak, and the error. Every row of
+for each variant below runs an SFT run (`lora_tune.train`) for a few steps in a fresh subprocess (clean CUDA
+statistics) and prints the planner's allocator estimate (`MemoryPlan.allocated`: the peak minus CUDA context,
+allocator slack and paged optimizer state, which torch's counter does not see) beside the measured peak, and the
+error. Every row of
 data is longer than max_length, so each step reaches the planner's worst case of batch_size x max_length tokens.
 """
 

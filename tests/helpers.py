@@ -181,10 +181,10 @@ LAST_LEARNING_RATES: list[float] = []  # the optimizer's distinct learning rates
 def train_capturing(recipe: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
     """Train the recipe; return the run result and the in-memory trained model, taken as it is saved."""
     from lora_tune import train
-    from lora_tune.training import sft
+    from lora_tune.methods import runtime
 
     captured: dict[str, Any] = {}
-    real_save = sft.save_artifact
+    real_save = runtime.save_artifact
 
     def spy(recipe, trainer, tokenizer, build, run_root):  # noqa: ANN001
         captured["model"] = trainer.model
@@ -192,7 +192,7 @@ def train_capturing(recipe: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, 
         LAST_LEARNING_RATES[:] = sorted({g.get("initial_lr", g["lr"]) for g in groups})
         real_save(recipe, trainer, tokenizer, build, run_root)
 
-    monkeypatch.setattr(sft, "save_artifact", spy)  # where train_sft looks it up
+    monkeypatch.setattr(runtime, "save_artifact", spy)  # the lifecycle calls it as methods.save_artifact
     result = train(recipe if not isinstance(recipe, Path) else load_recipe(recipe))
     return result, captured["model"]
 

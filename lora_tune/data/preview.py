@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from lora_tune.data.masking import IGNORE_INDEX, wrap_trained_runs
 from lora_tune.data.packing import describe_batching
 from lora_tune.data.pipeline import build_datasets
-from lora_tune.data.preference import load_preference_splits, tokenize_pair
 from lora_tune.data.sources import load_rows
 from lora_tune.recipe.schema import Recipe
 from lora_tune.recipe.templates import builtin_template
@@ -123,28 +122,3 @@ def _template_name(recipe: Recipe) -> str:
     if builtin is not None:
         return f"{builtin.name} (built-in)"
     return choice if choice.endswith(".jinja") else "inline Jinja from the recipe"
-
-
-def format_preference_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, *, n: int, color: bool) -> str:
-    """`lora-tune data` for a preference recipe: rows per split, token lengths of prompts and answers as the trainer
-    tokenizes them, how many rows max_length cuts, and the first pairs rendered (answers, the end-of-turn marker
-    included, in the trained-token markers)."""
-    splits = load_preference_splits(recipe)
-    tokenized = [tokenize_pair(tokenizer, row) for row in splits.train]
-    limit = recipe.training.max_length
-    cut = sum(1 for prompt, answers in tokenized if limit and any(len(prompt) + len(a) > limit for a in answers))
-    start, end = (ANSI_TRAINED, ANSI_RESET) if color else (OPEN, CLOSE)
-    lines = [
-        f"{recipe.training.objective}: {len(splits.train)} training rows, {len(splits.validation)} validation, "
-        f"{len(splits.test)} test",
-        f"  prompt tokens:  {LengthStats.of([len(p) for p, _ in tokenized]).describe()}",
-    ]
-    for i, name in enumerate(("chosen", "rejected") if recipe.training.objective != "kto" else ("completion",)):
-        lines.append(f"  {name} tokens: {LengthStats.of([len(a[i]) for _, a in tokenized]).describe()}")
-    lines.append(f"  cut by max_length {limit}: {cut} of {len(tokenized)} rows")
-    for (prompt, answers), row in list(zip(tokenized, splits.train, strict=True))[:n]:
-        lines += ["", tokenizer.decode(prompt)]
-        for name, answer in zip(("chosen", "rejected", "completion"), answers, strict=False):
-            label = name if "label" not in row else f"completion ({'desirable' if row['label'] else 'undesirable'})"
-            lines.append(f"  {label}: {start}{tokenizer.decode(answer)}{end}")
-    return "\n".join(lines)

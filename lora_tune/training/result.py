@@ -18,13 +18,13 @@ class RunResult:
     steps: int
     train_loss: float | None
     eval_loss: float | None
-    tokens_seen: int | None
-    trained_token_share: float | None
     train_rows: int
     validation_rows: int
     trainable_parameters: int
     quantized_layers: int
     wall_seconds: float
+    tokens_seen: int | None = None
+    trained_token_share: float | None = None  # SFT runs: the share of tokens the loss is computed on
     memory: dict[str, float] = field(default_factory=dict)
     loss_plot: Path | None = None
     best: dict[str, Any] | None = None  # with keep_best / early stopping: the step the saved adapter comes from
@@ -39,6 +39,7 @@ class RunResult:
     objective: str = "sft"
     reward_accuracy: float | None = None  # preference runs: held-out share of pairs whose chosen answer wins
     reward_margin: float | None = None  # preference runs: mean implicit reward of chosen minus rejected
+    eval_accuracy: float | None = None  # classification runs: held-out accuracy of the head
 
     def parameter_share(self) -> tuple[int, int, float]:
         """(trainable, total, trainable percent), as the log line and the summary print them."""

@@ -60,13 +60,13 @@ def main() -> int:
 
         Trainer.training_step = training_step
     elif kind == "kill-in-final-save":
-        import lora_tune.training.sft
+        import lora_tune.training.lifecycle
 
-        lora_tune.training.sft.replace_dir_atomic = lambda build, target: _die()
+        lora_tune.training.lifecycle.replace_dir_atomic = lambda build, target: _die()
     elif kind == "kill-after-training":
-        import lora_tune.training.sft
+        import lora_tune.training.lifecycle
 
-        lora_tune.training.sft._save_adapter = lambda *args, **kwargs: _die()
+        lora_tune.training.lifecycle.save_artifact_atomically = lambda *args, **kwargs: _die()
     else:
         raise SystemExit(f"unknown fault {kind}")
     from lora_tune.cli import main as cli_main

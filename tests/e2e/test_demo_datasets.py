@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from lora_tune.data import build_datasets
-from lora_tune.data.preference import one_class, read_preference_rows
 from lora_tune.data.sources import MAX_ROW_CHARS, text_chars
 from lora_tune.model.load import load_tokenizer
 from lora_tune.recipe.schema import DatasetConfig, Recipe
+from lora_tune.tasks.preference.data import one_class, read_preference_rows
 from tests.helpers import ROOT
 
 DEMO = ROOT / ".cache" / "real-material" / "llamafactory"

@@ -155,5 +155,5 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_contract_catches_what_it_forbids():
     """The checks find a cycle and an upward import when there is one (guards against a test that cannot fail)."""
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert layer("lora_tune.recipe.schema") > layer("lora_tune.training.sft") > layer("lora_tune.cli")
+    assert layer("lora_tune.recipe.schema") > layer("lora_tune.training.lifecycle") > layer("lora_tune.cli")
     assert layer("lora_tune.run.layout") < layer("lora_tune.errors")

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 
 from lora_tune.evaluate.report import format_markdown
-from lora_tune.evaluate.run import EvalDataError, EvalReport, Score, format_report, resolve_eval_data
+from lora_tune.evaluate.result import EvalReport, Score
+from lora_tune.evaluate.run import EvalDataError, resolve_eval_data
 from lora_tune.evaluate.scores import classification_scores
 from lora_tune.run.layout import RunDir
+from lora_tune.tasks.sft.evaluate import format_report
 
 
 def report(with_base: bool = True) -> EvalReport:
@@ -64,8 +66,8 @@ def test_where_eval_finds_its_data(tmp_path: Path) -> None:
 
 
 def test_label_set_choice_and_references_outside_it() -> None:
-    from lora_tune.evaluate.run import _classification, _label_set
     from lora_tune.recipe.schema import EvalConfig
+    from lora_tune.tasks.sft.evaluate import _classification, _label_set
 
     references = ["yes", "no", "yes", "no"]
     assert _label_set(EvalConfig(), references) == ["yes", "no"]  # inferred

@@ -177,7 +177,7 @@ def test_eval_refuses_an_unwritable_run_directory_before_loading_anything(tmp_pa
     """Root writes through permission bits, so the folder's refusal is simulated where the probe writes."""
     import tempfile
 
-    import lora_tune.evaluate.run
+    import lora_tune.tasks.sft.evaluate
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
@@ -191,7 +191,7 @@ def test_eval_refuses_an_unwritable_run_directory_before_loading_anything(tmp_pa
         raise AssertionError("the model was loaded before the write check")
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    monkeypatch.setattr(lora_tune.evaluate.run, "load_run_model", never)
+    monkeypatch.setattr(lora_tune.tasks.sft.evaluate, "load_run_model", never)
     assert main(["eval", str(run), "--data", str(tmp_path / "held_out.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
     assert f"eval: '{run}' is not writable (Permission denied)" in err and len(err.splitlines()) == 1

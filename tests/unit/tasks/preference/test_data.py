@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lora_tune.data.preference import read_preference_rows
 from lora_tune.data.sources import MAX_ROW_CHARS
 from lora_tune.errors import DataError
 from lora_tune.recipe.schema import DatasetConfig
+from lora_tune.tasks.preference.data import read_preference_rows
 from tests.conftest import write_jsonl
 
 USER = {"role": "user", "content": "2+2?"}

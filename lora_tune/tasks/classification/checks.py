@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from lora_tune.check.report import CheckResult, PreflightReport
-from lora_tune.data.labels import load_splits
 from lora_tune.recipe.schema import Recipe
+from lora_tune.tasks.classification.data import load_splits
 
 
 def preflight_report(recipe: Recipe, tokenizer: Any) -> Any:

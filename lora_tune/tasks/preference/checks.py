@@ -1,6 +1,6 @@
 """The pre-flight check of a preference run (dpo, orpo, kto, simpo): the pairs as TRL will tokenize them.
 
-Every row is read and checked on load (lora_tune.data.preference: pairs that prefer nothing, answers after different
+Every row is read and checked on load (tasks/preference/data.py: pairs that prefer nothing, answers after different
 prompts, empty answers fail there with their file and line; a row over the memory bound stops the check at once,
 before anything tokenizes it), and a KTO set needs both labels among its training rows (`one-class`). Here each pair
 is rendered with the run's chat template, as the trainers render it: the prompt once with the generation prompt,
@@ -16,10 +16,15 @@ from typing import Any
 
 from lora_tune.check.checks import read_generation_stops
 from lora_tune.check.report import CheckResult, PreflightReport
-from lora_tune.data.preference import load_preference_splits, one_class, preference_rows_with_origins, tokenize_pair
 from lora_tune.data.sources import Origin
 from lora_tune.errors import DataError
 from lora_tune.recipe.schema import Recipe
+from lora_tune.tasks.preference.data import (
+    load_preference_splits,
+    one_class,
+    preference_rows_with_origins,
+    tokenize_pair,
+)
 
 
 def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:

@@ -1,8 +1,10 @@
-"""The tasks a recipe can train (`task.type`), each with its training, pre-flight checks and evaluation.
+"""The tasks a recipe can train (`task.type`, and `training.objective` for the preference stage): the registry.
 
-This is the one place that chooses by task, as peft maps each PEFT type to its tuner: `train`, `check` and
-`evaluate_run` look the recipe's task up here and call its stage; the stages themselves never ask which task they
-serve. A new task is one entry in `TASKS`.
+A task is a folder, lora_tune/tasks/<task>/, holding what is particular to it: its training hooks (a
+`TaskTraining` the one run lifecycle, lora_tune.training.lifecycle, calls), its pre-flight checks, its data and its
+evaluation. This is the one place that chooses by task, as peft maps each PEFT type to its tuner: `train`, `check`,
+`evaluate_run` and `preview` look the recipe's task up here; the stages never ask which task they serve. Adding a
+task is one folder plus one entry in `TASKS` (docs/development.md, "Adding a task").
 """
 
 from __future__ import annotations
@@ -12,29 +14,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_tune.check import run_checks
-from lora_tune.check.labels import preflight_report
-from lora_tune.check.preference import preference_report
 from lora_tune.check.report import PreflightReport
-from lora_tune.data.preview import build_preview, format_preference_preview, format_preview
-from lora_tune.evaluate import head, preference, run
+from lora_tune.data.preview import build_preview, format_preview
+from lora_tune.evaluate import run
 from lora_tune.evaluate.result import EvalReport
 from lora_tune.model.load import load_tokenizer
 from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import release_run_dir
-from lora_tune.training.classifier import train_classifier
+from lora_tune.tasks.classification import evaluate as classification_eval
+from lora_tune.tasks.classification.training import ClassificationTraining
+from lora_tune.tasks.preference import evaluate as preference_eval
+from lora_tune.tasks.preference.preview import format_preference_preview
+from lora_tune.tasks.preference.training import PreferenceTraining
+from lora_tune.tasks.sft import evaluate as sft_eval
+from lora_tune.tasks.sft.training import SftTraining
+from lora_tune.training.lifecycle import TaskTraining, run_training
 from lora_tune.training.log import quiet_third_party_noise
-from lora_tune.training.preference import train_preference
 from lora_tune.training.processes import release_process_group
 from lora_tune.training.result import RunResult
-from lora_tune.training.sft import train_sft
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    train: Callable[..., RunResult]  # (recipe, *, overwrite, resume, recipe_path, overrides)
-    checks: Callable[[Recipe, Any], PreflightReport]  # (recipe, tokenizer): `lora-tune check`, and train's step
+    training: TaskTraining  # what the task adds to the run lifecycle (its checks too: `lora-tune check`)
     evaluate: Callable[..., EvalReport]  # (Evaluation, *, base, limit, progress): scores; writes eval.json/eval.md
     console: Callable[[EvalReport, str], str]  # (report, run_dir): the summary `lora-tune eval` prints
     report_kinds: tuple[str, ...]  # EvalReport.task of its reports
@@ -45,30 +48,29 @@ def _preview_chat(recipe: Recipe, tokenizer: Any, *, n: int, color: bool) -> str
     return format_preview(build_preview(recipe, tokenizer, n=n), tokenizer, color=color)
 
 
-def _train_classifier(recipe: Recipe, *, overwrite: bool, **_: Any) -> RunResult:
-    return train_classifier(recipe, overwrite=overwrite)  # a head trains in one go: no resume, no launcher
-
-
 TASKS: dict[str, Task] = {
     "sft": Task(
-        "sft", train_sft, run_checks, run.evaluate_generations, run.format_report, ("text", "labels"), _preview_chat
+        "sft",
+        SftTraining(),
+        sft_eval.evaluate_generations,
+        sft_eval.format_report,
+        ("text", "labels"),
+        _preview_chat,
     ),
     "preference": Task(
         "preference",
-        train_preference,
-        preference_report,
-        preference.evaluate_preference,
-        preference.format_preference_console,
-        (preference.TASK,),
+        PreferenceTraining(),
+        preference_eval.evaluate_preference,
+        preference_eval.format_preference_console,
+        (preference_eval.TASK,),
         format_preference_preview,
     ),
     "classification": Task(
         "classification",
-        _train_classifier,
-        preflight_report,
-        head.evaluate_head_run,
-        head.format_console,
-        (head.TASK,),
+        ClassificationTraining(),
+        classification_eval.evaluate_head_run,
+        classification_eval.format_console,
+        (classification_eval.TASK,),
         _preview_chat,
     ),
 }
@@ -94,8 +96,13 @@ def train(
     ends (lora_tune.run.layout)."""
     quiet_third_party_noise()
     try:
-        return task_of(recipe).train(
-            recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, overrides=overrides
+        return run_training(
+            task_of(recipe).training,
+            recipe,
+            overwrite=overwrite,
+            resume=resume,
+            recipe_path=recipe_path,
+            overrides=overrides,
         )
     finally:
         release_run_dir(recipe.run_dir)
@@ -104,7 +111,7 @@ def train(
 
 def check(recipe: Recipe) -> PreflightReport:
     """`lora-tune check`: the task's pre-flight checks with the tokenizer training would use (no weights load)."""
-    return task_of(recipe).checks(recipe, load_tokenizer(recipe.model))
+    return task_of(recipe).training.checks(recipe, load_tokenizer(recipe.model))
 
 
 def evaluate_run(

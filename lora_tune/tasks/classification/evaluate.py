@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_tune.data.labels import encode_rows
 from lora_tune.data.sources import load_rows
 from lora_tune.evaluate.report import (
     class_score,
@@ -30,6 +29,7 @@ from lora_tune.inference.load import load_model_folder, run_artifact
 from lora_tune.model.load import load_classifier, load_tokenizer
 from lora_tune.recipe.schema import DatasetConfig
 from lora_tune.run.layout import EVAL_JSON, EVAL_MARKDOWN, LABELS_FILE, MODEL_DIR
+from lora_tune.tasks.classification.data import encode_rows
 
 if TYPE_CHECKING:
     from lora_tune.evaluate.result import EvalReport

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lora_tune.data.preference import read_preference_rows, split_completion
 from lora_tune.evaluate.report import markdown_table, number, percent, table_cell
 from lora_tune.evaluate.result import EvalReport, Score
 from lora_tune.evaluate.run import EvalDataError, Evaluation, write_report
@@ -25,6 +24,7 @@ from lora_tune.inference.generate import generate_answers
 from lora_tune.inference.load import load_run_model
 from lora_tune.recipe.schema import DatasetConfig
 from lora_tune.run.layout import EVAL_JSON, EVAL_MARKDOWN
+from lora_tune.tasks.preference.data import read_preference_rows, split_completion
 from lora_tune.training.trl_args import DEFAULT_BETA
 
 TASK = "preference"
