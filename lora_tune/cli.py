@@ -11,6 +11,7 @@ from typing import IO, Any
 
 from lora_tune import __version__
 from lora_tune.errors import LoraTuneError
+from lora_tune.recipe.rules import OBJECTIVES  # light: no ML library, so --help stays fast
 from lora_tune.run.secrets import RedactingStream, install_log_redaction
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
@@ -190,7 +191,7 @@ def _add_planning_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
     new.add_argument(
         "--objective",
         default="sft",
-        choices=("sft", "dpo", "orpo", "kto", "simpo"),
+        choices=tuple(OBJECTIVES),
         help="sft (default), or a preference stage on prompt/chosen/rejected rows (kto: prompt/completion/label)",
     )
     new.add_argument("--data", required=True, help="a local .jsonl or .json file; its format is detected")

@@ -38,6 +38,7 @@ from lora_tune.plan.shape import (
     shape_from_config,
     trainable_parameters,
 )
+from lora_tune.recipe.rules import OBJECTIVES
 from lora_tune.recipe.schema import Recipe
 from lora_tune.training.levers import resolve_optimizer
 
@@ -132,7 +133,7 @@ def tokens_per_step(recipe: Recipe, shape: ModelShape) -> int:
 
 def needs_reference_pass(recipe: Recipe) -> bool:
     """DPO and KTO compare with a reference policy during training unless its log-probabilities are precomputed."""
-    return recipe.training.objective in ("dpo", "kto") and not recipe.preference.precompute_ref_log_probs
+    return OBJECTIVES[recipe.training.objective].reference and not recipe.preference.precompute_ref_log_probs
 
 
 def weight_bytes(shape: ModelShape, bits: int | None, double_quant: bool, act: int) -> tuple[int, str]:

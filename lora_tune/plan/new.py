@@ -19,6 +19,7 @@ from lora_tune.data.sources import load_rows
 from lora_tune.plan.catalog import CatalogError, shipped_config
 from lora_tune.plan.memory import GIB, estimate
 from lora_tune.plan.shape import ModelShape, shape_from_config
+from lora_tune.recipe.rules import OBJECTIVES
 from lora_tune.recipe.schema import DatasetConfig, Recipe
 from lora_tune.training.trl_args import DEFAULT_BETA
 
@@ -158,7 +159,7 @@ def detect_data(path: str, objective: str = "sft") -> tuple[str, int]:
         raise CatalogError(f"--data: '{path}' has no rows")
     if objective == "sft":
         return detect_format(rows[0], file=path), len(rows)
-    wanted = ("completion", "label") if objective == "kto" else ("chosen", "rejected")
+    wanted = OBJECTIVES[objective].answers
     if not all(column in rows[0] for column in wanted):
         raise CatalogError(
             f"--data: '{path}': {objective} reads rows with {' and '.join(wanted)}; the first row has none"

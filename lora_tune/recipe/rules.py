@@ -5,6 +5,7 @@ Imports no ML library: `lora-tune validate` runs these rules.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from lora_tune.errors import FieldError
@@ -48,20 +49,75 @@ METHOD_KEYS: dict[str, set[str]] = {
 }
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
 Objective = Literal["sft", "dpo", "orpo", "kto", "simpo"]
-# The `preference:` keys each objective reads; a key set for another objective is refused.
-PREFERENCE_KEYS: dict[str, set[str]] = {
-    "sft": set(),
-    "dpo": {"beta", "loss_type", "label_smoothing", "precompute_ref_log_probs"},
-    "orpo": {"beta"},
-    "kto": {"beta", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs"},
-    "simpo": {"beta", "simpo_gamma", "label_smoothing"},
+PAIRWISE = ("loss", "rewards/accuracies", "rewards/margins")  # what TRL's pairwise trainers log at evaluation
+
+
+@dataclass(frozen=True)
+class ObjectiveNeeds:
+    """What one training objective needs and reads. `OBJECTIVES` is the one table: validation, the trainer
+    arguments, the data reader, the pre-flight, the planner and `lora-tune new` all look objectives up there."""
+
+    rows: str  # the row format it reads: "chat" (SFT's formats), "preference" (prompt/chosen/rejected) or "kto"
+    answers: tuple[str, ...]  # a row's answer columns, beside its prompt
+    preference_keys: frozenset[str]  # the `preference:` keys it reads; the others are refused
+    best_metrics: tuple[str, ...]  # the validation metrics its trainer logs, which training.best_metric may name
+    reference: bool  # a reference policy computes log-probs (the adapter switched off), unless precomputed
+    default_beta: float | None  # preference.beta when the recipe sets none: the paper's and TRL's default
+    activation_offloading: bool  # its trainer honours training.activation_offloading
+
+
+OBJECTIVES: dict[str, ObjectiveNeeds] = {
+    "sft": ObjectiveNeeds("chat", (), frozenset(), ("loss", "mean_token_accuracy"), False, None, True),
+    "dpo": ObjectiveNeeds(
+        "preference",
+        ("chosen", "rejected"),
+        frozenset({"beta", "loss_type", "label_smoothing", "precompute_ref_log_probs"}),
+        PAIRWISE,
+        True,
+        0.1,
+        True,
+    ),
+    "orpo": ObjectiveNeeds("preference", ("chosen", "rejected"), frozenset({"beta"}), PAIRWISE, False, 0.1, False),
+    "kto": ObjectiveNeeds(
+        "kto",
+        ("completion", "label"),
+        frozenset({"beta", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs"}),
+        ("loss",),  # KTO logs no pairwise accuracy
+        True,
+        0.1,
+        True,
+    ),
+    "simpo": ObjectiveNeeds(
+        "preference",
+        ("chosen", "rejected"),
+        frozenset({"beta", "simpo_gamma", "label_smoothing"}),
+        PAIRWISE,
+        False,
+        2.0,
+        False,  # TRL's CPO trainer, which runs SimPO
+    ),
 }
-PREFERENCE_FORMATS = {"dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "kto"}
-# The validation metrics each objective's trainer logs, which best_metric may name.
-PAIRWISE = ("loss", "rewards/accuracies", "rewards/margins")
-BEST_METRICS = {"sft": ("loss", "mean_token_accuracy"), "dpo": PAIRWISE, "orpo": PAIRWISE, "simpo": PAIRWISE}
-BEST_METRICS["kto"] = ("loss",)
-SFT_ONLY_TRAINING_KEYS = ("packing", "train_on")  # what the SFT loop reads and the preference trainers do not
+PREFERENCE_OBJECTIVES = tuple(name for name, needs in OBJECTIVES.items() if needs.rows != "chat")
+# What a classification run logs at evaluation: its loss, and the head's accuracy (tasks/classification).
+CLASSIFICATION_METRICS = ("loss", "accuracy")
+
+# Settings only some runs honour, by run kind (Recipe.run_kind: "classification", or the training objective): the
+# others' trainers would ignore them without a word, so validate refuses them there, naming the key and the run, and
+# the resolved recipe leaves them out. A key names a field, or a whole section.
+HONOURED_BY: dict[str, frozenset[str]] = {
+    "training.packing": frozenset({"sft"}),  # the SFT data pipeline packs
+    "training.train_on": frozenset({"sft"}),  # SFT's loss masking
+    "training.liger": frozenset({"sft"}),  # applied to the SFT model (tasks/sft)
+    "training.activation_offloading": frozenset(k for k, n in OBJECTIVES.items() if n.activation_offloading),
+    "distributed": frozenset({"sft"}),  # only SFT runs in several processes (tasks/<task>/training.py)
+}
+
+
+def best_metrics(run_kind: str) -> tuple[str, ...]:
+    """The validation metrics a run of this kind logs."""
+    return CLASSIFICATION_METRICS if run_kind == "classification" else OBJECTIVES[run_kind].best_metrics
+
+
 # Keys that still apply when an earlier run's adapter (and its saved settings) is continued.
 CONTINUE_KEYS = {"method", "init_from", "loraplus_lr_ratio"}
 
@@ -140,14 +196,16 @@ def _check_adalora(recipe: Recipe) -> None:
 
 
 def check_objective(recipe: Recipe) -> None:
-    """The preference settings belong to the objective; the data and task fit it."""
+    """The preference settings belong to the objective; the data and task fit it; the run honours every setting."""
     objective = recipe.training.objective
-    _check_best_metric(objective, recipe.training.best_metric)
-    allowed = PREFERENCE_KEYS[objective]
-    foreign = sorted(recipe.preference.model_fields_set - allowed)
+    needs = OBJECTIVES[objective]
+    _check_best_metric(recipe.run_kind, recipe.training.best_metric)
+    foreign = sorted(recipe.preference.model_fields_set - needs.preference_keys)
     if foreign:
-        reads = f"it reads {', '.join(sorted(allowed))}" if allowed else "set training.objective to use them"
+        reads = f"it reads {', '.join(sorted(needs.preference_keys))}" if needs.preference_keys else ""
+        reads = reads or "set training.objective to use them"
         raise FieldError(f"preference.{foreign[0]}", f"is not read by training.objective {objective}; {reads}")
+    check_honoured(recipe)
     if objective == "sft":
         preference_formats = [d.format for d in recipe.datasets if d.format in ("preference", "kto")]
         if preference_formats:
@@ -155,19 +213,37 @@ def check_objective(recipe: Recipe) -> None:
         return
     if recipe.task.type != "sft":
         raise FieldError("training.objective", f"{objective} trains a causal LM; task.type must be sft")
-    for key in SFT_ONLY_TRAINING_KEYS:
-        if key in recipe.training.model_fields_set:
-            raise FieldError(f"training.{key}", f"applies to training.objective sft only, not {objective}")
-    wanted = PREFERENCE_FORMATS[objective]
     for source in (*recipe.datasets, *recipe.eval_datasets, *recipe.test_datasets):
-        if source.format not in ("auto", wanted):
+        if source.format not in ("auto", needs.rows):
             raise FieldError(
-                "datasets", f"'{source.path}': {objective} reads {wanted} rows, not format {source.format}"
+                "datasets", f"'{source.path}': {objective} reads {needs.rows} rows, not format {source.format}"
             )
 
 
-def _check_best_metric(objective: str, metric: str) -> None:
-    """The metric must be one the objective's trainer logs at evaluation (KTO logs no pairwise accuracy)."""
-    logged = BEST_METRICS[objective]
+def check_honoured(recipe: Recipe) -> None:
+    """A setting the run would ignore (HONOURED_BY) is refused, naming the key and the run."""
+    kind = recipe.run_kind
+    for key, kinds in HONOURED_BY.items():
+        if kind not in kinds and _is_set(recipe, key):
+            runs = ", ".join(sorted(kinds))
+            raise FieldError(key, f"is not honoured by {_describe(kind)} runs (only by {runs}); remove it")
+
+
+def _is_set(recipe: Recipe, key: str) -> bool:
+    section, _, name = key.partition(".")
+    if section not in recipe.model_fields_set:
+        return False
+    return not name or name in getattr(recipe, section).model_fields_set
+
+
+def _describe(kind: str) -> str:
+    return "classification" if kind == "classification" else f"training.objective {kind}"
+
+
+def _check_best_metric(kind: str, metric: str) -> None:
+    """The metric must be one the run's trainer logs at evaluation (KTO logs no pairwise accuracy)."""
+    logged = best_metrics(kind)
     if metric not in logged:
-        raise FieldError("training.best_metric", f"{objective} logs {', '.join(logged)} at evaluation, not {metric}")
+        raise FieldError(
+            "training.best_metric", f"{_describe(kind)} logs {', '.join(logged)} at evaluation, not {metric}"
+        )

@@ -25,9 +25,10 @@ from pydantic import (
 from lora_tune.errors import FieldError
 from lora_tune.recipe.rules import (
     CONTINUE_KEYS,
+    HONOURED_BY,
     METHOD_KEYS,
-    PREFERENCE_KEYS,
-    SFT_ONLY_TRAINING_KEYS,
+    OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
     Method,
     Objective,
     check_adapter,
@@ -390,11 +391,12 @@ class TrainingConfig(StrictModel):
         description="Make the saved adapter the checkpoint with the best validation metric, not the last step "
         "(needs a checkpoint at each evaluation: save_strategy = eval_strategy, save_steps a multiple of eval_steps).",
     )
-    best_metric: Literal["loss", "mean_token_accuracy", "rewards/accuracies", "rewards/margins"] = Field(
+    best_metric: Literal["loss", "mean_token_accuracy", "rewards/accuracies", "rewards/margins", "accuracy"] = Field(
         "loss",
         description="Validation metric that picks the best checkpoint, drives early stopping and "
         "reduce_lr_on_plateau: loss (lower is better; perplexity ranks the same) or mean_token_accuracy (higher); "
-        "preference runs (dpo, orpo, simpo): rewards/accuracies or rewards/margins (higher).",
+        "preference runs (dpo, orpo, simpo): rewards/accuracies or rewards/margins (higher); classification: "
+        "accuracy (higher).",
     )
     plateau_patience: int = Field(
         1,
@@ -569,7 +571,7 @@ class TaskConfig(StrictModel):
 
 
 class PreferenceConfig(StrictModel):
-    """Settings of the preference objectives; each objective reads only its own (recipe.rules.PREFERENCE_KEYS)."""
+    """Settings of the preference objectives; each objective reads only its own (recipe.rules.OBJECTIVES)."""
 
     beta: PositiveFloat | None = Field(
         None,
@@ -625,13 +627,30 @@ class Recipe(StrictModel):
         refused when the saved recipe is read back), and no `preference:` section at all for sft; a preference
         recipe leaves out the training keys only sft reads."""
         data = handler(self)
-        keep = PREFERENCE_KEYS[self.training.objective]
+        keep = OBJECTIVES[self.training.objective].preference_keys
         if keep:
             data["preference"] = {k: v for k, v in data["preference"].items() if k in keep}
-            data["training"] = {k: v for k, v in data["training"].items() if k not in SFT_ONLY_TRAINING_KEYS}
         else:
             data.pop("preference", None)
+        for key, kinds in HONOURED_BY.items():  # what this run ignores would be refused when read back
+            section, _, name = key.partition(".")
+            if self.run_kind not in kinds and section in data:
+                if name:
+                    data[section].pop(name, None)
+                else:
+                    data.pop(section)
         return data
+
+    @property
+    def run_kind(self) -> str:
+        """What kind of run this is: "classification", else the training objective (sft, dpo, orpo, kto, simpo).
+        recipe.rules.HONOURED_BY says which settings each kind honours."""
+        return "classification" if self.task.type == "classification" else self.training.objective
+
+    @property
+    def task_name(self) -> str:
+        """The task that trains this recipe (lora_tune/tasks/<task>/): sft, preference or classification."""
+        return "preference" if self.run_kind in PREFERENCE_OBJECTIVES else self.run_kind
 
     @property
     def run_dir(self) -> RunDir:

@@ -77,10 +77,8 @@ TASKS: dict[str, Task] = {
 
 
 def task_of(recipe: Recipe) -> Task:
-    """The recipe's task: classification, sft, or the preference objectives (training.objective)."""
-    if recipe.task.type == "sft" and recipe.training.objective != "sft":
-        return TASKS["preference"]
-    return TASKS[recipe.task.type]
+    """The recipe's task: classification, sft, or preference for the preference objectives (Recipe.task_name)."""
+    return TASKS[recipe.task_name]
 
 
 def train(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.data.packing import sft_packing_args
+from lora_tune.recipe.rules import OBJECTIVES
 from lora_tune.recipe.schema import Recipe
 from lora_tune.training.distributed import Processes, deepspeed_config_path, launched_strategy, resolve_strategy
 from lora_tune.training.levers import run_shape
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
     from trl import SFTConfig
 
 OPTIMIZERS = {"adamw_8bit": "adamw_bnb_8bit"}
-DEFAULT_BETA = {"dpo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}  # the papers' and TRL's defaults
+# preference.beta when a recipe sets none, by objective (recipe.rules.OBJECTIVES: the papers' and TRL's defaults)
+DEFAULT_BETA = {name: needs.default_beta for name, needs in OBJECTIVES.items() if needs.default_beta is not None}
 
 
 def mixed_precision_flags(recipe: Recipe, model_dtype: torch.dtype) -> dict[str, bool]:
@@ -48,16 +50,12 @@ def to_preference_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torc
     recipe's training.objective, with the objective's `preference:` settings."""
     config_class = preference_classes(recipe.training.objective)[1]
     p, objective = recipe.preference, recipe.training.objective
-    fields: dict[str, Any] = {"beta": p.beta if p.beta is not None else DEFAULT_BETA[objective]}
+    fields: dict[str, Any] = {key: getattr(p, key) for key in OBJECTIVES[objective].preference_keys}
+    fields["beta"] = p.beta if p.beta is not None else DEFAULT_BETA[objective]
     if objective == "dpo":
-        fields |= {"loss_type": [p.loss_type], "label_smoothing": p.label_smoothing}
-    if objective in ("dpo", "kto"):
-        fields["precompute_ref_log_probs"] = p.precompute_ref_log_probs
-    if objective == "kto":
-        fields |= {"desirable_weight": p.desirable_weight, "undesirable_weight": p.undesirable_weight}
+        fields["loss_type"] = [p.loss_type]  # TRL's DPO takes a list of losses (weighted when several)
     if objective == "simpo":
-        fields |= {"loss_type": "simpo", "cpo_alpha": 0.0, "simpo_gamma": p.simpo_gamma}
-        fields["label_smoothing"] = p.label_smoothing
+        fields |= {"loss_type": "simpo", "cpo_alpha": 0.0}  # CPO's SimPO loss, without CPO's SFT term
     return config_class(
         **trainer_fields(recipe, checkpoint_dir, model_dtype, config_class),
         max_length=recipe.training.max_length,

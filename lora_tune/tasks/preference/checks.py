@@ -18,6 +18,7 @@ from lora_tune.check.checks import read_generation_stops
 from lora_tune.check.report import CheckResult, PreflightReport
 from lora_tune.data.sources import Origin
 from lora_tune.errors import DataError
+from lora_tune.recipe.rules import OBJECTIVES
 from lora_tune.recipe.schema import Recipe
 from lora_tune.tasks.preference.data import (
     load_preference_splits,
@@ -29,7 +30,7 @@ from lora_tune.tasks.preference.data import (
 
 def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     """`lora-tune check` (and train's pre-flight step) for a preference recipe."""
-    kto = recipe.training.objective == "kto"
+    kto = OBJECTIVES[recipe.training.objective].rows == "kto"
     refused: list[tuple[Origin, DataError]] = []
     training = [pair for s in recipe.datasets for pair in preference_rows_with_origins(s, kto=kto, refused=refused)]
     held = [pair for s in recipe.eval_datasets for pair in preference_rows_with_origins(s, kto=kto, refused=refused)]

@@ -25,6 +25,7 @@ from typing import Any
 from lora_tune.data.formats import map_columns
 from lora_tune.data.sources import Origin, RowLimit, read_source, text_chars
 from lora_tune.errors import DataError
+from lora_tune.recipe.rules import OBJECTIVES
 from lora_tune.recipe.schema import DatasetConfig, Recipe
 
 PAIR_COLUMNS = ("chosen", "rejected")
@@ -44,7 +45,7 @@ class PreferenceSplits:
 
 def load_preference_splits(recipe: Recipe) -> PreferenceSplits:
     """Every source of the recipe read and checked; validation from eval_datasets or a seeded val_size share."""
-    kto = recipe.training.objective == "kto"
+    kto = OBJECTIVES[recipe.training.objective].rows == "kto"
     train = [row for source in recipe.datasets for row in read_preference_rows(source, kto=kto)]
     validation = [row for source in recipe.eval_datasets for row in read_preference_rows(source, kto=kto)]
     test = [row for source in recipe.test_datasets for row in read_preference_rows(source, kto=kto)]

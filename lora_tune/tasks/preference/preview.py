@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lora_tune.data.preview import ANSI_RESET, ANSI_TRAINED, CLOSE, OPEN, LengthStats
+from lora_tune.recipe.rules import OBJECTIVES
 from lora_tune.recipe.schema import Recipe
 from lora_tune.tasks.preference.data import load_preference_splits, tokenize_pair
 
@@ -26,7 +27,7 @@ def format_preference_preview(recipe: Recipe, tokenizer: PreTrainedTokenizerBase
         f"{len(splits.test)} test",
         f"  prompt tokens:  {LengthStats.of([len(p) for p, _ in tokenized]).describe()}",
     ]
-    for i, name in enumerate(("chosen", "rejected") if recipe.training.objective != "kto" else ("completion",)):
+    for i, name in enumerate(a for a in OBJECTIVES[recipe.training.objective].answers if a != "label"):
         lines.append(f"  {name} tokens: {LengthStats.of([len(a[i]) for _, a in tokenized]).describe()}")
     lines.append(f"  cut by max_length {limit}: {cut} of {len(tokenized)} rows")
     for (prompt, answers), row in list(zip(tokenized, splits.train, strict=True))[:n]:

@@ -28,7 +28,7 @@ def test_each_objective_validates_with_its_defaults(objective: str):
         ),
         ({"training": {"objective": "dpo"}, "preference": {"simpo_gamma": 1.0}}, "it reads beta, label_smoothing"),
         ({"preference": {"beta": 0.1}}, "set training.objective to use them"),
-        ({"training": {"objective": "dpo", "packing": True}}, "applies to training.objective sft only"),
+        ({"training": {"objective": "dpo", "packing": True}}, "not honoured by training.objective dpo runs"),
         (
             {"training": {"objective": "kto"}, "datasets": [{"path": "p.jsonl", "format": "preference"}]},
             "reads kto rows",
@@ -55,3 +55,81 @@ def test_the_resolved_recipe_reads_back_as_the_same_recipe(tmp_path, objective: 
     saved.write_text(dump_resolved(original))
     assert load_recipe(saved, check_paths=False) == original
     assert ("preference:" in saved.read_text()) == (objective != "sft")
+
+
+CLASSIFY = {"type": "classification", "labels": ["a", "b"]}
+
+
+@pytest.mark.parametrize(
+    ("sections", "key", "run"),
+    [
+        ({"task": CLASSIFY, "training": {"packing": True}}, "training.packing", "classification"),
+        ({"task": CLASSIFY, "training": {"train_on": "all"}}, "training.train_on", "classification"),
+        ({"task": CLASSIFY, "training": {"liger": False}}, "training.liger", "classification"),
+        (
+            {"task": CLASSIFY, "training": {"activation_offloading": True}},
+            "training.activation_offloading",
+            "classification",
+        ),
+        ({"task": CLASSIFY, "distributed": {"strategy": "ddp"}}, "distributed", "classification"),
+        ({"training": {"objective": "kto", "liger": True}}, "training.liger", "training.objective kto"),
+        (
+            {"training": {"objective": "orpo", "activation_offloading": True}},
+            "training.activation_offloading",
+            "training.objective orpo",
+        ),
+        (
+            {"training": {"objective": "simpo"}, "distributed": {"strategy": "fsdp"}},
+            "distributed",
+            "training.objective simpo",
+        ),
+    ],
+)
+def test_a_setting_the_run_would_ignore_is_refused_naming_the_key_and_the_run(tmp_path, sections, key, run):
+    """tasks/classification and the preference trainers would ignore these without a word (the table:
+    recipe.rules.HONOURED_BY); each is refused in one line naming the key and the run."""
+    import yaml
+
+    from lora_tune.errors import RecipeError
+    from lora_tune.recipe.load import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**recipe().model_dump(include={"model", "datasets", "output_dir"}), **sections}))
+    with pytest.raises(RecipeError, match=f"{key}: is not honoured by {run}"):
+        load_recipe(path, check_paths=False)
+
+
+@pytest.mark.parametrize(
+    ("sections", "ok"),
+    [
+        ({"task": CLASSIFY, "training": {"best_metric": "accuracy"}}, True),
+        ({"task": CLASSIFY, "training": {"best_metric": "mean_token_accuracy"}}, False),
+        ({"training": {"objective": "dpo", "best_metric": "accuracy"}}, False),
+        ({"training": {"objective": "sft", "packing": False, "liger": False}}, True),
+        ({"training": {"objective": "dpo", "activation_offloading": True}}, True),
+    ],
+)
+def test_what_each_run_honours_is_accepted(sections: dict, ok: bool):
+    if ok:
+        recipe(**sections)
+    else:
+        with pytest.raises(ValidationError, match="logs loss"):
+            recipe(**sections)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"task": CLASSIFY},
+        {"training": {"objective": "orpo"}},
+        {"training": {"objective": "sft", "liger": False}, "distributed": {"strategy": "fsdp"}},
+    ],
+)
+def test_every_kind_of_run_reads_its_resolved_recipe_back(tmp_path, sections: dict):
+    """The resolved recipe leaves out what the run does not honour, so merge, eval and resume can read it back."""
+    from lora_tune.recipe.load import dump_resolved, load_recipe
+
+    original = recipe(**sections)
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(dump_resolved(original))
+    assert load_recipe(saved, check_paths=False) == original
