@@ -26,7 +26,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_tune.inference.generate import generate_answers
+    from lora_tune.inference.answers import generate_answers
     from lora_tune.quickstart.tiny import build_tiny_llama, build_tokenizer
     from lora_tune.recipe.schema import EvalConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +13,8 @@ from lora_tune.check.examples import ExampleFacts, inspect_row, mark_trained, sa
 from lora_tune.check.report import CheckResult, MarkedExample, PreflightError, PreflightReport
 from lora_tune.check.rules import PER_EXAMPLE_CHECKS, TEMPLATE_FIX, Context
 from lora_tune.data.masking import TemplateError
-from lora_tune.recipe.schema import ModelConfig, Recipe
+from lora_tune.model.stops import read_generation_stops
+from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import write_json_atomic
 
 if TYPE_CHECKING:
@@ -85,25 +86,6 @@ def preflight(
     return report
 
 
-def read_generation_stops(model: ModelConfig) -> tuple[list[int] | None, str]:
-    """The token ids generation stops on, read from generation_config.json, else config.json; no weights load."""
-    from transformers import AutoConfig, GenerationConfig
-
-    try:
-        config = GenerationConfig.from_pretrained(model.name, revision=model.revision)
-        return _ids(config.eos_token_id), f"{model.name}: generation_config.json"
-    except (OSError, ValueError):
-        pass
-    try:
-        config = AutoConfig.from_pretrained(
-            model.name, revision=model.revision, trust_remote_code=model.trust_remote_code
-        )
-    except (OSError, ValueError, KeyError):
-        return None, f"no generation_config.json or config.json found for '{model.name}'; the tokenizer's EOS"
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return _ids(getattr(text_config, "eos_token_id", None)), f"{model.name}: config.json"
-
-
 def chat_template_text(tokenizer: PreTrainedTokenizerBase) -> str:
     """The template `apply_chat_template` uses (the default one when the tokenizer has several)."""
     template = tokenizer.chat_template
@@ -114,12 +96,6 @@ def chat_template_text(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _ids(value: int | Sequence[int] | None) -> list[int]:
-    if value is None:
-        return []
-    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from lora_tune.check.examples import ExampleFacts
 from lora_tune.check.report import CheckResult, Status
+from lora_tune.model.stops import config_stops
 from lora_tune.recipe.schema import Recipe
 from lora_tune.recipe.templates import builtin_for
 
@@ -41,10 +42,8 @@ class Context:
         return self.special_ids | set(self.stops())
 
     def stops(self) -> list[int]:
-        """What generation will stop on: the generation config's eos ids, else the tokenizer's EOS."""
-        if self.generation_stops is not None:
-            return self.generation_stops
-        return [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        """What generation will stop on by the base's own generation config (`model.stops.config_stops`)."""
+        return config_stops(self.tokenizer, self.generation_stops)
 
 
 def _result(

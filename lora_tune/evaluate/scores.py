@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.data.masking import IGNORE_INDEX, tokenize_batch
-from lora_tune.inference.generate import _TRAILING_PUNCTUATION, Message
+from lora_tune.inference.answers import _TRAILING_PUNCTUATION, Message
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

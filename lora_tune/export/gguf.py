@@ -27,6 +27,7 @@ from lora_tune.export.gguf_quantize import K_QUANTS, llama_cpp_module, quantize
 from lora_tune.export.gguf_verify import GgufCheck, llama_cpp_stops, merged_tokenizer, verify_gguf
 from lora_tune.export.merging import merge
 from lora_tune.export.ollama import modelfile
+from lora_tune.model.stops import generation_stops, read_generation_stops
 from lora_tune.model.weights import check_model_folder
 from lora_tune.run.layout import RunDir, write_json_atomic
 from lora_tune.run.locks import held
@@ -181,7 +182,7 @@ def _export(source: Path, is_run: bool, build: Path, target: Path, quant: str, m
         quantize(conversion.path, partial, quant)
         (build / "f16.gguf").unlink()
     check = verify_gguf(partial, merged_dir)
-    stops, checked = _generation_stops(partial, merged_dir)
+    stops, checked = _stops_in_llama_cpp(partial, merged_dir)
     record(target.parent, GGUF_FOLDER, [target.name])  # listed first: an unlisted .gguf would be the user's
     partial.replace(target)  # the only moment the file appears under its name
     return GgufResult(
@@ -261,62 +262,30 @@ def _with_added_tokens(merged_dir: Path) -> dict[str, Any] | None:
     return {**config, "added_tokens_decoder": listed}
 
 
-def trained_stops(merged_dir: Path) -> list[int]:
-    """The ids generation stops on in the merged model: its generation_config's eos_token_id (merge adds the
-    end-of-turn tokens the run trained), else the tokenizer's EOS."""
-    config_path = merged_dir / "generation_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    listed = config.get("eos_token_id")
-    if listed is None:
-        tokenizer_config = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
-        listed = tokenizer_config.get("eos_token_id")
-    return [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+def _stops_in_llama_cpp(gguf_path: Path, merged_dir: Path) -> tuple[list[str], bool]:
+    """The texts of the tokens the merged model stops on (`model.stops.generation_stops`) that llama.cpp ends
+    generation on, and whether llama.cpp (when installed) was asked; without it, all of them.
 
-
-def _generation_stops(gguf_path: Path, merged_dir: Path) -> tuple[list[str], bool]:
-    """The texts of the tokens the merged model stops on, and whether llama.cpp (when installed) was asked.
-
-    The token that closes an assistant turn in the chat template must end generation in llama.cpp, or the exported
-    model runs on past its answers; other stop tokens the merged model lists (a base's spare EOS variants) that
-    llama.cpp does not stop on are only logged."""
+    The first, the token that closes an assistant turn in the chat template (else EOS), must end generation in
+    llama.cpp, or the exported model runs on past its answers; other stop tokens the merged model lists (a base's
+    spare EOS variants) that llama.cpp does not stop on are only logged."""
     tokenizer = merged_tokenizer(merged_dir)
-    stops = trained_stops(merged_dir)
-    closing = end_of_turn_id(tokenizer)
-    required = [closing] if closing is not None else [i for i in [tokenizer.eos_token_id] if i is not None]
-    stops = list(dict.fromkeys([*required, *stops]))
+    stops = generation_stops(tokenizer, read_generation_stops(merged_dir)[0])
     texts = [str(t) for t in tokenizer.convert_ids_to_tokens(stops)]
     try:
         llama_cpp_module()
     except ExportError:
         return texts, False
     ends = llama_cpp_stops(gguf_path, stops)  # the whole model loaded: a file llama.cpp cannot load is refused
-    missing = [text for i, text in zip(stops, texts, strict=True) if i in required and i not in ends]
-    if missing:
+    if stops and stops[0] not in ends:
         raise VerificationError(
-            f"llama.cpp would not stop generating at {', '.join(missing)}, which closes the assistant's turns in "
+            f"llama.cpp would not stop generating at {texts[0]}, which closes the assistant's turns in "
             "the chat template; the exported file would run on past the end of its answers"
         )
     ignored = [text for i, text in zip(stops, texts, strict=True) if i not in ends]
     if ignored:
         log.warning("export: llama.cpp does not stop on %s (listed in generation_config.json)", ", ".join(ignored))
     return [text for i, text in zip(stops, texts, strict=True) if i in ends], True
-
-
-def end_of_turn_id(tokenizer: Any) -> int | None:
-    """The special token the chat template writes right after an assistant's answer, or None (no template, or
-    plain text follows the answer)."""
-    marker = "lora-tune-answer-marker"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
-    except Exception:  # noqa: BLE001 - a template that refuses this conversation shape: no answer from it
-        return None
-    if not isinstance(text, str) or marker not in text:
-        return None
-    ids = tokenizer(text.split(marker, 1)[1], add_special_tokens=False)["input_ids"]
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    return ids[0] if ids and ids[0] in special else None
 
 
 def _write_companions(output: Path, result: GgufResult, merged_dir: Path) -> None:

@@ -34,6 +34,7 @@ from lora_tune.export.verify import verify_merge
 from lora_tune.export.vocab import NeedsPeftMerge, resize_to_adapter, resized_vocab
 from lora_tune.methods.runtime import LINEAGE_FILE
 from lora_tune.model.load import load_tokenizer, resolve_dtype
+from lora_tune.model.stops import generation_stops, read_generation_stops, trained_stops
 from lora_tune.model.weights import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -46,7 +47,7 @@ from lora_tune.model.weights import (
     write_safetensors,
 )
 from lora_tune.recipe.load import load_recipe
-from lora_tune.run.layout import PREFLIGHT_FILE, RunDir, write_json_atomic
+from lora_tune.run.layout import RunDir, write_json_atomic
 from lora_tune.run.locks import held
 from lora_tune.run.outputs import (
     BUILD_MARKER,
@@ -470,26 +471,24 @@ def copy_tokenizer(adapter: Path, build: Path, recipe: Recipe, base_dir: Path | 
 
 
 def add_trained_stops(run: RunDir, build: Path) -> None:
-    """generation_config.eos_token_id lists the end-of-turn tokens training taught (the pre-flight report's stop
-    tokens), so the merged model stops where the trained one stops even when the base's generation config names
-    only its EOS (a base, not instruct, checkpoint; or a run trained with preflight.on_failure: warn)."""
-    report = run.root / PREFLIGHT_FILE
-    stops = json.loads(report.read_text(encoding="utf-8")).get("stop_tokens") if report.is_file() else None
-    if not stops:
-        return
+    """generation_config.eos_token_id lists every token the run stops on (`model.stops.generation_stops`: the
+    template's end of turn, EOS, the base's own stops and the end-of-turn tokens training taught, from the
+    pre-flight report), so the merged model stops where the trained one stops in any tool, even when the base's
+    generation config names only its EOS (a base, not instruct, checkpoint; or a run trained with
+    preflight.on_failure: warn). The base's own ids keep their order, first."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(build)
-    ids = [i for i in tokenizer.convert_tokens_to_ids(stops) if isinstance(i, int) and i != tokenizer.unk_token_id]
+    configured, _ = read_generation_stops(build)
+    current = configured or []
+    stops = generation_stops(AutoTokenizer.from_pretrained(build), configured, trained_stops(run))
+    missing = [i for i in stops if i not in current]
+    if not missing:
+        return
     path = build / "generation_config.json"
     config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    listed = config.get("eos_token_id")
-    current = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
-    missing = [i for i in ids if i not in current]
-    if missing:
-        config["eos_token_id"] = current + missing
-        write_json_atomic(path, config)
-        log.info("merge: generation_config.eos_token_id now also lists %s, the end-of-turn token(s) trained", missing)
+    config["eos_token_id"] = current + missing
+    write_json_atomic(path, config)
+    log.info("merge: generation_config.eos_token_id now also lists %s, which the run stops on", missing)
 
 
 __all__ = ["DTYPES", "MergeResult", "SINGLE_FILE", "merge"]

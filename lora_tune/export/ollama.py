@@ -1,5 +1,5 @@
 """The Ollama `Modelfile` written beside a GGUF export: FROM the file, the chat template in Ollama's Go-template
-form, and a stop parameter per end-of-turn token.
+form, and a stop parameter per token generation stops on.
 
 Ollama does not run Jinja: it needs the prompt format as a Go template. lora-tune writes one for each turn format it
 has a built-in template for (chatml, qwen, llama-3, gemma, mistral, llama-2, alpaca), recognised from the chat
@@ -70,10 +70,9 @@ def template_format(chat_template: str | None) -> str | None:
 
 
 def modelfile(gguf_name: str, merged_dir: Path, stops: list[str]) -> str:
-    """The Modelfile text for `gguf_name` (in the same folder), from the merged folder's chat template."""
-    tokenizer = merged_tokenizer(merged_dir)
-    name = template_format(tokenizer.chat_template)
-    stop_texts = stops or [tokenizer.eos_token or ""]
+    """The Modelfile text for `gguf_name` (in the same folder), from the merged folder's chat template, with a stop
+    parameter per token text in `stops` (those llama.cpp ends generation on: `model.stops.generation_stops`)."""
+    name = template_format(merged_tokenizer(merged_dir).chat_template)
     lines = [
         "# Ollama: ollama create NAME -f Modelfile && ollama run NAME",
         f"FROM ./{gguf_name}",
@@ -86,7 +85,7 @@ def modelfile(gguf_name: str, merged_dir: Path, stops: list[str]) -> str:
             "# No TEMPLATE: the trained chat template is not one lora-tune can write as an Ollama template; Ollama "
             "picks one from the file's tokenizer.chat_template. Check the prompt with `ollama show NAME --template`."
         )
-    lines += [f"PARAMETER stop {_quoted(text)}" for text in dict.fromkeys(stop_texts) if text]
+    lines += [f"PARAMETER stop {_quoted(text)}" for text in dict.fromkeys(stops) if text]
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from lora_tune.inference.generate import generation_kwargs, stop_token_ids
+from lora_tune.inference.answers import generation_kwargs
 from lora_tune.inference.load import LoadedModel, ModelFolderError
+from lora_tune.model.stops import stop_token_ids
 from lora_tune.recipe.schema import EvalConfig
 
 if TYPE_CHECKING:

@@ -1,9 +1,9 @@
 """A run (the adapter on its base, not merged) or a merged folder, through transformers' `generate()`.
 
 Loading, the chat template, the stop tokens and the decoding settings are those of `lora-tune generate`
-(`inference.load.load_for_inference`, `inference.generate.stop_token_ids` / `generation_kwargs`). Every call runs
-on the server's one generation thread, which is also why the tokenizer (not safe to share across threads) is only
-used here.
+(`inference.load.load_for_inference`, `model.stops.stop_token_ids`, `inference.answers.generation_kwargs`). Every
+call runs on the server's one generation thread, which is also why the tokenizer (not safe to share across threads)
+is only used here.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lora_tune.inference.generate import generation_kwargs, stop_token_ids
+from lora_tune.inference.answers import generation_kwargs
 from lora_tune.inference.load import LoadedModel, load_for_inference
+from lora_tune.model.stops import stop_token_ids
 from lora_tune.serve.backend import OnToken, decoding
 from lora_tune.serve.protocol import ApiError, Sampling
 
@@ -22,7 +23,8 @@ class TransformersBackend:
         self.loaded = loaded
         self.model, self.tokenizer, self.defaults = loaded.model, loaded.tokenizer, loaded.settings
         self.description = loaded.description
-        self.end_ids = set(stop_token_ids(self.model, self.tokenizer)) if self.defaults.stop_on_eos else set()
+        self.stops = stop_token_ids(self.model, self.tokenizer)
+        self.end_ids = set(self.stops) if self.defaults.stop_on_eos else set()
         self.context_length: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self.device = next(self.model.parameters()).device
 
@@ -75,7 +77,7 @@ class TransformersBackend:
                 pad_token_id=self.tokenizer.pad_token_id,
                 streamer=relay,
                 stopping_criteria=relay.criteria(),
-                **generation_kwargs(settings, sorted(self.end_ids) or stop_token_ids(self.model, self.tokenizer)),
+                **generation_kwargs(settings, self.stops),
             )
 
 

@@ -191,7 +191,7 @@ def test_eval_without_a_saved_split_asks_for_data(run: Path, capsys) -> None:
 
 
 def test_generate_streams_the_greedy_answer(run: Path, capsys) -> None:
-    from lora_tune.inference.generate import generate_answers
+    from lora_tune.inference.answers import generate_answers
     from lora_tune.inference.load import load_for_inference
 
     assert main(["generate", str(run), "fruit number 3?"]) == 0

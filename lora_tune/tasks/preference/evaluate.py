@@ -20,7 +20,7 @@ from typing import Any
 from lora_tune.evaluate.report import markdown_table, number, percent, table_cell
 from lora_tune.evaluate.result import EvalReport, Score
 from lora_tune.evaluate.run import EvalDataError, Evaluation, write_report
-from lora_tune.inference.generate import generate_answers
+from lora_tune.inference.answers import generate_answers
 from lora_tune.inference.load import load_run_model
 from lora_tune.recipe.schema import DatasetConfig
 from lora_tune.run.layout import EVAL_JSON, EVAL_MARKDOWN

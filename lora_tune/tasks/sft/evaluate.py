@@ -25,7 +25,7 @@ from lora_tune.evaluate.scores import (
     perplexity_from_nll,
     reference_nll,
 )
-from lora_tune.inference.generate import generate_answers, prompt_messages, reference_answer
+from lora_tune.inference.answers import generate_answers, prompt_messages, reference_answer
 from lora_tune.inference.load import load_base_model, load_run_model
 from lora_tune.recipe.schema import DatasetConfig
 from lora_tune.run.layout import EVAL_JSON, EVAL_MARKDOWN

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.cli import GGUF_QUANTS, main
-from lora_tune.export.gguf import QUANTS, end_of_turn_id
+from lora_tune.export.gguf import QUANTS
 from lora_tune.export.gguf_converter import explain_failure
 from lora_tune.export.ollama import GO_TEMPLATES, modelfile, template_format
 from lora_tune.recipe.templates import BUILTIN_TEMPLATES
@@ -77,18 +77,6 @@ def test_modelfile_names_the_file_the_template_and_quoted_stops(tiny_model_dir: 
     tokenizer.chat_template = "{{ messages[0].content }}"
     tokenizer.save_pretrained(tmp_path)
     assert "TEMPLATE" not in modelfile("x.gguf", tmp_path, []).replace("No TEMPLATE", "")
-
-
-def test_end_of_turn_is_the_special_token_after_the_answer(tiny_model_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tokenizer.chat_template = BUILTIN_TEMPLATES["chatml"].source
-    if "<|im_end|>" not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    assert end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    tokenizer.chat_template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
-    assert end_of_turn_id(tokenizer) is None  # plain text after the answer
 
 
 @pytest.mark.parametrize(

@@ -362,3 +362,22 @@ def test_the_merged_generation_config_stops_on_the_trained_end_of_turn(tiny_mode
     merge(run, tmp_path / "merged", dtype="fp32", verify=False)
     stops = json.loads((tmp_path / "merged" / "generation_config.json").read_text())["eos_token_id"]
     assert stops == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn)]
+
+
+def test_a_base_without_a_generation_config_keeps_its_eos_beside_the_trained_end_of_turn(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    """transformers reads config.json's eos_token_id when a model has no generation_config.json; the one merge
+    writes lists that EOS too, or the merged model would no longer stop on it."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "generation_config.json").unlink()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    assert json.loads((base / "config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
+    run = make_run(tmp_path, base, lora())
+    (run / "preflight.json").write_text(json.dumps({"stop_tokens": ["<|assistant|>"]}))
+    merge(run, tmp_path / "merged", dtype="fp32", verify=False)
+    stops = GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id
+    assert stops == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|assistant|>")]

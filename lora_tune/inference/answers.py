@@ -1,10 +1,10 @@
-"""Generation-based evaluation: answers to chat prompts, scored by exact match; the references' likelihood.
+"""Answers to chat prompts in batches, for evaluation, and the recipe's `eval:` section as generate() arguments.
 
 `generate_answers` renders each conversation up to (not including) its final assistant turn with the tokenizer's
-chat template, generates in left-padded batches (greedy unless the recipe's `eval:` section samples) until the
-end-of-turn token, and returns the decoded new text. `reference_nll` scores the reference answers' tokens
-(assistant-only, exactly the tokens training scores) for a token-level perplexity. `exact_match` compares strings
-as they are; `normalized_exact_match` forgives case, surrounding and repeated whitespace and trailing punctuation.
+chat template, generates in left-padded batches (greedy unless the recipe's `eval:` section samples) until a stop
+token (`model.stops`), and returns the decoded new text. `generation_kwargs` is the one place that spells the `eval:`
+section as `generate()` arguments (also for `lora-tune generate`/`chat` and the server); `prompt_messages` and
+`reference_answer` split a reference conversation into what is asked and what is expected.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import string
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from lora_tune.model.stops import stop_token_ids
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 Message = dict[str, str]
 
+# What normalised exact match forgives at the end of an answer (evaluate.scores.normalize_answer).
 _TRAILING_PUNCTUATION = string.punctuation + "。．！？、"
 
 
@@ -52,19 +55,20 @@ def generate_answers(
 
     A conversation that ends with an assistant turn is asked without it. Prompts are rendered with the chat
     template and `add_generation_prompt=True`, tokenized without extra special tokens (the template writes BOS
-    itself), left-padded in batches; generation is greedy and stops at the tokenizer's EOS (or any EOS of the
-    model's generation config). Only the new tokens are decoded, without special tokens, and stripped. The
-    tokenizer's padding side and pad token are restored afterwards.
+    itself), left-padded in batches; generation is greedy and stops at any of the model's stop tokens
+    (`model.stops.stop_token_ids`: the template's end of turn, EOS, the generation config's). Only the new tokens
+    are decoded, without special tokens, and stripped. The tokenizer's padding side and pad token are restored
+    afterwards.
     """
     import torch
     from tqdm.auto import tqdm
 
-    eos_ids = stop_token_ids(model, tokenizer)
-    if not eos_ids:
-        raise ValueError("neither the tokenizer nor the generation config names an EOS token to stop at")
+    stops = stop_token_ids(model, tokenizer)
+    if not stops:
+        raise ValueError("nothing to stop at: no end-of-turn token in the chat template, no EOS token anywhere")
     if settings is not None:
         max_new_tokens, batch_size = settings.max_new_tokens, settings.batch_size
-    extra = generation_kwargs(settings, eos_ids)
+    extra = generation_kwargs(settings, stops)
     prompts = [
         tokenizer.apply_chat_template(prompt_messages(conv), add_generation_prompt=True, tokenize=False)
         for conv in conversations
@@ -72,7 +76,7 @@ def generate_answers(
     padding_side, borrowed_pad = tokenizer.padding_side, tokenizer.pad_token is None
     tokenizer.padding_side = "left"
     if borrowed_pad:  # e.g. Llama 3: pad with EOS for the while; the attention mask hides it
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos_ids[0])
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(stops[0])
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -98,7 +102,8 @@ def generate_answers(
 
 
 def generation_kwargs(settings: EvalConfig | None, eos_ids: list[int]) -> dict[str, object]:
-    """The recipe's `eval:` section as `generate()` arguments: the one place that spells them."""
+    """The recipe's `eval:` section as `generate()` arguments, stopping at `eos_ids`: the one place that spells
+    them."""
     if settings is None or not settings.do_sample:
         sampling: dict[str, object] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     else:
@@ -107,14 +112,3 @@ def generation_kwargs(settings: EvalConfig | None, eos_ids: list[int]) -> dict[s
         # No EOS to stop at: every answer runs to max_new_tokens (e.g. to see what follows the end of turn).
         return {**sampling, "eos_token_id": None, "min_new_tokens": settings.max_new_tokens}
     return {**sampling, "eos_token_id": eos_ids}
-
-
-def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokenizer's EOS first, then any other EOS of the model's generation config (e.g. an end-of-turn token)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    config = getattr(model, "generation_config", None)
-    extra = getattr(config, "eos_token_id", None)
-    for token_id in [extra] if isinstance(extra, int) else list(extra or []):
-        if token_id not in ids:
-            ids.append(token_id)
-    return ids

@@ -1,4 +1,4 @@
-"""Exact match and its normalisation; greedy batched generation on a tiny local model."""
+"""Exact match and its normalisation; greedy batched generation on a tiny local model, and where it stops."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lora_tune.evaluate.scores import exact_match, normalize_answer, normalized_exact_match
-from lora_tune.inference.generate import generate_answers, prompt_messages, reference_answer
+from lora_tune.inference.answers import generate_answers, prompt_messages, reference_answer
 
 
 def test_exact_match_counts_identical_strings_only() -> None:
@@ -116,8 +116,31 @@ def test_generate_answers_borrows_eos_when_there_is_no_pad_token(peaked_model) -
         tokenizer.pad_token = pad
 
 
+def test_generation_stops_at_the_templates_end_of_turn_even_when_the_configs_name_another_eos(peaked_model) -> None:
+    """A base whose tokenizer and generation config name their own EOS (a base, not instruct, checkpoint), with a
+    template that closes each answer with another special token: answers end at that token, as in the GGUF export."""
+    model, tokenizer = peaked_model
+    end_of_turn, base_eos = tokenizer.convert_tokens_to_ids(["<|end|>", "<|system|>"])
+    asked: list[object] = []
+    generate = model.generate
+
+    def recording(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        asked.append(kwargs["eos_token_id"])
+        return generate(*args, **kwargs)
+
+    eos, configured = tokenizer.eos_token, model.generation_config.eos_token_id
+    tokenizer.eos_token, model.generation_config.eos_token_id = "<|system|>", base_eos
+    model.generate = recording
+    try:
+        generate_answers(model, tokenizer, QUESTIONS[:1], max_new_tokens=2, progress=False)
+    finally:
+        tokenizer.eos_token, model.generation_config.eos_token_id = eos, configured
+        del model.generate
+    assert asked == [[end_of_turn, base_eos]]
+
+
 def test_generation_kwargs_follow_the_eval_section() -> None:
-    from lora_tune.inference.generate import generation_kwargs
+    from lora_tune.inference.answers import generation_kwargs
     from lora_tune.recipe.schema import EvalConfig
 
     greedy = generation_kwargs(EvalConfig(), [7])
