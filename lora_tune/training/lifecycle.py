@@ -10,6 +10,7 @@ TRL's (or transformers') trainer stays the loop: the lifecycle wraps it, it does
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -31,7 +32,8 @@ from lora_tune.training.faults import translate_faults
 from lora_tune.training.levers import check_levers
 from lora_tune.training.log import last_value, peak_memory, plot_loss, read_metrics
 from lora_tune.training.result import RunResult, best_checkpoint
-from lora_tune.training.resume import open_run, restore_token_count, resume_hint, resume_point_of, train_or_finish
+from lora_tune.training.resume import restore_token_count, resume_hint, resume_point_of
+from lora_tune.training.run_folder import open_run
 from lora_tune.training.signals import StopRequest, graceful_stop, raise_if_stopped
 from lora_tune.training.trainer_setup import prepare_trainer, run_callbacks
 
@@ -266,6 +268,31 @@ def _summary(
         **data.figures,
         **task.figures(recipe, final),
     )
+
+
+def train_or_finish(trainer: Any, checkpoint: Path | None) -> Any:
+    """`trainer.train`, resuming from `checkpoint`; or, when that checkpoint is the run's last step (the process
+    died after sealing it, before the adapter was saved), its weights and state without training again.
+
+    The Trainer resumed at global_step == max_steps in the middle of an epoch runs one step more (it checks the
+    step count only after a step): a run of 8 steps ended with 9, and its adapter 0.0098 away from the unbroken one.
+    """
+    if checkpoint is None or not _is_last_step(checkpoint):
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    log.info("resume: %s is the run's last step; training is complete, finishing the run", checkpoint.name)
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
+        trainer._load_best_model()  # as the Trainer does when it finishes training
+    return TrainOutput(trainer.state.global_step, float("nan"), {})
+
+
+def _is_last_step(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
 
 
 def on_gpu() -> bool:

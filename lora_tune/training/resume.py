@@ -1,4 +1,6 @@
-"""Resuming a run: may it be continued (recipe and data unchanged), and from which sealed checkpoint.
+"""Resuming a run: may it be continued (recipe and data unchanged), from which sealed checkpoint, and what makes the
+continued run equal the uninterrupted one (the trained-token count carried over, evaluations that leave the random
+generators as they found them).
 
 Resuming picks the newest checkpoint whose manifest matches its files (see `lora_tune.training.checkpoints`) and
 says which ones it skipped and why; the run's provenance is recorded at the start of every attempt.
@@ -21,12 +23,9 @@ from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import (
     DATA_FINGERPRINT,
     RunDir,
-    prepare_run_dir,
     sha256_file,
-    write_json_atomic,
     write_text_atomic,
 )
-from lora_tune.run.provenance import environment, record_environment
 from lora_tune.training.checkpoints import ResumePoint, find_resume_point, set_aside
 
 log = logging.getLogger(__name__)
@@ -208,39 +207,8 @@ def resume_hint(recipe_path: str | None, overrides: list[str] | tuple[str, ...] 
     return " ".join(parts)
 
 
-def open_run(
-    recipe: Recipe,
-    *,
-    overwrite: bool,
-    resume: bool,
-    recipe_path: str | None = None,
-    argv: list[str] | None = None,
-    comment: str = "",
-) -> tuple[RunDir, ResumePoint]:
-    """Step 1 of `train`: the run directory, where to start from, and the run's provenance written first.
-
-    `resume` (the --resume flag) or `training.resume: auto` continue the run in output_dir when there is one.
-    `comment` (YAML comment lines: how the run was launched) ends the resolved recipe.
-    """
-    import sys
-
-    wants_resume = _wants_resume(recipe, resume=resume, overwrite=overwrite)
-    run = prepare_run_dir(recipe.output_dir, overwrite=overwrite, resume=wants_resume, reads=recipe.local_sources)
-    start = ResumePoint(None)
-    if wants_resume and run.is_run():
-        start = plan_resume(run, recipe)
-    elif resume:
-        log.info("resume: no run in %s yet; starting a new one", run.root)
-    # The resolved recipe and the data identity first, so a crash at any later point is traceable and resumable.
-    write_text_atomic(run.recipe, dump_resolved(recipe) + comment)
-    if start.checkpoint is None:
-        write_json_atomic(run.root / DATA_FINGERPRINT, data_fingerprint(recipe))
-    resumed = str(start.checkpoint) if start.checkpoint else None
-    record_environment(run.root, environment(recipe_path, list(argv if argv is not None else sys.argv), resumed))
-    return run, start
-
-
-def _wants_resume(recipe: Recipe, *, resume: bool, overwrite: bool) -> bool:
+def wants_resume(recipe: Recipe, *, resume: bool, overwrite: bool) -> bool:
+    """Whether this start continues the run in output_dir: --resume, or the recipe's `training.resume: auto`."""
     # --overwrite is an explicit request for a fresh run; it wins over the recipe's standing `resume: auto`.
     return resume or (recipe.training.resume == "auto" and not overwrite)
 
@@ -248,7 +216,7 @@ def _wants_resume(recipe: Recipe, *, resume: bool, overwrite: bool) -> bool:
 def resume_point_of(run: RunDir, recipe: Recipe, *, resume: bool, overwrite: bool) -> ResumePoint:
     """Where a non-main process of a multi-process run starts: the checkpoint the main process resumes from, found
     after it checked the run and set broken checkpoints aside (this reads only)."""
-    if not _wants_resume(recipe, resume=resume, overwrite=overwrite):
+    if not wants_resume(recipe, resume=resume, overwrite=overwrite):
         return ResumePoint(None)
     return find_resume_point(run.checkpoints)
 
@@ -309,28 +277,3 @@ def preserved_rng() -> Iterator[None]:
         torch.random.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
-
-
-def train_or_finish(trainer: Any, checkpoint: Path | None) -> Any:
-    """`trainer.train`, resuming from `checkpoint`; or, when that checkpoint is the run's last step (the process
-    died after sealing it, before the adapter was saved), its weights and state without training again.
-
-    The Trainer resumed at global_step == max_steps in the middle of an epoch runs one step more (it checks the
-    step count only after a step): a run of 8 steps ended with 9, and its adapter 0.0098 away from the unbroken one.
-    """
-    if checkpoint is None or not _is_last_step(checkpoint):
-        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    from transformers import TrainerState
-    from transformers.trainer_utils import TrainOutput
-
-    log.info("resume: %s is the run's last step; training is complete, finishing the run", checkpoint.name)
-    trainer._load_from_checkpoint(str(checkpoint))
-    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
-    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint is not None:
-        trainer._load_best_model()  # as the Trainer does when it finishes training
-    return TrainOutput(trainer.state.global_step, float("nan"), {})
-
-
-def _is_last_step(checkpoint: Path) -> bool:
-    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]

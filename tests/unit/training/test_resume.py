@@ -11,7 +11,8 @@ import pytest
 from lora_tune.recipe.load import load_recipe
 from lora_tune.run.outputs import OutputError
 from lora_tune.training.checkpoints import find_resume_point, rotate, verify_checkpoint, write_manifest
-from lora_tune.training.resume import ResumeError, open_run, recipe_changes, truncate_metrics
+from lora_tune.training.resume import ResumeError, recipe_changes, truncate_metrics
+from lora_tune.training.run_folder import open_run
 
 RECIPE = """\
 model:
