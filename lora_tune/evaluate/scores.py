@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.data.masking import IGNORE_INDEX, tokenize_batch
-from lora_tune.inference.answers import _TRAILING_PUNCTUATION, Message
+from lora_tune.inference.answers import Message
+
+# What normalised exact match forgives at the end of an answer (normalize_answer).
+TRAILING_PUNCTUATION = string.punctuation + "。．！？、"
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -194,7 +198,7 @@ def reference_nll(
 def normalize_answer(text: str) -> str:
     """Casefolded, whitespace collapsed, surrounding whitespace and trailing punctuation removed."""
     text = re.sub(r"\s+", " ", text).strip().casefold()
-    return text.rstrip(_TRAILING_PUNCTUATION).rstrip()
+    return text.rstrip(TRAILING_PUNCTUATION).rstrip()
 
 
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:

@@ -134,7 +134,7 @@ def merge(
             plan = None  # the merge's copy of the adapter, updated in place; the verification reads its own
             finish_config(base_dir, build, DTYPES[dtype], untie=bool(result.untied), vocab_size=result.vocab_size)
             copy_tokenizer(run.adapter, build, recipe, base_dir)
-            add_trained_stops(run, build)
+            write_generation_stops(run, build)
             _copy_lineage(run, build)
 
             # 4. Verify: the merged folder must compute what base + adapter computes.
@@ -470,7 +470,7 @@ def copy_tokenizer(adapter: Path, build: Path, recipe: Recipe, base_dir: Path | 
             shutil.copyfile(base_dir / name, build / name)
 
 
-def add_trained_stops(run: RunDir, build: Path) -> None:
+def write_generation_stops(run: RunDir, build: Path) -> None:
     """generation_config.eos_token_id lists every token the run stops on (`model.stops.generation_stops`: the
     template's end of turn, EOS, the base's own stops and the end-of-turn tokens training taught, from the
     pre-flight report), so the merged model stops where the trained one stops in any tool, even when the base's

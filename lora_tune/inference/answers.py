@@ -9,7 +9,6 @@ section as `generate()` arguments (also for `lora-tune generate`/`chat` and the 
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -21,9 +20,6 @@ if TYPE_CHECKING:
     from lora_tune.recipe.schema import EvalConfig
 
 Message = dict[str, str]
-
-# What normalised exact match forgives at the end of an answer (evaluate.scores.normalize_answer).
-_TRAILING_PUNCTUATION = string.punctuation + "。．！？、"
 
 
 def prompt_messages(conversation: Sequence[Message]) -> list[Message]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from lora_tune.check.checks import read_generation_stops
 from lora_tune.check.report import CheckResult, PreflightReport
 from lora_tune.data.sources import Origin
 from lora_tune.errors import DataError
+from lora_tune.model.stops import config_stops, read_generation_stops
 from lora_tune.recipe.rules import OBJECTIVES
 from lora_tune.recipe.schema import Recipe
 from lora_tune.tasks.preference.data import (
@@ -44,7 +44,7 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     limit = recipe.training.max_length
     rendered = [tokenize_pair(tokenizer, row) for row in rows]
     generation_stops, source = read_generation_stops(recipe.model)
-    stop_ids = set(generation_stops or [tokenizer.eos_token_id])  # what generation stops on, as the SFT checks read it
+    stop_ids = set(config_stops(tokenizer, generation_stops))  # what generation stops on, as the SFT checks read it
     unclosed = [i for i, (_, answers) in enumerate(rendered) if any(not stop_ids & set(a) for a in answers)]
     too_long = [
         i for i, (p, answers) in enumerate(rendered) if limit and any(len(p) + len(a) > limit for a in answers)
@@ -52,8 +52,7 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     prompt_only = [i for i, (p, _) in enumerate(rendered) if limit and len(p) >= limit]
     identical = [i for i, (p, a) in enumerate(rendered) if limit and len(a) == 2 and _same_when_cut(p, a, limit)]
     checks = _refusals(refused, len(origins) + len(refused)) + kinds + [
-        _check("stop", unclosed, origins, "answers are not closed by the end-of-turn token "
-               f"({', '.join(tokenizer.convert_ids_to_tokens(sorted(stop_ids)))}); the model would not learn to stop",
+        _check("stop", unclosed, origins, _unclosed(tokenizer, stop_ids, source),
                "use a chat template that closes the assistant turn (model.chat_template)"),
         _check("truncated-identical", identical, origins, "pairs become identical once max_length cuts them",
                "raise training.max_length"),
@@ -76,6 +75,14 @@ def preference_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
         max_length=limit,
         longest_example=max(lengths, default=0),
     )
+
+
+def _unclosed(tokenizer: Any, stop_ids: set[int], source: str) -> str:
+    """Why answers count as unclosed: no stop token among their tokens, or none to stop on at all."""
+    if not stop_ids:
+        return f"nothing stops generation: {source} lists no eos token id; the model would not learn to stop"
+    tokens = ", ".join(tokenizer.convert_ids_to_tokens(sorted(stop_ids)))
+    return f"answers are not closed by the end-of-turn token ({tokens}); the model would not learn to stop"
 
 
 def _kinds(training: list[tuple[Origin, dict[str, Any]]]) -> CheckResult:

@@ -89,3 +89,13 @@ def test_a_preference_row_over_the_bound_is_refused_at_once_like_an_sft_row(
     for verb in ("check", "data", "train"):
         assert main([verb, str(recipe)]) == 2
         assert capsys.readouterr().err.splitlines() == [expected], verb
+
+
+def test_a_generation_config_that_lists_no_eos_fails_the_stop_check_as_in_sft(tmp_path: Path, capsys) -> None:
+    """Nothing would stop generation: the SFT pre-flight fails there, and so does the preference one (it used to
+    fall back to the tokenizer's EOS and pass)."""
+    model = model_dir(tmp_path / "m", stops=[])
+    recipe = write_check_recipe(tmp_path, model, pair_rows(12), training={"objective": "dpo", "max_length": 64})
+    assert main(["check", str(recipe)]) == 2
+    out = capsys.readouterr().out
+    assert "nothing stops generation" in out and "lists no eos token id" in out
