@@ -186,11 +186,11 @@ def train_capturing(recipe: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, 
     captured: dict[str, Any] = {}
     real_save = runtime.save_artifact
 
-    def spy(recipe, trainer, tokenizer, build, run_root):  # noqa: ANN001
+    def spy(recipe, trainer, tokenizer, build, run):  # noqa: ANN001
         captured["model"] = trainer.model
         groups = [g for g in trainer.optimizer.param_groups if g["params"]]  # LoRA+ leaves some groups empty
         LAST_LEARNING_RATES[:] = sorted({g.get("initial_lr", g["lr"]) for g in groups})
-        real_save(recipe, trainer, tokenizer, build, run_root)
+        real_save(recipe, trainer, tokenizer, build, run)
 
     monkeypatch.setattr(runtime, "save_artifact", spy)  # the lifecycle calls it as methods.save_artifact
     result = train(recipe if not isinstance(recipe, Path) else load_recipe(recipe))

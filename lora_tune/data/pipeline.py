@@ -34,7 +34,7 @@ from lora_tune.data.sources import DEFAULT_ROW_LIMIT, Origin, RowLimit, read_sou
 from lora_tune.data.stats import DataStats, DropStats, SourceStats, SplitStats
 from lora_tune.errors import DataError
 from lora_tune.recipe.schema import DataConfig, DatasetConfig, Recipe
-from lora_tune.run.layout import TEST_SPLIT, write_text_atomic
+from lora_tune.run.layout import RunDir, write_text_atomic
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -114,7 +114,7 @@ def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepar
     return PreparedData(DatasetDict(splits), data_stats, [r.example for r in records["test"]])
 
 
-def write_test_split(prepared: PreparedData, run_root: str | Path) -> Path | None:
+def write_test_split(prepared: PreparedData, run: RunDir) -> Path | None:
     """The test split as `test.jsonl` (messages rows, or text rows) in the run directory; None when there is none."""
     if not prepared.test:
         return None
@@ -124,7 +124,7 @@ def write_test_split(prepared: PreparedData, run_root: str | Path) -> Path | Non
         if example.tools:
             row["tools"] = example.tools
         lines.append(json.dumps(row, ensure_ascii=False))
-    path = Path(run_root) / TEST_SPLIT
+    path = run.test_split
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 

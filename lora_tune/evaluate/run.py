@@ -34,7 +34,7 @@ def resolve_eval_data(run: RunDir, data: str | None, split: str | None) -> Path:
     if data is not None:
         return Path(data)
     name = split or "test"
-    path = run.root / f"{name}.jsonl"
+    path = run.split(name)
     if not path.is_file():
         raise EvalDataError(
             f"{run.root}: no '{name}' split saved in the run ({path.name} not found); pass --data FILE "
@@ -83,8 +83,8 @@ def write_report(run: RunDir, report: EvalReport, markdown: Callable[[EvalReport
     """eval.json, eval.md (rendered by the task's `markdown`) and (from metrics.jsonl) loss.png in the run
     directory."""
     plot = plot_loss(read_metrics(run.metrics), run.loss_plot, title=f"{run.root.name}: loss")
-    report.files = {"json": str(run.root / EVAL_JSON), "markdown": str(run.root / EVAL_MARKDOWN)}
+    report.files = {"json": str(run.eval_json), "markdown": str(run.eval_markdown)}
     if plot is not None:
         report.files["loss_curve"] = str(plot)
-    write_json_atomic(run.root / EVAL_JSON, asdict(report))
-    write_text_atomic(run.root / EVAL_MARKDOWN, markdown(report, run.root.name))
+    write_json_atomic(run.eval_json, asdict(report))
+    write_text_atomic(run.eval_markdown, markdown(report, run.root.name))

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lora_tune.methods.runtime import LINEAGE_FILE, lineage_chain
-from lora_tune.run.layout import EVAL_JSON
+from lora_tune.methods.runtime import lineage_chain
 from lora_tune.run.secrets import redact
 
 if TYPE_CHECKING:
@@ -94,7 +93,7 @@ def build_card(
     if license_:
         meta["license"] = license_
     summary = _read_json(run.summary)
-    evaluation = _read_json(run.root / EVAL_JSON)
+    evaluation = _read_json(run.eval_json)
     adapter = recipe.adapter
     quant = recipe.quantization
     training = recipe.training
@@ -166,7 +165,7 @@ def build_card(
 
 def lineage_lines(run: RunDir) -> list[str]:
     """Earlier runs this one continues, oldest first (from lineage.json; empty for a first fine-tune)."""
-    data = _read_json(run.root / LINEAGE_FILE)
+    data = _read_json(run.lineage)
     if not data or not data.get("parents"):
         return []
     return [f"base: `{_first_base(data)}`", *lineage_chain(data), f"this run: `{run.root.name}`"]

@@ -154,7 +154,7 @@ def merge(
 
 def _finished_run(run: RunDir) -> tuple[RunDir, Recipe, str]:
     """The run, its resolved recipe and its adapter's peft type; refuses what has no adapter a merge can fold."""
-    if run.is_run() and (run.root / "model" / "config.json").is_file():
+    if run.is_run() and (run.model / "config.json").is_file():
         raise ExportError(
             f"{run.root}: partial or full fine-tuning saved the whole model in model/; there is no adapter to merge "
             "(load that folder with from_pretrained, or push it)"
@@ -234,11 +234,7 @@ def _merged_weights(
 
 def _copy_lineage(run: RunDir, build: Path) -> None:
     """A later run that starts from this merged model reads where it came from (sequential fine-tuning)."""
-    lineage = (
-        json.loads((run.root / LINEAGE_FILE).read_text(encoding="utf-8"))
-        if (run.root / LINEAGE_FILE).is_file()
-        else {}
-    )
+    lineage = json.loads(run.lineage.read_text(encoding="utf-8")) if run.lineage.is_file() else {}
     (build / LINEAGE_FILE).write_text(json.dumps({**lineage, "run": str(run.root)}, indent=2), encoding="utf-8")
 
 

@@ -37,8 +37,8 @@ def run_artifact(run: RunDir) -> Path:
     if run.is_run():
         if (run.adapter / "adapter_config.json").is_file():
             return run.adapter
-        if (run.root / MODEL_DIR / "config.json").is_file():
-            return run.root / MODEL_DIR
+        if (run.model / "config.json").is_file():
+            return run.model
     raise ModelFolderError(f"{run.root}: not a finished lora-tune run (no recipe.yaml, or no adapter/ nor model/)")
 
 

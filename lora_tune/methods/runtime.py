@@ -16,7 +16,7 @@ from lora_tune.errors import MethodError
 from lora_tune.methods.loftq import init_loftq
 from lora_tune.methods.peft_config import build_peft_config
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import LINEAGE_FILE, PISSA_INIT_DIR
+from lora_tune.run.layout import ADAPTER_DIR, LINEAGE_FILE, MODEL_DIR, RunDir
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -30,7 +30,7 @@ def has_adapter(recipe: Recipe) -> bool:
 
 def artifact_name(recipe: Recipe) -> str:
     """The run's saved artefact: `adapter/` (peft) or `model/` (a standard transformers folder)."""
-    return "adapter" if has_adapter(recipe) else "model"
+    return ADAPTER_DIR if has_adapter(recipe) else MODEL_DIR
 
 
 def prepare_model(recipe: Recipe, model: Any, *, task_type: str = "CAUSAL_LM") -> tuple[Any, PeftConfig | None]:
@@ -61,7 +61,7 @@ def prepare_model(recipe: Recipe, model: Any, *, task_type: str = "CAUSAL_LM") -
     return model, config
 
 
-def attach(recipe: Recipe, trainer: Any, run_root: Path) -> None:
+def attach(recipe: Recipe, trainer: Any, run: RunDir) -> None:
     """What needs the trainer's (wrapped) model: LoftQ/PiSSA bookkeeping, the LoRA+ optimizer, AdaLoRA's callback."""
     a = recipe.adapter
     model = trainer.model
@@ -71,7 +71,7 @@ def attach(recipe: Recipe, trainer: Any, run_root: Path) -> None:
         # The initial adapter, saved as peft asks, so the trained one can be saved as a plain LoRA on the original
         # (unmodified) base weights.
         model.peft_config["default"].init_lora_weights = True
-        model.save_pretrained(run_root / PISSA_INIT_DIR)
+        model.save_pretrained(run.pissa_init)
         model.peft_config["default"].init_lora_weights = a.init
     if a.loraplus_lr_ratio is not None:
         trainer.optimizer = _loraplus_optimizer(trainer, a.loraplus_lr_ratio)
@@ -79,10 +79,10 @@ def attach(recipe: Recipe, trainer: Any, run_root: Path) -> None:
         trainer.add_callback(_adalora_callback())
 
 
-def save_artifact(recipe: Recipe, trainer: Any, tokenizer: Any, build: Path, run_root: Path) -> None:
+def save_artifact(recipe: Recipe, trainer: Any, tokenizer: Any, build: Path, run: RunDir) -> None:
     """Write the trained artefact into `build` (renamed into place by the caller)."""
     model = trainer.model
-    init_dir = run_root / PISSA_INIT_DIR
+    init_dir = run.pissa_init
     # Only the trained adapter: a preference run continuing an earlier adapter also holds TRL's frozen "ref" copy.
     only_trained = {"selected_adapters": ["default"]} if len(getattr(model, "peft_config", {})) > 1 else {}
     if has_adapter(recipe) and init_dir.is_dir():
@@ -118,7 +118,7 @@ def lineage(recipe: Recipe) -> dict[str, Any]:
         adapter = resolve_adapter_dir(recipe.adapter.init_from)
         parent_run = adapter.parent
         parents.append(
-            {"kind": "adapter", "path": str(adapter), "lineage": _read_json(parent_run / LINEAGE_FILE) or {}}
+            {"kind": "adapter", "path": str(adapter), "lineage": _read_json(RunDir(parent_run).lineage) or {}}
         )
     return {"base_model": recipe.model.name, "method": recipe.adapter.method, "parents": parents}
 
@@ -135,7 +135,7 @@ def lineage_chain(data: dict[str, Any]) -> list[str]:
 def resolve_adapter_dir(path: str) -> Path:
     """A run directory (its adapter/) or an adapter folder itself."""
     root = Path(path)
-    for candidate in (root / "adapter", root):
+    for candidate in (RunDir(root).adapter, root):
         if (candidate / "adapter_config.json").is_file():
             return candidate
     raise MethodError(f"adapter.init_from: '{path}' holds no adapter (expected adapter_config.json in it or adapter/)")

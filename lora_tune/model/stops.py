@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.recipe.schema import ModelConfig
-from lora_tune.run.layout import PREFLIGHT_FILE, RunDir
+from lora_tune.run.layout import RunDir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -83,7 +83,7 @@ def read_generation_stops(model: ModelConfig | Path) -> tuple[list[int] | None, 
 def trained_stops(run: RunDir) -> list[str]:
     """The tokens that closed assistant turns in the run's training examples (preflight.json's stop tokens); none
     when the run has no pre-flight report."""
-    report = run.root / PREFLIGHT_FILE
+    report = run.preflight
     if not report.is_file():
         return []
     return list(json.loads(report.read_text(encoding="utf-8")).get("stop_tokens") or [])

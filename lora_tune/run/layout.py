@@ -54,6 +54,47 @@ class RunDir:
     def loss_plot(self) -> Path:
         return self.root / LOSS_PLOT
 
+    @property
+    def model(self) -> Path:
+        """What partial and full fine-tuning save instead of adapter/: a whole transformers model folder."""
+        return self.root / MODEL_DIR
+
+    @property
+    def pissa_init(self) -> Path:
+        return self.root / PISSA_INIT_DIR
+
+    @property
+    def lineage(self) -> Path:
+        return self.root / LINEAGE_FILE
+
+    @property
+    def preflight(self) -> Path:
+        return self.root / PREFLIGHT_FILE
+
+    @property
+    def data_fingerprint(self) -> Path:
+        return self.root / DATA_FINGERPRINT
+
+    @property
+    def environment(self) -> Path:
+        return self.root / ENVIRONMENT_FILE
+
+    @property
+    def test_split(self) -> Path:
+        return self.root / TEST_SPLIT
+
+    def split(self, name: str) -> Path:
+        """A held-out split saved in the run, by name (`test` is test.jsonl)."""
+        return self.root / f"{name}.jsonl"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.root / EVAL_JSON
+
+    @property
+    def eval_markdown(self) -> Path:
+        return self.root / EVAL_MARKDOWN
+
     def is_run(self) -> bool:
         return self.recipe.is_file()
 
@@ -69,7 +110,7 @@ PREFLIGHT_FILE = "preflight.json"  # the pre-flight check's report
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOSS_PLOT = "loss.png"
-TEST_SPLIT = "test.jsonl"  # the held-out split `lora-tune eval` reads
+TEST_SPLIT = "test.jsonl"  # the held-out split `lora-tune eval` reads (RunDir.split("test"))
 EVAL_JSON, EVAL_MARKDOWN = "eval.json", "eval.md"
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"

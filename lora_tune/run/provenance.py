@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from lora_tune.run.layout import ENVIRONMENT_FILE
+from lora_tune.run.layout import RunDir
 from lora_tune.run.secrets import redact
 
 PACKAGES = (
@@ -51,9 +51,9 @@ def environment(recipe_path: str | None, argv: list[str], resumed_from: str | No
     }
 
 
-def record_environment(run_root: Path, record: dict[str, Any]) -> None:
+def record_environment(run: RunDir, record: dict[str, Any]) -> None:
     """Append this attempt's record (a whole line at once, flushed, so a crash cannot leave half of one)."""
-    with (run_root / ENVIRONMENT_FILE).open("a", encoding="utf-8") as handle:
+    with run.environment.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())

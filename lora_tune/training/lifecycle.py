@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_tune.check import PREFLIGHT_FILE, PreflightReport, preflight
+from lora_tune.check import PreflightReport, preflight
 from lora_tune.errors import LoraTuneError
 from lora_tune.methods import runtime as methods
 from lora_tune.model.load import load_tokenizer, resolve_dtype
 from lora_tune.recipe.schema import Recipe
 from lora_tune.recipe.strategy import SHARDED
-from lora_tune.run.layout import LINEAGE_FILE, RunDir, adapter_build_dir, write_json_atomic
+from lora_tune.run.layout import RunDir, adapter_build_dir, write_json_atomic
 from lora_tune.run.outputs import replace_dir_atomic
 from lora_tune.training import distributed, processes
 from lora_tune.training.divergence import Divergence, raise_if_diverged
@@ -146,7 +146,7 @@ def run_training(
     if procs.is_main:
         comment = processes.batch_comment(*launch.batch, launch.strategy, packed=launch.packed)
         run, start = open_run(recipe, overwrite=overwrite, resume=resume, recipe_path=recipe_path, comment=comment)
-        write_json_atomic(run.root / LINEAGE_FILE, methods.lineage(recipe))
+        write_json_atomic(run.lineage, methods.lineage(recipe))
     else:  # the main process has checked the run and set broken checkpoints aside: only read where it resumes
         run = recipe.run_dir
         start = resume_point_of(run, recipe, resume=resume, overwrite=overwrite)
@@ -158,7 +158,7 @@ def run_training(
     # 3. Pre-flight check of the task on the data; writes preflight.json. A failed check stops the run (exit 2)
     #    unless the recipe sets preflight.on_failure: warn.
     if procs.is_main:
-        preflight(recipe, tokenizer, run.root / PREFLIGHT_FILE, task.checks)
+        preflight(recipe, tokenizer, run.preflight, task.checks)
 
     # 4. Data: the task's tokenized splits (built once, by the main process, when there are several).
     data = task.data(recipe, tokenizer, run, launch)
@@ -188,7 +188,7 @@ def run_training(
     checksums = processes.replica_checksums(trainer.model, procs, launch.strategy)
     with translate_faults(recipe, run.checkpoints, hint):
         save_artifact_atomically(task, trainer, tokenizer, run, recipe, launch)
-    processes.remove_prepared_data(run.root, procs)
+    processes.remove_prepared_data(run, procs)
 
     # 10. Summary: summary.json and the loss curve, on the main process.
     result = _summary(task, recipe, run, launch, trainer, data, final, output.global_step, model.quantized_layers)
@@ -224,7 +224,7 @@ def save_artifact_atomically(
         tokenizer.save_pretrained(build)
     else:  # a build folder a killed process left is started anew
         build = adapter_build_dir(run)
-        methods.save_artifact(recipe, trainer, tokenizer, build, run.root)
+        methods.save_artifact(recipe, trainer, tokenizer, build, run)
     task.save_extras(recipe, build)
     replace_dir_atomic(build, run.root / methods.artifact_name(recipe))
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lora_tune.data import build_datasets
 from lora_tune.data.pipeline import DataStats, PreparedData, SplitStats
 from lora_tune.recipe.strategy import SHARDED
-from lora_tune.run.layout import PREPARED_DATA_DIR, PREPARED_STATS, write_json_atomic
+from lora_tune.run.layout import PREPARED_STATS, RunDir, write_json_atomic
 from lora_tune.run.outputs import fresh_build_dir, is_build_dir
 from lora_tune.training.distributed import Processes
 
@@ -51,11 +51,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def prepare_data(recipe: Recipe, tokenizer: Any, run_root: Path, procs: Processes) -> Any:
+def prepare_data(recipe: Recipe, tokenizer: Any, run: RunDir, procs: Processes) -> Any:
     """Tokenized data, built once: the main process builds it (and, in a multi-process job, saves it to the run
     directory); the others load that copy. A process that finds no copy (a node without the shared filesystem)
     builds its own, and says so."""
-    cache = run_root / PREPARED_DATA_DIR
+    cache = run.prepared_data
     if procs.is_main or not procs.distributed:
         prepared = build_datasets(recipe, tokenizer)
         if procs.distributed:
@@ -89,10 +89,10 @@ def _load_prepared(cache: Path) -> Any:
     return PreparedData(load_from_disk(str(cache / "datasets")), stats)
 
 
-def remove_prepared_data(run_root: Path, procs: Processes) -> None:
+def remove_prepared_data(run: RunDir, procs: Processes) -> None:
     """After training every process has its data in memory (or memory-mapped: unlinking is safe on POSIX)."""
-    if procs.is_main and is_build_dir(run_root / PREPARED_DATA_DIR):
-        shutil.rmtree(run_root / PREPARED_DATA_DIR, ignore_errors=True)
+    if procs.is_main and is_build_dir(run.prepared_data):
+        shutil.rmtree(run.prepared_data, ignore_errors=True)
 
 
 def set_loading_environment(strategy: str, procs: Processes) -> None:

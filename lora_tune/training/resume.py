@@ -21,7 +21,6 @@ from lora_tune.errors import LoraTuneError
 from lora_tune.recipe.load import dump_resolved
 from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import (
-    DATA_FINGERPRINT,
     RunDir,
     sha256_file,
     write_text_atomic,
@@ -185,7 +184,7 @@ def plan_resume(run: RunDir, recipe: Recipe) -> ResumePoint:
             "To train longer, start a new run (another output_dir, or --overwrite)"
         )
     check_recipe_unchanged(run.recipe, recipe)
-    check_data_unchanged(run.root / DATA_FINGERPRINT, recipe)
+    check_data_unchanged(run.data_fingerprint, recipe)
     point = find_resume_point(run.checkpoints)
     for path, reason in point.skipped:
         log.warning("resume: skipping %s: %s", path.name, reason)

@@ -10,7 +10,7 @@ import sys
 
 from lora_tune.recipe.load import dump_resolved
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import DATA_FINGERPRINT, RunDir, prepare_run_dir, write_json_atomic, write_text_atomic
+from lora_tune.run.layout import RunDir, prepare_run_dir, write_json_atomic, write_text_atomic
 from lora_tune.run.provenance import environment, record_environment
 from lora_tune.training.checkpoints import ResumePoint
 from lora_tune.training.resume import data_fingerprint, plan_resume, wants_resume
@@ -42,7 +42,7 @@ def open_run(
     # The resolved recipe and the data identity first, so a crash at any later point is traceable and resumable.
     write_text_atomic(run.recipe, dump_resolved(recipe) + comment)
     if start.checkpoint is None:
-        write_json_atomic(run.root / DATA_FINGERPRINT, data_fingerprint(recipe))
+        write_json_atomic(run.data_fingerprint, data_fingerprint(recipe))
     resumed = str(start.checkpoint) if start.checkpoint else None
-    record_environment(run.root, environment(recipe_path, list(argv if argv is not None else sys.argv), resumed))
+    record_environment(run, environment(recipe_path, list(argv if argv is not None else sys.argv), resumed))
     return run, start

@@ -32,7 +32,7 @@ def run_callbacks(recipe: Recipe, run: RunDir, stop: StopRequest, diverged: Dive
 def prepare_trainer(trainer: Any, recipe: Recipe, run: RunDir) -> None:
     """What TRL's trainer needs besides its arguments, before the first step."""
     evaluation_keeps_rng(trainer)  # so a run resumed at an epoch's end shuffles the next epoch as the unbroken one
-    methods.attach(recipe, trainer, run.root)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
+    methods.attach(recipe, trainer, run)  # LoRA+ optimizer, AdaLoRA budget, PiSSA/LoftQ initialisation
     keep_trainable_dtypes(trainer)  # a resumed QLoRA adapter trains in bfloat16 again, as before the kill
     check_free_disk(run.root, recipe, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad))
     use_compact_progress(trainer)

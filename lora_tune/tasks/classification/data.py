@@ -11,7 +11,7 @@ from typing import Any
 from lora_tune.data.sources import load_rows
 from lora_tune.errors import DataError
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import TEST_SPLIT, write_text_atomic
+from lora_tune.run.layout import RunDir, write_text_atomic
 
 
 def encode_rows(recipe: Recipe, rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
@@ -48,13 +48,13 @@ def load_splits(recipe: Recipe) -> tuple[list[dict[str, Any]], list[dict[str, An
     return train, valid
 
 
-def write_labelled_test_split(recipe: Recipe, run_root: Path) -> Path | None:
+def write_labelled_test_split(recipe: Recipe, run: RunDir) -> Path | None:
     """The recipe's test_datasets as the run's test.jsonl ({text_column, label_column} rows), for `lora-tune eval`."""
     task = recipe.task
     rows = [r for d in recipe.test_datasets for r in encode_rows(recipe, load_rows(d), d.path)]
     if not rows:
         return None
-    path = run_root / TEST_SPLIT
+    path = run.test_split
     lines = [json.dumps({task.text_column: r["text"], task.label_column: task.labels[r["label"]]}) for r in rows]
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -40,7 +40,7 @@ class ClassificationTraining(TaskTraining):
         from datasets import Dataset
 
         train_rows, valid_rows = load_splits(recipe)
-        write_labelled_test_split(recipe, run.root)
+        write_labelled_test_split(recipe, run)
 
         def tokenize(rows: list[dict[str, Any]]) -> Any:
             encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=recipe.training.max_length)

@@ -16,7 +16,7 @@ from lora_tune.check import PreflightReport
 from lora_tune.methods import runtime as methods
 from lora_tune.model.load import count_quantized_layers, load_model
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import TEST_SPLIT, RunDir, write_text_atomic
+from lora_tune.run.layout import RunDir, write_text_atomic
 from lora_tune.tasks.preference.checks import preference_report
 from lora_tune.tasks.preference.data import PreferenceSplits, load_preference_splits
 from lora_tune.training.lifecycle import Launch, TaskData, TaskModel, TaskTraining
@@ -80,4 +80,4 @@ def _write_test_split(run: RunDir, splits: PreferenceSplits) -> None:
     """The held-out pairs, one JSON row each, for `lora-tune eval` (nothing when the recipe holds none out)."""
     if splits.test:
         lines = [json.dumps(row, ensure_ascii=False) for row in splits.test]
-        write_text_atomic(run.root / TEST_SPLIT, "\n".join(lines) + "\n")
+        write_text_atomic(run.test_split, "\n".join(lines) + "\n")

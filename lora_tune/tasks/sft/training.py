@@ -41,10 +41,10 @@ class SftTraining(TaskTraining):
         return run_checks(recipe, tokenizer)
 
     def data(self, recipe: Recipe, tokenizer: Any, run: RunDir, launch: Launch) -> TaskData:
-        prepared = processes.prepare_data(recipe, tokenizer, run.root, launch.procs)
+        prepared = processes.prepare_data(recipe, tokenizer, run, launch.procs)
         _log_data(recipe, launch, prepared)
         if launch.procs.is_main:
-            write_test_split(prepared, run.root)
+            write_test_split(prepared, run)
         return TaskData(
             prepared.datasets["train"],
             prepared.datasets.get("validation"),

@@ -14,6 +14,7 @@ from lora_tune.errors import DataError
 from lora_tune.quickstart.tiny import build_tokenizer
 from lora_tune.recipe.load import RecipeError, load_recipe
 from lora_tune.recipe.schema import Recipe
+from lora_tune.run.layout import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +105,13 @@ def test_test_split_is_written_as_messages_jsonl_that_eval_can_read(tmp_path: Pa
 
     data = write(tmp_path / "d.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
     prepared = build_datasets(recipe(tmp_path, [{"path": data}], data={"split": True}), tokenizer)
-    path = write_test_split(prepared, tmp_path)
+    path = write_test_split(prepared, RunDir(tmp_path))
     assert path == tmp_path / "test.jsonl"
     source = DatasetConfig(path=str(path))
     assert normalize_rows(load_rows(source), source) == [e.messages for e in prepared.test]
-    assert write_test_split(build_datasets(recipe(tmp_path, [{"path": data}]), tokenizer), tmp_path / "x") is None
+    assert (
+        write_test_split(build_datasets(recipe(tmp_path, [{"path": data}]), tokenizer), RunDir(tmp_path / "x")) is None
+    )
 
 
 def test_weights_repeat_or_sample_each_training_source(tmp_path: Path, tokenizer) -> None:
