@@ -103,6 +103,21 @@ def test_imports_go_down_the_layers():
     assert wrong == [], "an import goes up or sideways:\n" + "\n".join(wrong)
 
 
+def test_no_task_folder_imports_another():
+    """A task is a folder (lora_tune/tasks/<task>/): what it needs from another task belongs in a shared stage, and
+    only the registry (tasks/__init__.py) knows them all."""
+    wrong = []
+    for module in MODULES:
+        parts = module.split(".")
+        if parts[:2] != ["lora_tune", "tasks"] or len(parts) < 4:
+            continue
+        for line, target, _ in imports_of(module):
+            other = target.split(".")
+            if other[:2] == ["lora_tune", "tasks"] and len(other) > 2 and other[2] != parts[2]:
+                wrong.append(f"{MODULES[module].relative_to(PACKAGE.parent)}:{line}: {module} imports {target}")
+    assert wrong == [], "a task folder imports another:\n" + "\n".join(wrong)
+
+
 def test_in_function_imports_only_where_laziness_is_the_point():
     inside = [
         f"{MODULES[module].relative_to(PACKAGE.parent)}:{line}: {target}"
