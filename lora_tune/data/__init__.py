@@ -1,4 +1,5 @@
-"""Data pipeline for SFT: sources -> formats (canonical conversations) -> masking (tokens and labels) -> pipeline.
+"""The data every task shares: sources (files, rows, the per-row bound) -> formats (canonical conversations) ->
+cleaning -> masking (tokens and labels) -> packing -> the SFT pipeline; the preview of `lora-tune data`.
 
 Importing this package loads no ML library: `datasets` and `transformers` are imported where they are used.
 """

@@ -1,1 +1,2 @@
-"""Evaluation of a run against its base: running it, scores, result and reports."""
+"""What every task's evaluation shares: opening a finished run, the scores, the result and the reports (each task
+scores in lora_tune/tasks/<task>/evaluate.py)."""

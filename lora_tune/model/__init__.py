@@ -1,1 +1,2 @@
-"""The base model: tokenizer and weights loading, attention kernels, 4-bit layout, dtype keeping, safety."""
+"""The base model: tokenizer and weights loading, what generation stops on, attention kernels, 4-bit layout, dtype
+keeping, safety."""

@@ -1,1 +1,2 @@
-"""Training: the SFT and classifier loops around TRL and its levers, logs, checkpoints, resume and processes."""
+"""Training: the one run lifecycle every task plugs into (lifecycle.py), with what it shares: TRL arguments, speed
+levers, the training log, sealed checkpoints, exact resume, signals, faults, divergence, processes and launching."""
