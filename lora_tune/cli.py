@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from lora_tune import __version__
-from lora_tune.errors import LoraTuneError
+from lora_tune.errors import LoraTuneError, OptionError
 from lora_tune.recipe.rules import OBJECTIVES  # light: no ML library, so --help stays fast
 from lora_tune.run.secrets import RedactingStream, install_log_redaction
 
@@ -51,7 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = [add(verbs) for add in groups]
     for sub in (sub for group in subparsers for sub in group):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.set_defaults(names=_names(sub))
     return parser
+
+
+def _names(sub: argparse.ArgumentParser) -> dict[str, str]:
+    """The verb's flag for each value it passes on, by argparse's dest, which is the library's parameter name
+    (`quant` -> `--quant`). Read from the parser itself, so that no second table can drift from the flags."""
+    names = {}
+    for action in sub._actions:  # argparse has no public list of a parser's arguments
+        flags = [flag for flag in action.option_strings if flag.startswith("--")]
+        if flags:
+            names[action.dest] = flags[0]
+    return names
 
 
 def _add_recipe_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
@@ -291,7 +303,7 @@ def _run(
     except LoraTuneError as exc:
         if debug:
             raise
-        print(f"{_rank()}error: {exc}", file=sys.stderr)
+        print(f"{_rank()}error: {_in_flags(exc, args)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -310,6 +322,15 @@ def _run(
             file=sys.stderr,
         )
         return EXIT_FAILURE
+
+
+def _in_flags(exc: LoraTuneError, args: argparse.Namespace) -> str:
+    """The error as the command line says it: a library parameter an OptionError names becomes the verb's flag for
+    it (`quant: ...` -> `--quant: ...`); a name the verb has no argument for (a recipe key) stays as it is."""
+    names = getattr(args, "names", {})
+    if isinstance(exc, OptionError) and exc.option in names:
+        return exc.render(names[exc.option])
+    return str(exc)
 
 
 def _rank() -> str:

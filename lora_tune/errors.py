@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
 ECHO_LIMIT = 80  # characters of a user's value quoted in an error line
 LINE_LIMIT = 1000  # characters of a whole message: one error, one line, never more than a screen
 
@@ -23,6 +18,25 @@ class LoraTuneError(Exception):
     """Base class of errors that the CLI prints as one line (exit code 2), without a traceback."""
 
     exit_code = 2
+
+
+class OptionError(LoraTuneError):
+    """A value given to a library function is refused. `option` is the function's parameter ("quant", "output");
+    the error reads "quant: expected one of ...", and the command line names the flag that set it instead
+    ("--quant: expected one of ...").
+    """
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        self.message = message
+        super().__init__(self.render(option))
+
+    def __reduce__(self):  # two arguments, not the one line: rebuild from them when pickled across processes
+        return type(self), (self.option, self.message)
+
+    def render(self, name: str) -> str:
+        """The line, naming the value `name`: the parameter in the library, the flag on the command line."""
+        return f"{name}: {self.message}"
 
 
 class RecipeError(LoraTuneError):

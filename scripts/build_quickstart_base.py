@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         quickstart.build_base(output, steps=args.steps, seed=seed, progress=not args.no_progress, overwrite=args.force)
     except OutputError as exc:  # a folder that is not a base it may replace: one line, nothing deleted
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc.render('--output') if exc.option == 'out_dir' else exc}", file=sys.stderr)
         return 2
     info = quickstart.read_base_info(output)
     shape = info["model"]

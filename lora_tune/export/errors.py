@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from lora_tune.errors import LoraTuneError
+from lora_tune.errors import LoraTuneError, OptionError
 
 
 class ExportError(LoraTuneError):
     """The run, the base model, the adapter or the destination cannot be exported as asked (exit 2)."""
+
+
+class ExportOptionError(OptionError, ExportError):
+    """An argument of `merge`, `export_gguf` or `push` is refused; `option` names the parameter (exit 2)."""
 
 
 class VerificationError(LoraTuneError):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_tune.export.errors import ExportError, VerificationError
+from lora_tune.export.errors import ExportError, ExportOptionError, VerificationError
 from lora_tune.export.gguf_card import gguf_card
 from lora_tune.export.gguf_converter import OUTTYPES, convert
 from lora_tune.export.gguf_quantize import K_QUANTS, llama_cpp_module, quantize
@@ -54,7 +54,7 @@ BUILD_PREFIX = ".export-"  # the build folder inside the output folder (marked: 
 # The output folder (lora_tune.run.outputs): several exports (one .gguf per quant) share it; its marker lists the
 # .gguf files, and the companions are fixed names. A folder holding anything else is refused.
 GGUF_FOLDER = OutputKind(
-    "GGUF export folder", "--output", ".lora-tune-export", fixed=frozenset({RECORD, MODELFILE, CARD, LOCK})
+    "GGUF export folder", "output", ".lora-tune-export", fixed=frozenset({RECORD, MODELFILE, CARD, LOCK})
 )
 
 
@@ -87,7 +87,7 @@ def export_gguf(
     """Write SOURCE (a run directory or a merged folder) as one GGUF file in the `output` folder."""
     started = time.monotonic()
     if quant not in QUANTS:
-        raise ExportError(f"--quant: expected one of {', '.join(QUANTS)}, got '{quant}'")
+        raise ExportOptionError("quant", f"expected one of {', '.join(QUANTS)}, got '{quant}'")
     if quant in K_QUANTS:
         llama_cpp_module()  # before a merge of many minutes: say now what to install
     source = Path(source)
@@ -95,9 +95,9 @@ def export_gguf(
     output = Path(output) if output is not None else default_output(source)
     target = output / f"{_model_name(source)}-{quant.upper()}.gguf"
     _check_output(output, target, source, is_run, overwrite=overwrite)  # every refusal before any work
-    make_dir(output, "--output")
+    make_dir(output, "output")
     record(output, GGUF_FOLDER)  # the folder is lora-tune's from here on (its lock too); what it writes is listed
-    with held(output / LOCK, f"--output '{output}'"):
+    with held(output / LOCK, "output", output):
         _check_output(output, target, source, is_run, overwrite=overwrite)  # again: decided under the lock
         remove_leftovers(output, lambda name: name.startswith(BUILD_PREFIX), f"export to '{output}'")
         build = make_build_dir(output, BUILD_PREFIX)
@@ -119,15 +119,18 @@ def _check_output(output: Path, target: Path, source: Path, is_run: bool, *, ove
     """The output folder is new, empty or an export folder that holds only what exports wrote; the .gguf name is
     free (or, with --overwrite, an earlier export's file); export.json is the record exports write."""
     if output.exists() and not output.is_dir():
-        raise ExportError(f"--output: '{output}' is a file, expected a folder (for the .gguf, Modelfile and card)")
-    if is_run and output.resolve().is_relative_to(source.resolve()):  # the merge would build inside the run
-        raise ExportError(
-            f"--output: '{output}' is inside the run directory '{source}'; choose a folder outside it "
-            f"(the default is '{default_output(source)}')"
+        raise ExportOptionError(
+            "output", f"'{output}' is a file, expected a folder (for the .gguf, Modelfile and card)"
         )
-    check_overlap(output, [source], "--output")
+    if is_run and output.resolve().is_relative_to(source.resolve()):  # the merge would build inside the run
+        raise ExportOptionError(
+            "output",
+            f"'{output}' is inside the run directory '{source}'; choose a folder outside it "
+            f"(the default is '{default_output(source)}')",
+        )
+    check_overlap(output, [source], "output")
     refuse_foreign(output, GGUF_FOLDER)
-    check_replaceable(output, [target.name, RECORD, MODELFILE, CARD], "--output")
+    check_replaceable(output, [target.name, RECORD, MODELFILE, CARD], "output")
     if target.exists() and not overwrite:
         raise ExportError(f"{target} exists; pass --overwrite to replace it")
     _read_record(output)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_tune.export.card import merged_card
-from lora_tune.export.errors import ExportError
+from lora_tune.export.errors import ExportError, ExportOptionError
 from lora_tune.export.memory import check_memory_for_merge, plan_memory
 from lora_tune.export.result import MergeResult
 from lora_tune.export.streaming import (
@@ -86,7 +86,7 @@ DISK_MARGIN = 1.05  # weights + 5% for config, tokenizer and the card
 BUILD_INFIX = ".merge-"  # the build folder beside the destination: .NAME.merge-XXXXXXXX
 # The destination as an output folder (lora_tune.run.outputs): its marker lists every file the merge wrote, and a
 # later merge with --overwrite replaces the folder only when it holds nothing else.
-MERGED = OutputKind("merged model folder", "--output", ".lora-tune-merged")
+MERGED = OutputKind("merged model folder", "output", ".lora-tune-merged")
 
 
 def merge(
@@ -103,7 +103,7 @@ def merge(
 
     started = time.monotonic()
     if dtype not in DTYPES:
-        raise ExportError(f"--dtype: expected one of {', '.join(DTYPES)}, got '{dtype}'")
+        raise ExportOptionError("dtype", f"expected one of {', '.join(DTYPES)}, got '{dtype}'")
     torch_dtype = getattr(torch, DTYPES[dtype])
     run, recipe, peft_type = _finished_run(RunDir(Path(run_dir)))  # 1. the run: resolved recipe and adapter
 
@@ -115,8 +115,8 @@ def merge(
     check_model_folder(base_dir)  # a broken config.json or shard of the base is named before any work
     protected = [run.root, base_dir]
     _check_destination(output, overwrite=overwrite, protected=protected)  # before a lock file is put beside it
-    make_dir(output.parent, "--output")  # the lock, the build folder and the result all go there
-    with held(merge_lock_path(output), f"--output '{output}'"):
+    make_dir(output.parent, "output")  # the lock, the build folder and the result all go there
+    with held(merge_lock_path(output), "output", output):
         _check_destination(output, overwrite=overwrite, protected=protected)  # again: decided under the lock
         remove_leftovers(output.parent, lambda name: _is_leftover_name(name, output.name), f"merge to '{output}'")
         layout = base_layout(base_dir)
@@ -178,10 +178,10 @@ def _streaming_plan(run: RunDir, recipe: Recipe, peft_type: str, from_dequantize
     plan = read_adapter(run.adapter) if peft_type == "LORA" else None
     streaming = plan is not None and not plan.unsupported
     if from_dequantized and not streaming:
-        raise ExportError("--from-dequantized needs a LoRA adapter that the streaming merge handles")
+        raise ExportOptionError("from_dequantized", "needs a LoRA adapter that the streaming merge handles")
     if from_dequantized and recipe.quantization.bits != 4:
-        raise ExportError(
-            f"--from-dequantized: the run's base was not 4-bit (quantization.bits: {recipe.quantization.bits})"
+        raise ExportOptionError(
+            "from_dequantized", f"the run's base was not 4-bit (quantization.bits: {recipe.quantization.bits})"
         )
     return plan
 
@@ -216,7 +216,9 @@ def _merged_weights(
             return stream_merge(base_dir, layout, plan, build, torch_dtype, recipe, prepare=prepare)
         except NeedsPeftMerge as exc:
             if from_dequantized:
-                raise ExportError(f"--from-dequantized: {exc}; the streaming merge cannot take this adapter") from None
+                raise ExportOptionError(
+                    "from_dequantized", f"{exc}; the streaming merge cannot take this adapter"
+                ) from None
             log.warning(
                 "merge: %s; using peft's merge_and_unload(), which holds the whole model in float32 memory, "
                 "and fills rows the adapter does not carry as a seeded resize_token_embeddings() does",
@@ -241,12 +243,12 @@ def _copy_lineage(run: RunDir, build: Path) -> None:
 def _check_destination(output: Path, *, overwrite: bool, protected: list[Path]) -> None:
     """The destination is new, empty, or an earlier merge that holds only what the merge wrote (replaced with
     --overwrite); a folder with anything else in it is refused, with or without --overwrite, and nothing deleted."""
-    check_overlap(output, protected, "--output")
+    check_overlap(output, protected, "output")
     refuse_foreign(output, MERGED)
-    check_build_slot(output.with_name(f".{output.name}.old"), "--output")  # where the earlier merge is moved aside
+    check_build_slot(output.with_name(f".{output.name}.old"), "output")  # where the earlier merge is moved aside
     if output.is_dir() and not is_empty(output) and not overwrite:
-        raise ExportError(
-            f"--output: '{output}' holds an earlier merge; pass --overwrite to replace it, or choose a new folder"
+        raise ExportOptionError(
+            "output", f"'{output}' holds an earlier merge; pass --overwrite to replace it, or choose a new folder"
         )
 
 
@@ -269,9 +271,10 @@ def check_disk_for_merge(output: Path, needed: int) -> None:
     free = shutil.disk_usage(probe).free
     needed = int(needed * DISK_MARGIN)
     if free < needed:
-        raise ExportError(
-            f"--output: not enough free disk at '{probe}': the merged model needs about {needed / 2**30:.2f} GiB, "
-            f"{free / 2**30:.2f} GiB free"
+        raise ExportOptionError(
+            "output",
+            f"not enough free disk at '{probe}': the merged model needs about {needed / 2**30:.2f} GiB, "
+            f"{free / 2**30:.2f} GiB free",
         )
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.export.card import adapter_card
-from lora_tune.export.errors import ExportError
+from lora_tune.export.errors import ExportError, ExportOptionError
 from lora_tune.recipe.load import load_recipe
 from lora_tune.run.layout import RunDir
 from lora_tune.run.secrets import redact, redact_json
@@ -306,7 +306,7 @@ def check_repo_id(repo_id: str) -> None:
 
 def _timeout(value: float | None) -> float:
     """Seconds per request: the argument, else LORA_TUNE_HUB_TIMEOUT, else DEFAULT_TIMEOUT_S."""
-    source, raw = ("--timeout", value) if value is not None else (TIMEOUT_ENV, os.environ.get(TIMEOUT_ENV))
+    raw = value if value is not None else os.environ.get(TIMEOUT_ENV)
     if raw is None or raw == "":
         return DEFAULT_TIMEOUT_S
     try:
@@ -314,7 +314,10 @@ def _timeout(value: float | None) -> float:
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ExportError(f"{source}: expected a number of seconds > 0, got '{raw}'")
+        expected = f"expected a number of seconds > 0, got '{raw}'"
+        if value is not None:
+            raise ExportOptionError("timeout", expected)
+        raise ExportError(f"{TIMEOUT_ENV}: {expected}")
     return seconds
 
 

@@ -19,6 +19,6 @@ class MergeResult:
     untied: list[str]  # tied output weights written separately because the adapter changed one side
     max_abs_diff: float | None = None  # merged vs base + adapter, logits
     tolerance: float | None = None
-    dequantized_vs_plain: float | None = None  # --from-dequantized: vs the merge into the unquantized base
+    dequantized_vs_plain: float | None = None  # from_dequantized: vs the merge into the unquantized base
     vocab_size: int | None = None  # set when the adapter's embeddings were resized (added tokens)
     seconds: float = 0.0

@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from lora_tune.errors import OptionError
 from lora_tune.inference.answers import generation_kwargs
 from lora_tune.inference.load import LoadedModel, ModelFolderError
 from lora_tune.model.stops import stop_token_ids
@@ -115,7 +116,8 @@ def chat_loop(
 
 
 def with_settings(loaded: LoadedModel, update: dict[str, Any]) -> LoadedModel:
-    """`loaded` with some generation settings replaced, validated as the recipe's `eval:` section is."""
+    """`loaded` with some generation settings replaced, validated as the recipe's `eval:` section is; a bad value
+    is an OptionError naming its setting (max_new_tokens, temperature, top_p)."""
     from pydantic import ValidationError
 
     if not update:
@@ -124,5 +126,5 @@ def with_settings(loaded: LoadedModel, update: dict[str, Any]) -> LoadedModel:
         settings = EvalConfig.model_validate({**loaded.settings.model_dump(exclude_unset=True), **update})
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise ModelFolderError(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
+        raise OptionError(str(error["loc"][0]), error["msg"]) from None
     return LoadedModel(loaded.model, loaded.tokenizer, settings, loaded.description)

@@ -33,6 +33,7 @@ from pathlib import Path
 from lora_tune.plan.shape import (
     ModelShape,
     PlanError,
+    PlanOptionError,
     lora_targets,
     read_model_config,
     shape_from_config,
@@ -336,7 +337,7 @@ def parse_size(text: str) -> int:
     """'24GiB', '24 GB', '24G' or '24' (GiB) -> bytes. GB is read as GiB, as GPU vendors label their cards."""
     match = SIZE.match(text)
     if not match:
-        raise PlanError(f"--gpu-memory: expected a size such as 24GiB or 80GB, got '{text}'")
+        raise PlanOptionError("gpu_memory", f"expected a size such as 24GiB or 80GB, got '{text}'")
     number, unit = float(match.group(1)), (match.group(2) or "GiB").lower()
     return int(number * (GIB if unit.startswith("g") else 1024**2))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lora_tune.data.formats import detect_format
 from lora_tune.data.sources import load_rows
+from lora_tune.errors import OptionError
 from lora_tune.plan.catalog import CatalogError, shipped_config
 from lora_tune.plan.memory import GIB, estimate
 from lora_tune.plan.shape import ModelShape, shape_from_config
@@ -27,6 +28,10 @@ EFFECTIVE_BATCH = 16  # examples per optimizer step: the QLoRA paper's batch siz
 MAX_LENGTHS = (2048, 1024, 512)
 LORA_RANK = 16
 MIN_VALIDATION_ROWS = 100  # below this many rows the data is too small to spare 5% for validation
+
+
+class NewOptionError(OptionError, CatalogError):
+    """An argument of `new_recipe` is refused; `option` names the parameter (model, data, gpu_memory)."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,7 @@ def parse_memory(text: str) -> float:
     """GPU memory in GiB from '24GiB', '24GB', '24G', '24', '81920MiB'. Cards sold as 'GB' hold that many GiB."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?\s*", text.lower())
     if not match or float(match.group(1)) <= 0:
-        raise CatalogError(f"--gpu-memory: expected a size such as 24GiB or 16GB, got '{text}'")
+        raise NewOptionError("gpu_memory", f"expected a size such as 24GiB or 16GB, got '{text}'")
     value, unit = float(match.group(1)), match.group(2) or "gib"
     return value / 1024 if unit.startswith("m") else value
 
@@ -67,9 +72,10 @@ def model_shape(model: str, catalog: Path | None) -> tuple[ModelShape, str]:
     wanted = params_from_name(model)
     known = _shipped_shapes(catalog)
     if wanted is None or not known:
-        raise CatalogError(
-            f"--model: cannot tell the size of '{model}': give a local folder with a config.json, a model of the "
-            "catalog (recipes/configs/), or a name that states its size such as 'Org/Model-7B'"
+        raise NewOptionError(
+            "model",
+            f"cannot tell the size of '{model}': give a local folder with a config.json, a model of the "
+            "catalog (recipes/configs/), or a name that states its size such as 'Org/Model-7B'",
         )
     name, closest = min(known, key=lambda item: abs(item[1].parameter_count() - wanted))
     # Same width and vocabulary, as many layers as make up the stated size.
@@ -103,9 +109,10 @@ def size_training(shape: ModelShape, method: str, gpu_gib: float, objective: str
     if max_length is None:
         need = peak(1, MAX_LENGTHS[-1], True) / GIB
         hint = "use --method qlora, or " if method == "lora" else ""
-        raise CatalogError(
-            f"--gpu-memory: {gpu_gib:g} GiB is too little for this model with {method} (about {need:.1f} GiB "
-            f"needed for one {MAX_LENGTHS[-1]}-token row); {hint}give a larger --gpu-memory"
+        raise NewOptionError(
+            "gpu_memory",
+            f"{gpu_gib:g} GiB is too little for this model with {method} (about {need:.1f} GiB "
+            f"needed for one {MAX_LENGTHS[-1]}-token row); {hint}give a larger --gpu-memory",
         )
     checkpointing = peak(4, max_length, False) > budget
     batch = 1
@@ -153,16 +160,16 @@ def detect_data(path: str, objective: str = "sft") -> tuple[str, int]:
     """The format of a local .jsonl/.json file (from its first row) and its row count; a preference objective's
     rows must carry its columns (prompt/chosen/rejected, or prompt/completion/label for kto)."""
     if not Path(path).expanduser().is_file():
-        raise CatalogError(f"--data: '{path}' is not a file; expected a local .jsonl or .json file")
+        raise NewOptionError("data", f"'{path}' is not a file; expected a local .jsonl or .json file")
     rows = load_rows(DatasetConfig(path=path))
     if not rows:
-        raise CatalogError(f"--data: '{path}' has no rows")
+        raise NewOptionError("data", f"'{path}' has no rows")
     if objective == "sft":
         return detect_format(rows[0], file=path), len(rows)
     wanted = OBJECTIVES[objective].answers
     if not all(column in rows[0] for column in wanted):
-        raise CatalogError(
-            f"--data: '{path}': {objective} reads rows with {' and '.join(wanted)}; the first row has none"
+        raise NewOptionError(
+            "data", f"'{path}': {objective} reads rows with {' and '.join(wanted)}; the first row has none"
         )
     return "auto", len(rows)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_tune.errors import LoraTuneError
+from lora_tune.errors import LoraTuneError, OptionError
 from lora_tune.plan.catalog_location import CatalogError, catalog_dir
 from lora_tune.recipe.schema import AdapterConfig, ModelConfig
 
@@ -26,6 +26,10 @@ QK_NORM_TYPES = {"qwen3", "gemma3_text", "olmo2"}  # per-head RMSNorm on queries
 
 class PlanError(LoraTuneError):
     """The planner cannot read the model's config (not local, not cached, offline) or does not know its layout."""
+
+
+class PlanOptionError(OptionError, PlanError):
+    """An argument of `plan` is refused; `option` names the parameter (config, gpu_memory)."""
 
 
 @dataclass(frozen=True)
@@ -140,15 +144,15 @@ def read_model_config(
 ) -> tuple[dict[str, Any], str]:
     """config.json of the recipe's model and where it came from; never reads weights.
 
-    In order: `override` (a config.json file or a folder with one); model.name as a local folder; a config shipped
-    with the recipe catalog (recipes/configs/ORG/MODEL.json); the hub cache; the hub itself (config.json only) unless
-    HF_HUB_OFFLINE is set or `offline` is true.
+    In order: `override` (`plan`'s `config`, the name its refusal gives: a config.json file or a folder with one);
+    model.name as a local folder; a config shipped with the recipe catalog (recipes/configs/ORG/MODEL.json); the hub
+    cache; the hub itself (config.json only) unless HF_HUB_OFFLINE is set or `offline` is true.
     """
     if override is not None:
         path = Path(override)
         path = path / "config.json" if path.is_dir() else path
         if not path.is_file():
-            raise PlanError(f"--config: no config.json at '{override}'")
+            raise PlanOptionError("config", f"no config.json at '{override}'")
         return _read_json(path), str(path)
     local = Path(model.name).expanduser()
     if local.is_dir():

@@ -77,9 +77,9 @@ PRETRAIN = {"steps": 360, "batch_size": 32, "seq_len": 64, "lr": 6e-3, "warmup_s
 NUM_DOCUMENTS = 4000
 BASE_INFO = "quickstart-base.json"
 BUILD_INFIX = ".building-"  # the base is built beside its folder, in .NAME.building-XXXXXXXX, then renamed into place
-# The base's folder as an output folder (lora_tune.run.outputs): --force replaces it only when it holds nothing but
+# The base's folder as an output folder (lora_tune.run.outputs): `overwrite` replaces it only when it holds nothing but
 # what the build wrote.
-BASE = OutputKind("quickstart base", "--output", ".lora-tune-base")
+BASE = OutputKind("quickstart base", "out_dir", ".lora-tune-base")
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def build_base(
     out_dir = Path(out_dir)
     refuse_foreign(out_dir, BASE)  # a folder with anything but an earlier base in it: before a minute of work
     if out_dir.exists() and not is_empty(out_dir) and not overwrite:
-        raise OutputError(f"--output: '{out_dir}' holds a quickstart base already; --force rebuilds it")
+        raise OutputError("out_dir", f"'{out_dir}' holds a quickstart base already; overwrite=True rebuilds it")
     started = time.perf_counter()
     facts = make_world()  # always the world of the shipped SFT data; `seed` varies the model's run only
     corpus = pretraining_corpus(facts)
@@ -203,8 +203,8 @@ def build_base(
     schedule: dict[str, Any] = {**PRETRAIN, "steps": steps if steps is not None else PRETRAIN["steps"]}
     losses = tiny.pretrain(model, tokenizer, corpus, **schedule, seed=seed, progress=progress)
 
-    make_dir(out_dir.parent, "--output")
-    with held(out_dir.parent / f".{out_dir.name}.build.lock", f"--output '{out_dir}'"):
+    make_dir(out_dir.parent, "out_dir")
+    with held(out_dir.parent / f".{out_dir.name}.build.lock", "out_dir", out_dir):
         refuse_foreign(out_dir, BASE)  # again, under the lock
         building = f".{out_dir.name}{BUILD_INFIX}"
         remove_leftovers(out_dir.parent, lambda name: name.startswith(building), f"base build to '{out_dir}'")

@@ -181,9 +181,9 @@ def prepare_run_dir(root: str | Path, *, overwrite: bool, resume: bool = False, 
     when anything else is there."""
     run = RunDir(Path(root))
     if overwrite and resume:
-        raise OutputError("--overwrite and resume exclude each other: replace the run, or continue it")
+        raise OutputError("overwrite", "replaces the run and resume continues it: they exclude each other; choose one")
     if run.root.exists() and not run.root.is_dir():
-        raise OutputError(f"output_dir: '{run.root}' is a file, expected a directory")
+        raise OutputError("output_dir", f"'{run.root}' is a file, expected a directory")
     occupied = run.root.is_dir() and any(run.root.iterdir())
     if occupied and not is_lora_tune_run(run):
         outputs.refuse_foreign(run.root, RUN)  # not a run: refused, whatever the flags
@@ -207,8 +207,9 @@ def _clear_for_overwrite(run: RunDir, overwrite: bool) -> None:
     if not overwrite:
         release_run_dir(run)
         raise OutputError(
-            f"output_dir: '{run.root}' already holds a run; pass --resume to continue it, --overwrite to "
-            f"replace it, or set output_dir=runs/another-name"
+            "output_dir",
+            f"'{run.root}' already holds a run; pass --resume to continue it, --overwrite to replace it, or set "
+            "output_dir=runs/another-name",
         )
     try:  # decided again under the lock: another process may have written there since
         outputs.remove_ours(run.root, RUN, keep=[LOCK, MARKER])
@@ -225,7 +226,7 @@ def adapter_build_dir(run: RunDir) -> Path:
 def _lock(run: RunDir) -> None:
     key = run.root.resolve()
     if key not in _HELD:
-        _HELD[key] = acquire(run.root / LOCK, f"output_dir '{run.root}'")
+        _HELD[key] = acquire(run.root / LOCK, "output_dir", run.root)
 
 
 def release_run_dir(run: RunDir) -> None:

@@ -18,13 +18,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_tune.errors import LoraTuneError
+from lora_tune.errors import OptionError
 
 log = logging.getLogger(__name__)
 
 
-class LockedError(LoraTuneError):
-    """Another lora-tune process holds the lock."""
+class LockedError(OptionError):
+    """Another lora-tune process holds the lock. `option` names the locked folder as the caller was given it (the
+    parameter `output`, the recipe key `output_dir`): "output '/x' is in use by another lora-tune process (...)"."""
+
+    def render(self, name: str) -> str:
+        return f"{name} {self.message}"
 
 
 @dataclass
@@ -33,8 +37,9 @@ class Lock:
     fd: int | None  # None: the file system refused flock; nothing is held
 
 
-def acquire(path: Path, what: str) -> Lock:
-    """Take the lock at `path` without waiting; `what` names the thing locked in the one-line refusal."""
+def acquire(path: Path, option: str, folder: Path) -> Lock:
+    """Take the lock at `path` without waiting; the one-line refusal names the locked `folder` and the `option` (a
+    parameter or recipe key) that named it."""
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock, as on a file system without flock
@@ -48,12 +53,12 @@ def acquire(path: Path, what: str) -> Lock:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             holder = holder or "holder unknown"
-            raise LockedError(f"{what} is in use by another lora-tune process ({holder})") from None
+            raise LockedError(option, f"'{folder}' is in use by another lora-tune process ({holder})") from None
         log.warning("lock: %s cannot be locked (%s); going on without a lock", path, exc.strerror)
         return Lock(path, None)
     stale = _read(fd)
     if stale:
-        log.info("lock: %s was left by a process that no longer runs (%s); taken over", what, stale)
+        log.info("lock: %s '%s' was left by a process that no longer runs (%s); taken over", option, folder, stale)
     _write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     return Lock(path, fd)
 
@@ -71,8 +76,8 @@ def release(lock: Lock) -> None:
 
 
 @contextmanager
-def held(path: Path, what: str) -> Iterator[Lock]:
-    lock = acquire(path, what)
+def held(path: Path, option: str, folder: Path) -> Iterator[Lock]:
+    lock = acquire(path, option, folder)
     try:
         yield lock
     finally:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_tune.errors import LoraTuneError
+from lora_tune.errors import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +36,19 @@ WRITE_PROBE = ".lora-tune-write-check."  # ensure_writable's file, removed at on
 ATOMIC_SUFFIX = ".tmp"  # write_text_atomic's temporaries: .NAME.<random>.tmp beside NAME
 
 
-class OutputError(LoraTuneError):
-    """An output folder cannot be written without losing something the user had (exit 2)."""
+class OutputError(OptionError):
+    """An output folder cannot be written without losing something the user had (exit 2). `option` names the folder
+    as the caller was given it: a parameter (`output`) or a recipe key (`output_dir`)."""
 
 
 @dataclass(frozen=True)
 class OutputKind:
     """A kind of folder a lora-tune command writes.
 
-    `what` names it in messages ("run directory"); `option` is how the user names the folder (the recipe key or the
-    flag); `marker` is the file inside that proves lora-tune made it; `fixed` are names the kind may always write;
-    `legacy` recognises a folder of this kind written before it had a marker (its fixed names only).
+    `what` names it in messages ("run directory"); `option` is what names the folder: the recipe key (`output_dir`)
+    or the parameter of the function that writes it (`output`, which the command line shows as its flag); `marker`
+    is the file inside that proves lora-tune made it; `fixed` are names the kind may always write; `legacy`
+    recognises a folder of this kind written before it had a marker (its fixed names only).
     """
 
     what: str
@@ -126,7 +128,7 @@ def is_empty(folder: Path) -> bool:
 def refuse_foreign(folder: Path, kind: OutputKind) -> None:
     """Refuse, in one line, an existing folder that holds anything lora-tune did not write as `kind`."""
     if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{kind.option}: '{folder}' is a file, expected a folder")
+        raise OutputError(kind.option, f"'{folder}' is a file, expected a folder")
     if not folder.is_dir():
         return
     foreign = foreign_entries(folder, kind)
@@ -134,12 +136,14 @@ def refuse_foreign(folder: Path, kind: OutputKind) -> None:
         return
     if read_marker(folder, kind) is None and not (kind.legacy is not None and kind.legacy(folder)):
         raise OutputError(
-            f"{kind.option}: '{folder}' is not empty and holds no lora-tune {kind.what} ({listing(foreign)}); "
-            "choose a new or empty folder (nothing was deleted)"
+            kind.option,
+            f"'{folder}' is not empty and holds no lora-tune {kind.what} ({listing(foreign)}); "
+            "choose a new or empty folder (nothing was deleted)",
         )
     raise OutputError(
-        f"{kind.option}: '{folder}' holds files lora-tune did not write ({listing(foreign)}); lora-tune replaces "
-        f"only what it wrote in a {kind.what}: move these away or choose another folder (nothing was deleted)"
+        kind.option,
+        f"'{folder}' holds files lora-tune did not write ({listing(foreign)}); lora-tune replaces "
+        f"only what it wrote in a {kind.what}: move these away or choose another folder (nothing was deleted)",
     )
 
 
@@ -150,7 +154,7 @@ def check_overlap(output: Path, sources: Iterable[Path], option: str) -> None:
         keep = source.resolve()
         if target == keep or keep.is_relative_to(target) or target.is_relative_to(keep):
             raise OutputError(
-                f"{option}: '{output}' overlaps '{source}', which this command reads; choose another folder"
+                option, f"'{output}' overlaps '{source}', which this command reads; choose another folder"
             )
 
 
@@ -171,8 +175,7 @@ def check_replaceable(folder: Path, names: Iterable[str], option: str) -> None:
         path = folder / name
         if path.is_symlink() or (path.exists() and not path.is_file()):
             raise OutputError(
-                f"{option}: '{path}' is in the way: it is not a file lora-tune wrote; move it away (nothing was "
-                "deleted)"
+                option, f"'{path}' is in the way: it is not a file lora-tune wrote; move it away (nothing was deleted)"
             )
 
 
@@ -188,8 +191,8 @@ def check_own_json(path: Path, signature: str, option: str) -> None:
         data = None
     if not (isinstance(data, dict) and data.get("written_by") == signature):
         raise OutputError(
-            f"{option}: '{path}' exists and is not a report lora-tune wrote; choose another file name (nothing was "
-            "replaced)"
+            option,
+            f"'{path}' exists and is not a report lora-tune wrote; choose another file name (nothing was replaced)",
         )
 
 
@@ -221,7 +224,7 @@ def check_build_slot(path: Path, option: str) -> None:
     marked leftover; anything else there is the user's and is refused before any work."""
     if path.is_symlink() or (path.exists() and not is_build_dir(path)):
         raise OutputError(
-            f"{option}: '{path}' is in the way and was not made by lora-tune; move it away (nothing was deleted)"
+            option, f"'{path}' is in the way and was not made by lora-tune; move it away (nothing was deleted)"
         )
 
 
@@ -326,7 +329,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def ensure_writable(folder: Path, what: str) -> None:
+def ensure_writable(folder: Path, option: str) -> None:
     """Refuse, in one line and before any work, a folder this command could not write its results into: a file is
     created and removed there (a permission check alone would pass for root on a read-only mount)."""
     try:
@@ -335,15 +338,15 @@ def ensure_writable(folder: Path, what: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise OutputError(
-            f"{what}: '{folder}' is not writable ({exc.strerror or type(exc).__name__}); choose a folder you can "
-            "write to"
+            option,
+            f"'{folder}' is not writable ({exc.strerror or type(exc).__name__}); choose a folder you can write to",
         ) from None
 
 
-def make_dir(folder: Path, what: str) -> None:
+def make_dir(folder: Path, option: str) -> None:
     """mkdir -p, failing in one line (a read-only or forbidden parent) instead of with a raw OSError."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{what}: cannot create '{folder}' ({exc.strerror or type(exc).__name__})") from None
-    ensure_writable(folder, what)
+        raise OutputError(option, f"cannot create '{folder}' ({exc.strerror or type(exc).__name__})") from None
+    ensure_writable(folder, option)

@@ -216,3 +216,31 @@ def test_generate_prints_the_answer_alone_on_stdout(tiny_model_dir, tmp_path, ca
     captured = capsys.readouterr()
     assert note in captured.err and note not in captured.out
     assert captured.out.count("\n") == 1, captured.out
+
+
+# A library error names its parameter (`quant`); the command line names the flag that set it (`--quant`), read from
+# argparse itself. A name the verb has no flag for (a recipe key such as output_dir) is printed as it is.
+def test_an_option_error_is_said_with_the_verbs_flag(capsys):
+    import argparse
+
+    from lora_tune.cli import build_parser, run_verb
+    from lora_tune.errors import OptionError
+
+    args = build_parser().parse_args(["export", "some/run"])
+    assert args.names["quant"] == "--quant" and args.names["merge_dtype"] == "--merge-dtype"
+    for option, shown in (("quant", "--quant"), ("output_dir", "output_dir")):
+
+        def refuse(_: argparse.Namespace, option: str = option) -> int:
+            raise OptionError(option, "expected something else")
+
+        assert run_verb(refuse, args) == 2
+        assert capsys.readouterr().err == f"error: {shown}: expected something else\n"
+
+
+def test_a_library_parameter_error_reads_as_the_flag_on_the_command_line(recipe, capsys):
+    from lora_tune.plan.memory import parse_size
+
+    with pytest.raises(Exception, match="^gpu_memory: expected a size"):
+        parse_size("lots")
+    assert main(["plan", str(recipe), "--gpu-memory", "lots"]) == 2
+    assert capsys.readouterr().err == "error: --gpu-memory: expected a size such as 24GiB or 80GB, got 'lots'\n"

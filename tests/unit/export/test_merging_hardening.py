@@ -22,7 +22,7 @@ import sys, time
 from pathlib import Path
 from lora_tune.run.locks import acquire
 for path in sys.argv[1:]:
-    acquire(Path(path), "test holder")
+    acquire(Path(path), "test holder", Path(path).parent)
 print("locked", flush=True)
 time.sleep(60)
 """
@@ -70,7 +70,7 @@ def test_the_destination_stays_locked_while_the_merge_builds_and_is_let_go_after
 
     def check_locked(path: Path, specs: dict, tensors) -> int:  # noqa: ANN001 - an iterator
         with pytest.raises(LockedError, match=r"in use by another lora-tune process \(pid \d+ on "):
-            acquire(lock, "the destination")  # a second descriptor conflicts with the merge's, as another process's
+            acquire(lock, "output", out)  # a second descriptor conflicts with the merge's, as another process's
         seen.append(path.name)
         return real_write(path, specs, tensors)
 
@@ -78,7 +78,7 @@ def test_the_destination_stays_locked_while_the_merge_builds_and_is_let_go_after
     merge(run, out, verify=False)
     assert seen, "the merge wrote shards under the lock"
     assert lock.read_text() == "", "released cleanly (the empty file stays, as locks.release explains)"
-    release(acquire(lock, "after the merge"))
+    release(acquire(lock, "output", out))  # free after the merge
 
     def interrupted(*args) -> int:  # noqa: ANN002
         raise KeyboardInterrupt
@@ -86,7 +86,7 @@ def test_the_destination_stays_locked_while_the_merge_builds_and_is_let_go_after
     monkeypatch.setattr(merge_module, "write_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
         merge(run, out, overwrite=True, verify=False)
-    release(acquire(lock, "after a failed merge"))  # and when it failed
+    release(acquire(lock, "output", out))  # and after a failed one
 
 
 def test_leftovers_of_killed_merges_to_the_destination_are_removed_and_nothing_else(

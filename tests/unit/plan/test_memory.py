@@ -184,7 +184,7 @@ def test_unknown_local_model_is_one_line_error(tmp_path: Path, capsys):
 
 def test_sizes():
     assert parse_size("24GiB") == 24 * GIB and parse_size("80 GB") == 80 * GIB and parse_size("512MiB") == GIB // 2
-    with pytest.raises(LoraTuneError, match="--gpu-memory"):
+    with pytest.raises(LoraTuneError, match="^gpu_memory: expected a size"):
         parse_size("lots")
 
 

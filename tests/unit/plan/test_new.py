@@ -32,7 +32,7 @@ def test_parse_memory(text: str, gib: float):
 
 @pytest.mark.parametrize("text", ["", "lots", "0GiB", "24TB"])
 def test_parse_memory_refuses(text: str):
-    with pytest.raises(CatalogError, match="--gpu-memory"):
+    with pytest.raises(CatalogError, match="^gpu_memory: expected a size"):
         parse_memory(text)
 
 

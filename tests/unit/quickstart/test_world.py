@@ -115,7 +115,7 @@ def test_build_base_writes_a_loadable_folder_atomically(tmp_path: Path) -> None:
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert tokenizer.eos_token == END_OF_TURN
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
-    with pytest.raises(OutputError, match="holds a quickstart base already; --force rebuilds it"):
+    with pytest.raises(OutputError, match="out_dir: .* holds a quickstart base already; overwrite=True rebuilds it"):
         qs.build_base(out, steps=1, progress=False)
 
 

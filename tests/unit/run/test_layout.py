@@ -170,7 +170,7 @@ def test_a_folder_even_root_cannot_write_is_refused_in_one_line():
     from lora_tune.run.layout import ensure_writable
 
     with pytest.raises(OutputError, match="'/sys' is not writable"):
-        ensure_writable(Path("/sys"), "--output")
+        ensure_writable(Path("/sys"), "output")
 
 
 def test_eval_refuses_an_unwritable_run_directory_before_loading_anything(tmp_path: Path, monkeypatch, capsys):
