@@ -369,6 +369,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from lora_tune.recipe.describe import describe
     from lora_tune.recipe.load import dump_resolved, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -416,21 +417,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def describe(recipe) -> str:  # noqa: ANN001 - Recipe, imported lazily by callers
-    quant = recipe.quantization
-    method = recipe.adapter.method
-    if quant.bits == 4 and method == "lora":
-        method = f"QLoRA (4-bit {quant.quant_type})"
-    elif quant.bits == 8:
-        method = f"{method} on an 8-bit base"
-    extras = [name for name, on in (("DoRA", recipe.adapter.use_dora), ("rsLoRA", recipe.adapter.use_rslora)) if on]
-    method += "".join(f" + {e}" for e in extras)
-    sources = ", ".join(d.path for d in recipe.datasets)
-    rank = f" r={recipe.adapter.r}" if "r" in recipe.adapter.model_dump() else ""  # only methods that have a rank
-    return f"{method}{rank} on {recipe.model.name}; data: {sources}; output: {recipe.output_dir}"
-
-
 def cmd_train(args: argparse.Namespace) -> int:
+    from lora_tune.recipe.describe import describe
     from lora_tune.recipe.load import load_recipe
     from lora_tune.training.distributed import Processes
 
@@ -443,12 +431,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if procs.is_main:
         print(f"lora-tune: {describe(recipe)}", flush=True)
     from lora_tune.tasks import train
+    from lora_tune.training.result import format_summary
 
     result = train(
         recipe, overwrite=args.overwrite, resume=args.resume, recipe_path=args.recipe, overrides=args.overrides
     )
     if procs.is_main:
-        print_train_summary(result, args.recipe)
+        print(format_summary(result))
     return EXIT_OK
 
 
@@ -462,49 +451,6 @@ def _launch(recipe, args: argparse.Namespace) -> int:  # noqa: ANN001 - Recipe, 
     command = launch_command(recipe, args.nproc, forwarded)
     print(f"lora-tune: starting {args.nproc} processes: {' '.join(command[1:6])} ...", flush=True)
     return run_launcher(command)
-
-
-def print_train_summary(result, recipe_path: str) -> None:  # noqa: ANN001 - RunResult
-    def num(value: float | None, fmt: str = ".4f") -> str:
-        return "n/a" if value is None else format(value, fmt)
-
-    minutes, seconds = divmod(int(result.wall_seconds), 60)
-    memory = ", ".join(f"{k.removesuffix('_gib').replace('_', ' ')} {v:.2f} GiB" for k, v in result.memory.items())
-    share = f" ({result.trained_token_share:.0%} of them trained)" if result.trained_token_share is not None else ""
-    tokens = f"{result.tokens_seen:,.0f}" if result.tokens_seen is not None else "n/a"
-    lines = [
-        "",
-        f"Adapter saved to {result.adapter_dir}  ({result.steps} steps in {minutes}m {seconds:02d}s)",
-        f"  train loss {num(result.train_loss)}   eval loss {num(result.eval_loss)}",
-        *best_checkpoint_lines(result),
-        *_batch_line(result),
-        f"  rows: {result.train_rows} train, {result.validation_rows} validation;  tokens seen {tokens}{share}",
-        f"  peak memory: {memory or 'n/a'}",
-        f"  metrics: {Path(result.run_dir) / 'metrics.jsonl'}"
-        + (f";  loss curve: {result.loss_plot}" if result.loss_plot else ""),
-        "Next:",
-        f"  lora-tune eval {result.run_dir} --data YOUR_HELD_OUT.jsonl   # scores vs the base model: eval.md",
-        f'  lora-tune chat {result.run_dir}                                 # or: lora-tune generate RUN "prompt"',
-        f"  python -c \"from peft import AutoPeftModelForCausalLM as M; M.from_pretrained('{result.adapter_dir}')\"",
-    ]
-    print("\n".join(lines))
-
-
-def best_checkpoint_lines(result) -> list[str]:  # noqa: ANN001 - RunResult
-    """With keep_best or early stopping: the step the saved adapter comes from."""
-    best = getattr(result, "best", None)
-    if not best:
-        return []
-    stopped = f"stopped early at step {result.steps} of {best['planned_steps']}; " if best["stopped_early"] else ""
-    return [f"  {stopped}adapter = best checkpoint, step {best['step']} ({best['metric']} {best['value']:.4f})"]
-
-
-def _batch_line(result) -> list[str]:  # noqa: ANN001 - RunResult
-    if not getattr(result, "effective_batch_size", None):
-        return []
-    procs = f" on {result.processes} processes ({result.strategy})" if result.processes > 1 else ""
-    unit = "packed rows" if getattr(result, "packed", False) else "examples"
-    return [f"  effective batch {result.effective_batch_size} {unit} per optimizer step{procs}"]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -524,16 +470,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from lora_tune.inference.chat import reply
+    from lora_tune.inference.chat import ChatSession
     from lora_tune.inference.load import load_for_inference
 
-    loaded = _with_generation_flags(load_for_inference(args.model_dir), args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    messages.append({"role": "user", "content": args.prompt})
-    if args.stream:
-        reply(loaded, messages, stream=sys.stdout)
-    else:
-        print(reply(loaded, messages))
+    session = ChatSession(_with_generation_flags(load_for_inference(args.model_dir), args), system=args.system)
+    answer = session.ask(args.prompt, stream=sys.stdout if args.stream else None)
+    if not args.stream:
+        print(answer)
     return EXIT_OK
 
 
@@ -546,14 +489,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _with_generation_flags(loaded, args: argparse.Namespace):  # noqa: ANN001, ANN202 - LoadedModel, lazily imported
-    """The loaded model with its `eval:` settings overridden by --max-new-tokens/--sample/--temperature/--top-p."""
-    from lora_tune.inference.chat import with_settings
+    """The loaded model with the flags of _generation_arguments overriding its `eval:` settings."""
+    from lora_tune.inference.chat import with_generation
 
-    update = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
-    update = {k: v for k, v in update.items() if v is not None}
-    if args.sample or "temperature" in update or "top_p" in update:
-        update["do_sample"] = True
-    return with_settings(loaded, update)
+    return with_generation(
+        loaded, max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature, top_p=args.top_p
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -561,14 +502,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     from lora_tune.export import ExportError, merge
     from lora_tune.export.push import REPO_ID, check_repo_id
+    from lora_tune.export.result import format_merge
 
-    push_to = getattr(args, "push_to_hub", None)
-    if getattr(args, "private", False) and not push_to:
+    # How the flags combine and what --push-to-hub looks like are the command line's to say, as argparse's own
+    # checks are; the hub's rules on the id are the library's (check_repo_id), asked before a merge of many minutes.
+    if args.private and not args.push_to_hub:
         raise ExportError("--private needs --push-to-hub ORG/NAME")
-    if push_to and not re.match(REPO_ID, push_to):
-        raise ExportError(f"--push-to-hub: expected ORG/NAME, got '{push_to}'")
-    if push_to:
-        check_repo_id(push_to)  # by the hub's own rules too, before a merge of many minutes
+    if args.push_to_hub and not re.match(REPO_ID, args.push_to_hub):
+        raise ExportError(f"--push-to-hub: expected ORG/NAME, got '{args.push_to_hub}'")
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
     result = merge(
         args.run_dir,
         args.output,
@@ -577,53 +520,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
         verify=args.verify,
         from_dequantized=args.from_dequantized,
     )
-    lines = [
-        f"Merged model written to {result.output}  ({result.method}, {result.dtype}, {result.shards} shard(s), "
-        f"{result.lora_modules} adapted weights, {result.seconds:.1f}s)"
-    ]
-    if result.max_abs_diff is not None:
-        lines.append(
-            f"  verified: max |logit difference| {result.max_abs_diff:.3g} (tolerance {result.tolerance:.3g})"
-        )
-    if result.dequantized_vs_plain is not None:
-        lines.append(
-            f"  vs a merge into the unquantized base: max |logit difference| {result.dequantized_vs_plain:.3g}"
-        )
-    if not push_to:
-        lines.append(f"Next:\n  lora-tune push {result.output} ORG/NAME --dry-run")
-    print("\n".join(lines), flush=True)
-    if push_to:
+    print(format_merge(result, next_step=not args.push_to_hub), flush=True)
+    if args.push_to_hub:
         from lora_tune.export.push import format_push, push
 
-        print(format_push(push(result.output, push_to, private=args.private)))
+        print(format_push(push(result.output, args.push_to_hub, private=args.private)))
     return EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from lora_tune.export.gguf import export_gguf
-    from lora_tune.export.gguf_verify import iter_checks
+    from lora_tune.export.gguf import export_gguf, format_gguf
 
     result = export_gguf(
         args.source, args.output, quant=args.quant, merge_dtype=args.merge_dtype, overwrite=args.overwrite
     )
-    folder = result.path.parent
-    size = result.bytes / 2**20
-    lines = [
-        f"GGUF written to {result.path}  ({result.quant}, {size:,.1f} MiB, {result.seconds:.1f}s: merge "
-        f"{result.merge_seconds:.1f}s, convert {result.convert_seconds:.1f}s, verify {result.check.seconds:.1f}s; "
-        f"converter peak {result.converter_peak_mib:,.0f} MiB)",
-        f"  read back: {len(result.check.tensors)} tensors and {result.check.tokens} tokens equal the merged model's",
-        *(f"    {line}" for line in iter_checks(result.check)),
-    ]
-    stops = ", ".join(result.stops) or "-"
-    lines.append(
-        f"  llama.cpp stops on: {stops}"
-        if result.stops_checked
-        else f"  stops on {stops} (not asked of llama.cpp: it is not installed)"
-    )
-    lines.append(f"Also written: {folder / 'Modelfile'}, {folder / 'README.md'}")
-    lines.append(f"Next:\n  ollama create NAME -f {folder / 'Modelfile'}\n  lora-tune serve {result.path}")
-    print("\n".join(lines), flush=True)
+    print(format_gguf(result), flush=True)
     return EXIT_OK
 
 
@@ -651,54 +562,30 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from lora_tune.plan.catalog import CatalogError, catalog_dir
+    from lora_tune.plan.catalog_location import catalog_dir_if_any
     from lora_tune.plan.new import new_recipe
 
-    try:
-        root = catalog_dir(args.dir)
-    except CatalogError:
-        root = None  # sizing from a local config.json or the name still works without the catalog's configs
-    print(new_recipe(args.model, args.method, args.data, args.gpu_memory, root, args.objective), end="")
+    recipe = new_recipe(
+        args.model, args.method, args.data, args.gpu_memory, catalog_dir_if_any(args.dir), args.objective
+    )
+    print(recipe, end="")
     return EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from lora_tune.serve.backend import ServeError, model_kind
-    from lora_tune.serve.protocol import Limits
-    from lora_tune.serve.server import ServeConfig
+    from lora_tune.serve.start import serve_model
 
-    checks = {
-        "--port": (0 <= args.port <= 65535, "a port between 0 and 65535"),
-        "--max-tokens-limit": (args.max_tokens_limit >= 1, "a number of tokens >= 1"),
-        "--max-body-bytes": (args.max_body_bytes >= 1024, "at least 1024 bytes"),
-        "--max-waiting": (args.max_waiting >= 1, "at least 1"),
-        "--shutdown-grace": (args.shutdown_grace >= 0, "seconds >= 0"),
-    }
-    for flag, (ok, expected) in checks.items():
-        if not ok:
-            raise ServeError(f"{flag}: expected {expected}, got {getattr(args, flag[2:].replace('-', '_'))}")
-    model_kind(Path(args.model_path))  # a bad path fails here, before any weights are read
-    from lora_tune.serve.load import model_name, open_backend
-    from lora_tune.serve.server import serve
-
-    api_key = args.api_key or os.environ.get("LORA_TUNE_API_KEY") or None
-    if api_key:  # redact() masks the values of TOKEN_ENV: a key given as --api-key too, in any line printed
-        os.environ["LORA_TUNE_API_KEY"] = api_key
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host} without an API key: anyone who can reach it may use it")
-    backend = open_backend(args.model_path)
-    default_tokens = min(backend.defaults.max_new_tokens, args.max_tokens_limit)
-    config = ServeConfig(
+    return serve_model(
+        args.model_path,
         host=args.host,
         port=args.port,
-        api_key=api_key,
-        model_name=args.model_name or model_name(args.model_path),
-        limits=Limits(max_tokens=args.max_tokens_limit, default_max_tokens=default_tokens),
+        api_key=args.api_key,
+        model_name=args.model_name,
+        max_tokens_limit=args.max_tokens_limit,
         max_body_bytes=args.max_body_bytes,
         max_waiting=args.max_waiting,
         shutdown_grace=args.shutdown_grace,
     )
-    return serve(backend, config)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from lora_tune.export.errors import ExportError, ExportOptionError, Verification
 from lora_tune.export.gguf_card import gguf_card
 from lora_tune.export.gguf_converter import OUTTYPES, convert
 from lora_tune.export.gguf_quantize import K_QUANTS, llama_cpp_module, quantize
-from lora_tune.export.gguf_verify import GgufCheck, llama_cpp_stops, merged_tokenizer, verify_gguf
+from lora_tune.export.gguf_verify import GgufCheck, iter_checks, llama_cpp_stops, merged_tokenizer, verify_gguf
 from lora_tune.export.merging import merge
 from lora_tune.export.ollama import modelfile
 from lora_tune.model.stops import generation_stops, read_generation_stops
@@ -108,6 +108,28 @@ def export_gguf(
         finally:
             shutil.rmtree(build, ignore_errors=True)
     return result
+
+
+def format_gguf(result: GgufResult) -> str:
+    """What an export wrote and measured: the file, its size and timings, what was read back, the stop tokens
+    llama.cpp ends on, the companions, and the commands to run the file next."""
+    folder = result.path.parent
+    lines = [
+        f"GGUF written to {result.path}  ({result.quant}, {result.bytes / 2**20:,.1f} MiB, {result.seconds:.1f}s: "
+        f"merge {result.merge_seconds:.1f}s, convert {result.convert_seconds:.1f}s, verify "
+        f"{result.check.seconds:.1f}s; converter peak {result.converter_peak_mib:,.0f} MiB)",
+        f"  read back: {len(result.check.tensors)} tensors and {result.check.tokens} tokens equal the merged model's",
+        *(f"    {line}" for line in iter_checks(result.check)),
+    ]
+    stops = ", ".join(result.stops) or "-"
+    lines.append(
+        f"  llama.cpp stops on: {stops}"
+        if result.stops_checked
+        else f"  stops on {stops} (not asked of llama.cpp: it is not installed)"
+    )
+    lines.append(f"Also written: {folder / MODELFILE}, {folder / CARD}")
+    lines.append(f"Next:\n  ollama create NAME -f {folder / MODELFILE}\n  lora-tune serve {result.path}")
+    return "\n".join(lines)
 
 
 def default_output(source: Path) -> Path:

@@ -128,3 +128,20 @@ def with_settings(loaded: LoadedModel, update: dict[str, Any]) -> LoadedModel:
         error = exc.errors()[0]
         raise OptionError(str(error["loc"][0]), error["msg"]) from None
     return LoadedModel(loaded.model, loaded.tokenizer, settings, loaded.description)
+
+
+def with_generation(
+    loaded: LoadedModel,
+    *,
+    max_new_tokens: int | None = None,
+    sample: bool | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+) -> LoadedModel:
+    """`loaded` with the settings given (not None) overriding its `eval:` ones for one call; a temperature or top_p
+    implies sampling, since greedy decoding would ignore them."""
+    update = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p}
+    update = {key: value for key, value in update.items() if value is not None}
+    if sample or "temperature" in update or "top_p" in update:
+        update["do_sample"] = True
+    return with_settings(loaded, update)

@@ -25,3 +25,12 @@ def catalog_dir(explicit: str | Path | None = None) -> Path:
     raise CatalogError(
         f"no recipe catalog found (looked in ./recipes and the lora-tune checkout); pass --dir or set {CATALOG_ENV}"
     )
+
+
+def catalog_dir_if_any(explicit: str | Path | None = None) -> Path | None:
+    """`catalog_dir`, or None where there is no catalog: for what works without one (`new` sizes a model from a local
+    config.json or the size in its name)."""
+    try:
+        return catalog_dir(explicit)
+    except CatalogError:
+        return None

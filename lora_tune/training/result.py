@@ -1,4 +1,5 @@
-"""What a training run produced and measured (summary.json), and the step its saved adapter comes from."""
+"""What a training run produced and measured (summary.json), the step its saved adapter comes from, and the summary
+`lora-tune train` prints."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.recipe.schema import Recipe
+from lora_tune.run.layout import RunDir
 
 
 @dataclass
@@ -62,3 +64,50 @@ def best_checkpoint(state: Any, recipe: Recipe, steps: int) -> dict[str, Any] | 
         "stopped_early": steps < planned,
         "planned_steps": planned,
     }
+
+
+def format_summary(result: RunResult) -> str:
+    """What a finished run tells its user: where the adapter is, the losses, the best checkpoint, the batch, the data
+    and memory figures, where the metrics are, and the commands to try the adapter next."""
+    minutes, seconds = divmod(int(result.wall_seconds), 60)
+    memory = ", ".join(f"{k.removesuffix('_gib').replace('_', ' ')} {v:.2f} GiB" for k, v in result.memory.items())
+    share = f" ({result.trained_token_share:.0%} of them trained)" if result.trained_token_share is not None else ""
+    tokens = f"{result.tokens_seen:,.0f}" if result.tokens_seen is not None else "n/a"
+    lines = [
+        "",
+        f"Adapter saved to {result.adapter_dir}  ({result.steps} steps in {minutes}m {seconds:02d}s)",
+        f"  train loss {_figure(result.train_loss)}   eval loss {_figure(result.eval_loss)}",
+        *_best_checkpoint_lines(result),
+        *_batch_line(result),
+        f"  rows: {result.train_rows} train, {result.validation_rows} validation;  tokens seen {tokens}{share}",
+        f"  peak memory: {memory or 'n/a'}",
+        f"  metrics: {RunDir(Path(result.run_dir)).metrics}"
+        + (f";  loss curve: {result.loss_plot}" if result.loss_plot else ""),
+        "Next:",
+        f"  lora-tune eval {result.run_dir} --data YOUR_HELD_OUT.jsonl   # scores vs the base model: eval.md",
+        f'  lora-tune chat {result.run_dir}                                 # or: lora-tune generate RUN "prompt"',
+        f"  python -c \"from peft import AutoPeftModelForCausalLM as M; M.from_pretrained('{result.adapter_dir}')\"",
+    ]
+    return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else format(value, ".4f")
+
+
+def _best_checkpoint_lines(result: RunResult) -> list[str]:
+    """With keep_best or early stopping: the step the saved adapter comes from."""
+    best = result.best
+    if not best:
+        return []
+    stopped = f"stopped early at step {result.steps} of {best['planned_steps']}; " if best["stopped_early"] else ""
+    return [f"  {stopped}adapter = best checkpoint, step {best['step']} ({best['metric']} {best['value']:.4f})"]
+
+
+def _batch_line(result: RunResult) -> list[str]:
+    """The effective batch per optimizer step, and the processes that share it."""
+    if not result.effective_batch_size:
+        return []
+    procs = f" on {result.processes} processes ({result.strategy})" if result.processes > 1 else ""
+    unit = "packed rows" if result.packed else "examples"
+    return [f"  effective batch {result.effective_batch_size} {unit} per optimizer step{procs}"]

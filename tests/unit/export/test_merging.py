@@ -381,3 +381,14 @@ def test_a_base_without_a_generation_config_keeps_its_eos_beside_the_trained_end
     merge(run, tmp_path / "merged", dtype="fp32", verify=False)
     stops = GenerationConfig.from_pretrained(tmp_path / "merged").eos_token_id
     assert stops == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|assistant|>")]
+
+
+def test_the_merge_summary_says_the_push_command_unless_a_push_follows():
+    from lora_tune.export.result import MergeResult, format_merge
+
+    merged = MergeResult(Path("m"), "bf16", "streaming", 1, 14, 0, [], max_abs_diff=1e-6, tolerance=1e-3, seconds=2)
+    text = format_merge(merged)
+    assert text.startswith("Merged model written to m  (streaming, bf16, 1 shard(s), 14 adapted weights, 2.0s)")
+    assert "  verified: max |logit difference| 1e-06 (tolerance 0.001)" in text
+    assert text.endswith("Next:\n  lora-tune push m ORG/NAME --dry-run")
+    assert "Next:" not in format_merge(merged, next_step=False)

@@ -69,7 +69,7 @@ def test_bad_serve_arguments_exit_2_with_one_line(
 
 
 def test_a_key_given_on_the_command_line_is_masked_in_what_is_printed(tmp_path, monkeypatch, capsys) -> None:
-    import lora_tune.serve.load as load
+    import lora_tune.serve.start as start
     from lora_tune.serve.backend import ServeError
 
     key = "sekrit-serve-key-0123456789"
@@ -79,7 +79,7 @@ def test_a_key_given_on_the_command_line_is_masked_in_what_is_printed(tmp_path, 
         raise ServeError(f"could not load {path} for key {key}")
 
     monkeypatch.setenv("LORA_TUNE_API_KEY", "")  # recorded, so the value the command sets is undone after
-    monkeypatch.setattr(load, "open_backend", failing_backend)
+    monkeypatch.setattr(start, "open_backend", failing_backend)
     assert main(["serve", str(tmp_path), "--api-key", key]) == 2
     out = capsys.readouterr()
     assert key not in out.out + out.err and "hf_***" in out.err
