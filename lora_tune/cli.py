@@ -6,7 +6,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import IO, Any
 
 from lora_tune import __version__
@@ -57,12 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _names(sub: argparse.ArgumentParser) -> dict[str, str]:
     """The verb's flag for each value it passes on, by argparse's dest, which is the library's parameter name
-    (`quant` -> `--quant`). Read from the parser itself, so that no second table can drift from the flags."""
+    (`quant` -> `--quant`, a positional `run_dir` -> `RUN_DIR` as the usage line shows it). Read from the parser
+    itself, so that no second table can drift from the flags."""
     names = {}
     for action in sub._actions:  # argparse has no public list of a parser's arguments
         flags = [flag for flag in action.option_strings if flag.startswith("--")]
         if flags:
             names[action.dest] = flags[0]
+        elif not action.option_strings and action.dest != argparse.SUPPRESS:
+            names[action.dest] = action.metavar if isinstance(action.metavar, str) else action.dest.upper()
     return names
 
 
@@ -380,20 +382,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-CHECK_REPORT = "lora-tune check"  # the "written_by" of `check --json` reports: only those are replaced
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     from lora_tune import tasks
     from lora_tune.recipe.load import load_recipe
-    from lora_tune.run.layout import write_json_atomic
-    from lora_tune.run.outputs import check_own_json
 
-    if args.json:
-        check_own_json(Path(args.json), CHECK_REPORT, "--json")  # before the check's work, not after it
-    report = tasks.check(load_recipe(args.recipe, args.overrides))
-    if args.json:
-        write_json_atomic(Path(args.json), {"written_by": CHECK_REPORT, **report.to_json()})
+    report = tasks.check(load_recipe(args.recipe, args.overrides), json_path=args.json)
     print(report.format())
     return EXIT_OK if report.passed else EXIT_USER_ERROR
 

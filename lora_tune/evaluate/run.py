@@ -69,8 +69,8 @@ def open_evaluation(
     except ModelFolderError as exc:
         raise RunNotFoundError(str(exc)) from None
 
-    ensure_writable(run.root, "eval")  # eval.json and eval.md go there: fail now, not after scoring
-    check_replaceable(run.root, [EVAL_JSON, EVAL_MARKDOWN, LOSS_PLOT], "eval")
+    ensure_writable(run.root, "run_dir")  # eval.json and eval.md go there: fail now, not after scoring
+    check_replaceable(run.root, [EVAL_JSON, EVAL_MARKDOWN, LOSS_PLOT], "run_dir")
 
     recipe = load_recipe(run.recipe, check_paths=False)
     settings = recipe.eval.model_copy(

@@ -20,7 +20,8 @@ from lora_tune.evaluate import run
 from lora_tune.evaluate.result import EvalReport
 from lora_tune.model.load import load_tokenizer
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import release_run_dir
+from lora_tune.run.layout import release_run_dir, write_json_atomic
+from lora_tune.run.outputs import check_own_json
 from lora_tune.tasks.classification import evaluate as classification_eval
 from lora_tune.tasks.classification.training import ClassificationTraining
 from lora_tune.tasks.preference import evaluate as preference_eval
@@ -107,9 +108,18 @@ def train(
         release_process_group()
 
 
-def check(recipe: Recipe) -> PreflightReport:
-    """`lora-tune check`: the task's pre-flight checks with the tokenizer training would use (no weights load)."""
-    return task_of(recipe).training.checks(recipe, load_tokenizer(recipe.model))
+CHECK_REPORT = "lora-tune check"  # the "written_by" of the reports `check` writes: only those are replaced
+
+
+def check(recipe: Recipe, *, json_path: str | Path | None = None) -> PreflightReport:
+    """`lora-tune check`: the task's pre-flight checks with the tokenizer training would use (no weights load);
+    with `json_path`, the report also as JSON there (a file that is not an earlier report is refused first)."""
+    if json_path is not None:
+        check_own_json(Path(json_path), CHECK_REPORT, "json")  # before the check's work, not after it
+    report = task_of(recipe).training.checks(recipe, load_tokenizer(recipe.model))
+    if json_path is not None:
+        write_json_atomic(Path(json_path), {"written_by": CHECK_REPORT, **report.to_json()})
+    return report
 
 
 def evaluate_run(

@@ -194,4 +194,4 @@ def test_eval_refuses_an_unwritable_run_directory_before_loading_anything(tmp_pa
     monkeypatch.setattr(lora_tune.tasks.sft.evaluate, "load_run_model", never)
     assert main(["eval", str(run), "--data", str(tmp_path / "held_out.jsonl")]) == 2
     err = capsys.readouterr().err.strip()
-    assert f"eval: '{run}' is not writable (Permission denied)" in err and len(err.splitlines()) == 1
+    assert f"RUN_DIR: '{run}' is not writable (Permission denied)" in err and len(err.splitlines()) == 1
