@@ -263,6 +263,12 @@ class DataConfig(StrictModel):
         None,
         description="Processes that tokenize; null = all CPU cores (up to 8) for 10,000 rows or more, else 1.",
     )
+    thinking: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Reasoning templates (Qwen3, QwQ, DeepSeek-R1 distills, SmolLM3): render with the template's "
+        "thinking on or off (its enable_thinking). auto = on for a row whose answer has reasoning "
+        "(reasoning_content or a <think> block), off for one without; inference uses the run's setting.",
+    )
 
     @model_validator(mode="after")
     def _split_shape(self) -> DataConfig:
