@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from lora_tune.model.chat_template import generation_prompt
 from lora_tune.model.stops import stop_token_ids
 
 if TYPE_CHECKING:
@@ -65,10 +66,7 @@ def generate_answers(
     if settings is not None:
         max_new_tokens, batch_size = settings.max_new_tokens, settings.batch_size
     extra = generation_kwargs(settings, stops)
-    prompts = [
-        tokenizer.apply_chat_template(prompt_messages(conv), add_generation_prompt=True, tokenize=False)
-        for conv in conversations
-    ]
+    prompts = [generation_prompt(tokenizer, prompt_messages(conv)) for conv in conversations]
     padding_side, borrowed_pad = tokenizer.padding_side, tokenizer.pad_token is None
     tokenizer.padding_side = "left"
     if borrowed_pad:  # e.g. Llama 3: pad with EOS for the while; the attention mask hides it

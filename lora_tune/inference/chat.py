@@ -14,6 +14,7 @@ from typing import IO, TYPE_CHECKING, Any
 from lora_tune.errors import OptionError
 from lora_tune.inference.answers import generation_kwargs
 from lora_tune.inference.load import LoadedModel, ModelFolderError
+from lora_tune.model.chat_template import generation_prompt
 from lora_tune.model.stops import stop_token_ids
 from lora_tune.recipe.schema import EvalConfig
 
@@ -38,7 +39,7 @@ def reply(
     tokenizer, model = loaded.tokenizer, loaded.model
     if tokenizer.chat_template is None:
         raise ModelFolderError("the tokenizer has no chat template; set model.chat_template in the recipe and retrain")
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = generation_prompt(tokenizer, messages)
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(next(model.parameters()).device)
     streamer = _streamer(tokenizer, stream) if stream is not None else None
     with torch.no_grad():

@@ -51,6 +51,16 @@ def apply_chat_template_choice(tokenizer: PreTrainedTokenizerBase, choice: str |
         tokenizer.eos_token = builtin.stop
 
 
+def generation_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, thinking: bool | None = None
+) -> str:
+    """The prompt text that asks the model for its next assistant turn: the one place inference renders it, so eval,
+    generate, chat and serve present a conversation as training did. `thinking` is the template's `enable_thinking`
+    (reasoning templates); None leaves the template's default."""
+    extra = {} if thinking is None else {"enable_thinking": thinking}
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+
+
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     """Give a tokenizer without a pad token one, without adding tokens (that would resize the embeddings).
 

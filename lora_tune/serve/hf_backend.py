@@ -13,6 +13,7 @@ from typing import Any
 
 from lora_tune.inference.answers import generation_kwargs
 from lora_tune.inference.load import LoadedModel, load_for_inference
+from lora_tune.model.chat_template import generation_prompt
 from lora_tune.model.stops import stop_token_ids
 from lora_tune.serve.backend import OnToken, decoding
 from lora_tune.serve.protocol import ApiError, Sampling
@@ -36,7 +37,7 @@ class TransformersBackend:
         if self.tokenizer.chat_template is None:
             raise ApiError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
         try:
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt = generation_prompt(self.tokenizer, messages)
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception() (e.g. roles must alternate)
             raise ApiError(400, f"messages: the chat template refused them: {exc}", param="messages") from None
         # The template writes BOS itself, as in training and `lora-tune generate`.
