@@ -48,8 +48,14 @@ METHOD_KEYS: dict[str, set[str]] = {
     "full": set(),
 }
 PROMPT_LEARNING = ("prompt_tuning", "prefix_tuning", "p_tuning")
-Objective = Literal["sft", "dpo", "orpo", "kto", "simpo"]
+Objective = Literal["sft", "dpo", "orpo", "kto", "simpo", "grpo", "rloo"]
 PAIRWISE = ("loss", "rewards/accuracies", "rewards/margins")  # what TRL's pairwise trainers log at evaluation
+RL_METRICS = ("reward", "loss")  # what TRL's online trainers log at evaluation: the mean total reward first
+# The `rl:` keys both online objectives read; each adds its own (OBJECTIVES).
+RL_SHARED = frozenset({
+    "num_generations", "max_completion_length", "temperature", "top_p", "beta", "steps_per_generation",
+    "rewards", "use_vllm", "vllm_mode", "log_completions",
+})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,18 +63,21 @@ class ObjectiveNeeds:
     """What one training objective needs and reads. `OBJECTIVES` is the one table: validation, the trainer
     arguments, the data reader, the pre-flight, the planner and `lora-tune new` all look objectives up there."""
 
-    rows: str  # the row format it reads: "chat" (SFT's formats), "preference" (prompt/chosen/rejected) or "kto"
+    task: str  # the task folder that trains it (lora_tune/tasks/<task>/): sft, preference or rl
+    rows: str  # the rows it reads: "chat" (SFT's formats), "preference" (prompt/chosen/rejected), "kto" or "prompts"
     answers: tuple[str, ...]  # a row's answer columns, beside its prompt
     preference_keys: frozenset[str]  # the `preference:` keys it reads; the others are refused
     best_metrics: tuple[str, ...]  # the validation metrics its trainer logs, which training.best_metric may name
     reference: bool  # a reference policy computes log-probs (the adapter switched off), unless precomputed
     default_beta: float | None  # preference.beta when the recipe sets none: the paper's and TRL's default
     activation_offloading: bool  # its trainer honours training.activation_offloading
+    rl_keys: frozenset[str] = frozenset()  # the `rl:` keys it reads (online RL); the others are refused
 
 
 OBJECTIVES: dict[str, ObjectiveNeeds] = {
-    "sft": ObjectiveNeeds("chat", (), frozenset(), ("loss", "mean_token_accuracy"), False, None, True),
+    "sft": ObjectiveNeeds("sft", "chat", (), frozenset(), ("loss", "mean_token_accuracy"), False, None, True),
     "dpo": ObjectiveNeeds(
+        "preference",
         "preference",
         ("chosen", "rejected"),
         frozenset({"beta", "loss_type", "label_smoothing", "precompute_ref_log_probs"}),
@@ -77,8 +86,11 @@ OBJECTIVES: dict[str, ObjectiveNeeds] = {
         0.1,
         True,
     ),
-    "orpo": ObjectiveNeeds("preference", ("chosen", "rejected"), frozenset({"beta"}), PAIRWISE, False, 0.1, False),
+    "orpo": ObjectiveNeeds(
+        "preference", "preference", ("chosen", "rejected"), frozenset({"beta"}), PAIRWISE, False, 0.1, False
+    ),
     "kto": ObjectiveNeeds(
+        "preference",
         "kto",
         ("completion", "label"),
         frozenset({"beta", "desirable_weight", "undesirable_weight", "precompute_ref_log_probs"}),
@@ -89,6 +101,7 @@ OBJECTIVES: dict[str, ObjectiveNeeds] = {
     ),
     "simpo": ObjectiveNeeds(
         "preference",
+        "preference",
         ("chosen", "rejected"),
         frozenset({"beta", "simpo_gamma", "label_smoothing"}),
         PAIRWISE,
@@ -96,8 +109,16 @@ OBJECTIVES: dict[str, ObjectiveNeeds] = {
         2.0,
         False,  # TRL's CPO trainer, which runs SimPO
     ),
+    # Online RL: the policy samples num_generations completions per prompt and reward functions score them.
+    "grpo": ObjectiveNeeds(
+        "rl", "prompts", (), frozenset(), RL_METRICS, False, 0.0, False, RL_SHARED | {"loss_type", "scale_rewards"}
+    ),
+    "rloo": ObjectiveNeeds(
+        "rl", "prompts", (), frozenset(), RL_METRICS, False, 0.05, False, RL_SHARED | {"normalize_advantages"}
+    ),
 }
-PREFERENCE_OBJECTIVES = tuple(name for name, needs in OBJECTIVES.items() if needs.rows != "chat")
+PREFERENCE_OBJECTIVES = tuple(name for name, needs in OBJECTIVES.items() if needs.task == "preference")
+RL_OBJECTIVES = tuple(name for name, needs in OBJECTIVES.items() if needs.task == "rl")
 # What a classification run logs at evaluation: its loss, and the head's accuracy (tasks/classification).
 CLASSIFICATION_METRICS = ("loss", "accuracy")
 
@@ -110,6 +131,7 @@ HONOURED_BY: dict[str, frozenset[str]] = {
     "training.liger": frozenset({"sft"}),  # applied to the SFT model (tasks/sft)
     "training.activation_offloading": frozenset(k for k, n in OBJECTIVES.items() if n.activation_offloading),
     "distributed": frozenset({"sft"}),  # only SFT runs in several processes (tasks/<task>/training.py)
+    "rl": frozenset(RL_OBJECTIVES),
 }
 
 
@@ -196,28 +218,64 @@ def _check_adalora(recipe: Recipe) -> None:
 
 
 def check_objective(recipe: Recipe) -> None:
-    """The preference settings belong to the objective; the data and task fit it; the run honours every setting."""
+    """The preference and RL settings belong to the objective; the data and task fit it; the run honours every
+    setting."""
     objective = recipe.training.objective
     needs = OBJECTIVES[objective]
     _check_best_metric(recipe.run_kind, recipe.training.best_metric)
-    foreign = sorted(recipe.preference.model_fields_set - needs.preference_keys)
-    if foreign:
-        reads = f"it reads {', '.join(sorted(needs.preference_keys))}" if needs.preference_keys else ""
-        reads = reads or "set training.objective to use them"
-        raise FieldError(f"preference.{foreign[0]}", f"is not read by training.objective {objective}; {reads}")
+    _check_section_keys("preference", recipe.preference.model_fields_set, needs.preference_keys, objective)
+    _check_section_keys("rl", recipe.rl.model_fields_set, needs.rl_keys, objective)
     check_honoured(recipe)
     if objective == "sft":
-        preference_formats = [d.format for d in recipe.datasets if d.format in ("preference", "kto")]
-        if preference_formats:
-            raise FieldError("datasets", f"format {preference_formats[0]} needs a preference training.objective")
+        foreign = [d.format for d in recipe.datasets if d.format in OBJECTIVE_FORMATS]
+        if foreign:
+            kind = "an rl (grpo, rloo)" if foreign[0] == "prompts" else "a preference"
+            raise FieldError("datasets", f"format {foreign[0]} needs {kind} training.objective")
         return
     if recipe.task.type != "sft":
         raise FieldError("training.objective", f"{objective} trains a causal LM; task.type must be sft")
+    if needs.task == "rl":
+        _check_rl_batch(recipe)
+    readable = ("auto", needs.rows, *(CHAT_FORMATS if needs.task == "rl" else ()))
     for source in (*recipe.datasets, *recipe.eval_datasets, *recipe.test_datasets):
-        if source.format not in ("auto", needs.rows):
+        if source.format not in readable:
             raise FieldError(
                 "datasets", f"'{source.path}': {objective} reads {needs.rows} rows, not format {source.format}"
             )
+
+
+# Formats only some objectives read; the chat formats an RL run also reads (the last answer is the reference).
+OBJECTIVE_FORMATS = ("preference", "kto", "prompts")
+CHAT_FORMATS = ("messages", "alpaca", "sharegpt", "prompt_completion")
+
+
+def _check_rl_batch(recipe: Recipe) -> None:
+    """TRL's online trainers compare the completions of one prompt within a batch of generations: the batch
+    (training.batch_size completions x steps per generation) holds whole groups of num_generations, and so does the
+    evaluation batch."""
+    t, rl = recipe.training, recipe.rl
+    steps = rl.steps_per_generation or t.gradient_accumulation_steps
+    if (t.batch_size * steps) % rl.num_generations:
+        raise FieldError(
+            "training.batch_size",
+            f"{t.batch_size} completions x {steps} steps per generation is not a multiple of rl.num_generations "
+            f"({rl.num_generations}): a batch holds whole groups; e.g. batch_size: {rl.num_generations}",
+        )
+    eval_batch = t.eval_batch_size or t.batch_size
+    if t.eval_strategy != "no" and eval_batch % rl.num_generations:
+        raise FieldError(
+            "training.eval_batch_size",
+            f"{eval_batch} is not a multiple of rl.num_generations ({rl.num_generations}): evaluation samples whole "
+            "groups too",
+        )
+
+
+def _check_section_keys(section: str, given: set[str], reads: frozenset[str], objective: str) -> None:
+    foreign = sorted(given - reads)
+    if foreign:
+        readers = [name for name, needs in OBJECTIVES.items() if foreign[0] in getattr(needs, f"{section}_keys")]
+        said = f"it reads {', '.join(sorted(reads))}" if reads else f"set training.objective: {' or '.join(readers)}"
+        raise FieldError(f"{section}.{foreign[0]}", f"is not read by training.objective {objective}; {said}")
 
 
 def check_honoured(recipe: Recipe) -> None:

@@ -8,6 +8,7 @@ This module must not import torch or any training library: `lora-tune validate` 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,6 @@ from lora_tune.recipe.rules import (
     HONOURED_BY,
     METHOD_KEYS,
     OBJECTIVES,
-    PREFERENCE_OBJECTIVES,
     Method,
     Objective,
     check_adapter,
@@ -206,7 +206,9 @@ class AdapterConfig(StrictModel):
         return {k: v for k, v in handler(self).items() if k in keep}
 
 
-DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "kto"]
+DataFormat = Literal[
+    "auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "preference", "kto", "prompts"
+]
 
 
 class DatasetConfig(StrictModel):
@@ -397,12 +399,14 @@ class TrainingConfig(StrictModel):
         description="Make the saved adapter the checkpoint with the best validation metric, not the last step "
         "(needs a checkpoint at each evaluation: save_strategy = eval_strategy, save_steps a multiple of eval_steps).",
     )
-    best_metric: Literal["loss", "mean_token_accuracy", "rewards/accuracies", "rewards/margins", "accuracy"] = Field(
+    best_metric: Literal[
+        "loss", "mean_token_accuracy", "rewards/accuracies", "rewards/margins", "accuracy", "reward"
+    ] = Field(
         "loss",
         description="Validation metric that picks the best checkpoint, drives early stopping and "
         "reduce_lr_on_plateau: loss (lower is better; perplexity ranks the same) or mean_token_accuracy (higher); "
         "preference runs (dpo, orpo, simpo): rewards/accuracies or rewards/margins (higher); classification: "
-        "accuracy (higher).",
+        "accuracy (higher); online RL (grpo, rloo): reward, the held-out mean total reward (higher).",
     )
     plateau_patience: int = Field(
         1,
@@ -600,6 +604,103 @@ class PreferenceConfig(StrictModel):
     )
 
 
+RewardName = Literal["answer", "format", "length"]
+REWARD_KEYS = {"answer": {"column"}, "format": {"pattern"}, "length": {"target"}, "function": set()}
+THINK_FORMAT = r"\s*<think>.*?</think>\s*\S.*"  # the format reward's default: reasoning, then an answer
+
+
+class RewardConfig(StrictModel):
+    """One reward of an online RL run: a built-in checker (`name`) or the user's function (`function`)."""
+
+    name: RewardName | None = Field(
+        None,
+        description="Built-in: answer = 1 when the completion's final answer equals the row's reference (after "
+        "</think>, the last \\boxed{} or '####' answer; numbers compared as numbers), else 0; format = 1 when the "
+        "whole completion matches `pattern`; length = 1 up to `target` completion tokens, then target / length.",
+    )
+    function: str | None = Field(
+        None,
+        description="Your reward: 'file.py:function' (path relative to the working directory), called as TRL calls "
+        "reward functions: (prompts, completions, completion_ids, **columns) -> one float per completion.",
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the total reward.")
+    column: str = Field("answer", description="answer: the data column holding the reference answer.")
+    pattern: str | None = Field(None, description=f"format: a regular expression (default {THINK_FORMAT!r}).")
+    target: PositiveInt | None = Field(None, description="length: completion tokens that earn the full reward.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RewardConfig:
+        if (self.name is None) == (self.function is None):
+            raise FieldError("name", "a reward is a built-in name (answer, format, length) or a function, not both")
+        kind = self.name or "function"
+        foreign = sorted(self.model_fields_set - REWARD_KEYS[kind] - {"name", "function", "weight"})
+        if foreign:
+            raise FieldError(foreign[0], f"does not apply to a {kind} reward")
+        if kind == "length" and self.target is None:
+            raise FieldError("target", "a length reward needs target: the completion tokens that earn its full reward")
+        if self.function is not None and not re.fullmatch(r".+\.py:[A-Za-z_]\w*", self.function):
+            raise FieldError("function", f"{self.function!r}: expected 'file.py:function_name'")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise FieldError("pattern", f"is not a regular expression: {exc}") from None
+        return self
+
+    @model_serializer(mode="wrap")
+    def _keys_of_its_kind(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Only the keys this kind of reward reads, so the resolved recipe reads back."""
+        data = handler(self)
+        reads = {"name", "function", "weight", *REWARD_KEYS[self.name or "function"]}
+        return {k: v for k, v in data.items() if k in reads and v is not None}
+
+    @property
+    def label(self) -> str:
+        """The reward's name in metrics and reports: the built-in name or the function's name."""
+        return self.name or (self.function or "").rpartition(":")[2]
+
+
+class RLConfig(StrictModel):
+    """Settings of the online RL objectives (grpo, rloo); each objective reads only its own (recipe.rules)."""
+
+    num_generations: int = Field(
+        4,
+        ge=2,
+        description="Completions sampled per prompt; rewards are compared within each prompt's group (8-16 is "
+        "common on a GPU; training.batch_size counts completions and holds whole groups).",
+    )
+    max_completion_length: PositiveInt = Field(256, description="Longest sampled completion, in tokens.")
+    temperature: PositiveFloat = Field(1.0, description="Sampling temperature of the completions.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass of the completions.")
+    beta: float | None = Field(
+        None,
+        ge=0,
+        description="KL penalty towards the starting policy; 0 loads no reference (grpo's default; rloo: 0.05).",
+    )
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo"] = Field(
+        "dapo", description="grpo: how token losses are averaged (TRL's loss_type; dapo has no length bias)."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="grpo: divide advantages by the reward spread of the group, the batch, or not at all."
+    )
+    normalize_advantages: bool = Field(False, description="rloo: normalize advantages per generation batch.")
+    steps_per_generation: PositiveInt | None = Field(
+        None, description="Optimizer steps per batch of generations; default: gradient_accumulation_steps."
+    )
+    rewards: list[RewardConfig] = Field(
+        default_factory=lambda: [RewardConfig(name="answer")],
+        min_length=1,
+        description="The rewards; the total is their weighted sum. Default: the answer reward.",
+    )
+    use_vllm: bool = Field(False, description="Generate with vLLM (GPU only; pip install vllm).")
+    vllm_mode: Literal["colocate", "server"] = Field(
+        "colocate", description="vLLM in the training process (colocate) or a `trl vllm-serve` server."
+    )
+    log_completions: int = Field(
+        4, ge=0, description="Sampled completions with their rewards written to completions.jsonl at each log step."
+    )
+
+
 class Recipe(StrictModel):
     """A whole run: what to load, how to adapt it, on what data, how to train, and where to write."""
 
@@ -619,6 +720,7 @@ class Recipe(StrictModel):
     preference: PreferenceConfig = Field(
         default_factory=PreferenceConfig, description="Preference objectives' settings (training.objective)."
     )
+    rl: RLConfig = Field(default_factory=RLConfig, description="Online RL objectives' settings (grpo, rloo).")
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     eval: EvalConfig = Field(
@@ -633,11 +735,12 @@ class Recipe(StrictModel):
         refused when the saved recipe is read back), and no `preference:` section at all for sft; a preference
         recipe leaves out the training keys only sft reads."""
         data = handler(self)
-        keep = OBJECTIVES[self.training.objective].preference_keys
-        if keep:
-            data["preference"] = {k: v for k, v in data["preference"].items() if k in keep}
-        else:
-            data.pop("preference", None)
+        needs = OBJECTIVES[self.training.objective]
+        for section, keep in (("preference", needs.preference_keys), ("rl", needs.rl_keys)):
+            if keep:
+                data[section] = {k: v for k, v in data[section].items() if k in keep}
+            else:
+                data.pop(section, None)
         for key, kinds in HONOURED_BY.items():  # what this run ignores would be refused when read back
             section, _, name = key.partition(".")
             if self.run_kind not in kinds and section in data:
@@ -656,7 +759,7 @@ class Recipe(StrictModel):
     @property
     def task_name(self) -> str:
         """The task that trains this recipe (lora_tune/tasks/<task>/): sft, preference or classification."""
-        return "preference" if self.run_kind in PREFERENCE_OBJECTIVES else self.run_kind
+        return self.run_kind if self.run_kind == "classification" else OBJECTIVES[self.run_kind].task
 
     @property
     def run_dir(self) -> RunDir:

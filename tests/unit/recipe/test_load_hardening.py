@@ -82,8 +82,9 @@ def test_the_float_field_walk_finds_the_hyper_parameters():
 
 @pytest.mark.parametrize(("key", "value"), FLOAT_FIELDS, ids=[key for key, _ in FLOAT_FIELDS])
 def test_every_float_field_refuses_infinity(capsys, tmp_path, data, key, value):
-    # Every list of sections has an item, so `eval_datasets.0.weight=.inf` reaches a float field.
+    # Every list of sections (and of rewards) has an item, so `eval_datasets.0.weight=.inf` reaches a float field.
     text = RECIPE.format(data=data) + f"eval_datasets:\n  - path: {data}\ntest_datasets:\n  - path: {data}\n"
+    text += "rl:\n  rewards:\n    - name: answer\n"  # refused for sft, but only after each field's own check
     code, err = validate(capsys, write(tmp_path / "r.yaml", text), f"{key}={value}")
     assert code == 2, err
     assert err.startswith(f"error: command line: {key}") and "expected a finite number; got inf" in err

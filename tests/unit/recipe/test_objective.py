@@ -14,7 +14,7 @@ def recipe(**sections) -> Recipe:
     return Recipe.model_validate({**base, **sections})
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto", "simpo"])
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto", "simpo", "grpo", "rloo"])
 def test_each_objective_validates_with_its_defaults(objective: str):
     assert recipe(training={"objective": objective}).training.objective == objective
 
@@ -27,7 +27,31 @@ def test_each_objective_validates_with_its_defaults(objective: str):
             "not read by training.objective orpo",
         ),
         ({"training": {"objective": "dpo"}, "preference": {"simpo_gamma": 1.0}}, "it reads beta, label_smoothing"),
-        ({"preference": {"beta": 0.1}}, "set training.objective to use them"),
+        ({"preference": {"beta": 0.1}}, "set training.objective: dpo or orpo or kto or simpo"),
+        ({"rl": {"num_generations": 4}}, "set training.objective: grpo or rloo"),
+        (
+            {"training": {"objective": "rloo", "batch_size": 4}, "rl": {"num_generations": 4, "loss_type": "grpo"}},
+            "is not read by training.objective rloo; it reads beta",
+        ),
+        (
+            {"training": {"objective": "grpo", "batch_size": 4}, "rl": {"num_generations": 3}},
+            r"is not a multiple of rl.num_generations \(3\)",
+        ),
+        (
+            {"training": {"objective": "grpo", "batch_size": 8}, "rl": {"rewards": [{"name": "length"}]}},
+            "needs target",
+        ),
+        (
+            {
+                "training": {"objective": "grpo", "batch_size": 8},
+                "rl": {"rewards": [{"name": "format", "column": "a"}]},
+            },
+            "does not apply to a format reward",
+        ),
+        (
+            {"training": {"objective": "grpo", "batch_size": 8}, "datasets": [{"path": "p.jsonl", "format": "kto"}]},
+            "grpo reads prompts rows, not format kto",
+        ),
         ({"training": {"objective": "dpo", "packing": True}}, "not honoured by training.objective dpo runs"),
         (
             {"training": {"objective": "kto"}, "datasets": [{"path": "p.jsonl", "format": "preference"}]},
@@ -45,16 +69,22 @@ def test_settings_that_belong_elsewhere_are_refused(sections: dict, message: str
         recipe(**sections)
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo", "kto", "simpo"])
+@pytest.mark.parametrize("objective", ["sft", "dpo", "kto", "simpo", "grpo", "rloo"])
 def test_the_resolved_recipe_reads_back_as_the_same_recipe(tmp_path, objective: str):
     """recipe.yaml in a run (merge, eval and resume read it) holds only the keys its objective reads."""
     from lora_tune.recipe.load import dump_resolved, load_recipe
 
-    original = recipe(training={"objective": objective}, preference={"beta": 0.2} if objective != "sft" else {})
+    sections = {"preference": {"beta": 0.2}} if objective in ("dpo", "kto", "simpo") else {}
+    if objective in ("grpo", "rloo"):
+        rewards = [{"name": "answer", "column": "solution"}, {"function": "mine.py:reward", "weight": 0.5}]
+        sections = {"rl": {"beta": 0.01, "rewards": rewards}}
+    original = recipe(training={"objective": objective}, **sections)
     saved = tmp_path / "recipe.yaml"
     saved.write_text(dump_resolved(original))
     assert load_recipe(saved, check_paths=False) == original
-    assert ("preference:" in saved.read_text()) == (objective != "sft")
+    text = saved.read_text()
+    assert ("preference:" in text) == (objective in ("dpo", "kto", "simpo"))
+    assert ("rl:" in text) == (objective in ("grpo", "rloo"))
 
 
 CLASSIFY = {"type": "classification", "labels": ["a", "b"]}
