@@ -65,6 +65,7 @@ class PreflightReport:
     example: MarkedExample | None = None
     max_length: int | None = None
     longest_example: int = 0
+    online: bool = False  # an online RL run: what is trained is sampled during training, not in the data
 
     @property
     def passed(self) -> bool:
@@ -92,6 +93,9 @@ class PreflightReport:
         text = f"pre-flight: {_plural(passed, 'check')} passed"
         if self.warnings:
             text += f", {_plural(len(self.warnings), 'warning')} ({', '.join(c.name for c in self.warnings)})"
+        if self.online:
+            stops = " / ".join(self.stop_tokens) or "nothing"
+            return f"{text} on {self.rows:,} training prompts; completions are sampled in training, stop at {stops}"
         text += f" on {rows}; {self.trained_share:.1%} of tokens trained"
         if self.stop_tokens:
             tokens = " / ".join(self.stop_tokens)
@@ -114,6 +118,12 @@ class PreflightReport:
             f"longest example {self.longest_example:,} tokens (max_length {self.max_length})",
             "",
         ]
+        if self.online:
+            lines[1:4] = [
+                f"stop tokens: generation stops on {generation} ({self.generation_config})",
+                f"prompt tokens: {self.tokens:,}; longest prompt + completion {self.longest_example:,} tokens "
+                f"(max_length {self.max_length})",
+            ]
         width = max(len(c.name) for c in self.checks)
         for check in self.checks:
             detail = check.line().removeprefix(f"{check.name}: ")
