@@ -36,7 +36,7 @@ def run_checks(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreflightR
     refused: list[tuple[str, int, str]] = []
     for row in rows:
         try:
-            facts.append(inspect_row(row, tokenizer, max_length))
+            facts.extend(inspect_row(row, tokenizer, max_length, recipe.data.thinking))
         except TemplateError as e:
             refused.append((row.file, row.row, str(e)))
     generation_stops, source = read_generation_stops(recipe.model)

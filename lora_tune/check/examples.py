@@ -1,7 +1,8 @@
 """The rows the pre-flight check looks at, and the facts about each one that the checks judge.
 
 Rows are read and converted exactly as the data pipeline does (`load_source`: column mapping, format, bad rows),
-and tokenized with the pipeline's own `tokenize_conversation`, so the check sees the examples training will see.
+and tokenized with the pipeline's own `tokenize_rows` (with the recipe's data.thinking), so the check sees the
+examples training will see: one per row, or one per assistant turn where a thinking template trains turn by turn.
 Plain-text examples (the text format) use no chat template and are not sampled.
 """
 
@@ -15,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 from lora_tune.data.formats import Conversation
 from lora_tune.data.masking import (
     IGNORE_INDEX,
+    Rendering,
     Span,
+    Thinking,
     TokenizedExample,
-    render_with_spans,
-    tokenize_conversation,
+    conversation_rows,
+    tokenize_rows,
     wrap_trained_runs,
 )
 from lora_tune.data.pipeline import load_source
@@ -77,14 +80,21 @@ def sample_rows(
     return rows, sources
 
 
-def inspect_row(row: SampledRow, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> ExampleFacts:
-    """Tokenize one row as the pipeline does; raises the pipeline's `TemplateError` when the template refuses it."""
-    full = tokenize_conversation(row.messages, tokenizer, tools=row.tools)
-    example = full
-    if max_length is not None and len(full.input_ids) > max_length:
-        example = tokenize_conversation(row.messages, tokenizer, max_length, tools=row.tools)
-    trained = [label != IGNORE_INDEX for label in full.labels]
-    return ExampleFacts(row, full, example, _runs(trained), _prompt_text_trained(row.messages, tokenizer, row.tools))
+def inspect_row(
+    row: SampledRow, tokenizer: PreTrainedTokenizerBase, max_length: int | None, thinking: Thinking = "auto"
+) -> list[ExampleFacts]:
+    """Tokenize one row as the pipeline does: the facts of each training row it becomes (one, or one per assistant
+    turn); raises the pipeline's `TemplateError` when the template refuses it."""
+    rows = tokenize_rows(row.messages, tokenizer, tools=row.tools, thinking=thinking)
+    cut = rows
+    if max_length is not None and any(len(r.input_ids) > max_length for r in rows):
+        cut = tokenize_rows(row.messages, tokenizer, max_length, tools=row.tools, thinking=thinking)
+    renderings = conversation_rows(row.messages, tokenizer, row.tools, thinking=thinking)
+    facts = []
+    for full, example, rendering in zip(rows, cut, renderings, strict=True):
+        trained = [label != IGNORE_INDEX for label in full.labels]
+        facts.append(ExampleFacts(row, full, example, _runs(trained), _prompt_text_trained(rendering)))
+    return facts
 
 
 def _runs(flags: Sequence[bool]) -> list[Span]:
@@ -99,22 +109,22 @@ def _runs(flags: Sequence[bool]) -> list[Span]:
     return runs
 
 
-def _prompt_text_trained(
-    messages: Conversation, tokenizer: PreTrainedTokenizerBase, tools: list[dict[str, Any]] | None = None
-) -> str | None:
-    """The first system or user text found inside an assistant span of the rendering (the spans masking trains).
+def _prompt_text_trained(rendering: Rendering) -> str | None:
+    """The first system or user text found inside a trained span of the rendering (the spans masking trains).
 
     Each system or user message's content is looked up in the rendered text in conversation order, after the
-    previous reply's span (stripped, when the template trims it); a content the template rewrote is not judged.
+    previous trained reply's span (stripped, when the template trims it); a content the template rewrote is not
+    judged. Replies that are context in this row (earlier turns of a turn-by-turn row) are skipped.
     """
-    text, spans = render_with_spans(messages, tokenizer, tools)
+    text, spans = rendering.text, rendering.spans
+    span_of = dict(zip(rendering.trained, spans, strict=True))
     cursor = 0
-    replies = iter(spans)  # one span per assistant message, in order
-    for message in messages:
+    for index, message in enumerate(rendering.messages):
         if message["role"] == "assistant":
-            cursor = max(cursor, next(replies)[1])  # what follows starts after the reply and its end-of-turn marker
+            if index in span_of:
+                cursor = max(cursor, span_of[index][1])  # what follows starts after the reply and its end marker
             continue
-        content = message["content"]
+        content = message.get("content") or ""
         needle = content if content and content in text[cursor:] else content.strip()
         position = text.find(needle, cursor) if needle else -1
         if position < 0:

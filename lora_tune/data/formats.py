@@ -7,6 +7,10 @@ last turn is an assistant turn; `Example.tools`, the tool definitions the chat t
 format only, `Example.text` (continued pretraining: the whole text is trained, no chat template). Every assistant
 turn is trained on; tool results (tool turns) never are. Pure Python: importing this module loads no ML library.
 
+Reasoning: an assistant turn's reasoning is `reasoning_content` beside its answer in `content` (the OpenAI /
+DeepSeek field). A `<think>...</think>` block opening an assistant content, in any format, is moved there
+(`split_reasoning`), so every later stage sees one form; an empty block is no reasoning and is dropped.
+
 Formats: messages (OpenAI), alpaca, sharegpt ({from, value} turns, tool calls as function_call/observation turns
 and a `tools` column), prompt_completion, text; `columns:` in the recipe maps the user's column names to a format's.
 """
@@ -58,6 +62,29 @@ class Message(TypedDict):
     content: str
     tool_calls: NotRequired[list[dict[str, Any]]]
     tool_call_id: NotRequired[str]  # a tool turn: the call it answers (Mistral's template requires it)
+    reasoning_content: NotRequired[str]  # an assistant turn's reasoning (non-empty), its answer in `content`
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a reply that opens with a `<think>...</think>` block, else (None, text).
+
+    The reasoning is stripped of the newlines around it and the answer of those before it, as the Qwen3 and
+    DeepSeek templates read the block; an empty block gives (None, answer).
+    """
+    body = text.lstrip()
+    if not body.startswith(THINK_OPEN) or THINK_CLOSE not in body:
+        return None, text
+    reasoning, _, answer = body[len(THINK_OPEN) :].partition(THINK_CLOSE)
+    reasoning = reasoning.strip("\n")
+    return (reasoning if reasoning.strip() else None), answer.lstrip("\n")
+
+
+def has_reasoning(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether an assistant turn of the conversation carries reasoning (`reasoning_content`)."""
+    return any(m.get("role") == "assistant" and m.get("reasoning_content") for m in messages)
 
 
 Conversation = list[Message]
@@ -135,6 +162,9 @@ def to_example(row: Mapping[str, Any], fmt: str, origin: Origin, system_prompt: 
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(_CONVERTERS)}")
     example = _CONVERTERS[fmt](row, origin)
     messages = example.messages
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            _move_inline_reasoning(message, origin, i)
     if system_prompt is not None and messages and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return example
@@ -191,6 +221,16 @@ def _from_messages(row: Mapping[str, Any], where: Origin) -> Example:
             message["tool_calls"] = _tool_calls(calls, where, f"{field}.tool_calls")
         if role == "tool" and isinstance(turn.get("tool_call_id"), str):
             message["tool_call_id"] = turn["tool_call_id"]
+        reasoning = turn.get("reasoning_content")
+        if reasoning is not None:
+            if role != "assistant":
+                raise where.error(
+                    f"is set on a {role} turn; only assistant turns reason", f"{field}.reasoning_content"
+                )
+            if not isinstance(reasoning, str):
+                raise where.error(f"must be a string, got {_type_name(reasoning)}", f"{field}.reasoning_content")
+            if reasoning.strip():
+                message["reasoning_content"] = reasoning.strip("\n")
         conversation.append(message)
     _check_shape(conversation, where, column)
     return Example(conversation, _tools(row, where))
@@ -252,6 +292,21 @@ def _from_prompt_completion(row: Mapping[str, Any], where: Origin) -> Example:
 
 def _from_text(row: Mapping[str, Any], where: Origin) -> Example:
     return Example([], text=_text(row, TEXT_COLUMN, where, required=True))
+
+
+def _move_inline_reasoning(message: Message, where: Origin, index: int) -> None:
+    """An assistant content's opening `<think>` block moved to `reasoning_content` (the one canonical form)."""
+    reasoning, answer = split_reasoning(message["content"])
+    if reasoning is None and answer == message["content"]:
+        return
+    if "reasoning_content" in message:
+        raise where.error(
+            "has reasoning twice: in reasoning_content and as a <think> block opening content; expected one of them",
+            f"messages[{index}].content",
+        )
+    message["content"] = answer
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
 
 
 def _parse_call(value: str, where: Origin, field: str) -> list[dict[str, Any]]:

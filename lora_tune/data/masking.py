@@ -9,6 +9,19 @@ tokenized once with offsets, and a token is trained when its characters overlap 
 `train_on="all"` trains every token instead (full-sequence loss). `tokenize_batch` renders many conversations and
 tokenizes them in one call of the fast (Rust) tokenizer; `tokenize_dataset` runs it through `datasets.map`
 (batched, `num_proc` workers, cached by `datasets` when the dataset is backed by files).
+
+Thinking templates (their source mentions `<think>`, `enable_thinking` or `reasoning_content`: Qwen3, Qwen3.5, QwQ,
+the DeepSeek-R1 distills, SmolLM3) render with `enable_thinking` as `data.thinking` says (`resolve_thinking`: auto is
+on for a conversation with reasoning, off without). Turn `i`'s prompt is what inference renders,
+`messages[:i]` with the generation prompt (`apply_template`, which `model.chat_template.generation_prompt` calls
+too), so what the template forces there (an opened `<think>\n`, a closed empty block) is context, and the reply
+that follows it is trained: its reasoning, answer and end-of-turn marker. Where the template drops the reasoning of
+the turn it renders last (the R1 distills), the reply is the template's turn with the reasoning written back as
+`<think>\n{reasoning}\n</think>\n\n` before the answer. When every turn's prompt and reply are a prefix of the
+whole rendering, the conversation is one row; when they are not (the template drops earlier turns' reasoning, or
+writes the last turn unlike earlier ones), it becomes one row per assistant turn, each its prompt (earlier turns as
+the template renders them at inference) and its trained reply. A template that does not read `reasoning_content`
+gets the reasoning inline, as that block opening the content (`template_messages`).
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from lora_tune.data.formats import Message
+from lora_tune.data.formats import THINK_CLOSE, THINK_OPEN, Message, has_reasoning
 from lora_tune.recipe.templates import builtin_for
 
 if TYPE_CHECKING:
@@ -29,7 +42,11 @@ IGNORE_INDEX = -100  # label of tokens that do not contribute to the loss (what 
 
 Span = tuple[int, int]
 TrainOn = Literal["assistant", "all"]
+Thinking = Literal["auto", "on", "off"]  # the recipe's data.thinking
 Tools = Sequence[Mapping[str, Any]] | None
+# The tokenizer_config.json key recording the enable_thinking a run trained with (`record_thinking`).
+THINKING_RECORD = "lora_tune_enable_thinking"
+_THINKING_MARKS = (THINK_OPEN, "enable_thinking", "reasoning_content")
 
 
 class TemplateError(ValueError):
@@ -54,10 +71,166 @@ class TokenizedExample:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
+@dataclass(frozen=True)
+class Rendering:
+    """One training row of a conversation: its text, the [start, end) character span of each trained reply, and the
+    messages it renders (all of them, or, for one turn's row, those up to that turn)."""
+
+    text: str
+    spans: list[Span]
+    messages: list[dict[str, Any]]
+    trained: list[int]  # the index in `messages` of the assistant turn each span trains
+
+
+def is_thinking_template(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's chat template has a thinking mode or writes reasoning (see the module docstring)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and any(mark in template for mark in _THINKING_MARKS)
+
+
+def resolve_thinking(messages: Sequence[Mapping[str, Any]], thinking: Thinking) -> bool:
+    """The enable_thinking a conversation renders with: on, off, or (auto) whether a reply of it has reasoning."""
+    return has_reasoning(messages) if thinking == "auto" else thinking == "on"
+
+
+def think_block(reasoning: str) -> str:
+    """The reasoning as the Qwen3 and DeepSeek-R1 templates write it before the answer."""
+    return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n\n"
+
+
+def template_messages(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The messages as the chat template gets them: without null fields and, for a template that does not read
+    `reasoning_content`, each reply's reasoning written inline as a think block opening its content."""
+    template = getattr(tokenizer, "chat_template", None)
+    reads = isinstance(template, str) and "reasoning_content" in template
+    out = []
+    for message in messages:
+        plain = _plain(message)
+        reasoning = plain.get("reasoning_content")
+        if reasoning and not reads:
+            plain.pop("reasoning_content")
+            plain["content"] = think_block(reasoning) + (plain.get("content") or "")
+        out.append(plain)
+    return out
+
+
+def apply_template(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool,
+    tools: Tools = None,
+    thinking: bool | None = None,
+) -> str:
+    """The chat template's text of `messages` (`template_messages`), with `enable_thinking=thinking` unless None: the
+    one call training and inference (`model.chat_template.generation_prompt`) render a conversation with."""
+    extra = {} if thinking is None else {"enable_thinking": thinking}
+    return tokenizer.apply_chat_template(
+        template_messages(tokenizer, messages),
+        tools=[dict(t) for t in tools] if tools else None,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        **extra,
+    )
+
+
+def record_thinking(tokenizer: PreTrainedTokenizerBase, enable: bool) -> None:
+    """Record on the tokenizer (saved with the run's adapter, in tokenizer_config.json) the enable_thinking its run
+    trained with, which `model.chat_template.generation_prompt` then uses; only for templates with the switch."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and "enable_thinking" in template:
+        tokenizer.init_kwargs[THINKING_RECORD] = enable
+
+
+def recorded_thinking(tokenizer: PreTrainedTokenizerBase) -> bool | None:
+    """The enable_thinking recorded by `record_thinking` on this tokenizer (or the one saved with a run), else None."""
+    value = (getattr(tokenizer, "init_kwargs", None) or {}).get(THINKING_RECORD)
+    return value if isinstance(value, bool) else None
+
+
+def conversation_rows(
+    messages: Sequence[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    tools: Tools = None,
+    *,
+    thinking: Thinking = "auto",
+) -> list[Rendering]:
+    """The training rows of a conversation: one (the rendering, each reply's span), or, for a thinking template that
+    renders a turn differently once others follow, one per assistant turn (see the module docstring)."""
+    if not is_thinking_template(tokenizer):
+        text, spans = render_with_spans(messages, tokenizer, tools)
+        plain = [_plain(m) for m in messages]
+        return [Rendering(text, spans, plain, [i for i, m in enumerate(plain) if m["role"] == "assistant"])]
+    plain = [_plain(m) for m in messages]
+    enable = resolve_thinking(plain, thinking)
+    if not enable and has_reasoning(plain):
+        raise TemplateError(
+            "a reply has reasoning (reasoning_content or a <think> block) but data.thinking is off, which closes the "
+            "think block in the prompt before the answer; set data.thinking: auto (or on), or remove the reasoning"
+        )
+    text = _render(tokenizer, plain, add_generation_prompt=False, tools=tools, thinking=enable)
+    closing = closing_suffix(tokenizer)
+    turns: list[tuple[int, str, str]] = []  # (message index, prompt, trained reply)
+    for i, message in enumerate(plain):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise TemplateError("the conversation starts with an assistant turn; a user turn must come first")
+        before = _render(tokenizer, plain[:i], add_generation_prompt=True, tools=tools, thinking=enable)
+        through = _render(tokenizer, plain[: i + 1], add_generation_prompt=False, tools=tools, thinking=enable)
+        if closing and through.endswith(closing):
+            through = through[: -len(closing)]
+        reply = _reply(before, through, message)
+        if reply is None:
+            raise _unfollowable(i, before, enable)
+        turns.append((i, before, reply))
+    if all(text.startswith(before + reply.rstrip()) for _, before, reply in turns):
+        spans = [(len(before), len(before) + len(reply.rstrip())) for _, before, reply in turns]
+        return [Rendering(text, spans, plain, [i for i, _, _ in turns])]
+    return [
+        Rendering(before + reply, [(len(before), len(before) + len(reply.rstrip()))], plain[: i + 1], [i])
+        for i, before, reply in turns
+    ]
+
+
+def _reply(before: str, through: str, message: Mapping[str, Any]) -> str | None:
+    """What follows the generation prompt `before` in the turn `through` ends with: the template's own turn when it
+    continues the prompt and keeps the reasoning, else the turn with the reasoning written back before its answer
+    (or, after a closed think block the prompt forces, the answer); None when neither continues the prompt."""
+    reasoning = message.get("reasoning_content") or ""
+    if through.startswith(before) and reasoning in through[len(before) :]:
+        return through[len(before) :]
+    answer = (message.get("content") or "").strip()
+    position = through.rfind(answer) if answer else -1
+    if position < 0:
+        return None
+    head, tail = through[:position], through[position:]
+    if not before.startswith(head):  # e.g. the "\n\n" left of an inline block whose reasoning the template cut
+        head = head.rstrip()
+    if not before.startswith(head):
+        return None
+    forced = before[len(head) :]
+    candidates = [head + think_block(reasoning) + tail]
+    if not reasoning and THINK_CLOSE in forced:  # thinking off: the prompt closed the block; the answer follows it
+        candidates.append(before + ("" if forced.endswith("\n") else "\n\n") + tail)
+    return next((c[len(before) :] for c in candidates if c.startswith(before)), None)
+
+
+def _unfollowable(index: int, before: str, enable: bool) -> TemplateError:
+    ending = before[-24:]
+    return TemplateError(
+        f"the reply at messages[{index}] cannot follow its generation prompt (ending {ending!r}, enable_thinking="
+        f"{str(enable).lower()}): the template writes that turn neither after the prompt nor with its answer where "
+        "reasoning can be put back; set data.thinking to match the rows, or model.chat_template to a template whose "
+        "generation prompt the reply continues"
+    )
+
+
 def render_with_spans(
     messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase, tools: Tools = None
 ) -> tuple[str, list[Span]]:
-    """The conversation rendered by the chat template, and the [start, end) character span of each assistant turn."""
+    """The conversation rendered by the chat template, and the [start, end) character span of each assistant turn
+    (the prefix-consistent case; `conversation_rows` handles thinking templates)."""
     messages = [_plain(m) for m in messages]
     text = _render(tokenizer, messages, add_generation_prompt=False, tools=tools)
     closing = closing_suffix(tokenizer)
@@ -87,12 +260,35 @@ def tokenize_conversation(
     *,
     train_on: TrainOn = "assistant",
     tools: Tools = None,
+    thinking: Thinking = "auto",
 ) -> TokenizedExample:
-    """Token ids and labels of a canonical conversation; ids are cut to the first `max_length` when longer.
+    """Token ids and labels of a canonical conversation that is one training row; ids are cut to the first
+    `max_length` when longer. A conversation a thinking template makes several rows raises `TemplateError` here:
+    `tokenize_rows` gives them.
 
     Check `num_trained` on the result: truncation may leave no assistant token, and such an example teaches nothing.
     """
-    return tokenize_batch([messages], tokenizer, max_length, train_on=train_on, tools=[tools])[0]
+    rows = tokenize_rows(messages, tokenizer, max_length, train_on=train_on, tools=tools, thinking=thinking)
+    if len(rows) != 1:
+        raise TemplateError(
+            f"the conversation is {len(rows)} training rows (one per assistant turn); see tokenize_rows"
+        )
+    return rows[0]
+
+
+def tokenize_rows(
+    messages: Sequence[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    *,
+    train_on: TrainOn = "assistant",
+    tools: Tools = None,
+    thinking: Thinking = "auto",
+) -> list[TokenizedExample]:
+    """The training rows of one conversation (`conversation_rows`), tokenized and labelled."""
+    return tokenize_conversations(
+        [messages], tokenizer, max_length, train_on=train_on, tools=[tools], thinking=thinking
+    )[0]
 
 
 def tokenize_batch(
@@ -102,8 +298,26 @@ def tokenize_batch(
     *,
     train_on: TrainOn = "assistant",
     tools: Sequence[Tools] | None = None,
+    thinking: Thinking = "auto",
 ) -> list[TokenizedExample]:
-    """`tokenize_conversation` for many conversations, with one batched call of the fast tokenizer.
+    """The training rows of many conversations, in order (one per conversation, or one per assistant turn where a
+    thinking template needs it), with one batched call of the fast tokenizer."""
+    rows = tokenize_conversations(
+        conversations, tokenizer, max_length, train_on=train_on, tools=tools, thinking=thinking
+    )
+    return [row for conversation in rows for row in conversation]
+
+
+def tokenize_conversations(
+    conversations: Sequence[Sequence[Message]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None = None,
+    *,
+    train_on: TrainOn = "assistant",
+    tools: Sequence[Tools] | None = None,
+    thinking: Thinking = "auto",
+) -> list[list[TokenizedExample]]:
+    """Each conversation's training rows, with one batched call of the fast tokenizer.
 
     `tools[i]` (optional) is the tool list of conversation i, passed to the chat template as `tools=`. Raises
     `TemplateError` for the first conversation the template cannot render or mask.
@@ -112,26 +326,32 @@ def tokenize_batch(
         return []
     tool_lists = list(tools) if tools is not None else [None] * len(conversations)
     # One rendering per conversation pays off once the few cross-checks of `_render_marked` are amortised.
-    rendered = _render_marked(conversations, tokenizer, tool_lists) if len(conversations) >= 8 else None
-    if rendered is None:
-        rendered = []
+    marked = _render_marked(conversations, tokenizer, tool_lists) if len(conversations) >= 8 else None
+    rendered: list[list[tuple[str, list[Span]]]] = [[row] for row in marked] if marked is not None else []
+    if marked is None:
         for i, (messages, tool_list) in enumerate(zip(conversations, tool_lists, strict=True)):
             try:
-                rendered.append(render_with_spans(messages, tokenizer, tool_list))
+                rows = conversation_rows(messages, tokenizer, tool_list, thinking=thinking)
             except TemplateError as e:
                 e.index = i if len(conversations) > 1 else None  # lets the caller name the row
                 raise
+            rendered.append([(row.text, row.spans) for row in rows])
+    flat = [row for rows in rendered for row in rows]
+    if marked is None and is_thinking_template(tokenizer):
+        examples = iter(_segmented(flat, tokenizer, max_length, train_on))
+        return [[next(examples) for _ in rows] for rows in rendered]
     try:
-        encoding = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+        encoding = tokenizer([text for text, _ in flat], add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as e:  # slow (Python) tokenizers have no offsets
         raise TemplateError("assistant-only masking needs a fast tokenizer (one with offset mappings)") from e
     # No BOS beyond what the template writes: inference renders the prompt with the same template and tokenizes it
     # without special tokens (as apply_chat_template(tokenize=True) does), so a BOS added here would be seen in
     # training only (Phi-3.5's template writes none while its tokenizer adds one by default).
-    return [
-        _example(list(ids), offsets, spans, max_length, train_on)
-        for ids, offsets, (_, spans) in zip(encoding["input_ids"], encoding["offset_mapping"], rendered, strict=True)
-    ]
+    examples = iter(
+        _example(list(ids), _overlaps(offsets, spans) if train_on == "assistant" else None, max_length)
+        for ids, offsets, (_, spans) in zip(encoding["input_ids"], encoding["offset_mapping"], flat, strict=True)
+    )
+    return [[next(examples) for _ in rows] for rows in rendered]
 
 
 def tokenize_texts(
@@ -169,13 +389,16 @@ def tokenize_dataset(
     num_proc: int | None = None,
     batch_size: int = 1000,
     cache_file_name: str | None = None,
+    thinking: Thinking = "auto",
 ) -> Dataset:
     """Map a dataset with a `messages` column (a list of turns or its JSON text; optionally `tools`, a list or its
     JSON text, and `text`: rows whose text is not null are plain text) to tokenized columns.
 
     Adds `input_ids`, `labels`, `truncated`, `num_trained` and `piece` and removes the other columns. A plain-text
     row longer than `max_length` becomes several rows, its pieces in order (`piece` 0, 1, ...; 0 for every other
-    row). Batched over the fast tokenizer, in `num_proc` processes; `datasets` caches the result when the dataset is
+    row), and so does a conversation a thinking template trains one assistant turn at a time (its turns' rows;
+    `piece` is negative for those after the first: -1, -2, ...). Batched over the fast tokenizer, in `num_proc`
+    processes; `datasets` caches the result when the dataset is
     backed by files or a `cache_file_name` is given. A `TemplateError` carries the dataset index of the row it is
     about (`index`).
     """
@@ -186,7 +409,7 @@ def tokenize_dataset(
         num_proc=num_proc,
         with_indices=True,
         remove_columns=dataset.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "train_on": train_on},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "train_on": train_on, "thinking": thinking},
         cache_file_name=cache_file_name,
         desc="Tokenizing",
     )
@@ -198,6 +421,7 @@ def _tokenize_columns(
     tokenizer: PreTrainedTokenizerBase,
     max_length: int | None,
     train_on: TrainOn,
+    thinking: Thinking = "auto",
 ) -> dict[str, list[Any]]:
     import json
 
@@ -208,23 +432,24 @@ def _tokenize_columns(
     tools = batch.get("tools") or [None] * size
     conversations = [_loaded(batch["messages"][i]) for i in chat]
     try:
-        chat_examples = tokenize_batch(
+        chat_rows = tokenize_conversations(
             conversations,
             tokenizer,
             max_length,
             train_on=train_on,
             tools=[json.loads(tools[i]) if isinstance(tools[i], str) else tools[i] for i in chat],
+            thinking=thinking,
         )
     except TemplateError as e:
         if e.index is not None or len(chat) == 1:
             e.index = indices[chat[e.index or 0]]
         raise
-    pieces: list[list[TokenizedExample]] = [[] for _ in range(size)]
-    for i, example in zip(chat, chat_examples, strict=True):
-        pieces[i] = [example]
+    pieces: list[list[tuple[int, TokenizedExample]]] = [[] for _ in range(size)]
+    for i, turn_rows in zip(chat, chat_rows, strict=True):
+        pieces[i] = [(-number, example) for number, example in enumerate(turn_rows)]
     for i, cut in zip(plain, tokenize_texts([texts[i] for i in plain], tokenizer, max_length), strict=True):
-        pieces[i] = cut
-    rows = [(number, example) for cut in pieces for number, example in enumerate(cut)]  # input order kept
+        pieces[i] = list(enumerate(cut))
+    rows = [pair for cut in pieces for pair in cut]  # input order kept
     return {
         "input_ids": [e.input_ids for _, e in rows],
         "labels": [e.labels for _, e in rows],
@@ -240,19 +465,42 @@ def _loaded(messages: Any) -> Any:
     return json.loads(messages) if isinstance(messages, str) else messages
 
 
-def _example(
-    ids: list[int],
-    offsets: Sequence[tuple[int, int]],
-    spans: Sequence[Span],
-    max_length: int | None,
-    train_on: TrainOn,
-) -> TokenizedExample:
-    trained = [True] * len(ids) if train_on == "all" else _overlaps(offsets, spans)
+def _example(ids: list[int], trained: list[bool] | None, max_length: int | None) -> TokenizedExample:
+    """The example of `ids` with `trained` flags (None: every token, train_on all), cut to `max_length`."""
+    trained = [True] * len(ids) if trained is None else trained
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, trained = ids[:max_length], trained[:max_length]
     labels = [token if keep else IGNORE_INDEX for token, keep in zip(ids, trained, strict=True)]
     return TokenizedExample(input_ids=ids, labels=labels, truncated=truncated)
+
+
+def _segmented(
+    rows: Sequence[tuple[str, list[Span]]],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int | None,
+    train_on: TrainOn,
+) -> list[TokenizedExample]:
+    """Rows of a thinking template, each tokenized as its pieces (prompt, reply, what lies between): a prompt is then
+    the very tokens inference gets from the same text, even where the template forces characters that would merge
+    with the reply's into one token (Llama 3's "\n\n" after a forced "<think>\n")."""
+    pieces: list[str] = []
+    owners: list[tuple[int, bool]] = []  # (row, whether the piece is a trained reply)
+    for number, (text, spans) in enumerate(rows):
+        cuts = sorted({0, len(text), *(edge for span in spans for edge in span)})
+        for start, end in zip(cuts, cuts[1:], strict=False):
+            pieces.append(text[start:end])
+            owners.append((number, (start, end) in spans))
+    encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    ids: list[list[int]] = [[] for _ in rows]
+    flags: list[list[bool]] = [[] for _ in rows]
+    for (number, reply), piece in zip(owners, encoded, strict=True):
+        ids[number] += piece
+        flags[number] += [reply] * len(piece)
+    return [
+        _example(row_ids, row_flags if train_on == "assistant" else None, max_length)
+        for row_ids, row_flags in zip(ids, flags, strict=True)
+    ]
 
 
 def _render_marked(
@@ -271,6 +519,8 @@ def _render_marked(
 
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or not re.search(r"\{%-?\s*generation\s*-?%\}", template):
+        return None
+    if is_thinking_template(tokenizer):  # rendered with enable_thinking, turn by turn: `conversation_rows`
         return None
     rendered: list[tuple[str, list[Span]]] = []
     for messages, tool_list in zip(conversations, tools, strict=True):
@@ -305,17 +555,15 @@ def _render(
     *,
     add_generation_prompt: bool,
     tools: Tools = None,
+    thinking: bool | None = None,
 ) -> str:
     from jinja2 import TemplateError as JinjaError
 
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError("the tokenizer has no chat template; set model.chat_template in the recipe")
     try:
-        rendered = tokenizer.apply_chat_template(
-            list(messages),
-            tools=[dict(t) for t in tools] if tools else None,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
+        rendered = apply_template(
+            tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools, thinking=thinking
         )
     except JinjaError as e:  # templates raise on shapes they refuse, e.g. roles that do not alternate
         hint = _builtin_hint(tokenizer, messages, tools)

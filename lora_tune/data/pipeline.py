@@ -10,8 +10,11 @@ Steps, all before any token is trained on:
    (`data.split`, or the older `val_size`); identical examples always go to the same split;
 4. mix: each training source's rows are repeated or sampled by its `weight`, then all are shuffled with the seed;
 5. tokenize and mask train and validation in batches (`datasets.map`, `num_proc` workers); cut plain-text rows
-   longer than `max_length` into pieces of `max_length` tokens, each a training row; drop rows left with no trained
-   token by truncation, or over `max_length` when `data.too_long: drop`; stop below `data.min_rows`.
+   longer than `max_length` into pieces of `max_length` tokens, each a training row; render reasoning templates with
+   `data.thinking` (a conversation such a template renders differently once later turns follow is one row per
+   assistant turn); drop rows left with no trained token by truncation, or over `max_length` when
+   `data.too_long: drop`; stop below `data.min_rows`; record on the tokenizer the enable_thinking inference should
+   use (`inference_thinking`), saved with the run's adapter.
 The test split stays canonical (it is for generation, not loss): `write_test_split` saves it as JSON Lines.
 """
 
@@ -28,8 +31,8 @@ from typing import TYPE_CHECKING
 
 from lora_tune.data import masking
 from lora_tune.data.cleaning import apply_weight, key_function, split_counts, split_groups, strip_empty
-from lora_tune.data.formats import Example, map_columns, resolve_format, to_example
-from lora_tune.data.masking import TemplateError, TrainOn, tokenize_dataset
+from lora_tune.data.formats import Example, has_reasoning, map_columns, resolve_format, to_example
+from lora_tune.data.masking import TemplateError, Thinking, TrainOn, record_thinking, tokenize_dataset
 from lora_tune.data.sources import DEFAULT_ROW_LIMIT, Origin, RowLimit, read_source, text_chars
 from lora_tune.data.stats import DataStats, DropStats, SourceStats, SplitStats
 from lora_tune.errors import DataError
@@ -104,6 +107,7 @@ def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepar
             f"({data.min_rows:,}); dropped before tokenizing: {drops.describe()}",
             file=_files(recipe.datasets),
         )
+    record_thinking(tokenizer, inference_thinking(data.thinking, [r.example for r in records["train"]]))
     data_stats = DataStats(
         train=stats["train"],
         validation=stats.get("validation"),
@@ -112,6 +116,14 @@ def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepar
         drops=drops,
     )
     return PreparedData(DatasetDict(splits), data_stats, [r.example for r in records["test"]])
+
+
+def inference_thinking(thinking: Thinking, train: Sequence[Example]) -> bool:
+    """The enable_thinking a run's model is asked with at inference: on or off as data.thinking says; for auto, on
+    when a training row has reasoning (the model has learnt to think), off when none has (it answers at once)."""
+    if thinking != "auto":
+        return thinking == "on"
+    return any(has_reasoning(example.messages) for example in train)
 
 
 def write_test_split(prepared: PreparedData, run: RunDir) -> Path | None:
@@ -251,7 +263,7 @@ def _tokenize(
     files = _files(recipe.datasets if split == "train" else recipe.eval_datasets or recipe.datasets)
     if not records:
         raise DataError(f"no {split} rows left after cleaning", file=files)
-    max_length, train_on = recipe.training.max_length, recipe.training.train_on
+    max_length, train_on, thinking = recipe.training.max_length, recipe.training.train_on, recipe.data.thinking
     table = Dataset.from_dict(
         {
             "messages": [json.dumps(r.example.messages, ensure_ascii=False) for r in records],
@@ -259,7 +271,8 @@ def _tokenize(
             "text": [r.example.text for r in records],
         }
     )
-    tokenized = _map(table, tokenizer, (max_length, train_on), _num_proc(recipe.data, len(records)), records, files)
+    how = (max_length, train_on, thinking)
+    tokenized = _map(table, tokenizer, how, _num_proc(recipe.data, len(records)), records, files)
     # Whole Arrow columns as Python lists: indexing a `datasets` column row by row is slow. A plain text cut into
     # pieces is several rows from here on, so rows are counted in `tokenized`, not in `records`.
     trained = tokenized.data.column("num_trained").to_pylist()
@@ -299,6 +312,7 @@ def _tokenize(
         too_long=too_long,
         cut_texts=cut_texts,
         text_pieces=cut_texts + sum(1 for p in pieces if p > 0),  # their first pieces, and the rest
+        turn_rows=sum(1 for i in keep if pieces[i] < 0),
     )
     return tokenized.select_columns(list(COLUMNS)), stats
 
@@ -306,7 +320,7 @@ def _tokenize(
 def _map(
     table: Dataset,
     tokenizer: PreTrainedTokenizerBase,
-    how: tuple[int | None, TrainOn],
+    how: tuple[int | None, TrainOn, Thinking],
     num_proc: int | None,
     records: Sequence[_Record],
     files: str,
@@ -314,14 +328,20 @@ def _map(
     """tokenize_dataset, with a template error turned into a DataError naming the row's file and line/row."""
     from datasets import utils as progress
 
-    max_length, train_on = how
+    max_length, train_on, thinking = how
     cache = _cache_file(table, tokenizer, how)
     quiet = len(table) < PARALLEL_FROM_ROWS and not progress.are_progress_bars_disabled()
     if quiet:  # a progress bar for a split that takes a moment is noise in the train log and the preview
         progress.disable_progress_bars()
     try:
         return tokenize_dataset(
-            table, tokenizer, max_length, train_on=train_on, num_proc=num_proc, cache_file_name=cache
+            table,
+            tokenizer,
+            max_length,
+            train_on=train_on,
+            num_proc=num_proc,
+            cache_file_name=cache,
+            thinking=thinking,
         )
     except TemplateError as e:
         if e.index is None:
@@ -332,9 +352,12 @@ def _map(
             progress.enable_progress_bars()
 
 
-def _cache_file(table: Dataset, tokenizer: PreTrainedTokenizerBase, how: tuple[int | None, TrainOn]) -> str | None:
+def _cache_file(
+    table: Dataset, tokenizer: PreTrainedTokenizerBase, how: tuple[int | None, TrainOn, Thinking]
+) -> str | None:
     """Where `datasets` caches this split's tokenization: keyed by the examples (the table's content fingerprint),
-    the tokenizer with its chat template, max_length, train_on and the masking code; None = not cached."""
+    the tokenizer with its chat template, max_length, train_on, data.thinking and the masking code; None = not
+    cached."""
     import datasets
     from datasets.fingerprint import Hasher
 

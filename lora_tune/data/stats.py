@@ -17,6 +17,7 @@ class SplitStats:
     too_long: int = 0  # examples dropped for being over max_length (data.too_long: drop)
     cut_texts: int = 0  # plain texts longer than max_length, cut into pieces (continued pretraining)
     text_pieces: int = 0  # the rows those texts became (included in `rows`)
+    turn_rows: int = 0  # rows beyond a conversation's first, where a thinking template trains turn by turn
 
     @property
     def trained_share(self) -> float:
@@ -25,6 +26,8 @@ class SplitStats:
     def describe(self) -> str:
         text = f"{self.rows:,} rows, {self.tokens:,} tokens, {self.trained_share:.1%} trained"
         notes = [f"{self.truncated:,} truncated"] if self.truncated else []
+        if self.turn_rows:
+            notes.append(f"{self.turn_rows:,} more rows: conversations trained one assistant turn a row")
         if self.cut_texts:
             notes.append(f"{self.cut_texts:,} texts over max_length cut into {self.text_pieces:,} pieces")
         if self.dropped:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lora_tune.data.masking import record_thinking, recorded_thinking
 from lora_tune.errors import LoraTuneError
 from lora_tune.model.chat_template import ensure_pad_token
 from lora_tune.model.load import load_model, load_tokenizer, resolve_dtype
@@ -30,6 +31,12 @@ class LoadedModel:
     tokenizer: Any
     settings: EvalConfig  # the run's recipe `eval:` section; the defaults for a merged folder
     description: str
+
+    @property
+    def thinking(self) -> bool | None:
+        """The enable_thinking prompts render with (`model.chat_template.generation_prompt`): the run's, recorded in
+        the tokenizer saved with it; None where nothing is recorded (the template's own default)."""
+        return recorded_thinking(self.tokenizer)
 
 
 def run_artifact(run: RunDir) -> Path:
@@ -69,8 +76,12 @@ def load_run_model(run: RunDir) -> tuple[Any, Any]:
             f"{run.root}: a classification-head run predicts labels, it does not generate; "
             "score it with `lora-tune eval`"
         )
-    # The tokenizer saved with the artefact is the one the training examples were built with.
+    # The tokenizer saved with the artefact is the one the training examples were built with; it records the
+    # enable_thinking training chose (data.thinking). A run whose data did not record it (a preference run) gets the
+    # recipe's on or off; auto then leaves the template's default.
     tokenizer = load_tokenizer(recipe.model.model_copy(update={"tokenizer": str(artifact), "chat_template": None}))
+    if recorded_thinking(tokenizer) is None and recipe.data.thinking != "auto":
+        record_thinking(tokenizer, recipe.data.thinking == "on")
     if artifact.name == MODEL_DIR:
         return load_model_folder(artifact, recipe.model.dtype), tokenizer
     from peft import PeftModel

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lora_tune.data.masking import apply_template, recorded_thinking
 from lora_tune.errors import ModelLoadError
 from lora_tune.recipe.templates import BUILTIN_TEMPLATES, builtin_template, logger, looks_like_template_name
 
@@ -55,10 +56,15 @@ def generation_prompt(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], *, thinking: bool | None = None
 ) -> str:
     """The prompt text that asks the model for its next assistant turn: the one place inference renders it, so eval,
-    generate, chat and serve present a conversation as training did. `thinking` is the template's `enable_thinking`
-    (reasoning templates); None leaves the template's default."""
-    extra = {} if thinking is None else {"enable_thinking": thinking}
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
+    generate, chat and serve present a conversation as training did (the same call as training's,
+    `data.masking.apply_template`: a reply's `reasoning_content` goes inline for a template that does not read it).
+
+    `thinking` is the template's `enable_thinking` (reasoning templates). None uses the setting the run trained with,
+    recorded in the tokenizer saved with its adapter (`data.masking.record_thinking`), else the template's default.
+    """
+    if thinking is None:
+        thinking = recorded_thinking(tokenizer)
+    return apply_template(tokenizer, messages, add_generation_prompt=True, thinking=thinking)
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -241,7 +241,7 @@ def test_large_splits_are_tokenized_once_then_read_from_the_datasets_cache(
     def refuse(*args, **kwargs):
         raise AssertionError("tokenized again instead of read from the cache")
 
-    monkeypatch.setattr(masking, "tokenize_batch", refuse)
+    monkeypatch.setattr(masking, "tokenize_conversations", refuse)
     second = build_datasets(recipe(tmp_path, [{"path": data}]), tokenizer)
     assert second.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
     with pytest.raises(AssertionError, match="tokenized again"):  # other settings: a different cache entry

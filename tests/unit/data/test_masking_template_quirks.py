@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from lora_tune.data import IGNORE_INDEX, TemplateError, tokenize_conversation
-from lora_tune.data.masking import closing_suffix
+from lora_tune.data.masking import closing_suffix, tokenize_rows
 from lora_tune.quickstart.tiny import build_tokenizer
 
 # Phi-3.5-mini-instruct's template, as its repository ships it: EOS closes a rendering without the generation prompt.
@@ -23,6 +23,12 @@ GEMMA2 = (
     "{% endif %}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
     "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+# ChatML that writes the last reply unlike earlier ones, with no thinking mode: not prefix-consistent, refused.
+LAST_DIFFERS = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}"
+    "Answer: {% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # ChatML that drops earlier replies' reasoning, as Qwen3's does: earlier turns render differently once others follow.
 DROPS_EARLIER = (
@@ -85,9 +91,24 @@ def test_a_template_refusing_a_system_turn_names_the_builtin(tokenizer) -> None:
 
 
 def test_a_template_that_is_not_prefix_consistent_names_the_builtin(tokenizer) -> None:
-    tokenizer.chat_template = DROPS_EARLIER
+    tokenizer.chat_template = LAST_DIFFERS
     with pytest.raises(TemplateError, match=r"not prefix-consistent.*\(model.chat_template: chatml\)$"):
         tokenize_conversation(CONVERSATION, tokenizer)
+
+
+def test_a_thinking_template_that_drops_earlier_reasoning_trains_one_turn_a_row(tokenizer) -> None:
+    """Each reply is trained after the prompt inference renders for it, earlier replies as the template writes them
+    once others follow: one row per assistant turn (this refused as not prefix-consistent before)."""
+    tokenizer.chat_template = DROPS_EARLIER
+    with pytest.raises(TemplateError, match="2 training rows"):
+        tokenize_conversation(CONVERSATION, tokenizer)
+    first, second = tokenize_rows(CONVERSATION, tokenizer)
+    assert trained(tokenizer, first) == ["<think>\n\n</think>\n\nFour.<|im_end|>"]
+    assert trained(tokenizer, second) == ["<think>\n\n</think>\n\nFive.<|im_end|>"]
+    start = next(i for i, lab in enumerate(second.labels) if lab != IGNORE_INDEX)
+    prompt = tokenizer.decode(second.input_ids[:start])
+    history = tokenizer.apply_chat_template(CONVERSATION[:4], tokenize=False, add_generation_prompt=True)
+    assert prompt == history and "Four." in prompt and "<think>" not in prompt
 
 
 def test_no_builtin_is_named_when_it_cannot_render_the_conversation_either(tokenizer) -> None:
