@@ -367,6 +367,13 @@ class TrainingConfig(StrictModel):
         description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) in the model; needs a CUDA GPU and "
         "`pip install 'lora-tune[liger]'`. The LM-head loss is already chunked by TRL.",
     )
+    tiled_mlp: bool | Literal["auto"] = Field(
+        "auto",
+        description="Run each decoder layer's MLP over the sequence in tiles (forward and recompute), so one layer's "
+        "backward working set stops growing with the sequence: long context for one more MLP forward per layer "
+        "(docs/speed-and-memory.md). auto = on when batch_size x max_length >= 16,384 tokens; Llama, Mistral, "
+        "Qwen2/3, Phi-3 and Gemma 2/3 MLPs.",
+    )
     logging_steps: PositiveInt = Field(10, description="Log loss and learning rate every N steps.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field(
         "no", description="When to evaluate on the validation data."
@@ -427,6 +434,8 @@ class TrainingConfig(StrictModel):
                 "eval_steps", f"is set but eval_strategy is '{self.eval_strategy}'; set eval_strategy: steps"
             )
         _check_best_checkpoint_control(self)
+        if self.tiled_mlp is True and self.liger:
+            raise FieldError("tiled_mlp", "and liger exclude each other (Liger's SwiGLU replaces the MLP forward)")
         return self
 
     @property
