@@ -17,6 +17,7 @@ class Score:
     perplexity: float | None = None  # of the reference answers' tokens (assistant-only, end-of-turn included)
     classification: dict[str, Any] | None = None  # accuracy, precision/recall/F1, confusion (label-style tasks)
     preference: dict[str, Any] | None = None  # preference runs: accuracies, reward margin, log-probabilities
+    rl: dict[str, Any] | None = None  # online RL runs: each reward's mean, the weighted total, the pass rate
 
 
 @dataclass
@@ -25,7 +26,7 @@ class EvalReport:
     rows: int
     tuned: Score
     base: Score | None = None
-    task: str = "text"  # "labels" when classification metrics were computed; "head", "preference"
+    task: str = "text"  # "labels" when classification metrics were computed; "head", "preference", "rl"
     labels: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     scored_tokens: int = 0

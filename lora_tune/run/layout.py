@@ -55,6 +55,14 @@ class RunDir:
         return self.root / LOSS_PLOT
 
     @property
+    def reward_plot(self) -> Path:
+        return self.root / REWARD_PLOT
+
+    @property
+    def completions(self) -> Path:
+        return self.root / COMPLETIONS_FILE
+
+    @property
     def model(self) -> Path:
         """What partial and full fine-tuning save instead of adapter/: a whole transformers model folder."""
         return self.root / MODEL_DIR
@@ -110,6 +118,8 @@ PREFLIGHT_FILE = "preflight.json"  # the pre-flight check's report
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 LOSS_PLOT = "loss.png"
+REWARD_PLOT = "reward.png"  # online RL runs: the rewards during training and at each evaluation
+COMPLETIONS_FILE = "completions.jsonl"  # online RL runs: sampled completions with their rewards, at each log step
 TEST_SPLIT = "test.jsonl"  # the held-out split `lora-tune eval` reads (RunDir.split("test"))
 EVAL_JSON, EVAL_MARKDOWN = "eval.json", "eval.md"
 CHECKPOINTS_DIR = "checkpoints"
@@ -135,6 +145,8 @@ RUN_ENTRIES = frozenset(
         METRICS_FILE,
         SUMMARY_FILE,
         LOSS_PLOT,
+        REWARD_PLOT,
+        COMPLETIONS_FILE,
         TEST_SPLIT,
         EVAL_JSON,
         EVAL_MARKDOWN,

@@ -1,4 +1,4 @@
-"""The tasks a recipe can train (`task.type`, and `training.objective` for the preference stage): the registry.
+"""The tasks a recipe can train (`task.type`, and `training.objective` for the preference and RL stages): the registry.
 
 A task is a folder, lora_tune/tasks/<task>/, holding what is particular to it: its training hooks (a
 `TaskTraining` the one run lifecycle, lora_tune.training.lifecycle, calls), its pre-flight checks, its data and its
@@ -27,6 +27,8 @@ from lora_tune.tasks.classification.training import ClassificationTraining
 from lora_tune.tasks.preference import evaluate as preference_eval
 from lora_tune.tasks.preference.preview import format_preference_preview
 from lora_tune.tasks.preference.training import PreferenceTraining
+from lora_tune.tasks.rl import evaluate as rl_eval
+from lora_tune.tasks.rl.training import RLTraining
 from lora_tune.tasks.sft import evaluate as sft_eval
 from lora_tune.tasks.sft.training import SftTraining
 from lora_tune.training.lifecycle import TaskTraining, run_training
@@ -66,6 +68,14 @@ TASKS: dict[str, Task] = {
         (preference_eval.TASK,),
         format_preference_preview,
     ),
+    "rl": Task(
+        "rl",
+        RLTraining(),
+        rl_eval.evaluate_rl,
+        rl_eval.format_rl_console,
+        (rl_eval.TASK,),
+        _preview_chat,
+    ),
     "classification": Task(
         "classification",
         ClassificationTraining(),
@@ -78,7 +88,8 @@ TASKS: dict[str, Task] = {
 
 
 def task_of(recipe: Recipe) -> Task:
-    """The recipe's task: classification, sft, or preference for the preference objectives (Recipe.task_name)."""
+    """The recipe's task: classification, sft, preference (dpo, orpo, kto, simpo) or rl (grpo, rloo), by
+    Recipe.task_name."""
     return TASKS[recipe.task_name]
 
 

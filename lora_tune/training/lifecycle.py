@@ -119,6 +119,10 @@ class TaskTraining:
         """RunResult fields of this task from the final evaluation (reward accuracy, held-out accuracy)."""
         return {}
 
+    def plots(self, run: RunDir) -> Path | None:
+        """A plot the task draws beside the loss curve from metrics.jsonl (an RL run's rewards), or None."""
+        return None
+
 
 def run_training(
     task: TaskTraining,
@@ -196,6 +200,7 @@ def run_training(
     log.info("trainable parameters: %d of %d (%.4f%%)", *result.parameter_share())
     if trainer.is_world_process_zero():
         result.loss_plot = plot_loss(read_metrics(run.metrics), run.loss_plot, title=f"{run.root.name}: loss")
+        result.task_plot = task.plots(run)
         write_json_atomic(run.summary, result.to_json())
     return result
 

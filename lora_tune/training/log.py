@@ -54,9 +54,20 @@ def last_value(records: list[dict[str, Any]], key: str) -> Any:
 
 def plot_loss(records: list[dict[str, Any]], out: Path, title: str) -> Path | None:
     """Train (and eval) loss against step, as a PNG. None when nothing was logged."""
-    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
-    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), (int, float))]
-    if not train and not evals:
+    return plot_series(records, out, title, "loss", [("loss", "train loss"), ("eval_loss", "eval loss")])
+
+
+def plot_series(
+    records: list[dict[str, Any]], out: Path, title: str, ylabel: str, series: list[tuple[str, str]]
+) -> Path | None:
+    """Each (metrics key, label) of `series` against step, as a PNG (an `eval_` key with markers: evaluations are
+    sparse). None when none of them was logged."""
+    lines = [
+        (label, key, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])
+        for key, label in series
+    ]
+    lines = [line for line in lines if line[2]]
+    if not lines:
         return None
     import matplotlib
 
@@ -64,12 +75,10 @@ def plot_loss(records: list[dict[str, Any]], out: Path, title: str) -> Path | No
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    for label, key, points in lines:
+        ax.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval_") else None, label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -42,6 +42,9 @@ class RunResult:
     reward_accuracy: float | None = None  # preference runs: held-out share of pairs whose chosen answer wins
     reward_margin: float | None = None  # preference runs: mean implicit reward of chosen minus rejected
     eval_accuracy: float | None = None  # classification runs: held-out accuracy of the head
+    train_reward: float | None = None  # online RL runs: the mean total reward of the last logged steps
+    eval_reward: float | None = None  # online RL runs: the mean total reward on the validation prompts
+    task_plot: Path | None = None  # a plot the task draws beside the loss curve (an RL run's reward.png)
 
     def parameter_share(self) -> tuple[int, int, float]:
         """(trainable, total, trainable percent), as the log line and the summary print them."""
@@ -77,12 +80,14 @@ def format_summary(result: RunResult) -> str:
         "",
         f"Adapter saved to {result.adapter_dir}  ({result.steps} steps in {minutes}m {seconds:02d}s)",
         f"  train loss {_figure(result.train_loss)}   eval loss {_figure(result.eval_loss)}",
+        *_reward_line(result),
         *_best_checkpoint_lines(result),
         *_batch_line(result),
         f"  rows: {result.train_rows} train, {result.validation_rows} validation;  tokens seen {tokens}{share}",
         f"  peak memory: {memory or 'n/a'}",
         f"  metrics: {RunDir(Path(result.run_dir)).metrics}"
-        + (f";  loss curve: {result.loss_plot}" if result.loss_plot else ""),
+        + (f";  loss curve: {result.loss_plot}" if result.loss_plot else "")
+        + (f";  {result.task_plot}" if result.task_plot else ""),
         "Next:",
         f"  lora-tune eval {result.run_dir} --data YOUR_HELD_OUT.jsonl   # scores vs the base model: eval.md",
         f'  lora-tune chat {result.run_dir}                                 # or: lora-tune generate RUN "prompt"',
@@ -93,6 +98,12 @@ def format_summary(result: RunResult) -> str:
 
 def _figure(value: float | None) -> str:
     return "n/a" if value is None else format(value, ".4f")
+
+
+def _reward_line(result: RunResult) -> list[str]:
+    if result.objective not in ("grpo", "rloo"):
+        return []
+    return [f"  train reward {_figure(result.train_reward)}   eval reward {_figure(result.eval_reward)}"]
 
 
 def _best_checkpoint_lines(result: RunResult) -> list[str]:

@@ -192,8 +192,10 @@ def plan_resume(run: RunDir, recipe: Recipe) -> ResumePoint:
     if point.checkpoint is None:
         log.warning("resume: no complete checkpoint in %s; starting again from step 0", run.checkpoints)
         run.metrics.unlink(missing_ok=True)
+        run.completions.unlink(missing_ok=True)
     else:
         dropped = truncate_metrics(run.metrics, point.step)
+        truncate_metrics(run.completions, point.step)  # an RL run's sampled completions, logged by step too
         log.info("resume: continuing from %s (step %d)", point.checkpoint, point.step)
         if dropped:
             log.info("resume: %d metric records after step %d will be logged again", dropped, point.step)

@@ -1,5 +1,5 @@
-"""Recipe training section -> TRL's SFTConfig and its preference configs (DPO, KTO, ORPO, CPO/SimPO). The only file
-that spells TRL's (and Trainer's) field names."""
+"""Recipe training section -> TRL's SFTConfig, its preference configs (DPO, KTO, ORPO, CPO/SimPO) and its online RL
+configs (GRPO, RLOO). The only file that spells TRL's (and Trainer's) field names."""
 
 from __future__ import annotations
 
@@ -61,6 +61,47 @@ def to_preference_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torc
         max_length=recipe.training.max_length,
         **fields,
     )
+
+
+def to_rl_config(recipe: Recipe, checkpoint_dir: Path, model_dtype: torch.dtype) -> Any:
+    """GRPOConfig or RLOOConfig for the recipe's online RL objective, with the objective's `rl:` settings."""
+    objective, rl = recipe.training.objective, recipe.rl
+    config_class = rl_classes(objective)[1]
+    fields: dict[str, Any] = {
+        "num_generations": rl.num_generations,
+        "max_completion_length": rl.max_completion_length,
+        "temperature": rl.temperature,
+        "top_p": rl.top_p,
+        "beta": rl.beta if rl.beta is not None else DEFAULT_BETA[objective],
+        "steps_per_generation": rl.steps_per_generation,
+        "reward_weights": [reward.weight for reward in rl.rewards],
+        "use_vllm": rl.use_vllm,
+        "vllm_mode": rl.vllm_mode,
+        "log_completions": False,  # the run writes completions.jsonl itself (tasks/rl/training.py)
+        **_thinking(recipe),
+    }
+    if objective == "grpo":
+        fields |= {"loss_type": rl.loss_type, "scale_rewards": rl.scale_rewards}
+    else:
+        fields["normalize_advantages"] = rl.normalize_advantages
+    return config_class(**trainer_fields(recipe, checkpoint_dir, model_dtype, config_class), **fields)
+
+
+def _thinking(recipe: Recipe) -> dict[str, Any]:
+    """The template's enable_thinking when the recipe fixes it (data.thinking on/off); auto leaves its default."""
+    choice = recipe.data.thinking
+    return {} if choice == "auto" else {"chat_template_kwargs": {"enable_thinking": choice == "on"}}
+
+
+def rl_classes(objective: str) -> tuple[type, type]:
+    """(trainer class, config class) of an online RL objective."""
+    if objective == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        return GRPOTrainer, GRPOConfig
+    from trl import RLOOConfig, RLOOTrainer
+
+    return RLOOTrainer, RLOOConfig
 
 
 def preference_classes(objective: str) -> tuple[type, type]:
