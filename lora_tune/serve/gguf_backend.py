@@ -3,6 +3,11 @@
 The conversation is rendered by llama-cpp-python's own Jinja formatter from the GGUF's `tokenizer.chat_template`
 (as its `create_chat_completion` does) and generated token by token, stopping at any end-of-generation token the
 vocabulary marks (EOS, end of turn). llama_cpp is imported only here, when a GGUF is served.
+
+Several requests at once: `slots` llama.cpp contexts over the same weights (memory-mapped once by the operating
+system; each context has its own key/value cache), each generating one request on its own scheduler thread; llama.cpp
+releases the interpreter while it computes, so the slots run side by side. llama-cpp-python's high-level binding
+has no multi-sequence batch (llama.cpp's own server batches its slots in one context); contexts are its equivalent.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ def import_llama_cpp() -> Any:
 
 
 class GgufBackend:
-    def __init__(self, path: Path, context_length: int = 0):
+    def __init__(self, path: Path, context_length: int = 0, slots: int = 1):
         llama_cpp = import_llama_cpp()
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -46,6 +51,8 @@ class GgufBackend:
             if template
             else None
         )
+        # The other slots: contexts of their own; the weights are mapped once, not read again.
+        self.slots: list[GgufBackend] = [self] + [GgufBackend(path, context_length) for _ in range(slots - 1)]
 
     def _token_text(self, token: int) -> str:
         return self.llm._model.token_get_text(token) if token != -1 else ""

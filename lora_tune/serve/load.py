@@ -9,12 +9,13 @@ from lora_tune.serve.gguf_backend import GgufBackend, import_llama_cpp
 from lora_tune.serve.hf_backend import TransformersBackend
 
 
-def open_backend(path: str | Path) -> Backend:
-    """Load the model at `path`; a bad path is a one-line ServeError before any weights are read."""
+def open_backend(path: str | Path, slots: int = 1) -> Backend:
+    """Load the model at `path`; a bad path is a one-line ServeError before any weights are read. `slots`: for a
+    .gguf, how many llama.cpp contexts generate at once."""
     path = Path(path)
     if model_kind(path) == "gguf":
         import_llama_cpp()  # the missing-dependency error before anything else
-        return GgufBackend(path)
+        return GgufBackend(path, slots=slots)
     return TransformersBackend.open(path)
 
 
