@@ -251,7 +251,22 @@ def _add_serve_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
         type=float,
         default=30.0,
         metavar="SECONDS",
-        help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish (default 30)",
+        help="on SIGTERM / Ctrl-C, how long requests in flight may take to finish (default 30; a second signal "
+        "exits at once)",
+    )
+    serve.add_argument(
+        "--parallel",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests generated at once: rows of one batch (transformers), llama.cpp contexts for a .gguf (at most "
+        "4); default 16",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=["lora-tune", "vllm"],
+        default="lora-tune",
+        help="vllm: check that vLLM can load the run's adapter and print the `vllm serve` command (GPU machines)",
     )
     serve.set_defaults(handler=cmd_serve)
     return [serve]
@@ -566,6 +581,11 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from lora_tune.serve.vllm import vllm_command
+
+        print(vllm_command(args.model_path, model_name=args.model_name, host=args.host, port=args.port))
+        return 0
     from lora_tune.serve.start import serve_model
 
     return serve_model(
@@ -578,6 +598,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_waiting=args.max_waiting,
         shutdown_grace=args.shutdown_grace,
+        parallel=args.parallel,
     )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
+MIN_TEMPERATURE = 1e-3  # the smallest temperature above 0 that samples
 CHAT_ROLES = {"system", "user", "assistant"}
 ROLE_ALIASES = {"developer": "system"}  # newer OpenAI clients send "developer" for the system message
 
@@ -75,8 +76,10 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object."""
     try:
         body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not UTF-8, not JSON, or an integer of more digits than Python converts
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # arrays or objects nested deeper than the parser's stack
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return body
@@ -115,9 +118,14 @@ def _sampling(body: dict[str, Any], limits: Limits) -> Sampling:
     # max_completion_tokens is the newer name for max_tokens in the chat API; either may come.
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _integer(body, name, 1, limits.max_tokens, default=limits.default_max_tokens)
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        # Dividing the logits by a temperature this small overflows them (1e-40 is below float32's smallest
+        # normal number): sampling at it would be greedy decoding, or fail.
+        raise _field("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
     return Sampling(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 0.0, 2.0),
+        temperature=temperature,
         top_p=_number(body, "top_p", 0.0, 1.0, low_open=True),
         seed=_integer(body, "seed", -(2**63), 2**64 - 1),
         stop=_stop(body.get("stop")),
@@ -132,9 +140,11 @@ def _messages(value: Any) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise _field(where, "must be an object with role and content")
-        role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+        role = message.get("role")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None
         if role not in CHAT_ROLES:
-            raise _field(f"{where}.role", f"must be one of {sorted(CHAT_ROLES)}, got {message.get('role')!r}")
+            got = _shown(message.get("role"))
+            raise _field(f"{where}.role", f"must be one of {sorted(CHAT_ROLES)}, got {got}")
         messages.append({"role": role, "content": _content(message.get("content"), f"{where}.content")})
     return messages
 
@@ -192,7 +202,7 @@ def _number(body: dict[str, Any], name: str, low: float, high: float, *, low_ope
         raise _field(name, "must be a number")
     if value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
-        raise _field(name, f"must be in {bracket}{low:g}, {high:g}], got {value!r}")
+        raise _field(name, f"must be in {bracket}{low:g}, {high:g}], got {_shown(value)}")
     return float(value)
 
 
@@ -203,8 +213,14 @@ def _integer(body: dict[str, Any], name: str, low: int, high: int, *, default: i
     if isinstance(value, bool) or not isinstance(value, int):
         raise _field(name, "must be an integer")
     if value < low or value > high:
-        raise _field(name, f"must be between {low} and {high}, got {value}")
+        raise _field(name, f"must be between {low} and {high}, got {_shown(value)}")
     return value
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A client's value in an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _field(param: str, message: str) -> ApiError:

@@ -83,3 +83,45 @@ def test_a_key_given_on_the_command_line_is_masked_in_what_is_printed(tmp_path, 
     assert main(["serve", str(tmp_path), "--api-key", key]) == 2
     out = capsys.readouterr()
     assert key not in out.out + out.err and "hf_***" in out.err
+
+
+def _no_loading(path, **kwargs):  # noqa: ANN001, ANN003, ANN202 - stands in for reading weights
+    raise AssertionError("the weights were read before the address was checked")
+
+
+@pytest.mark.parametrize("host", ["busy", "192.0.2.1"])  # a port in use; an address not on this machine
+def test_an_address_that_cannot_be_bound_is_one_line_before_loading(tmp_path, monkeypatch, capsys, host) -> None:
+    import socket
+
+    import lora_tune.serve.start as start
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(start, "open_backend", _no_loading)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        args = ["--port", str(port)] + (["--host", host] if host != "busy" else [])
+        assert main(["serve", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    where = f"{'127.0.0.1' if host == 'busy' else host}:{port}"
+    assert f"cannot listen on {where}" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_key_no_client_can_send_is_refused_and_a_short_one_warned(tmp_path, monkeypatch, capsys) -> None:
+    import lora_tune.serve.start as start
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(start, "open_backend", _no_loading)
+    monkeypatch.setenv("LORA_TUNE_API_KEY", "")
+    assert main(["serve", str(tmp_path), "--api-key", "clé-secrète-123456"]) == 2
+    err = capsys.readouterr().err
+    assert "--api-key" in err and "printable ASCII" in err and err.count("\n") == 1
+
+    def loaded(path, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        raise ServeError("stop here")
+
+    monkeypatch.setattr(start, "open_backend", loaded)
+    assert main(["serve", str(tmp_path), "--api-key", "abc123", "--port", "0"]) == 2
+    out = capsys.readouterr()
+    assert "the API key is 6 characters" in out.out + out.err
