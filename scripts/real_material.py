@@ -51,6 +51,7 @@ MEMBERS = {
     "ggml-vocab-phi-3.gguf": "967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326",
     "ggml-vocab-llama-spm.gguf": "16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69",
     "ggml-vocab-gemma-4.gguf": "58b1ba0b57f3b4d7c468ba4ffd91ad85190346a3d7ad7e71d1cabaae8a14bb65",
+    "ggml-vocab-qwen35.gguf": "63ed952ff338996cf0bdf24a7b10015124273f75c6dc9bb427356aa3f67ec62c",
     "templates/meta-llama-Llama-3.1-8B-Instruct.jinja": (
         "e10ca381b1ccc5cf9db52e371f3b6651576caee0a630b452e2816b2d404d4b65"
     ),
@@ -63,6 +64,16 @@ MEMBERS = {
     "templates/mistralai-Mistral-Nemo-Instruct-2407.jinja": (
         "e4676cb56dffea7782fd3e2b577cfaf1e123537e6ef49b3ec7caa6c095c62272"
     ),
+    # Reasoning models (tests/e2e/test_real_templates.py's thinking tests; docs/data.md, reasoning data).
+    "templates/Qwen-QwQ-32B.jinja": "5ed15374ce53e19a7798710736a2c9fe41c79f7385e8421a2080d6575a80ef1b",
+    "templates/deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": (
+        "bbe594884b44d740667ee65a70bc8d333a565eab3d63ea59f291ea73ada84ba6"
+    ),
+    "templates/deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja": (
+        "dd2675619a64a449cdcdd2b93e605a0a50764cee41e344f244752bc93643936c"
+    ),
+    "templates/Qwen3.5-4B.jinja": "a4aee8afcf2e0711942cf848899be66016f8d14a889ff9ede07bca099c28f715",
+    "templates/HuggingFaceTB-SmolLM3-3B.jinja": "19eacf64569032f07644ea92c8e2a87af06ee7008147557302c31e474912ca97",
 }
 
 # Qwen2.5's added tokens at their real ids; the GGUF names those slots [PAD151646] ... (Qwen3 adds the last four).
@@ -71,6 +82,26 @@ _QWEN25 = {
     151658: "</tool_call>",
 }
 _QWEN3 = {**_QWEN25, 151665: "<tool_response>", 151666: "</tool_response>", 151667: "<think>", 151668: "</think>"}
+# The DeepSeek-R1 distills keep their base's vocabulary and put DeepSeek's control tokens (and the think tags) at
+# these ids of it; the sdist has the bases' vocabularies (Qwen2.5, Llama 3), not the distills' tokenizers.
+_R1_QWEN = {
+    151643: "<｜end▁of▁sentence｜>",
+    151644: "<｜User｜>",
+    151645: "<｜Assistant｜>",
+    151646: "<｜begin▁of▁sentence｜>",
+    151648: "<think>",
+    151649: "</think>",
+}
+_R1_LLAMA = {
+    128000: "<｜begin▁of▁sentence｜>",
+    128001: "<｜end▁of▁sentence｜>",
+    128011: "<｜User｜>",
+    128012: "<｜Assistant｜>",
+    128013: "<think>",
+    128014: "</think>",
+}
+# SmolLM3 is Llama 3.2's vocabulary with ChatML and the think tags in reserved slots.
+_SMOLLM3 = {128002: "<think>", 128003: "</think>", 128011: "<|im_start|>", 128012: "<|im_end|>"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +113,7 @@ class Family:
     renames: dict[int, str] = field(default_factory=dict)  # token id -> the model's own name for it
     added: tuple[str, ...] = ()  # special tokens the model has and the stand-in vocabulary lacks (appended)
     eos: str | None = None  # the instruct model's EOS where its tokenizer_config differs from the GGUF's
+    bos: str | None = None  # likewise its BOS (the template writes bos_token)
 
 
 FAMILIES = {
@@ -110,6 +142,28 @@ FAMILIES = {
             "[TOOL_RESULTS]",
             "[/TOOL_RESULTS]",
         ),
+    ),
+    # Reasoning models. QwQ-32B is Qwen2.5's vocabulary with Qwen3's four added tokens, as its own tokenizer is.
+    "qwq": Family("ggml-vocab-qwen2.gguf", "templates/Qwen-QwQ-32B.jinja", _QWEN3, eos="<|im_end|>"),
+    "r1-distill-qwen": Family(
+        "ggml-vocab-qwen2.gguf",
+        "templates/deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
+        _R1_QWEN,
+        eos="<｜end▁of▁sentence｜>",
+        bos="<｜begin▁of▁sentence｜>",
+    ),
+    "r1-distill-llama": Family(
+        "ggml-vocab-llama-bpe.gguf",
+        "templates/deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja",
+        _R1_LLAMA,
+        eos="<｜end▁of▁sentence｜>",
+        bos="<｜begin▁of▁sentence｜>",
+    ),
+    # The sdist's qwen35 vocabulary (151,936 tokens, its own pre-tokenizer name) lacks the think tags: put at
+    # Qwen3's ids. transformers reads it with the Qwen2 pre-tokenizer.
+    "qwen3.5": Family("ggml-vocab-qwen35.gguf", "templates/Qwen3.5-4B.jinja", _QWEN3, eos="<|im_end|>"),
+    "smollm3": Family(
+        "ggml-vocab-llama-bpe.gguf", "templates/HuggingFaceTB-SmolLM3-3B.jinja", _SMOLLM3, eos="<|im_end|>"
     ),
 }
 # LLaMA-Factory's demo sets: the sdist pinned by version and hash, and each extracted member's hash.
@@ -233,6 +287,7 @@ def _convert(cache: Path, name: str, family: Family) -> bool:
         "renames": {str(k): v for k, v in family.renames.items()},
         "added": list(family.added),
         "eos": family.eos,
+        **({"bos": family.bos} if family.bos is not None else {}),  # absent for the first families: stamps kept
     }
     if (folder / STAMP).is_file() and json.loads((folder / STAMP).read_text()) == stamp:
         return False
@@ -265,6 +320,8 @@ def _load_gguf(cache: Path, family: Family):  # noqa: ANN202 - a transformers to
         tokenizer.add_special_tokens({"additional_special_tokens": list(family.added)})
     if family.eos is not None:
         tokenizer.eos_token = family.eos
+    if family.bos is not None:
+        tokenizer.bos_token = family.bos
     return tokenizer
 
 

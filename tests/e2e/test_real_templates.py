@@ -18,8 +18,9 @@ import yaml
 
 from lora_tune.check import run_checks
 from lora_tune.cli import main
-from lora_tune.data.masking import IGNORE_INDEX, TemplateError, tokenize_conversation
-from lora_tune.model.chat_template import apply_chat_template_choice
+from lora_tune.data.formats import to_conversation
+from lora_tune.data.masking import IGNORE_INDEX, TemplateError, record_thinking, tokenize_conversation, tokenize_rows
+from lora_tune.model.chat_template import apply_chat_template_choice, generation_prompt
 from lora_tune.model.load import load_tokenizer
 from lora_tune.recipe.load import load_recipe
 from lora_tune.recipe.templates import BUILTIN_TEMPLATES
@@ -46,7 +47,7 @@ FAMILIES = {
     for f in (
         Family("llama-3.1", "<|eot_id|>", (128001, 128008, 128009), "llama-3", tools=True),
         Family("qwen2.5", "<|im_end|>", (151645, 151643), "qwen", tools=True),
-        Family("qwen3", "<|im_end|>", (151645, 151643), "chatml", system=False, multi_turn=False),
+        Family("qwen3", "<|im_end|>", (151645, 151643), "chatml", tools=True),
         Family("gemma", "<end_of_turn>", (1, 106), "gemma", system=False),
         Family("phi-3", "<|end|>", (32007, 32001, 32000), "chatml"),
         Family("mistral", "</s>", (2,), "mistral", system=False),
@@ -126,20 +127,27 @@ def conversations(family: Family) -> list[list[dict]]:
     return shapes
 
 
+def rows_runs(rows) -> list[list[int]]:
+    """The trained runs of a conversation's rows, in order: one per assistant turn however many rows it is."""
+    return [run for row in rows for run in trained_runs(row)]
+
+
 def assert_masked(tokenizer, messages: list[dict], end_of_turn: str, answers: list[str], tools=None) -> None:
     """Exactly each answer plus the end-of-turn marker is trained; nothing of the prompt; BOS at most once."""
-    example = tokenize_conversation(messages, tokenizer, tools=tools)
-    runs = trained_runs(example)
+    rows = tokenize_rows(messages, tokenizer, tools=tools)
+    runs = rows_runs(rows)
     assert [decode(tokenizer, run).strip() for run in runs] == [a + end_of_turn for a in answers]
     stop = tokenizer.convert_tokens_to_ids(end_of_turn)
     assert all(run[-1] == stop for run in runs)  # stopping: the end-of-turn token is trained in every turn
-    untrained = decode(tokenizer, [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab < 0])
+    last = rows[-1]  # the row holding the whole conversation (the only one, or the last turn's)
+    untrained = decode(tokenizer, [t for t, lab in zip(last.input_ids, last.labels, strict=True) if lab < 0])
     for message in messages:
         if message["role"] in ("system", "user") and not (message["role"] == "system" and "Paris" in untrained):
             assert message["content"] in untrained
-    assert example.input_ids.count(tokenizer.bos_token_id) <= 1 or tokenizer.bos_token == tokenizer.eos_token
-    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id in example.input_ids:
-        assert example.input_ids[0] == tokenizer.bos_token_id
+    for example in rows:
+        assert example.input_ids.count(tokenizer.bos_token_id) <= 1 or tokenizer.bos_token == tokenizer.eos_token
+        if tokenizer.bos_token_id is not None and tokenizer.bos_token_id in example.input_ids:
+            assert example.input_ids[0] == tokenizer.bos_token_id
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -148,26 +156,27 @@ def test_own_template_trains_exactly_the_answers_and_the_end_of_turn(real, name:
     tokenizer = real(name)
     for messages in conversations(family):
         answers = [m["content"] for m in messages if m["role"] == "assistant"]
-        if name == "qwen3":  # the last reply carries Qwen3's (empty) thinking block, trained as the model writes it
-            answers = ["<think>\n\n</think>\n\n" + a for a in answers]
+        # Qwen3 without reasoning: thinking off, the prompt closes the empty think block, the answer follows it.
         assert_masked(tokenizer, messages, family.end_of_turn, answers)
 
 
 def test_end_of_sequence_counts(real) -> None:
     """(EOS in the example, EOS trained): where EOS is the end-of-turn token (the Llama 3.1 and Qwen instruct
     tokenizers, Mistral's </s>) once per turn, trained in the replies only; once at the very end for Phi-3.5
-    (closing the conversation, untrained: its replies end with <|end|>); never for Gemma (<end_of_turn> ends turns)."""
+    (closing the conversation, untrained: its replies end with <|end|>); never for Gemma (<end_of_turn> ends turns).
+    Qwen3 trains the two turns as two rows (its last turn is written unlike earlier ones): 2 + 4 EOS, one trained
+    in each."""
     counts = {}
     for name in FAMILIES:
         tokenizer = real(name)
-        example = tokenize_conversation(conversations(FAMILIES[name])[0], tokenizer)
+        rows = tokenize_rows(conversations(FAMILIES[name])[0], tokenizer)
         eos = tokenizer.eos_token_id
-        trained = sum(1 for t, lab in zip(example.input_ids, example.labels, strict=True) if t == eos and lab >= 0)
-        counts[name] = (example.input_ids.count(eos), trained)
+        pairs = [(t, lab) for example in rows for t, lab in zip(example.input_ids, example.labels, strict=True)]
+        counts[name] = (sum(t == eos for t, _ in pairs), sum(t == eos and lab >= 0 for t, lab in pairs))
     assert counts == {
         "llama-3.1": (5, 2),  # the system (date header), 2 user and 2 assistant turns each end with <|eot_id|>
         "qwen2.5": (5, 2),  # the default system prompt's turn too
-        "qwen3": (2, 1),
+        "qwen3": (6, 2),
         "gemma": (0, 0),
         "phi-3": (1, 0),
         "mistral": (2, 2),
@@ -177,10 +186,8 @@ def test_end_of_sequence_counts(real) -> None:
 @pytest.mark.parametrize(
     "name, messages, refusal",
     [
-        ("qwen3", TURNS, "not prefix-consistent"),
         ("gemma", [SYSTEM, *TURNS], "System role not supported"),
         ("mistral", [SYSTEM, *TURNS], "not prefix-consistent"),
-        ("qwen3", TOOL_TURNS, "not prefix-consistent"),
     ],
 )
 def test_own_template_that_cannot_be_masked_is_refused_naming_the_builtin(real, name, messages, refusal) -> None:
@@ -206,15 +213,16 @@ MISTRAL_TOOL_TURNS = [
 ]
 
 
-@pytest.mark.parametrize("name", ["llama-3.1", "qwen2.5", "mistral"])
+@pytest.mark.parametrize("name", ["llama-3.1", "qwen2.5", "qwen3", "mistral"])
 def test_own_template_masks_tool_calls(real, name: str) -> None:
     tokenizer = real(name)
     turns = MISTRAL_TOOL_TURNS if name == "mistral" else TOOL_TURNS
-    example = tokenize_conversation(turns, tokenizer, tools=[WEATHER])
-    runs = [decode(tokenizer, run) for run in trained_runs(example)]
+    rows = tokenize_rows(turns, tokenizer, tools=[WEATHER])  # Qwen3: a row per turn
+    runs = [decode(tokenizer, run) for run in rows_runs(rows)]
     assert len(runs) == 2 and "get_weather" in runs[0] and "Paris" in runs[0]
     assert runs[0].endswith(FAMILIES[name].end_of_turn)  # the call is a whole reply: it stops too
     assert runs[1].strip() == "It is 21 degrees in Paris." + FAMILIES[name].end_of_turn
+    example = rows[-1]
     untrained = decode(tokenizer, [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab < 0])
     assert '"temperature' in untrained and "Weather in Paris?" in untrained and "get_weather" in untrained
 
@@ -245,25 +253,38 @@ def test_builtin_templates_on_real_tokenizers(real, name: str, builtin: str) -> 
     assert example.input_ids.count(tokenizer.bos_token_id) <= bos_per or tokenizer.bos_token == tokenizer.eos_token
 
 
-def prompts_match(tokenizer, messages: list[dict], tools=None, **kwargs) -> list[tuple[list[int], list[int]]]:
-    """For each reply: (the tokens training puts before its first trained token, the inference prompt's tokens)."""
-    example = tokenize_conversation(messages, tokenizer, tools=tools)
-    starts = [i for i, lab in enumerate(example.labels) if lab >= 0 and (i == 0 or example.labels[i - 1] < 0)]
+def prompts_match(
+    tokenizer, messages: list[dict], tools=None, history=None, thinking="auto", **kwargs
+) -> list[tuple[list[int], list[int]]]:
+    """For each reply: (the tokens training puts before its first trained token, the inference prompt's tokens, as
+    the template itself renders `history` (the messages as a client sends them back; default `messages`))."""
+    rows = tokenize_rows(messages, tokenizer, tools=tools, thinking=thinking)
+    befores = [
+        example.input_ids[:i]
+        for example in rows
+        for i, lab in enumerate(example.labels)
+        if lab >= 0 and (i == 0 or example.labels[i - 1] < 0)
+    ]
     replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     pairs = []
-    for start, reply in zip(starts, replies, strict=True):
+    for before, reply in zip(befores, replies, strict=True):
         prompt = tokenizer.apply_chat_template(
-            messages[:reply], tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs
+            (history or messages)[:reply],
+            tools=tools,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **kwargs,
         )
-        pairs.append((example.input_ids[:start], list(prompt["input_ids"])))
+        pairs.append((before, list(prompt["input_ids"])))
     return pairs
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_same_prompt_at_training_and_inference(real, name: str) -> None:
     tokenizer = real(name)
-    for messages in conversations(FAMILIES[name]):
-        for trained, inference in prompts_match(tokenizer, messages):
+    for messages in conversations(FAMILIES[name]):  # no reasoning: data.thinking auto renders Qwen3's thinking off
+        for trained, inference in prompts_match(tokenizer, messages, enable_thinking=False):
             assert trained == inference
     if name == "llama-3.1":  # the date header the template writes is in both
         assert "Today Date: 26 Jul 2024" in decode(tokenizer, prompts_match(tokenizer, TURNS)[0][1])
@@ -271,28 +292,30 @@ def test_same_prompt_at_training_and_inference(real, name: str) -> None:
         assert "You are Qwen, created by Alibaba Cloud." in decode(tokenizer, prompts_match(tokenizer, TURNS)[0][1])
 
 
-@pytest.mark.parametrize("name", ["llama-3.1", "qwen2.5", "mistral"])
+@pytest.mark.parametrize("name", ["llama-3.1", "qwen2.5", "qwen3", "mistral"])
 def test_same_prompt_with_tools(real, name: str) -> None:
     tokenizer = real(name)
     turns = MISTRAL_TOOL_TURNS if name == "mistral" else TOOL_TURNS
-    for trained, inference in prompts_match(tokenizer, turns, tools=[WEATHER]):
+    for trained, inference in prompts_match(tokenizer, turns, tools=[WEATHER], enable_thinking=False):
         assert trained == inference
 
 
 def test_qwen3_thinking_tags_at_training_and_inference(real) -> None:
-    """Qwen3's own template, one turn: training writes the empty thinking block as part of the (trained) reply. With
-    enable_thinking (the default) the inference prompt is what precedes it; without, the prompt prefills the block,
-    which is the next tokens of the training example. The chatml built-in (the catalog's choice for Qwen3) has no
-    thinking tags, so both ways give its training prompt."""
+    """Qwen3's own template, one turn without reasoning (data.thinking auto: off): the prompt is the template's with
+    enable_thinking=false, its closed empty think block included and untrained; the answer and <|im_end|> are
+    trained. data.thinking: on trains the empty block as the reply's start instead, after the thinking prompt. The
+    chatml built-in (no thinking tags) gives its training prompt both ways."""
     tokenizer = real("qwen3")
     conversation = TURNS[:2]
-    example = tokenize_conversation(conversation, tokenizer)
-    [(trained, thinking)] = prompts_match(tokenizer, conversation, enable_thinking=True)
+    [(trained, not_thinking)] = prompts_match(tokenizer, conversation, enable_thinking=False)
+    assert trained == not_thinking and decode(tokenizer, trained).endswith("<think>\n\n</think>\n\n")
+    assert rows_runs(tokenize_rows(conversation, tokenizer)) == [
+        tokenizer(TURNS[1]["content"] + "<|im_end|>")["input_ids"]
+    ]
+    [(trained, thinking)] = prompts_match(tokenizer, conversation, thinking="on", enable_thinking=True)
     assert trained == thinking
-    [(_, not_thinking)] = prompts_match(tokenizer, conversation, enable_thinking=False)
-    assert not_thinking == example.input_ids[: len(not_thinking)]
-    prefilled = example.labels[len(trained) : len(not_thinking)]
-    assert decode(tokenizer, prefilled) == "<think>\n\n</think>\n\n" and IGNORE_INDEX not in prefilled
+    [run] = rows_runs(tokenize_rows(conversation, tokenizer, thinking="on"))
+    assert decode(tokenizer, run) == "<think>\n\n</think>\n\n" + TURNS[1]["content"] + "<|im_end|>"
     apply_chat_template_choice(tokenizer, "chatml", "qwen3")
     for enable in (True, False):
         for trained, inference in prompts_match(tokenizer, TURNS, enable_thinking=enable):
@@ -352,11 +375,8 @@ def good_rows(name: str) -> list[dict]:
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_check_passes_on_each_family(tmp_path, real, name: str) -> None:
     real(name)  # skips without the material
-    family = FAMILIES[name]
     model = model_folder(tmp_path, name)
-    # Qwen3 multi-turn with its own template is refused; the catalog trains it with chatml, as here.
-    sections = {"model": {"chat_template": "chatml"}} if not family.multi_turn else {}
-    report = check(check_recipe(tmp_path, model, good_rows(name), **sections))
+    report = check(check_recipe(tmp_path, model, good_rows(name)))
     assert report.passed, report.format()
     expected = FAMILIES[name].end_of_turn
     assert report.stop_tokens == [expected], report.format()
@@ -365,10 +385,11 @@ def test_check_passes_on_each_family(tmp_path, real, name: str) -> None:
 
 
 def test_check_refuses_the_own_template_it_cannot_mask_naming_the_builtin(tmp_path, real) -> None:
-    real("qwen3")  # skips without the material
-    report = check(check_recipe(tmp_path, model_folder(tmp_path, "qwen3"), [{"messages": TURNS}] * 2))
+    real("mistral")  # skips without the material
+    rows = [{"messages": [SYSTEM, *TURNS]}] * 2  # Mistral's template writes the system prompt into the last user turn
+    report = check(check_recipe(tmp_path, model_folder(tmp_path, "mistral"), rows))
     [failed] = report.failures
-    assert failed.name == "template" and "(model.chat_template: chatml)" in failed.line()
+    assert failed.name == "template" and "(model.chat_template: mistral)" in failed.line()
 
 
 def test_check_fails_on_a_template_without_a_generation_prompt(tmp_path, real) -> None:
@@ -484,3 +505,138 @@ def test_qlora_run_merges_with_the_template_and_stop_token(tmp_path, real, name:
     assert merged.apply_chat_template(prompt, add_generation_prompt=True) == trained.apply_chat_template(
         prompt, add_generation_prompt=True
     )
+
+
+# Reasoning models on their real templates (docs/data.md, "Reasoning data and thinking templates"): the reply's
+# reasoning, answer and end-of-turn token are trained after the very prompt inference renders for it.
+
+
+@dataclass(frozen=True)
+class Reasoner:
+    name: str  # the tokenizer folder in the cache
+    end_of_turn: str
+    generation_stops: tuple[int, ...]
+    opens: bool  # the thinking generation prompt opens the think block (the reply starts inside it)
+    drops_history: bool  # earlier replies' reasoning is left out of the prompt of later turns
+
+
+REASONERS = {
+    r.name: r
+    for r in (
+        Reasoner("qwq", "<|im_end|>", (151645, 151643), opens=True, drops_history=True),
+        Reasoner("r1-distill-qwen", "<｜end▁of▁sentence｜>", (151643,), opens=True, drops_history=True),
+        Reasoner("r1-distill-llama", "<｜end▁of▁sentence｜>", (128001,), opens=True, drops_history=True),
+        Reasoner("qwen3", "<|im_end|>", (151645, 151643), opens=False, drops_history=True),
+        Reasoner("qwen3.5", "<|im_end|>", (151645, 151643), opens=True, drops_history=True),
+        Reasoner("smollm3", "<|im_end|>", (128012,), opens=False, drops_history=False),
+    )
+}
+THOUGHTS = ["2+2: two and two make four.", "3+3 is 3 doubled: six."]
+REASONED = [
+    TURNS[0],
+    {**TURNS[1], "reasoning_content": THOUGHTS[0]},
+    TURNS[2],
+    {**TURNS[3], "reasoning_content": THOUGHTS[1]},
+]
+
+
+def inline(messages: list[dict]) -> list[dict]:
+    """The same conversation with each reply's reasoning as a <think> block opening its content."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if "reasoning_content" in m:
+            m["content"] = f"<think>\n{m.pop('reasoning_content')}\n</think>\n\n{m['content']}"
+        out.append(m)
+    return out
+
+
+def expected_reply(reasoner: Reasoner, thought: str, answer: str) -> str:
+    """What the model writes after the thinking prompt: the block (less what the prompt opened), the answer, the
+    end of turn."""
+    block = f"<think>\n{thought}\n</think>\n\n"
+    return (block.removeprefix("<think>\n") if reasoner.opens else block) + answer + reasoner.end_of_turn
+
+
+@pytest.fixture
+def reasoner(real, request) -> Iterator:
+    yield REASONERS[request.param], real(request.param)
+
+
+ALL_REASONERS = pytest.mark.parametrize("reasoner", list(REASONERS), indirect=True)
+
+
+@ALL_REASONERS
+def test_reasoning_reply_trains_reasoning_answer_and_end_of_turn(reasoner) -> None:
+    family, tokenizer = reasoner
+    conversation = REASONED[:2]
+    [row] = tokenize_rows(conversation, tokenizer)
+    [run] = trained_runs(row)
+    assert decode(tokenizer, run) == expected_reply(family, THOUGHTS[0], TURNS[1]["content"])
+    assert run[-1] == tokenizer.convert_tokens_to_ids(family.end_of_turn)  # the model learns to stop
+    assert row.input_ids.count(tokenizer.convert_tokens_to_ids(family.end_of_turn)) >= 1
+    read = to_conversation({"messages": inline(conversation)}, "messages", file="train.jsonl", row_number=1)
+    assert tokenize_rows(read, tokenizer) == [row]  # a <think> block opening content, as the data reader reads it
+
+
+@ALL_REASONERS
+def test_same_prompt_at_training_and_inference_with_reasoning(reasoner) -> None:
+    """Each trained reply follows exactly the tokens of the template's own thinking prompt for its history (earlier
+    replies sent back as the model wrote them), and of generation_prompt with the thinking recorded for the run."""
+    family, tokenizer = reasoner
+    for trained, inference in prompts_match(tokenizer, REASONED, history=inline(REASONED), enable_thinking=True):
+        assert trained == inference
+    rows = tokenize_rows(REASONED, tokenizer)
+    replies = [i for i, m in enumerate(REASONED) if m["role"] == "assistant"]
+    runs = rows_runs(rows)
+    assert [decode(tokenizer, run) for run in runs] == [
+        expected_reply(family, thought, REASONED[i]["content"]) for thought, i in zip(THOUGHTS, replies, strict=True)
+    ]
+    record_thinking(tokenizer, True)
+    try:
+        prompt = generation_prompt(tokenizer, REASONED[:3])  # the run's setting, as eval, chat and serve ask
+    finally:
+        tokenizer.init_kwargs.pop("lora_tune_enable_thinking", None)
+    last = rows[-1]
+    start = max(i for i, lab in enumerate(last.labels) if lab >= 0 and last.labels[i - 1] < 0)  # the last reply's
+    assert last.input_ids[:start] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert (THOUGHTS[0] in prompt) is not family.drops_history  # earlier reasoning as the template renders it
+    assert len(rows) == (2 if family.drops_history else 1)
+
+
+@ALL_REASONERS
+def test_reply_without_reasoning_renders_with_thinking_off(reasoner) -> None:
+    """data.thinking auto, a row without reasoning: the prompt is the template's with enable_thinking=false (a
+    closed empty block where the template writes one); the answer and the end of turn are trained, no reasoning."""
+    family, tokenizer = reasoner
+    [(trained, inference)] = prompts_match(tokenizer, TURNS[:2], enable_thinking=False)
+    assert trained == inference
+    [run] = rows_runs(tokenize_rows(TURNS[:2], tokenizer))
+    reply = decode(tokenizer, run)
+    assert reply.endswith(TURNS[1]["content"] + family.end_of_turn) and "<think>\n\n" not in reply.removesuffix("")
+    assert "</think>" in decode(tokenizer, trained) + reply  # the block is closed, in the prompt or the reply
+
+
+@ALL_REASONERS
+def test_check_passes_on_reasoning_rows(tmp_path, reasoner) -> None:
+    family, _ = reasoner
+    folder = tmp_path / family.name
+    folder.mkdir()
+    for path in (CACHE / family.name).iterdir():
+        (folder / path.name).symlink_to(path)
+    from transformers import GenerationConfig
+
+    GenerationConfig(eos_token_id=list(family.generation_stops)).save_pretrained(folder)
+    rows = [{"messages": REASONED}, {"messages": inline(REASONED[:2])}, {"messages": TURNS}] * 2
+    report = check(check_recipe(tmp_path, folder, rows))
+    assert report.passed, report.format()
+    assert report.stop_tokens == [family.end_of_turn], report.format()
+
+
+@ALL_REASONERS
+def test_reasoning_with_thinking_off_is_refused_in_one_line(reasoner) -> None:
+    _, tokenizer = reasoner
+    with pytest.raises(TemplateError) as caught:
+        tokenize_rows(REASONED[:2], tokenizer, thinking="off")
+    line = str(caught.value)
+    assert "data.thinking is off" in line and "data.thinking: auto" in line and "\n" not in line
