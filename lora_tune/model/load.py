@@ -122,17 +122,27 @@ def load_model(
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(_load_failure("model", model_cfg.name, exc)) from exc
     settle_4bit_packing(model, inference)
-    # Sharded strategies skip peft's preparation: it casts norms to float32, and FSDP needs every weight of a
-    # wrapped layer in one dtype (the 4-bit storage dtype); Trainer still enables checkpointing and input grads.
+    # Sharded strategies skip the preparation: FSDP needs every weight of a wrapped layer in one dtype (the 4-bit
+    # storage dtype); Trainer still enables checkpointing and input grads. The preparation keeps frozen bfloat16
+    # weights in bfloat16 (lora_tune.model.kbit), where peft's would cast them to float32.
     if bnb_config is not None and not sharded:
-        from peft import prepare_model_for_kbit_training
+        from lora_tune.model.kbit import prepare_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=training.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model = prepare_for_kbit_training(model, gradient_checkpointing=training.gradient_checkpointing)
+    if not inference:
+        tile_mlp(model, training)
     return model
+
+
+def tile_mlp(model: PreTrainedModel, training: TrainingConfig) -> None:
+    """Tile the decoder MLPs over the sequence when training.tiled_mlp resolves on (lora_tune.model.tiling); the
+    tiled forward is the original one whenever gradients are off."""
+    from lora_tune.model.tiling import apply_tiled_mlp, describe, resolve_tiled_mlp
+
+    choice = resolve_tiled_mlp(training, getattr(model.config, "model_type", None))
+    if choice.value == "on":
+        apply_tiled_mlp(model)
+    log.info("memory: %s", describe(model, choice))
 
 
 def settle_4bit_packing(model: PreTrainedModel, inference: bool) -> None:
