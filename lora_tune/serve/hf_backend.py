@@ -224,7 +224,7 @@ class _Batch:
             self.ids.append(list(row.prompt))
             self.positions.append(len(row.prompt))
             self.last.append(0)
-        self._choose(logits, range(len(self.rows) - len(rows), len(self.rows)))
+        self._choose(logits, len(self.rows) - len(rows))
 
     def step(self) -> None:
         import torch
@@ -238,7 +238,7 @@ class _Batch:
         logits = self._forward(input_ids, self.mask, positions, self.cache)
         for i in range(len(self.rows)):
             self.positions[i] += 1
-        self._choose(logits, range(len(self.rows)))
+        self._choose(logits, 0)
 
     def _forward(self, input_ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
         import torch
@@ -268,17 +268,18 @@ class _Batch:
                 setattr(held, name, torch.cat([a, b], 0))
         self.mask = torch.cat([F.pad(self.mask, (width - old, 0)), F.pad(mask, (width - new, 0))], 0)
 
-    def _choose(self, logits: Any, indices: range) -> None:
-        """Each row's next token, handed to its Row; rows that are over (or whose client left) leave."""
+    def _choose(self, logits: Any, first: int) -> None:
+        """The next token of rows `first`.. (logits[0] is row `first`'s), handed to each Row; rows that are over (or
+        whose client left) leave."""
         import torch
 
-        for i in indices:
+        for i in range(first, len(self.rows)):
             row = self.rows[i]
             if row.job.cancelled.is_set():
                 row.finish()
                 continue
             sampler = self.samplers[i]
-            token = sampler.choose(torch.tensor([self.ids[i]]) if sampler.sample else None, logits[i])
+            token = sampler.choose(torch.tensor([self.ids[i]]) if sampler.sample else None, logits[i - first])
             self.ids[i].append(token)
             self.last[i] = token
             if not row.take(token):

@@ -246,8 +246,9 @@ class Scheduler:
                     batch.step()
             except Exception as exc:  # noqa: BLE001 - the batch failed: its requests fail, the server goes on
                 log.exception("generation failed")
-                for row in rows:
+                for row in {*rows, *fresh}:
                     row.fail(exc)
+                rows = list({*rows, *fresh})
                 batch = self.backend.open_batch()  # type: ignore[attr-defined]
             for row in [r for r in rows if r.done]:
                 rows.remove(row)
