@@ -11,6 +11,8 @@ checkpoint, which stays the run's result.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,23 @@ def divergence_callback(found: Divergence) -> Any:
             return _stop(control) if found.step is not None else control
 
     return StopOnNonFinite()
+
+
+# What torch.multinomial says when a sampling run's logits are no longer finite: weights that a huge update left
+# finite but so large that the next generation's logits overflow. An online RL step samples before it trains.
+_SAMPLING_BLEW_UP = "probability tensor contains either `inf`, `nan` or element < 0"
+
+
+@contextmanager
+def sampling_divergence(found: Divergence, trainer: Any) -> Iterator[None]:
+    """A generation that fails on non-finite probabilities is the run diverging (at the step it was sampling for),
+    not a crash: `raise_if_diverged` then says so in one line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if _SAMPLING_BLEW_UP not in str(exc) or found.step is not None:
+            raise
+        found.step, found.what = trainer.state.global_step + 1, "the sampling probabilities (logits)"
 
 
 def _stop(control: Any) -> Any:

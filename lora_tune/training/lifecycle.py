@@ -27,7 +27,7 @@ from lora_tune.recipe.strategy import SHARDED
 from lora_tune.run.layout import RunDir, adapter_build_dir, write_json_atomic
 from lora_tune.run.outputs import replace_dir_atomic
 from lora_tune.training import distributed, processes
-from lora_tune.training.divergence import Divergence, raise_if_diverged
+from lora_tune.training.divergence import Divergence, raise_if_diverged, sampling_divergence
 from lora_tune.training.faults import translate_faults
 from lora_tune.training.levers import check_levers
 from lora_tune.training.log import last_value, peak_memory, plot_loss, read_metrics
@@ -178,7 +178,7 @@ def run_training(
 
     # 7. Train (from the checkpoint when resuming). SIGTERM/SIGINT save a checkpoint and stop; out-of-memory and a
     #    full disk become one line naming the last complete checkpoint.
-    with graceful_stop(stop), translate_faults(recipe, run.checkpoints, hint):
+    with graceful_stop(stop), translate_faults(recipe, run.checkpoints, hint), sampling_divergence(diverged, trainer):
         restore_token_count(trainer, start.checkpoint)  # TRL's count of trained tokens restarts at 0 otherwise
         output = train_or_finish(trainer, start.checkpoint)
     raise_if_stopped(stop, trainer.state.global_step, str(run.checkpoints), hint)

@@ -72,11 +72,27 @@ def _classification(root: Path) -> dict[str, str]:
     return {"train": labelled_rows(24, seed=1), "valid": labelled_rows(8, seed=2), "section": section, "objective": ""}
 
 
+REWARD = """\
+def distinct(completions, **columns):
+    # varies over any sampled completions: the advantages are never all zero, so every step trains
+    return [len(set(c[0]["content"])) / 10 for c in completions]
+"""
+
+
+def _rl(root: Path) -> dict[str, str]:
+    (root / "reward.py").write_text(REWARD)
+    rows = [{"prompt": f"fruit number {i % 9}?", "answer": FRUITS[i % 9]} for i in range(32)]
+    section = "rl:\n  num_generations: 2\n  max_completion_length: 8\n  rewards:\n"
+    section += f"    - function: {root / 'reward.py'}:distinct\n    - name: answer\n"
+    return {"train": rows[:24], "valid": rows[24:], "section": section, "objective": "objective: grpo\n  "}
+
+
 # The data and sections of a small run of each task: every other setting is the lifecycle's and the same for all.
 TASK_RECIPES: dict[str, Callable[[Path], dict]] = {
     "sft": _sft,
     "preference": _preference,
     "classification": _classification,
+    "rl": _rl,
 }
 
 
