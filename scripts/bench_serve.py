@@ -1,12 +1,15 @@
-"""Benchmark: `lora-tune serve` on the CPU, requests one after another vs several at once.
+"""Benchmark: `lora-tune serve` on the CPU with 1, 4 and 16 concurrent clients, the old server against this one.
 
 A tiny Llama is built locally and saved as a model folder; `lora-tune serve` runs it in a subprocess and the openai
 client sends streamed chat requests (greedy, a fixed answer length: the model never ends its turn early, so every
-request makes exactly --max-tokens tokens). Printed: requests/s, generated tokens/s, and time to first token (the
-first content chunk) as median and 90th percentile, for the sequential and the concurrent case.
+request makes exactly --max-tokens tokens). Each server is measured in the same run: this checkout's, and the
+server of git revision --old-ref (the last one on the standard library's ThreadingHTTPServer with one generation
+thread), extracted with `git archive` into a temporary folder. Printed: requests/s, generated tokens/s, time to
+first token (the first content chunk) as median and 90th percentile, and the ratios the issue asks about (4 clients'
+requests/s over 1 client's; 16 clients' median time to first token over 1 client's).
 
     PYTHONPATH=. .venv/bin/python scripts/bench_serve.py                          # hidden 256, 4 layers
-    PYTHONPATH=. .venv/bin/python scripts/bench_serve.py --concurrency 8 --requests 32 --max-tokens 64
+    PYTHONPATH=. .venv/bin/python scripts/bench_serve.py --clients 1,4,16 --requests 32 --max-tokens 64
 """
 
 from __future__ import annotations
@@ -39,9 +42,20 @@ def build_model(folder: Path, hidden: int, layers: int) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def start(folder: Path) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "lora_tune", "serve", str(folder), "--port", "0", "--model-name", "bench"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+OLD_REF = "1957b6f"  # the last commit whose server was http.server + one generation thread (issue 30)
+RUN_CODE = "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('lora_tune', run_name='__main__')"
+
+
+def old_code(ref: str, into: Path) -> Path:
+    """The lora_tune package of git revision `ref`, extracted into `into`."""
+    archive = subprocess.run(["git", "archive", ref, "lora_tune"], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def start(folder: Path, code: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-c", RUN_CODE, str(code), "serve", str(folder), "--port", "0", "--model-name", "bench"]
+    env = {**os.environ, "PYTHONPATH": str(code)}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in process.stdout:
         if match := re.search(r"listening on (http://\S+)", line):
@@ -99,41 +113,68 @@ def run_case(client, requests: int, concurrency: int, max_tokens: int) -> dict[s
     }
 
 
+def measure(folder: Path, code: Path, clients: list[int], requests: int, max_tokens: int) -> dict:
+    import openai
+
+    process, url = start(folder, code)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        for _ in range(2):
+            one_request(client, "warm up", max_tokens)
+        cases = {n: run_case(client, max(requests, n), n, max_tokens) for n in clients}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        began = time.perf_counter()
+        code_ = process.wait(timeout=120)
+    for figures in cases.values():
+        figures["exit s"] = time.perf_counter() - began
+        figures["exit code"] = code_
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=32, help="requests per case (at least one per client)")
+    parser.add_argument("--clients", default="1,4,16", help="concurrent clients of each case")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--old-ref", default=OLD_REF, help="git revision of the server to compare with")
     args = parser.parse_args()
-    import openai
-
+    clients = [int(n) for n in args.clients.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "tiny"
         build_model(folder, args.hidden, args.layers)
-        process, url = start(folder)
-        try:
-            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
-            one_request(client, "warm up", args.max_tokens)
-            cases = {
-                "sequential (1 client)": run_case(client, args.requests, 1, args.max_tokens),
-                f"concurrent ({args.concurrency} clients)": run_case(
-                    client, args.requests, args.concurrency, args.max_tokens
-                ),
-            }
-        finally:
-            process.send_signal(signal.SIGTERM)
-            code = process.wait(timeout=120)
+        old = old_code(args.old_ref, Path(tmp))
+        results = {
+            f"old ({args.old_ref})": measure(folder, old, clients, args.requests, args.max_tokens),
+            "new": measure(folder, ROOT, clients, args.requests, args.max_tokens),
+        }
     print(
-        f"tiny Llama hidden {args.hidden}, {args.layers} layers; {args.requests} streamed chat requests, greedy, "
-        f"{args.max_tokens} tokens each; server exit code {code}"
+        f"tiny Llama hidden {args.hidden}, {args.layers} layers; {args.requests} streamed chat requests per case, "
+        f"greedy, {args.max_tokens} tokens each; os.cpu_count() {os.cpu_count()}, load average "
+        f"{os.getloadavg()[0]:.1f}"
     )
-    names = list(next(iter(cases.values())))
-    print("| | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for case, figures in cases.items():
-        print(f"| {case} | " + " | ".join(f"{figures[n]:.1f}" for n in names) + " |")
+    names = ["requests/s", "tokens/s", "ttft median ms", "ttft p90 ms", "latency median ms"]
+    print("| server | clients | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 2) + "|")
+    for server, cases in results.items():
+        for n, figures in cases.items():
+            print(f"| {server} | {n} | " + " | ".join(f"{figures[k]:.1f}" for k in names) + " |")
+    for server, cases in results.items():
+        one = cases[clients[0]]
+        ratios = [
+            f"{n} clients: {cases[n]['requests/s'] / one['requests/s']:.2f}x the requests/s, "
+            f"{cases[n]['ttft median ms'] / one['ttft median ms']:.2f}x the median time to first token"
+            for n in clients[1:]
+        ]
+        exit_s = next(iter(cases.values()))["exit s"]
+        print(f"{server}: vs {clients[0]} client: " + "; ".join(ratios) + f"; SIGTERM to exit {exit_s:.2f} s")
+    new, old = results["new"], results[f"old ({args.old_ref})"]
+    print(
+        "new vs old, requests/s: "
+        + ", ".join(f"{n} clients {new[n]['requests/s'] / old[n]['requests/s']:.2f}x" for n in clients)
+    )
 
 
 if __name__ == "__main__":
