@@ -216,7 +216,9 @@ def _add_planning_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
     new.set_defaults(handler=cmd_new)
 
     plan = verbs.add_parser(
-        "plan", help="estimate the run's peak GPU memory from the model's config (no weights) and whether it fits"
+        "plan",
+        help="estimate the run's peak GPU memory from the model's config (no weights), whether it fits, each memory "
+        "lever's saving and time cost, and the longest context that fits",
     )
     _recipe_arguments(plan)
     plan.add_argument("--gpu-memory", metavar="SIZE", default=None, help="GPU size, e.g. 24GiB (default: detected)")
@@ -417,11 +419,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from lora_tune.plan.memory import format_plan, plan
+    from lora_tune.plan.levers import plan_report
     from lora_tune.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, check_paths=False)  # the plan reads no data
-    print(format_plan(plan(recipe, config=args.config, gpu_memory=args.gpu_memory)))
+    print(plan_report(recipe, config=args.config, gpu_memory=args.gpu_memory))
     return EXIT_OK
 
 

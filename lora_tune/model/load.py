@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 
 from lora_tune.model.attention import NAME, resolve_attention
 from lora_tune.model.chat_template import apply_chat_template_choice, ensure_pad_token
+from lora_tune.model.kbit import prepare_for_kbit_training
 from lora_tune.model.packed_4bit import allow_packing, inference_note
 from lora_tune.model.safety import check_weights_format, warn_remote_code
+from lora_tune.model.tiling import apply_tiled_mlp, describe, resolve_tiled_mlp
 from lora_tune.recipe.schema import Dtype, ModelConfig, QuantizationConfig, TrainingConfig
 from lora_tune.recipe.strategy import SHARDED
 
@@ -126,8 +128,6 @@ def load_model(
     # storage dtype); Trainer still enables checkpointing and input grads. The preparation keeps frozen bfloat16
     # weights in bfloat16 (lora_tune.model.kbit), where peft's would cast them to float32.
     if bnb_config is not None and not sharded:
-        from lora_tune.model.kbit import prepare_for_kbit_training
-
         model = prepare_for_kbit_training(model, gradient_checkpointing=training.gradient_checkpointing)
     if not inference:
         tile_mlp(model, training)
@@ -137,8 +137,6 @@ def load_model(
 def tile_mlp(model: PreTrainedModel, training: TrainingConfig) -> None:
     """Tile the decoder MLPs over the sequence when training.tiled_mlp resolves on (lora_tune.model.tiling); the
     tiled forward is the original one whenever gradients are off."""
-    from lora_tune.model.tiling import apply_tiled_mlp, describe, resolve_tiled_mlp
-
     choice = resolve_tiled_mlp(training, getattr(model.config, "model_type", None))
     if choice.value == "on":
         apply_tiled_mlp(model)
@@ -196,6 +194,8 @@ def load_classifier(recipe: Recipe, tokenizer: Any, *, inference: bool = False) 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.training.gradient_checkpointing
         )
+    if not inference:
+        tile_mlp(model, recipe.training)
     return model
 
 

@@ -30,6 +30,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_tune.model.tiling import resolve_tiled_mlp, tile_tokens
 from lora_tune.plan.shape import (
     ModelShape,
     PlanError,
@@ -51,6 +52,7 @@ LOGPROB_TOKEN_CHUNK, LOGPROB_VOCAB_CHUNK = 4096, 32768  # TRL's chunked log-prob
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # context + cuBLAS/cuDNN workspaces; outside torch's allocated figure
 FRAGMENTATION = 0.10  # caching-allocator slack on activations
 PAIRS = ("", " x 2 answers")  # sft rows, preference rows (chosen and rejected in one pass)
+UPCAST, FULL_LOGITS = "float32 frozen weights", "full logits"  # always-on levers, priced by leaving them out
 
 
 @dataclass
@@ -83,23 +85,32 @@ class MemoryPlan:
         return self.total <= self.gpu_memory
 
 
-def estimate(recipe: Recipe, shape: ModelShape) -> tuple[dict[str, int], dict[str, str], int, int]:
-    """Peak bytes per component, how each was counted, trainable parameter count and paged bytes."""
+def estimate(
+    recipe: Recipe, shape: ModelShape, without: frozenset[str] = frozenset()
+) -> tuple[dict[str, int], dict[str, str], int, int]:
+    """Peak bytes per component, how each was counted, trainable parameter count and paged bytes. `without` names
+    levers that are always on, to price them (lora_tune.plan.levers): UPCAST (peft's float32 frozen weights, and so
+    a float32 residual stream) and FULL_LOGITS (the whole logits instead of TRL's chunked LM head)."""
     t, q = recipe.training, recipe.quantization
     act = 4 if recipe.model.dtype == "float32" else 2  # bytes per activation element (bf16 autocast on a GPU)
     tokens = tokens_per_step(recipe, shape)
-    weights, weights_how = weight_bytes(shape, q.bits, q.double_quant, act)
+    dtype = "float16" if UPCAST in without else recipe.model.dtype  # float16 bases keep peft's float32 cast
+    weights, weights_how = weight_bytes(shape, q.bits, q.double_quant, act, dtype)
+    residual = 4 if q.bits is not None and (dtype == "float16" or act == 4) else act
     tensors = trainable_parameters(shape, recipe.adapter)
     params = sum(n for _, n in tensors)
+    trained = trainable_bytes(recipe, act)
     optimizer = resolve_optimizer(recipe, on_gpu=True).value
     optim, optim_how = optimizer_bytes(optimizer, [n for _, n in tensors])
-    stored, layer = activation_bytes(recipe, shape, act, tokens)
-    logits = logits_bytes(shape, act, tokens)
-    working = max(logits, layer + 2 * act * tokens * shape.intermediate_size)
+    stored, layer = activation_bytes(recipe, shape, act, tokens, residual)
+    logits = full_logits_bytes(shape, act, tokens) if FULL_LOGITS in without else logits_bytes(shape, act, tokens)
+    tiled = tiles_mlp(recipe, shape)
+    mlp_tokens = min(tokens, tile_tokens(shape.hidden_size)) if tiled else tokens
+    working = max(logits, layer + 2 * act * mlp_tokens * shape.intermediate_size)
     parts = {
         "weights": weights,
-        "adapter": 4 * params,
-        "gradients": 4 * params,
+        "adapter": trained * params,
+        "gradients": trained * params,
         "optimizer": optim,
         "activations": stored,
         "backward working set": working,
@@ -110,13 +121,16 @@ def estimate(recipe: Recipe, shape: ModelShape) -> tuple[dict[str, int], dict[st
         parts["reference forward"] = max(logits, layer)
     pairs = t.objective != "sft"
     ckpt = "checkpointed: layer inputs + one recomputed layer" if t.gradient_checkpointing else "all layers kept"
+    trained_dtype = "bf16: TRL casts a quantized base's adapter" if trained == 2 else "fp32"
     details = {
         "weights": weights_how,
-        "adapter": f"{params:,} trainable params (fp32)",
-        "gradients": "fp32, one per trainable param",
+        "adapter": f"{params:,} trainable params ({trained_dtype})",
+        "gradients": f"{'bf16' if trained == 2 else 'fp32'}, one per trainable param",
         "optimizer": optim_how,
-        "activations": f"{tokens:,} tokens/step ({t.batch_size} x {t.max_length}{PAIRS[pairs]}), {ckpt}",
-        "backward working set": "max(chunked LM-head tiles, one layer's recompute + gradients)",
+        "activations": f"{tokens:,} tokens/step ({t.batch_size} x {t.max_length}{PAIRS[pairs]}), {ckpt}"
+        + ("; layer inputs offloaded to CPU RAM" if t.activation_offloading else ""),
+        "backward working set": "max(chunked LM-head tiles, one layer's recompute + gradients)"
+        + (f"; MLP in tiles of {tile_tokens(shape.hidden_size):,} tokens" if tiled else ""),
         "fragmentation": f"{FRAGMENTATION:.0%} of activations (caching allocator)",
         "overhead": "CUDA context + library workspaces",
         "reference forward": "no-grad pass of the policy without its adapter: one layer or the LM-head tiles",
@@ -137,8 +151,11 @@ def needs_reference_pass(recipe: Recipe) -> bool:
     return OBJECTIVES[recipe.training.objective].reference and not recipe.preference.precompute_ref_log_probs
 
 
-def weight_bytes(shape: ModelShape, bits: int | None, double_quant: bool, act: int) -> tuple[int, str]:
-    """Bytes of the frozen base as loaded (and, when quantized, as prepared for k-bit training)."""
+def weight_bytes(
+    shape: ModelShape, bits: int | None, double_quant: bool, act: int, dtype: str = "auto"
+) -> tuple[int, str]:
+    """Bytes of the frozen base as loaded (and, when quantized, as prepared for k-bit training: lora_tune.model.kbit
+    keeps bfloat16 embeddings, LM head and norms in bfloat16, and casts float16 ones to float32)."""
     linears = shape.decoder_linears()
     biases = sum(m.out_features for m in linears if m.bias)
     rest = shape.embedding_numel + (0 if shape.tied_embeddings else shape.lm_head.weight_numel) + shape.norm_numel
@@ -146,10 +163,23 @@ def weight_bytes(shape: ModelShape, bits: int | None, double_quant: bool, act: i
         total_numel = sum(m.weight_numel for m in linears) + biases + rest
         return act * total_numel, f"{shape.parameter_count() / 1e9:.2f}B params in {'fp32' if act == 4 else 'bf16'}"
     quantized = sum(quantized_weight_bytes(m.weight_numel, bits, double_quant, m.out_features) for m in linears)
-    # prepare_model_for_kbit_training casts every non-quantized bf16/fp16 parameter to float32
-    unquantized = 4 * (rest + biases)
+    frozen = 4 if act == 4 or dtype == "float16" else 2
+    unquantized = frozen * (rest + biases)
     kind = "NF4" + (" + double-quant constants" if double_quant else "") if bits == 4 else "int8 + row scales"
-    return quantized + unquantized, f"{kind}; embeddings, LM head, norms in fp32 ({unquantized / GIB:.2f} GiB)"
+    named = "fp32" if frozen == 4 else "bf16"
+    return quantized + unquantized, f"{kind}; embeddings, LM head, norms in {named} ({unquantized / GIB:.2f} GiB)"
+
+
+def trainable_bytes(recipe: Recipe, act: int) -> int:
+    """Bytes per trainable parameter (and per gradient): TRL's trainers cast the adapter of a quantized base to
+    bfloat16 (the QLoRA paper's setting); transformers' Trainer (classification) and unquantized bases keep fp32."""
+    trl_trainer = recipe.run_kind != "classification"
+    return 2 if recipe.quantization.bits is not None and act == 2 and trl_trainer else 4
+
+
+def tiles_mlp(recipe: Recipe, shape: ModelShape) -> bool:
+    """Whether the run tiles its MLPs (lora_tune.model.tiling decides it the same way at load time)."""
+    return resolve_tiled_mlp(recipe.training, shape.model_type).value == "on"
 
 
 def quantized_weight_bytes(numel: int, bits: int | None, double_quant: bool, out_features: int) -> int:
@@ -182,17 +212,27 @@ def optimizer_bytes(optimizer: str, numels: list[int]) -> tuple[int, str]:
     return 0, "SGD without momentum: no state"
 
 
-def activation_bytes(recipe: Recipe, shape: ModelShape, act: int, tokens: int) -> tuple[int, int]:
-    """(activations kept for backward at the end of the forward, one layer's full activations)."""
+def activation_bytes(
+    recipe: Recipe, shape: ModelShape, act: int, tokens: int, residual: int | None = None
+) -> tuple[int, int]:
+    """(activations kept for backward at the end of the forward, one layer's full activations). `residual`: bytes
+    per element of the residual stream, the checkpointed layer inputs (float32 when frozen embeddings are)."""
+    residual = residual or act
     per_layer = layer_activation_bytes_per_token(recipe, shape, act)
     final_norm = (4 + act) * shape.hidden_size
+    layer = per_layer * tokens
+    if tiles_mlp(recipe, shape):
+        # The MLP's intermediates exist for one tile at a time; the tiles' outputs are joined (one hidden-size copy).
+        mlp = mlp_tile_bytes_per_token(recipe, shape, act)
+        tile = min(tokens, tile_tokens(shape.hidden_size))
+        layer = (per_layer - mlp) * tokens + mlp * tile + act * shape.hidden_size * tokens
     if recipe.training.activation_offloading:  # saved tensors go to CPU RAM; about one layer's stay in flight
-        kept = per_layer if not recipe.training.gradient_checkpointing else act * shape.hidden_size
-        return (kept + final_norm) * tokens, per_layer * tokens if recipe.training.gradient_checkpointing else 0
+        kept = layer if not recipe.training.gradient_checkpointing else residual * shape.hidden_size * tokens
+        return kept + final_norm * tokens, layer if recipe.training.gradient_checkpointing else 0
     if recipe.training.gradient_checkpointing:
-        kept = shape.num_layers * act * shape.hidden_size + final_norm
-        return kept * tokens, per_layer * tokens
-    return (shape.num_layers * per_layer + final_norm) * tokens, 0
+        kept = shape.num_layers * residual * shape.hidden_size + final_norm
+        return kept * tokens, layer
+    return shape.num_layers * layer + final_norm * tokens, 0
 
 
 def layer_activation_bytes_per_token(recipe: Recipe, shape: ModelShape, act: int) -> int:
@@ -219,6 +259,28 @@ def layer_activation_bytes_per_token(recipe: Recipe, shape: ModelShape, act: int
     if recipe.quantization.bits == 8:  # bitsandbytes' int8 matmul keeps its input for backward
         groups |= {_input_group(m.name) for m in shape.decoder_linears()[:7]}
     total += act * sum(_input_width(shape, g) for g in groups)
+    if recipe.model.attn_implementation == "eager":  # softmax probabilities per head over the row, fp32 softmax
+        total += shape.num_heads * (recipe.training.max_length or 2048) * (act + 4)
+    return total
+
+
+def mlp_tile_bytes_per_token(recipe: Recipe, shape: ModelShape, act: int) -> int:
+    """The part of layer_activation_bytes_per_token a tiled MLP holds for one tile only: its intermediates, the
+    adapted projections' dropout copies and lora_B inputs, down_proj's input. The MLP's input (the tiles' inputs)
+    is kept whole."""
+    i = shape.intermediate_size
+    total = (2 if recipe.training.liger else 3) * act * i
+    adapter = recipe.adapter
+    mlp = [m for m in lora_targets(shape, adapter) if m.name.startswith("model.layers.0.mlp.")]
+    down_saved = recipe.quantization.bits == 8
+    for m in mlp:
+        if adapter.dropout > 0:
+            total += (act + 1) * m.in_features
+        elif _input_group(m.name) == "down_proj":
+            down_saved = True
+        total += act * adapter.r
+    if down_saved:
+        total += act * i
     return total
 
 
@@ -246,6 +308,11 @@ def logits_bytes(shape: ModelShape, act: int, tokens: int) -> int:
     weight_slice = act * min(shape.vocab_size, LOGPROB_VOCAB_CHUNK) * shape.hidden_size
     hidden = (act + 4) * tokens * shape.hidden_size  # gathered hidden states + fp32 gradient accumulator
     return tile + weight_slice + hidden + 8 * tokens * 4  # + per-token fp32 statistics
+
+
+def full_logits_bytes(shape: ModelShape, act: int, tokens: int) -> int:
+    """transformers' own loss: the (tokens x vocab) logits in the compute dtype, their float32 copy and gradient."""
+    return (act + 4 + 4) * tokens * shape.vocab_size + (act + 4) * tokens * shape.hidden_size
 
 
 def plan(
@@ -298,6 +365,13 @@ def suggestions(recipe: Recipe, shape: ModelShape, budget: int) -> list[tuple[st
         options.append(("load the base in 4-bit (QLoRA)", {"quantization.bits": 4}))
     if t.optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
         options.append(("8-bit paged AdamW", {"training.optimizer": "paged_adamw_8bit"}))
+    # Levers that keep every token (docs/speed-and-memory.md), each for some time:
+    if recipe.model.attn_implementation == "eager":
+        options.append(("SDPA / flash attention instead of eager", {"model.attn_implementation": "auto"}))
+    if not tiles_mlp(recipe, shape) and not t.liger:
+        options.append(("tiled MLP (one more MLP forward per layer)", {"training.tiled_mlp": True}))
+    if not t.activation_offloading:
+        options.append(("offloaded checkpoints (layer inputs in CPU RAM)", {"training.activation_offloading": True}))
     length = t.max_length or 0
     while length > 256:
         length //= 2

@@ -41,6 +41,11 @@ class Sizing:
     max_length: int
     gradient_checkpointing: bool
     notes: list[str] = field(default_factory=list)
+    levers: dict[str, bool] = field(default_factory=dict)  # training keys turned on because it fits only with them
+
+
+# What `new` turns on when a row does not fit otherwise (lora_tune.plan.levers prices them): time for memory.
+LEVERS = {"tiled_mlp": True, "activation_offloading": True}
 
 
 def parse_memory(text: str) -> float:
@@ -99,26 +104,39 @@ def size_training(shape: ModelShape, method: str, gpu_gib: float, objective: str
     """Batch size, accumulation, max_length and gradient checkpointing whose planned peak (the planner's estimate of
     the recipe `new` writes) fits `gpu_gib` GiB: the longest of 2048/1024/512 tokens that fits one row with
     checkpointing; checkpointing off when 4 rows fit without it; the batch the largest power of two up to 16 that
-    fits, and accumulation bringing each step to 16 examples (pairs, for the preference objectives)."""
+    fits, and accumulation bringing each step to 16 examples (pairs, for the preference objectives). A length that
+    fits one row only with the long-context levers (tiled MLP, offloaded checkpoints) is taken with them, before a
+    shorter one without: they cost time, truncation costs data."""
     budget = gpu_gib * GIB
+    levers: dict[str, bool] = {}
 
     def peak(batch: int, max_length: int, checkpointing: bool) -> int:
-        return sum(estimate(_candidate(method, batch, max_length, checkpointing, objective), shape)[0].values())
+        candidate = _candidate(method, batch, max_length, checkpointing, objective, levers)
+        return sum(estimate(candidate, shape)[0].values())
 
     max_length = next((n for n in MAX_LENGTHS if peak(1, n, True) <= budget), None)
+    if max_length is None or max_length < MAX_LENGTHS[0]:
+        levers = dict(LEVERS)
+        with_levers = next((n for n in MAX_LENGTHS if peak(1, n, True) <= budget), None)
+        if with_levers is None or (max_length is not None and with_levers <= max_length):
+            levers = {}
+        else:
+            max_length = with_levers
     if max_length is None:
+        levers = dict(LEVERS)
         need = peak(1, MAX_LENGTHS[-1], True) / GIB
         hint = "use --method qlora, or " if method == "lora" else ""
         raise NewOptionError(
             "gpu_memory",
             f"{gpu_gib:g} GiB is too little for this model with {method} (about {need:.1f} GiB "
-            f"needed for one {MAX_LENGTHS[-1]}-token row); {hint}give a larger --gpu-memory",
+            f"needed for one {MAX_LENGTHS[-1]}-token row, even with a tiled MLP and offloaded checkpoints); "
+            f"{hint}give a larger --gpu-memory",
         )
-    checkpointing = peak(4, max_length, False) > budget
+    checkpointing = bool(levers) or peak(4, max_length, False) > budget
     batch = 1
     while batch * 2 <= EFFECTIVE_BATCH and peak(batch * 2, max_length, checkpointing) <= budget:
         batch *= 2
-    parts = estimate(_candidate(method, batch, max_length, checkpointing, objective), shape)[0]
+    parts = estimate(_candidate(method, batch, max_length, checkpointing, objective, levers), shape)[0]
     precision = "NF4 projections, 16-bit embeddings" if method == "qlora" else "16-bit"
     trained = parts["adapter"] + parts["gradients"] + parts["optimizer"]
     notes = [
@@ -128,10 +146,22 @@ def size_training(shape: ModelShape, method: str, gpu_gib: float, objective: str
         f"activations ~{(parts['activations'] + parts['backward working set']) / GIB:.1f} GiB for {batch} x "
         f"{max_length} tokens ({'with' if checkpointing else 'without'} gradient checkpointing)",
     ]
-    return Sizing(batch, max(1, EFFECTIVE_BATCH // batch), max_length, checkpointing, notes)
+    if levers:
+        notes.append(
+            f"{max_length} tokens fit only with a tiled MLP and offloaded checkpoints (about a quarter more step "
+            "time; lora-tune plan prices each lever)"
+        )
+    return Sizing(batch, max(1, EFFECTIVE_BATCH // batch), max_length, checkpointing, notes, levers)
 
 
-def _candidate(method: str, batch: int, max_length: int, checkpointing: bool, objective: str = "sft") -> Recipe:
+def _candidate(
+    method: str,
+    batch: int,
+    max_length: int,
+    checkpointing: bool,
+    objective: str = "sft",
+    levers: dict[str, bool] | None = None,
+) -> Recipe:
     """The memory-relevant part of the recipe `_render` writes, as the planner reads it."""
     return Recipe.model_validate(
         {
@@ -146,6 +176,7 @@ def _candidate(method: str, batch: int, max_length: int, checkpointing: bool, ob
                 "gradient_checkpointing": checkpointing,
                 "optimizer": _optimizer(method),
                 "objective": objective,
+                **(levers or {}),
             },
             "output_dir": "runs/candidate",
         }
@@ -267,6 +298,10 @@ def _render(
         f"  optimizer: {_optimizer(method)}",
         "  logging_steps: 10",
     ]
+    if sizing.levers.get("tiled_mlp"):
+        lines.append("  tiled_mlp: true                # MLP in sequence tiles: one more MLP forward per layer")
+    if sizing.levers.get("activation_offloading"):
+        lines.append("  activation_offloading: true    # checkpointed layer inputs wait in CPU RAM")
     if validation:
         lines += ["  eval_strategy: steps", "  eval_steps: 200"]
     lines += ["  save_steps: 200", f"output_dir: {q(output_dir)}"]
