@@ -197,6 +197,10 @@ def detect_data(path: str, objective: str = "sft") -> tuple[str, int]:
         raise NewOptionError("data", f"'{path}' has no rows")
     if objective == "sft":
         return detect_format(rows[0], file=path), len(rows)
+    if OBJECTIVES[objective].task == "rl":
+        if "prompt" not in rows[0]:  # else a chat format, whose last answer is the reference
+            detect_format(rows[0], file=path)
+        return "auto", len(rows)
     wanted = OBJECTIVES[objective].answers
     if not all(column in rows[0] for column in wanted):
         raise NewOptionError(
@@ -213,8 +217,8 @@ def new_recipe(
     catalog: Path | None = None,
     objective: str = "sft",
 ) -> str:
-    """The text of a complete recipe for `model` trained with `method` (qlora or lora) and `objective` (sft, or a
-    preference objective) on the file `data`."""
+    """The text of a complete recipe for `model` trained with `method` (qlora or lora) and `objective` (sft, a
+    preference objective or an online RL one) on the file `data`."""
     gpu_gib = parse_memory(gpu_memory)
     fmt, rows = detect_data(data, objective)
     shape, shape_source = model_shape(model, catalog)
@@ -222,6 +226,8 @@ def new_recipe(
     slug = re.sub(r"[^a-z0-9.]+", "-", Path(model.rstrip("/")).name.lower()).strip("-") or "model"
     suffix = method if objective == "sft" else f"{method}-{objective}"
     text = _render(model, method, data, fmt, rows, shape, shape_source, sizing, gpu_gib, f"runs/{slug}-{suffix}")
+    if OBJECTIVES[objective].task == "rl":
+        return _with_rl(text, objective)
     return text if objective == "sft" else _with_objective(text, objective)
 
 
@@ -239,6 +245,38 @@ def _with_objective(text: str, objective: str) -> str:
         lines.append(line)
         if line == "training:":
             lines.append(f"  objective: {objective}              # docs/preference.md")
+    return "\n".join(lines) + "\n"
+
+
+RL_GENERATIONS = 4  # completions per prompt in a written recipe: TRL's examples use 8-16 on large GPUs
+
+
+def _with_rl(text: str, objective: str) -> str:
+    """The SFT recipe turned into an online RL stage (grpo, rloo): the objective, a small learning rate, batches that
+    hold whole groups of completions, and an `rl:` section with the answer reward."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("  learning_rate:"):
+            line = "  learning_rate: 1.0e-5         # RL takes far smaller steps than SFT"
+        if line.startswith("  gradient_accumulation_steps:"):
+            line = f"  gradient_accumulation_steps: {RL_GENERATIONS}   # batch_size counts completions: whole groups"
+        if line == "datasets:":
+            lines.append(
+                "# adapter: {init_from: runs/YOUR-SFT-RUN}   # start from an SFT run's adapter (lineage kept)"
+            )
+        if line.startswith("output_dir:"):
+            lines += [
+                "rl:                               # docs/rl.md",
+                f"  num_generations: {RL_GENERATIONS}             # completions sampled per prompt",
+                "  max_completion_length: 256",
+                "  rewards:",
+                "    - name: answer                # 1 when the final answer equals the row's reference answer",
+            ]
+        lines.append(line)
+        if line == "training:":
+            lines.append(f"  objective: {objective}             # docs/rl.md")
+        if line.startswith("  eval_strategy:"):
+            lines.append(f"  eval_batch_size: {RL_GENERATIONS}            # evaluation samples whole groups too")
     return "\n".join(lines) + "\n"
 
 
