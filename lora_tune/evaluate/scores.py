@@ -201,6 +201,12 @@ def normalize_answer(text: str) -> str:
     return text.rstrip(TRAILING_PUNCTUATION).rstrip()
 
 
+def answer_part(text: str) -> str:
+    """What a reply answers, without its reasoning: the text after the last `</think>` (reasoning models write their
+    thinking first), or the whole reply."""
+    return text.rsplit("</think>", 1)[-1].strip() if "</think>" in text else text
+
+
 def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
     """The fraction of predictions equal to their reference, character for character (0.0 for no items)."""
     if len(predictions) != len(references):

@@ -17,6 +17,7 @@ from lora_tune.evaluate.result import EvalReport, Score
 from lora_tune.evaluate.run import EvalDataError, Evaluation, write_report
 from lora_tune.evaluate.scores import (
     OTHER,
+    answer_part,
     classification_scores,
     exact_match,
     infer_labels,
@@ -39,7 +40,7 @@ def evaluate_generations(
     source = DatasetConfig(path=str(path), limit=limit)
     conversations = normalize_rows(load_rows(source), source)
     references = [reference_answer(c) for c in conversations]
-    labels = _label_set(settings, references)
+    labels = _label_set(settings, [answer_part(r) for r in references])
 
     model, tokenizer = load_run_model(run)
 
@@ -98,11 +99,13 @@ def _score_model(
     nll, tokens = reference_nll(
         model, tokenizer, conversations, batch_size=settings.batch_size, max_length=recipe.training.max_length
     )
+    # A reasoning model's reply is scored on its answer, after the thinking (as the reference's is).
+    said, expected = [answer_part(a) for a in answers], [answer_part(r) for r in references]
     score = Score(
-        exact_match=exact_match(answers, references),
-        normalized_exact_match=normalized_exact_match(answers, references),
+        exact_match=exact_match(said, expected),
+        normalized_exact_match=normalized_exact_match(said, expected),
         perplexity=perplexity_from_nll(nll, tokens),
-        classification=_classification(answers, references, labels),
+        classification=_classification(said, expected, labels),
     )
     return score, answers, tokens
 

@@ -83,3 +83,21 @@ def test_perplexity_from_nll() -> None:
     assert perplexity_from_nll(0.0, 3) == 1.0
     assert perplexity_from_nll(5.0, 0) is None
     assert perplexity_from_nll(1e6, 1) == math.inf
+
+
+@pytest.mark.parametrize(
+    ("reply", "answer"),
+    [
+        ("<think>\nParis or Lyon? Paris.\n</think>\n\nParis", "Paris"),
+        ("<think></think>Paris", "Paris"),
+        ("Paris", "Paris"),  # no reasoning: the reply is the answer, untouched
+        (" Paris ", " Paris "),
+    ],
+)
+def test_a_reasoning_reply_is_scored_on_its_answer(reply: str, answer: str):
+    from lora_tune.evaluate.scores import answer_part, exact_match
+
+    assert answer_part(reply) == answer
+    assert exact_match([answer_part(reply)], [answer_part("<think>x</think>\nParis")]) == float(
+        answer.strip() == "Paris"
+    )
