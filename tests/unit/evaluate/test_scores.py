@@ -98,6 +98,5 @@ def test_a_reasoning_reply_is_scored_on_its_answer(reply: str, answer: str):
     from lora_tune.evaluate.scores import answer_part, exact_match
 
     assert answer_part(reply) == answer
-    assert exact_match([answer_part(reply)], [answer_part("<think>x</think>\nParis")]) == float(
-        answer.strip() == "Paris"
-    )
+    expected = answer_part("<think>x</think>\nParis")
+    assert exact_match([answer_part(reply)], [expected]) == float(answer == "Paris")
