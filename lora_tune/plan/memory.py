@@ -4,14 +4,17 @@ No torch, no weights: the estimate is arithmetic on the shapes in config.json (`
 What it counts, for one GPU, bf16 compute (dtype auto on a GPU):
 - weights: 4-bit layers as bitsandbytes stores them (packed NF4/FP4 bytes + absmax per 64-block, itself 8-bit with
   double quantization), 8-bit as int8 + one fp32 scale per row, else the model dtype. Embeddings, LM head and norms
-  stay unquantized; peft's `prepare_model_for_kbit_training` casts them to float32 on quantized runs.
+  stay unquantized, in bf16 on a bf16 run (lora_tune.model.kbit; peft's preparation would make them float32, and
+  the residual stream with them), in float32 on a float16 one.
 - adapter: LoRA (and DoRA/bias/saved-module) parameters in float32, their float32 gradients, optimizer state:
   AdamW 8 bytes/param, 8-bit AdamW 2 bytes/param + block scales (tensors under 4,096 elements stay 32-bit), Adafactor
   factored rows + columns, SGD none. Paged optimizers keep their state in CUDA unified memory: counted, but it can
   spill to CPU RAM under pressure, and torch's allocator statistics do not see it.
 - activations: without checkpointing, every layer keeps the tensors its backward needs (per token: RMSNorm's fp32
   input, inputs of the adapted layers, attention q/k/v/out, the gated MLP's three intermediate tensors); with
-  checkpointing, each layer keeps only its input and one layer is recomputed at a time.
+  checkpointing, each layer keeps only its input and one layer is recomputed at a time; with a tiled MLP
+  (lora_tune.model.tiling) the MLP's part of a layer is held for one tile of tokens only. The levers are priced in
+  lora_tune.plan.levers.
 - logits: TRL's chunked LM head (TRL >= 1.14) never builds the (tokens x vocab) logits; its tiles are counted.
 - overhead: CUDA context and cuBLAS workspaces (fixed), allocator fragmentation (a share of activations).
 Tokens per step are batch_size x max_length, the worst case, as padded or packed rows can reach it.
@@ -106,7 +109,11 @@ def estimate(
     logits = full_logits_bytes(shape, act, tokens) if FULL_LOGITS in without else logits_bytes(shape, act, tokens)
     tiled = tiles_mlp(recipe, shape)
     mlp_tokens = min(tokens, tile_tokens(shape.hidden_size)) if tiled else tokens
-    working = max(logits, layer + 2 * act * mlp_tokens * shape.intermediate_size)
+    # Backward of one layer: its saved tensors plus the larger of the MLP's gradients (a tile's, when tiled) and the
+    # attention kernel's (fp32 dq accumulator, dq/dk/dv, the incoming and outgoing gradient of the hidden states).
+    q_dim, kv_dim = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    attention_grads = tokens * (4 * q_dim + act * (q_dim + 2 * kv_dim) + 2 * act * shape.hidden_size)
+    working = max(logits, layer + max(2 * act * mlp_tokens * shape.intermediate_size, attention_grads))
     parts = {
         "weights": weights,
         "adapter": trained * params,
@@ -129,7 +136,7 @@ def estimate(
         "optimizer": optim_how,
         "activations": f"{tokens:,} tokens/step ({t.batch_size} x {t.max_length}{PAIRS[pairs]}), {ckpt}"
         + ("; layer inputs offloaded to CPU RAM" if t.activation_offloading else ""),
-        "backward working set": "max(chunked LM-head tiles, one layer's recompute + gradients)"
+        "backward working set": "max(chunked LM-head tiles, one layer's recompute + its MLP or attention gradients)"
         + (f"; MLP in tiles of {tile_tokens(shape.hidden_size):,} tokens" if tiled else ""),
         "fragmentation": f"{FRAGMENTATION:.0%} of activations (caching allocator)",
         "overhead": "CUDA context + library workspaces",
