@@ -15,6 +15,12 @@ the next one runs):
   planner    scripts/validate_plan.py: `lora-tune plan` against torch.cuda.max_memory_allocated (goal: within 15%)
   bench      scripts/bench_train.py --device cuda: Llama-3-8B shape, QLoRA at max_length 2048, lora-tune vs TRL
 
+One more stage runs only when named (`--only long-context`), as its own device call (it takes the whole budget):
+
+  long-context  scripts/gpu_long_context.py: the longest Llama-3-8B QLoRA row that trains a step on a 24 GiB
+                allocator cap (bisection around the planner's answer) and the 2 x 2,048 peak against torchtune's
+                7.4 GiB, each beside the planner's figure (issue 34)
+
 The whole run keeps inside --budget (default 460 s, under 8 minutes): each stage's timeout is its own cap, cut so
 that the stages after it keep their minimum share; a stage that cannot get its minimum is skipped as out of time.
 The cheap stages run first so that the long benchmark cannot starve them. The report (report.md, report.json) is
@@ -84,6 +90,7 @@ PACKAGES = (
     ("matplotlib", "matplotlib"),
 )
 STAGES = ("install", "preflight", "gpu-tests", "roundtrip", "planner", "bench")
+EXTRA_STAGES = ("long-context",)  # run only when named with --only
 PLAN_GOAL = 0.15  # validate_plan.py's goal: planned allocator peak within 15% of the measured one
 
 
@@ -97,12 +104,29 @@ class Settings:
     bench: dict
     plan: dict
     roundtrip: dict
+    long_context: dict = field(default_factory=dict)
 
 
 GPU = Settings(
     budget_s=460,
-    caps={"install": 120, "preflight": 120, "gpu-tests": 210, "roundtrip": 150, "planner": 150, "bench": 300},
-    floors={"install": 20, "preflight": 30, "gpu-tests": 60, "roundtrip": 45, "planner": 45, "bench": 150},
+    caps={
+        "install": 120,
+        "preflight": 120,
+        "gpu-tests": 210,
+        "roundtrip": 150,
+        "planner": 150,
+        "bench": 300,
+        "long-context": 540,
+    },
+    floors={
+        "install": 20,
+        "preflight": 30,
+        "gpu-tests": 60,
+        "roundtrip": 45,
+        "planner": 45,
+        "bench": 150,
+        "long-context": 300,
+    },
     # 64 chats of ~650 tokens: ~42k real tokens per side, one run per side (bench_train's default 512 x 2 runs
     # would take ~10 minutes, mostly training); the 16 GB model is built once and loaded once per side.
     bench={"device": "cuda", "rows": 64, "repeats": 1},
@@ -118,14 +142,18 @@ GPU = Settings(
         "max_length": 128,
         "dtype": "bfloat16",
     },
+    # Building and saving the 16 GB model, three QLoRA loads and the 2 x 2,048 steps: about 200 s (estimated; the
+    # first run's log has the figure); the bisection gets the rest of the stage's time.
+    long_context={"gib": 24, "setup_s": 200},
 )
 DRY = Settings(
     budget_s=300,
-    caps=dict.fromkeys(STAGES, 150),
-    floors=dict.fromkeys(STAGES, 5),
+    caps=dict.fromkeys(STAGES + EXTRA_STAGES, 150),
+    floors=dict.fromkeys(STAGES + EXTRA_STAGES, 5),
     bench={"device": "cpu", "rows": 8, "repeats": 1},
     plan={"hidden": 2048, "layers": 16, "vocab": 128256, "steps": 3, "variants": ["qlora-ckpt-b4-2048"]},
     roundtrip={"hidden": 64, "layers": 2, "heads": 4, "rows": 16, "steps": 3, "max_length": 64, "dtype": "float32"},
+    long_context={"gib": 24, "setup_s": 60},
 )
 
 
@@ -493,6 +521,39 @@ def stage_bench(ctx: Context, timeout: float) -> Row:
     return Row("bench", "PASS", ran_as, 0, figures, report)
 
 
+def long_context_figures(report: dict) -> str:
+    """The long-context stage's row from gpu_long_context.py's RESULT."""
+    parts = []
+    for name, r in report["two_by_2048"].items():
+        m, p = r["measured"], r["planned"]
+        peak = f"{m['allocated_gib']:.2f} GiB allocated" if "allocated_gib" in m else "no CUDA figure"
+        fits = "" if m["fits"] else " (OOM)"
+        parts.append(f"2 x 2,048 {name}: {peak}{fits}, planned {p['allocated_gib']:.2f}")
+    top = report["longest"]
+    state = "" if top["converged"] else f", search stopped below {top['first_failing']:,}"
+    parts.append(
+        f"longest row on {report['gib']:g} GiB: {top['longest']:,} tokens{state} (planner {top['planned']:,}); "
+        f"torchtune 7.4 GiB, unsloth 78,475 tokens"
+    )
+    return "; ".join(parts)
+
+
+def stage_long_context(ctx: Context, timeout: float) -> Row:
+    s = ctx.settings.long_context
+    out = ctx.work / "long-context.json"
+    search = max(30, int(timeout - s["setup_s"]))
+    cmd = [sys.executable, "scripts/gpu_long_context.py", "--gib", str(s["gib"]), "--search-budget", str(search)]
+    cmd += ["--json", str(out), *(["--dry-run"] if ctx.dry else [])]
+    code, output = run_logged(ctx, "long-context", cmd, timeout)
+    if code != 0 or not out.is_file():
+        return failed(ctx, "long-context", code, output, "gpu_long_context.py wrote no results")
+    report = json.loads(out.read_text())
+    figures = long_context_figures(report)
+    if ctx.dry:
+        return Row("long-context", "STUB", "stub", 0, "STUB (CPU, tiny model, pretend limit): " + figures, report)
+    return Row("long-context", "PASS", ctx.mode, 0, figures, report)
+
+
 STAGE_FUNCS: dict[str, Callable[[Context, float], Row]] = {
     "install": stage_install,
     "preflight": stage_preflight,
@@ -500,6 +561,7 @@ STAGE_FUNCS: dict[str, Callable[[Context, float], Row]] = {
     "roundtrip": stage_roundtrip,
     "planner": stage_planner,
     "bench": stage_bench,
+    "long-context": stage_long_context,
 }
 
 
@@ -776,7 +838,7 @@ def run_all(ctx: Context, chosen: list[str], jobs: int) -> None:
         futures = [pool.submit(run_stage, ctx, stage, []) for stage in longest_first]
         for future in as_completed(futures):
             ctx.rows.append(future.result())
-            ctx.rows.sort(key=lambda r: STAGES.index(r.stage))
+            ctx.rows.sort(key=lambda r: (STAGES + EXTRA_STAGES).index(r.stage))
             write_report(ctx, final=False)
 
 
@@ -792,7 +854,7 @@ def write_report(ctx: Context, final: bool) -> None:
         "rows": [{**asdict(r), "ok": r.ok} for r in ctx.rows],
     }
     (ctx.out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    logs = [log_path(ctx, s) for s in STAGES if log_path(ctx, s).exists()]
+    logs = [log_path(ctx, s) for s in STAGES + EXTRA_STAGES if log_path(ctx, s).exists()]
     # One log file: the device tool brings back at most 8 files.
     with (ctx.out / "gpu-check.log").open("w", encoding="utf-8") as out:
         for log in logs:
@@ -816,7 +878,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu-check", help="report folder")
     parser.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="wheels to install (default .whl)")
     parser.add_argument("--budget", type=int, default=None, help="seconds for the whole run (default 460; dry 300)")
-    parser.add_argument("--only", action="append", choices=STAGES, help="run only these stages")
+    parser.add_argument(
+        "--only", action="append", choices=STAGES + EXTRA_STAGES, help="run only these stages (long-context: only so)"
+    )
     parser.add_argument("--skip", action="append", choices=STAGES, default=[], help="leave these stages out")
     parser.add_argument("--bench-rows", type=int, default=None, help="chats per benchmark side (GPU default 64)")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder (models, runs)")
@@ -852,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         bench={**base.bench, **({"rows": args.bench_rows} if args.bench_rows else {})},
         plan=base.plan,
         roundtrip=base.roundtrip,
+        long_context=base.long_context,
     )
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -866,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         started=started,
     )
     ctx.env["HF_HOME"] = str(work / "hf-home")  # no stale datasets cache, nothing written under ~
-    chosen = [s for s in STAGES if (not args.only or s in args.only) and s not in args.skip]
+    chosen = [s for s in STAGES + EXTRA_STAGES if (s in (args.only or STAGES)) and s not in args.skip]
     print(f"{stamp(ctx)} {'DRY RUN (CPU) ' if ctx.dry else ''}stages {', '.join(chosen)}; report -> {ctx.out}")
     try:
         run_all(ctx, chosen, args.jobs)
