@@ -3,6 +3,8 @@
 # GPU-marked test, the 8B-shaped QLoRA benchmark at 2,048 tokens against the plain TRL baseline, the planner's check
 # against torch.cuda.max_memory_allocated and a QLoRA train -> merge -> verify round trip; prints one table and
 # writes it to runs/gpu-check/report.md (report.json and gpu-check.log beside it), within 460 s by default.
+# `--only long-context` (a separate call, issue 34): the longest 8B QLoRA row that trains on a 24 GiB cap, by
+# bisection, and the 2 x 2,048 peak against torchtune's 7.4 GiB (docs/gpu-check.md).
 #
 #   bash scripts/gpu_check.sh [--out DIR] [--budget SECONDS] [--only STAGE] [--skip STAGE] [--keep-work]
 #   bash scripts/gpu_check.sh --dry-run        # on a CPU machine: same flow, CUDA parts stubbed, tiny settings
