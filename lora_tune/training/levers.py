@@ -72,6 +72,10 @@ def check_levers(recipe: Recipe, on_gpu: bool) -> None:
         )
     if t.liger and not is_installed("liger_kernel"):
         raise LeverError("training.liger: the liger-kernel package is missing; pip install 'lora-tune[liger]'")
+    if recipe.rl.use_vllm and not on_gpu:
+        raise LeverError("rl.use_vllm: vLLM generates on a CUDA GPU; set rl.use_vllm: false on the CPU")
+    if recipe.rl.use_vllm and not is_installed("vllm"):
+        raise LeverError("rl.use_vllm: the vllm package is missing; pip install vllm (docs/rl.md says which version)")
     if t.activation_offloading and not on_gpu:
         log.warning("training.activation_offloading is a GPU lever (it moves activations to CPU RAM); ignored here")
 

@@ -68,3 +68,10 @@ def test_an_answer_reward_without_references_fails(tmp_path: Path, capsys):
     recipe = write_check_recipe(tmp_path, model, rows, training=GRPO, rl={"num_generations": 4})
     assert main(["check", str(recipe)]) == 2
     assert "reads the column 'answer', which the rows do not have" in capsys.readouterr().out
+
+
+def test_vllm_generation_is_refused_on_the_cpu_before_any_work(tmp_path: Path, capsys):
+    recipe = recipe_with(tmp_path, None)
+    assert main(["train", str(recipe), "rl.use_vllm=true"]) == 2
+    assert "rl.use_vllm: vLLM generates on a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
