@@ -220,7 +220,8 @@ class DatasetConfig(StrictModel):
         "auto",
         description="messages: OpenAI-style {role, content} lists; alpaca: instruction/input/output; sharegpt: "
         "`conversations` of {from, value} (tool calls too); prompt_completion: prompt/completion pairs; text: raw "
-        "text, all trained, no chat template; auto: detected from the first row's columns.",
+        "text, all trained, no chat template; preference, kto: preference rows (docs/preference.md); prompts: prompt "
+        "rows with reference columns for online RL (docs/rl.md); auto: detected from the first row's columns.",
     )
     split: str = Field(
         "train", description="Split to read from a hub dataset or a save_to_disk folder holding several splits."
