@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TILE_TOKENS = 2048  # per tile: large matmuls on any GPU (2,048 x 4,096 x 14,336 on an 8B), a small working set
-AUTO_MIN_TOKENS = 16384  # auto: tile when one forward pass holds at least this many tokens
+AUTO_MIN_TOKENS = 16384  # auto: tile when one row (max_length) holds at least this many tokens
 # Model types whose decoder layers hold a token-wise gated MLP at `.mlp` taking (hidden_states) only.
 TOKENWISE_MLP = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"}  # the catalog's, each tested
 ATTRIBUTE = "_lora_tune_untiled_forward"
@@ -44,8 +44,9 @@ def tile_tokens(hidden_size: int) -> int:
 
 
 def resolve_tiled_mlp(training: TrainingConfig, model_type: str | None) -> Choice:
-    """Whether the run tiles its MLPs, and why. `auto`: on for a token-wise MLP when one forward pass holds at least
-    AUTO_MIN_TOKENS tokens (batch_size x max_length); off below, where its extra MLP forward buys little."""
+    """Whether the run tiles its MLPs, and why. `auto`: on for a token-wise MLP when one row holds at least
+    AUTO_MIN_TOKENS tokens (max_length; null: the model's length); off below, where its extra MLP forward buys
+    little, and a batch of shorter rows is better cut by a smaller batch (`lora-tune plan` proposes both)."""
     setting = training.tiled_mlp
     supported = model_type in TOKENWISE_MLP
     if setting is False:
@@ -57,10 +58,10 @@ def resolve_tiled_mlp(training: TrainingConfig, model_type: str | None) -> Choic
         return Choice("off", reason)
     if setting is True:
         return Choice("on", "training.tiled_mlp: true")
-    tokens = training.batch_size * (training.max_length or 0)
-    if training.max_length is None or tokens >= AUTO_MIN_TOKENS:
-        return Choice("on", f"auto: {tokens or 'model-length'} tokens per forward pass (>= {AUTO_MIN_TOKENS:,})")
-    return Choice("off", f"auto: {tokens:,} tokens per forward pass (< {AUTO_MIN_TOKENS:,})")
+    length = training.max_length
+    if length is None or length >= AUTO_MIN_TOKENS:
+        return Choice("on", f"auto: rows of {f'{length:,}' if length else 'the model length in'} tokens")
+    return Choice("off", f"auto: rows of {length:,} tokens (< {AUTO_MIN_TOKENS:,})")
 
 
 def mlp_modules(model: Any) -> list[Any]:

@@ -372,7 +372,7 @@ class TrainingConfig(StrictModel):
         "auto",
         description="Run each decoder layer's MLP over the sequence in tiles (forward and recompute), so one layer's "
         "backward working set stops growing with the sequence: long context for one more MLP forward per layer "
-        "(docs/speed-and-memory.md). auto = on when batch_size x max_length >= 16,384 tokens; Llama, Mistral, "
+        "(docs/speed-and-memory.md). auto = on when max_length >= 16,384 tokens; Llama, Mistral, "
         "Qwen2/3, Phi-3 and Gemma 2/3 MLPs.",
     )
     logging_steps: PositiveInt = Field(10, description="Log loss and learning rate every N steps.")

@@ -189,7 +189,8 @@ def test_apply_is_idempotent_and_removable():
     [
         ("auto", 1, AUTO_MIN_TOKENS, "llama", False, "on"),
         ("auto", 2, AUTO_MIN_TOKENS // 4, "llama", False, "off"),
-        ("auto", 4, AUTO_MIN_TOKENS // 4, "qwen3", False, "on"),
+        ("auto", 4, AUTO_MIN_TOKENS // 4, "qwen3", False, "off"),  # a batch of short rows: cut the batch instead
+        ("auto", 1, None, "qwen3", False, "on"),
         ("auto", 1, 100_000, "gpt2", False, "off"),
         ("auto", 1, 100_000, "llama", True, "off"),
         (True, 1, 512, "llama", False, "on"),
