@@ -176,6 +176,10 @@ def test_killed_then_resumed_ends_as_the_uninterrupted_run(task: str, uninterrup
     reference, continued = adapter_tensors(uninterrupted[task]), adapter_tensors(tmp_path / "killed")
     assert reference.keys() == continued.keys()
     assert all(bool((reference[k] == continued[k]).all()) for k in reference), "bit-identical to the unbroken run"
+    sampled = uninterrupted[task] / "completions.jsonl"  # an online RL run: what it sampled, by step
+    if sampled.exists():
+        resumed = (tmp_path / "killed" / "completions.jsonl").read_text()
+        assert resumed == sampled.read_text(), "the completions sampled after the resume are the unbroken run's"
 
 
 @pytest.mark.slow
