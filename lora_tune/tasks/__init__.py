@@ -28,6 +28,7 @@ from lora_tune.tasks.preference import evaluate as preference_eval
 from lora_tune.tasks.preference.preview import format_preference_preview
 from lora_tune.tasks.preference.training import PreferenceTraining
 from lora_tune.tasks.rl import evaluate as rl_eval
+from lora_tune.tasks.rl.preview import format_rl_preview
 from lora_tune.tasks.rl.training import RLTraining
 from lora_tune.tasks.sft import evaluate as sft_eval
 from lora_tune.tasks.sft.training import SftTraining
@@ -74,7 +75,7 @@ TASKS: dict[str, Task] = {
         rl_eval.evaluate_rl,
         rl_eval.format_rl_console,
         (rl_eval.TASK,),
-        _preview_chat,
+        format_rl_preview,
     ),
     "classification": Task(
         "classification",

@@ -32,7 +32,7 @@ def rl_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     column = reference_column(recipe)
     located = [pair for s in (*recipe.datasets, *recipe.eval_datasets) for pair in prompt_rows_with_origins(s, column)]
     origins, rows = [o for o, _ in located], [r for _, r in located]
-    prompt_lengths = [len(_prompt_ids(tokenizer, row["prompt"])) for row in rows]
+    prompt_lengths = [len(prompt_ids(tokenizer, row["prompt"])) for row in rows]
     room, limit = recipe.rl.max_completion_length, recipe.training.max_length
     too_long = [i for i, n in enumerate(prompt_lengths) if limit and n + room > limit]
     generation_stops, source = read_generation_stops(recipe.model)
@@ -68,7 +68,7 @@ def rl_report(recipe: Recipe, tokenizer: Any) -> PreflightReport:
     )
 
 
-def _prompt_ids(tokenizer: Any, prompt: list[dict[str, Any]]) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: list[dict[str, Any]]) -> list[int]:
     encoded = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 

@@ -75,3 +75,11 @@ def test_vllm_generation_is_refused_on_the_cpu_before_any_work(tmp_path: Path, c
     assert main(["train", str(recipe), "rl.use_vllm=true"]) == 2
     assert "rl.use_vllm: vLLM generates on a CUDA GPU" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_data_shows_the_prompts_as_the_policy_sees_them(tmp_path: Path, capsys):
+    assert main(["data", str(recipe_with(tmp_path, None)), "--n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "grpo: 12 training prompts, 0 validation, 0 test; 4 completions sampled per prompt" in out
+    assert "no room for max_completion_length 16 within max_length 64: 0 of 12 prompts" in out
+    assert "fruit number 0?" in out and 'columns for the rewards: {"answer": "apple"}' in out
