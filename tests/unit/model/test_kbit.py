@@ -42,7 +42,7 @@ def loaded(base: str, monkeypatch: pytest.MonkeyPatch | None = None) -> torch.nn
     """The base as `train` loads it (bfloat16, NF4); with `monkeypatch`, prepared by peft instead, for comparison."""
     if monkeypatch is not None:
         monkeypatch.setattr(
-            "lora_tune.model.kbit.prepare_for_kbit_training",
+            "lora_tune.model.load.prepare_for_kbit_training",
             lambda model, gradient_checkpointing: prepare_model_for_kbit_training(
                 model, gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
             ),
