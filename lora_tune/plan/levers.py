@@ -1,5 +1,6 @@
 """The memory levers of a run, priced: what each saves at the recipe's shape, what it costs in time, and the longest
-context (one row per forward pass) that fits a GPU with the recipe as it is and with the levers on.
+context (one row, or one group of an RL run's completions, per forward pass) that fits a GPU with the recipe as it is
+and with the levers on.
 
 Levers (docs/speed-and-memory.md):
 - bf16 frozen weights: a quantized base's embeddings, LM head and norms stay bfloat16 (lora_tune.model.kbit); priced
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from lora_tune.plan.memory import FULL_LOGITS, GIB, UPCAST, _with_changes, estimate, format_plan, plan, tiles_mlp
 from lora_tune.plan.shape import ModelShape
+from lora_tune.recipe.rules import RL_OBJECTIVES, honours
 from lora_tune.recipe.schema import Recipe
 
 PCIE_BYTES_PER_S = 25e9
@@ -86,7 +88,9 @@ def levers(recipe: Recipe, shape: ModelShape) -> list[Lever]:
         rows.append(Lever("bf16 frozen weights", None, True, peak(recipe, shape, frozenset({UPCAST})), here, ""))
     rows.append(Lever("chunked loss", None, True, peak(recipe, shape, frozenset({FULL_LOGITS})), here, ""))
 
-    def toggled(name: str, key: str, on: bool, off_value: object, on_value: object) -> Lever:
+    def toggled(name: str, key: str, on: bool, off_value: object, on_value: object) -> Lever | None:
+        if not honours(recipe.run_kind, key):
+            return None  # a setting this run does not honour (validate refuses it): no lever here
         other = peak(_with_changes(recipe, {key: off_value if on else on_value}), shape)
         return Lever(name, key, on, other if on else here, here if on else other, "")
 
@@ -99,7 +103,7 @@ def levers(recipe: Recipe, shape: ModelShape) -> list[Lever]:
     rows.append(
         toggled("offloaded checkpoints", "training.activation_offloading", t.activation_offloading, False, True)
     )
-    return [Lever(r.name, r.key, r.on, r.without, r.with_it, costs[r.name]) for r in rows]
+    return [Lever(r.name, r.key, r.on, r.without, r.with_it, costs[r.name]) for r in rows if r is not None]
 
 
 def longest_context(recipe: Recipe, shape: ModelShape, budget: int, changes: dict[str, object] | None = None) -> int:
@@ -107,7 +111,7 @@ def longest_context(recipe: Recipe, shape: ModelShape, budget: int, changes: dic
     0 when not even CONTEXT_STEP tokens fit."""
 
     def fits(length: int) -> bool:
-        candidate = {**(changes or {}), "training.max_length": length, "training.batch_size": 1}
+        candidate = {**(changes or {}), "training.max_length": length, **one_row(recipe)}
         return peak(_with_changes(recipe, candidate), shape) <= budget
 
     low, high = 0, MAX_CONTEXT // CONTEXT_STEP
@@ -122,9 +126,17 @@ def longest_context(recipe: Recipe, shape: ModelShape, budget: int, changes: dic
     return low * CONTEXT_STEP
 
 
+def one_row(recipe: Recipe) -> dict[str, object]:
+    """The smallest batch the run can take: one row, or for an online RL run one group of completions."""
+    if recipe.training.objective not in RL_OBJECTIVES:
+        return {"training.batch_size": 1}
+    return {"training.batch_size": recipe.rl.num_generations}
+
+
 def long_context_changes(recipe: Recipe, shape: ModelShape) -> dict[str, object]:
     """The lever settings `plan` and `new` propose for a long context, where they differ from the recipe."""
-    wanted = dict(LONG_CONTEXT)
+    wanted = {k: v for k, v in LONG_CONTEXT.items() if honours(recipe.run_kind, k)}
+    wanted.update(one_row(recipe))
     if recipe.model.attn_implementation == "eager":
         wanted["model.attn_implementation"] = "auto"
     if recipe.training.liger:  # tiling and Liger's SwiGLU exclude each other
@@ -146,8 +158,10 @@ def format_levers(recipe: Recipe, shape: ModelShape, budget: int) -> list[str]:
         )
     as_is = longest_context(recipe, shape, budget)
     changes = long_context_changes(recipe, shape)
-    lines += ["", f"Longest context that fits in {budget / GIB:.0f} GiB (one row per forward pass):"]
-    lines.append(f"  as the recipe is (batch 1): {as_is:,} tokens")
+    unit = "one group of completions" if recipe.training.objective in RL_OBJECTIVES else "one row"
+    lines += ["", f"Longest context that fits in {budget / GIB:.0f} GiB ({unit} per forward pass):"]
+    batch = one_row(recipe)["training.batch_size"]
+    lines.append(f"  as the recipe is (batch {batch}): {as_is:,} tokens")
     if changes:
         levered = longest_context(recipe, shape, budget, changes)
         overrides = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())

@@ -43,7 +43,7 @@ from lora_tune.plan.shape import (
     shape_from_config,
     trainable_parameters,
 )
-from lora_tune.recipe.rules import OBJECTIVES
+from lora_tune.recipe.rules import OBJECTIVES, honours
 from lora_tune.recipe.schema import Recipe
 from lora_tune.training.levers import resolve_optimizer
 
@@ -126,7 +126,10 @@ def estimate(
     }
     if needs_reference_pass(recipe):
         parts["reference forward"] = max(logits, layer)
-    pairs = t.objective != "sft"
+    generation = generation_bytes(recipe, shape, act)
+    if generation:  # sampling and the training pass do not overlap: only what sampling needs beyond it counts
+        parts["generation KV cache"] = max(0, generation - (stored + working))
+    pairs = OBJECTIVES[t.objective].task == "preference"
     ckpt = "checkpointed: layer inputs + one recomputed layer" if t.gradient_checkpointing else "all layers kept"
     trained_dtype = "bf16: TRL casts a quantized base's adapter" if trained == 2 else "fp32"
     details = {
@@ -141,21 +144,55 @@ def estimate(
         "fragmentation": f"{FRAGMENTATION:.0%} of activations (caching allocator)",
         "overhead": "CUDA context + library workspaces",
         "reference forward": "no-grad pass of the policy without its adapter: one layer or the LM-head tiles",
+        "generation KV cache": _generation_detail(recipe),
     }
     paged = optim if optimizer.startswith("paged_") else 0
     return parts, details, params, paged
 
 
 def tokens_per_step(recipe: Recipe, shape: ModelShape) -> int:
-    """Tokens in one forward pass per device: batch x max_length, twice that for the preference objectives."""
+    """Tokens in one forward pass per device: batch x max_length, twice that for the preference objectives (an
+    online RL batch counts completions, each prompt + completion within max_length)."""
     t = recipe.training
-    answers = 2 if t.objective != "sft" else 1
+    answers = 2 if OBJECTIVES[t.objective].task == "preference" else 1
     return answers * t.batch_size * (t.max_length or shape.max_position_embeddings or 2048)
 
 
 def needs_reference_pass(recipe: Recipe) -> bool:
-    """DPO and KTO compare with a reference policy during training unless its log-probabilities are precomputed."""
-    return OBJECTIVES[recipe.training.objective].reference and not recipe.preference.precompute_ref_log_probs
+    """DPO and KTO compare with a reference policy during training unless its log-probabilities are precomputed;
+    GRPO and RLOO do when their KL penalty (rl.beta) is not 0."""
+    needs = OBJECTIVES[recipe.training.objective]
+    if needs.task == "rl":
+        return (recipe.rl.beta if recipe.rl.beta is not None else needs.default_beta or 0.0) > 0
+    return needs.reference and not recipe.preference.precompute_ref_log_probs
+
+
+def generation_sequences(recipe: Recipe) -> int:
+    """Completions an online RL run samples at once per device: a batch of generations (batch_size completions x
+    steps per generation, whole groups of num_generations); 0 for the other objectives."""
+    if OBJECTIVES[recipe.training.objective].task != "rl":
+        return 0
+    t = recipe.training
+    return t.batch_size * (recipe.rl.steps_per_generation or t.gradient_accumulation_steps)
+
+
+def generation_bytes(recipe: Recipe, shape: ModelShape, act: int) -> int:
+    """What sampling a batch of generations holds: the KV cache of every layer for prompt + completion (max_length
+    tokens) of each sequence, and one step's logits in float32."""
+    sequences = generation_sequences(recipe)
+    if not sequences:
+        return 0
+    length = recipe.training.max_length or shape.max_position_embeddings or 2048
+    kv = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * act
+    return sequences * (length * kv + 4 * shape.vocab_size)
+
+
+def _generation_detail(recipe: Recipe) -> str:
+    n = generation_sequences(recipe)
+    return (
+        f"{n} completions sampled at once ({recipe.rl.num_generations} per prompt), K and V of every layer for "
+        f"max_length tokens each; beyond the training pass's activations (they do not overlap)"
+    )
 
 
 def weight_bytes(
@@ -377,13 +414,14 @@ def suggestions(recipe: Recipe, shape: ModelShape, budget: int) -> list[tuple[st
         options.append(("SDPA / flash attention instead of eager", {"model.attn_implementation": "auto"}))
     if not tiles_mlp(recipe, shape) and not t.liger:
         options.append(("tiled MLP (one more MLP forward per layer)", {"training.tiled_mlp": True}))
-    if not t.activation_offloading:
+    if not t.activation_offloading and honours(recipe.run_kind, "training.activation_offloading"):
         options.append(("offloaded checkpoints (layer inputs in CPU RAM)", {"training.activation_offloading": True}))
     length = t.max_length or 0
     while length > 256:
         length //= 2
         options.append((f"max_length {length} (longer examples are truncated)", {"training.max_length": length}))
     found, combined = [], {}
+    options = [(what, changes) for what, changes in options if valid_changes(recipe, changes)]
     for what, changes in options:
         peak = sum(estimate(_with_changes(recipe, changes), shape)[0].values())
         if peak <= budget:
@@ -397,6 +435,15 @@ def suggestions(recipe: Recipe, shape: ModelShape, budget: int) -> list[tuple[st
         if peak <= budget:
             return [("together", [f"{k}={_yaml(v)}" for k, v in combined.items()], peak)]
     return []
+
+
+def valid_changes(recipe: Recipe, changes: dict[str, object]) -> bool:
+    """Whether the recipe rules accept the recipe with `changes` (an RL batch must hold whole groups)."""
+    try:
+        _with_changes(recipe, changes)
+    except ValueError:  # pydantic's ValidationError
+        return False
+    return True
 
 
 def _with_changes(recipe: Recipe, changes: dict[str, object]) -> Recipe:

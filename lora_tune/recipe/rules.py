@@ -135,6 +135,11 @@ HONOURED_BY: dict[str, frozenset[str]] = {
 }
 
 
+def honours(run_kind: str, key: str) -> bool:
+    """Whether a run of this kind honours the setting `key` (HONOURED_BY; keys it does not list, every run does)."""
+    return key not in HONOURED_BY or run_kind in HONOURED_BY[key]
+
+
 def best_metrics(run_kind: str) -> tuple[str, ...]:
     """The validation metrics a run of this kind logs."""
     return CLASSIFICATION_METRICS if run_kind == "classification" else OBJECTIVES[run_kind].best_metrics
