@@ -13,7 +13,8 @@ from TRL's completions/mean_length), and peak RSS; then the medians and their ra
 - lora-tune: `lora_tune.train(recipe)`: the lifecycle's pre-flight (every reward called before training), sealed
   checkpoints (save_steps), metrics.jsonl, completions.jsonl and the callbacks every run carries.
 - TRL: the documented script: `GRPOTrainer(model, reward_funcs=[answer], args=GRPOConfig(...), peft_config=
-  LoraConfig(...))`, checkpoints at the same steps.
+  LoraConfig(...))`, checkpoints at the same steps, gradient checkpointing off as in the recipe (TRL's default is on,
+  which alone costs a second forward per step).
 Random weights rarely finish a completion early, so both generate max_completion_length tokens nearly always.
 """
 
@@ -117,6 +118,7 @@ def run_trl(root: Path, steps: int, out: Path) -> dict:
         report_to="none",
         use_cpu=True,
         bf16=False,
+        gradient_checkpointing=False,  # TRL's default is on; the recipe turns it off: the same work on both sides
         seed=42,
     )
     trainer = GRPOTrainer(

@@ -89,7 +89,8 @@ class RLTraining(TaskTraining):
             {k.split("/")[1] for r in records for k in r if k.startswith("rewards/") and k.endswith("/mean")}
         )
         series = [("reward", "train reward"), ("eval_reward", "eval reward")]
-        series += [(f"rewards/{label}/mean", f"train {label}") for label in labels]
+        if len(labels) > 1:  # one reward is the total: its own line would hide under it
+            series += [(f"rewards/{label}/mean", f"train {label}") for label in labels]
         return plot_series(records, run.reward_plot, f"{run.root.name}: reward", "mean reward", series)
 
 
