@@ -86,6 +86,15 @@ def split_groups(items: Sequence[T], keys: Sequence[str], counts: tuple[int, int
     return train, validation, test
 
 
+def hold_out(rows: Sequence[T], share: float, seed: int) -> tuple[list[T], list[T]]:
+    """(validation, train): a seeded `share` of the rows (at least one) held out, the rest for training. The rows
+    of the preference and RL tasks, which are not deduplicated examples (SFT splits with split_groups)."""
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    held = max(1, round(len(shuffled) * share))
+    return shuffled[:held], shuffled[held:]
+
+
 def apply_weight(items: Sequence[T], weight: float, rng: random.Random) -> list[T]:
     """round(weight x len(items)) items: whole copies for the integer part, a seeded sample for the rest."""
     if weight == 1.0 or not items:

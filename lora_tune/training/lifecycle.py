@@ -21,7 +21,7 @@ from typing import Any
 from lora_tune.check import PreflightReport, preflight
 from lora_tune.errors import LoraTuneError
 from lora_tune.methods import runtime as methods
-from lora_tune.model.load import load_tokenizer, resolve_dtype
+from lora_tune.model.load import count_quantized_layers, load_model, load_tokenizer, resolve_dtype
 from lora_tune.recipe.schema import Recipe
 from lora_tune.recipe.strategy import SHARDED
 from lora_tune.run.layout import RunDir, adapter_build_dir, write_json_atomic
@@ -122,6 +122,18 @@ class TaskTraining:
     def plots(self, run: RunDir) -> Path | None:
         """A plot the task draws beside the loss curve from metrics.jsonl (an RL run's rewards), or None."""
         return None
+
+
+def adapted_base(recipe: Recipe) -> TaskModel:
+    """The base as a causal LM, loaded as the recipe says (seeded, quantized), with the recipe's method applied: what
+    the preference and RL tasks train (their reference policy is the adapter switched off)."""
+    import transformers
+
+    transformers.set_seed(recipe.training.seed)
+    model = load_model(recipe.model, recipe.quantization, recipe.training, "ddp")
+    quantized_layers = count_quantized_layers(model)
+    model, peft_config = methods.prepare_model(recipe, model)
+    return TaskModel(model, peft_config, quantized_layers)
 
 
 def run_training(

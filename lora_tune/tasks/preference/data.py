@@ -17,11 +17,11 @@ training set whose labels are all true or all false. A row with more text than S
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_tune.data.cleaning import hold_out
 from lora_tune.data.formats import map_columns
 from lora_tune.data.sources import Origin, RowLimit, read_source, text_chars
 from lora_tune.errors import DataError
@@ -50,10 +50,7 @@ def load_preference_splits(recipe: Recipe) -> PreferenceSplits:
     validation = [row for source in recipe.eval_datasets for row in read_preference_rows(source, kto=kto)]
     test = [row for source in recipe.test_datasets for row in read_preference_rows(source, kto=kto)]
     if recipe.val_size > 0 and not validation:
-        shuffled = train[:]
-        random.Random(recipe.training.seed).shuffle(shuffled)
-        held = max(1, round(len(shuffled) * recipe.val_size))
-        validation, train = shuffled[:held], shuffled[held:]
+        validation, train = hold_out(train, recipe.val_size, recipe.training.seed)
     if not train:
         raise DataError("no training rows left after the validation split", file=recipe.datasets[0].path)
     if kto and (one_kind := one_class(train)):

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.check import PreflightReport
-from lora_tune.methods import runtime as methods
-from lora_tune.model.load import count_quantized_layers, load_model
 from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import RunDir, write_text_atomic
 from lora_tune.tasks.preference.checks import preference_report
 from lora_tune.tasks.preference.data import PreferenceSplits, load_preference_splits
-from lora_tune.training.lifecycle import Launch, TaskData, TaskModel, TaskTraining
+from lora_tune.training.lifecycle import Launch, TaskData, TaskModel, TaskTraining, adapted_base
 from lora_tune.training.trl_args import preference_classes, to_preference_config
 
 log = logging.getLogger(__name__)
@@ -47,13 +45,7 @@ class PreferenceTraining(TaskTraining):
 
     def model(self, recipe: Recipe, tokenizer: Any, launch: Launch) -> TaskModel:
         """The base (quantized as the recipe says) with the method applied; the reference is the adapter off."""
-        import transformers
-
-        transformers.set_seed(recipe.training.seed)
-        model = load_model(recipe.model, recipe.quantization, recipe.training, "ddp")
-        quantized_layers = count_quantized_layers(model)
-        model, peft_config = methods.prepare_model(recipe, model)
-        return TaskModel(model, peft_config, quantized_layers)
+        return adapted_base(recipe)
 
     def trainer(
         self, recipe: Recipe, model: TaskModel, args: Any, data: TaskData, tokenizer: Any, callbacks: list[Any]

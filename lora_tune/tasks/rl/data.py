@@ -15,11 +15,11 @@ is refused with its file and line.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_tune.data.cleaning import hold_out
 from lora_tune.data.formats import detect_format, map_columns, to_example
 from lora_tune.data.sources import Origin, RowLimit, read_source, text_chars
 from lora_tune.errors import DataError
@@ -48,10 +48,7 @@ def load_prompt_splits(recipe: Recipe) -> PromptSplits:
     validation = [row for s in recipe.eval_datasets for _, row in prompt_rows_with_origins(s, column)]
     test = [row for s in recipe.test_datasets for _, row in prompt_rows_with_origins(s, column)]
     if recipe.val_size > 0 and not validation:
-        shuffled = train[:]
-        random.Random(recipe.training.seed).shuffle(shuffled)
-        held = max(1, round(len(shuffled) * recipe.val_size))
-        validation, train = shuffled[:held], shuffled[held:]
+        validation, train = hold_out(train, recipe.val_size, recipe.training.seed)
     if not train:
         raise DataError("no training prompts left after the validation split", file=recipe.datasets[0].path)
     _same_columns(train + validation, recipe.datasets[0].path)

@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from lora_tune.check import PreflightReport
-from lora_tune.methods import runtime as methods
-from lora_tune.model.load import count_quantized_layers, load_model
 from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import RunDir, write_text_atomic
 from lora_tune.tasks.rl.checks import rl_report
 from lora_tune.tasks.rl.data import PromptSplits, load_prompt_splits
 from lora_tune.tasks.rl.rewards import Scored, build_rewards, completion_text
-from lora_tune.training.lifecycle import Launch, TaskData, TaskModel, TaskTraining
+from lora_tune.training.lifecycle import Launch, TaskData, TaskModel, TaskTraining, adapted_base
 from lora_tune.training.log import last_value as _last
 from lora_tune.training.log import plot_series, read_metrics
 from lora_tune.training.trl_args import rl_classes, to_rl_config
@@ -53,13 +51,7 @@ class RLTraining(TaskTraining):
         return TaskData(Dataset.from_list(splits.train), validation)
 
     def model(self, recipe: Recipe, tokenizer: Any, launch: Launch) -> TaskModel:
-        import transformers
-
-        transformers.set_seed(recipe.training.seed)
-        model = load_model(recipe.model, recipe.quantization, recipe.training, "ddp")
-        quantized_layers = count_quantized_layers(model)
-        model, peft_config = methods.prepare_model(recipe, model)
-        return TaskModel(model, peft_config, quantized_layers)
+        return adapted_base(recipe)
 
     def trainer(
         self, recipe: Recipe, model: TaskModel, args: Any, data: TaskData, tokenizer: Any, callbacks: list[Any]
