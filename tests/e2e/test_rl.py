@@ -124,3 +124,16 @@ def test_new_writes_an_rl_recipe_that_validates(form: str, tiny_model_dir: Path,
     recipe = tmp_path / "grpo.yaml"
     recipe.write_text(text)
     assert main(["validate", str(recipe)]) == 0
+
+
+def test_the_best_checkpoint_is_picked_by_the_held_out_reward(tiny_model_dir: Path, tmp_path: Path):
+    recipe = write_recipe(tmp_path, tiny_model_dir, "grpo", "run")
+    assert main(["train", str(recipe), "training.keep_best=true", "training.best_metric=reward"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    during = {}  # each evaluation during training (the final one, of the best checkpoint, is logged again)
+    for record in records:
+        if "eval_reward" in record:
+            during.setdefault(record["step"], record["eval_reward"])
+    best = max(sorted(during), key=during.__getitem__)  # the first of equals, as transformers keeps it
+    assert summary["best"]["metric"] == "eval_reward" and summary["best"]["step"] == best
