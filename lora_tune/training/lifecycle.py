@@ -24,7 +24,7 @@ from lora_tune.methods import runtime as methods
 from lora_tune.model.load import count_quantized_layers, load_model, load_tokenizer, resolve_dtype
 from lora_tune.recipe.schema import Recipe
 from lora_tune.recipe.strategy import SHARDED
-from lora_tune.run.layout import RunDir, adapter_build_dir, write_json_atomic
+from lora_tune.run.layout import RunDir, adapter_build_dir, write_json_atomic, write_text_atomic
 from lora_tune.run.outputs import replace_dir_atomic
 from lora_tune.training import distributed, processes
 from lora_tune.training.divergence import Divergence, raise_if_diverged, sampling_divergence
@@ -122,6 +122,17 @@ class TaskTraining:
     def plots(self, run: RunDir) -> Path | None:
         """A plot the task draws beside the loss curve from metrics.jsonl (an RL run's rewards), or None."""
         return None
+
+
+def row_data(run: RunDir, train: list[dict], validation: list[dict], test: list[dict], what: str) -> TaskData:
+    """A task's rows as the trainer takes them (datasets), the held-out test rows written into the run, one JSON row
+    each, for `lora-tune eval` (nothing when the recipe holds none out): the preference and RL tasks' data step."""
+    from datasets import Dataset
+
+    if test:
+        write_text_atomic(run.test_split, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in test))
+    log.info("data: %d training, %d validation %s", len(train), len(validation), what)
+    return TaskData(Dataset.from_list(train), Dataset.from_list(validation) if validation else None)
 
 
 def adapted_base(recipe: Recipe) -> TaskModel:

@@ -7,17 +7,16 @@ is the base, or an earlier lora-tune run through `adapter.init_from` (sequential
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from lora_tune.check import PreflightReport
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import RunDir, write_text_atomic
+from lora_tune.run.layout import RunDir
 from lora_tune.tasks.preference.checks import preference_report
-from lora_tune.tasks.preference.data import PreferenceSplits, load_preference_splits
-from lora_tune.training.lifecycle import Launch, TaskData, TaskModel, TaskTraining, adapted_base
+from lora_tune.tasks.preference.data import load_preference_splits
+from lora_tune.training.lifecycle import Launch, TaskData, TaskModel, TaskTraining, adapted_base, row_data
 from lora_tune.training.trl_args import preference_classes, to_preference_config
 
 log = logging.getLogger(__name__)
@@ -34,14 +33,8 @@ class PreferenceTraining(TaskTraining):
 
     def data(self, recipe: Recipe, tokenizer: Any, run: RunDir, launch: Launch) -> TaskData:
         """Every row checked (pairs that prefer nothing, empty answers) before the model loads."""
-        from datasets import Dataset
-
         splits = load_preference_splits(recipe)
-        _write_test_split(run, splits)
-        objective = recipe.training.objective
-        log.info("data: %d training, %d validation %s rows", len(splits.train), len(splits.validation), objective)
-        validation = Dataset.from_list(splits.validation) if splits.validation else None
-        return TaskData(Dataset.from_list(splits.train), validation)
+        return row_data(run, splits.train, splits.validation, splits.test, f"{recipe.training.objective} rows")
 
     def model(self, recipe: Recipe, tokenizer: Any, launch: Launch) -> TaskModel:
         """The base (quantized as the recipe says) with the method applied; the reference is the adapter off."""
@@ -66,10 +59,3 @@ class PreferenceTraining(TaskTraining):
             "reward_accuracy": final.get("eval_rewards/accuracies"),
             "reward_margin": final.get("eval_rewards/margins"),
         }
-
-
-def _write_test_split(run: RunDir, splits: PreferenceSplits) -> None:
-    """The held-out pairs, one JSON row each, for `lora-tune eval` (nothing when the recipe holds none out)."""
-    if splits.test:
-        lines = [json.dumps(row, ensure_ascii=False) for row in splits.test]
-        write_text_atomic(run.test_split, "\n".join(lines) + "\n")

@@ -20,11 +20,11 @@ from typing import Any
 
 from lora_tune.check import PreflightReport
 from lora_tune.recipe.schema import Recipe
-from lora_tune.run.layout import RunDir, write_text_atomic
+from lora_tune.run.layout import RunDir
 from lora_tune.tasks.rl.checks import rl_report
-from lora_tune.tasks.rl.data import PromptSplits, load_prompt_splits
+from lora_tune.tasks.rl.data import load_prompt_splits
 from lora_tune.tasks.rl.rewards import Scored, build_rewards, completion_text
-from lora_tune.training.lifecycle import Launch, TaskData, TaskModel, TaskTraining, adapted_base
+from lora_tune.training.lifecycle import Launch, TaskData, TaskModel, TaskTraining, adapted_base, row_data
 from lora_tune.training.log import last_value as _last
 from lora_tune.training.log import plot_series, read_metrics
 from lora_tune.training.trl_args import rl_classes, to_rl_config
@@ -42,13 +42,8 @@ class RLTraining(TaskTraining):
         return rl_report(recipe, tokenizer)
 
     def data(self, recipe: Recipe, tokenizer: Any, run: RunDir, launch: Launch) -> TaskData:
-        from datasets import Dataset
-
         splits = load_prompt_splits(recipe)
-        _write_test_split(run, splits)
-        log.info("data: %d training, %d validation prompts", len(splits.train), len(splits.validation))
-        validation = Dataset.from_list(splits.validation) if splits.validation else None
-        return TaskData(Dataset.from_list(splits.train), validation)
+        return row_data(run, splits.train, splits.validation, splits.test, "prompts")
 
     def model(self, recipe: Recipe, tokenizer: Any, launch: Launch) -> TaskModel:
         return adapted_base(recipe)
@@ -128,10 +123,3 @@ class CompletionLog:
 
 def last_value(run: RunDir, key: str) -> float | None:
     return _last(read_metrics(run.metrics), key)
-
-
-def _write_test_split(run: RunDir, splits: PromptSplits) -> None:
-    """The held-out prompts, one JSON row each, for `lora-tune eval` (nothing when the recipe holds none out)."""
-    if splits.test:
-        lines = [json.dumps(row, ensure_ascii=False) for row in splits.test]
-        write_text_atomic(run.test_split, "\n".join(lines) + "\n")
