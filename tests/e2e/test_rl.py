@@ -137,3 +137,24 @@ def test_the_best_checkpoint_is_picked_by_the_held_out_reward(tiny_model_dir: Pa
             during.setdefault(record["step"], record["eval_reward"])
     best = max(sorted(during), key=during.__getitem__)  # the first of equals, as transformers keeps it
     assert summary["best"]["metric"] == "eval_reward" and summary["best"]["step"] == best
+
+
+def test_an_rl_run_killed_then_resumed_ends_as_the_unbroken_run(rl_run: Path, tiny_model_dir: Path, tmp_path: Path):
+    """grpo and rloo (the task matrix runs grpo through every guarantee; this is rloo's resume too), on the 4-bit
+    base: kill -9 after step 3, --resume from checkpoint-2, the same adapter and the same sampled completions."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import run_cli
+
+    objective = rl_run.parent.name.rstrip("0123456789")
+    recipe = write_recipe(tmp_path, tiny_model_dir, objective, "killed")
+    killed = run_cli("train", str(recipe), fault=("kill-at-step", 3))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert main(["train", str(recipe), "--resume"]) == 0
+    reference = load_file(rl_run / "adapter" / "adapter_model.safetensors")
+    continued = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert reference.keys() == continued.keys()
+    assert all(bool((reference[k] == continued[k]).all()) for k in reference), "bit-identical to the unbroken run"
+    assert (tmp_path / "killed" / "completions.jsonl").read_text() == (rl_run / "completions.jsonl").read_text()
