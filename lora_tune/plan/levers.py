@@ -19,7 +19,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lora_tune.plan.memory import FULL_LOGITS, GIB, UPCAST, _with_changes, estimate, format_plan, plan, tiles_mlp
+from lora_tune.plan.memory import (
+    FULL_LOGITS,
+    GIB,
+    UPCAST,
+    _with_changes,
+    estimate,
+    format_plan,
+    gib_label,
+    plan,
+    tiles_mlp,
+)
 from lora_tune.plan.shape import ModelShape
 from lora_tune.recipe.rules import RL_OBJECTIVES, honours
 from lora_tune.recipe.schema import Recipe
@@ -159,7 +169,7 @@ def format_levers(recipe: Recipe, shape: ModelShape, budget: int) -> list[str]:
     as_is = longest_context(recipe, shape, budget)
     changes = long_context_changes(recipe, shape)
     unit = "one group of completions" if recipe.training.objective in RL_OBJECTIVES else "one row"
-    lines += ["", f"Longest context that fits in {budget / GIB:.0f} GiB ({unit} per forward pass):"]
+    lines += ["", f"Longest context that fits in {gib_label(budget)} ({unit} per forward pass):"]
     batch = one_row(recipe)["training.batch_size"]
     lines.append(f"  as the recipe is (batch {batch}): {as_is:,} tokens")
     if changes:

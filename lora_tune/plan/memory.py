@@ -390,7 +390,22 @@ def plan(
 
 
 def suggestions(recipe: Recipe, shape: ModelShape, budget: int) -> list[tuple[str, list[str], int]]:
-    """Recipe changes that bring the estimate under `budget`, each alone, cheapest in quality first."""
+    """Recipe changes that bring the estimate under `budget`, cheapest in quality first: each lever that keeps every
+    token alone, else all of them together; then shorter rows (truncation); else everything at once."""
+    keeping = [(what, c) for what, c in _keeping_options(recipe, shape) if valid_changes(recipe, c)]
+    truncating = [(what, c) for what, c in _truncating_options(recipe) if valid_changes(recipe, c)]
+    found = [fit for fit in (_fitting(recipe, shape, budget, what, c) for what, c in keeping) if fit]
+    if not found:  # no lever fits alone: all of them together, before any truncation; the step's shape last
+        same_shape = [o for o in keeping if "training.batch_size" not in o[1]]
+        found += _cumulative(recipe, shape, budget, same_shape + [o for o in keeping if o not in same_shape], TOGETHER)
+    found += [fit for fit in (_fitting(recipe, shape, budget, what, c) for what, c in truncating) if fit]
+    if not found:  # nothing alone: every change, each on top of the last, until the run fits
+        found += _cumulative(recipe, shape, budget, keeping + truncating, "all of these together")
+    return found[:4]
+
+
+def _keeping_options(recipe: Recipe, shape: ModelShape) -> list[tuple[str, dict[str, object]]]:
+    """Changes that keep every token of every row, cheapest in quality first."""
     t = recipe.training
     options: list[tuple[str, dict[str, object]]] = []
     if not t.gradient_checkpointing:
@@ -416,25 +431,42 @@ def suggestions(recipe: Recipe, shape: ModelShape, budget: int) -> list[tuple[st
         options.append(("tiled MLP (one more MLP forward per layer)", {"training.tiled_mlp": True}))
     if not t.activation_offloading and honours(recipe.run_kind, "training.activation_offloading"):
         options.append(("offloaded checkpoints (layer inputs in CPU RAM)", {"training.activation_offloading": True}))
-    length = t.max_length or 0
+    return options
+
+
+def _truncating_options(recipe: Recipe) -> list[tuple[str, dict[str, object]]]:
+    options: list[tuple[str, dict[str, object]]] = []
+    length = recipe.training.max_length or 0
     while length > 256:
         length //= 2
         options.append((f"max_length {length} (longer examples are truncated)", {"training.max_length": length}))
-    found, combined = [], {}
-    options = [(what, changes) for what, changes in options if valid_changes(recipe, changes)]
-    for what, changes in options:
-        peak = sum(estimate(_with_changes(recipe, changes), shape)[0].values())
-        if peak <= budget:
-            found.append((what, [f"{k}={_yaml(v)}" for k, v in changes.items()], peak))
-    if found:
-        return found[:4]
-    # No single change is enough: apply them in order, each on top of the last, until the run fits.
+    return options
+
+
+def _cumulative(
+    recipe: Recipe, shape: ModelShape, budget: int, options: list[tuple[str, dict[str, object]]], what: str
+) -> list[tuple[str, list[str], int]]:
+    """The first prefix of `options`, applied each on top of the last, that fits; [] when none does."""
+    combined: dict[str, object] = {}
     for _, changes in options:
         combined.update(changes)
-        peak = sum(estimate(_with_changes(recipe, combined), shape)[0].values())
-        if peak <= budget:
-            return [("together", [f"{k}={_yaml(v)}" for k, v in combined.items()], peak)]
+        fit = _fitting(recipe, shape, budget, what, dict(combined))
+        if fit:
+            return [fit]
     return []
+
+
+TOGETHER = "together, every token kept"
+
+
+def _fitting(
+    recipe: Recipe, shape: ModelShape, budget: int, what: str, changes: dict[str, object]
+) -> tuple[str, list[str], int] | None:
+    """(what, its overrides, the planned peak) when `changes` bring the recipe under `budget`, else None."""
+    peak = sum(estimate(_with_changes(recipe, changes), shape)[0].values())
+    if peak > budget:
+        return None
+    return what, [f"{k}={_yaml(v)}" for k, v in changes.items()], peak
 
 
 def valid_changes(recipe: Recipe, changes: dict[str, object]) -> bool:
@@ -459,6 +491,11 @@ def _yaml(value: object) -> str:
 
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GiB|GB|G|MiB|MB|M)?\s*$", re.IGNORECASE)
+
+
+def gib_label(size: int) -> str:
+    """A GPU size as the user wrote it: '24 GiB', '7.4 GiB' (not rounded to a whole GiB)."""
+    return f"{round(size / GIB, 2):g} GiB"
 
 
 def parse_size(text: str) -> int:
@@ -512,14 +549,12 @@ def format_plan(p: MemoryPlan) -> str:
     if p.paged_bytes:
         lines.append(f"  ({p.paged_bytes / GIB:.2f} GiB of it is paged optimizer state, which can spill to CPU RAM)")
     verdict = "fits" if p.fits else "does NOT fit"
-    lines += ["", f"{verdict} in {p.gpu_memory / GIB:.0f} GiB ({p.gpu_memory_source})"]
+    lines += ["", f"{verdict} in {gib_label(p.gpu_memory)} ({p.gpu_memory_source})"]
     if not p.fits:
         if p.suggestions:
-            alone = p.suggestions[0][0] != "together"
-            lines.append("Changes that would make it fit" + (" (each alone):" if alone else ", all together:"))
+            lines.append("Changes that would make it fit (each line alone):")
             for what, overrides, peak in p.suggestions:
-                label = "" if what == "together" else f"{what}: "
-                lines.append(f"  {label}{' '.join(overrides)}  -> {peak / GIB:.2f} GiB")
+                lines.append(f"  {what}: {' '.join(overrides)}  -> {peak / GIB:.2f} GiB")
         else:
             lines.append("No recipe change the planner knows makes it fit: use a smaller model or a larger GPU.")
     lines += [f"note: {n}" for n in p.notes]

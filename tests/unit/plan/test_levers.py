@@ -117,3 +117,18 @@ def test_plan_suggests_the_levers_before_truncating(llama):
     assert not result.fits
     suggested = [what for what, _, _ in result.suggestions]
     assert any("offloaded checkpoints" in what for what in suggested), suggested
+
+
+def test_catalog_recipe_at_2x2048_fits_torchtunes_figure_with_the_levers_plan_proposes(llama):
+    recipe, _ = llama
+    assert (recipe.training.batch_size, recipe.training.max_length) == (2, 2048)
+    budget = f"{TORCHTUNE_2X2048}GiB"
+    as_is = plan(recipe, gpu_memory=budget, offline=True)
+    assert not as_is.fits
+    first, overrides, peak_bytes = as_is.suggestions[0]
+    # Every token kept and the step's shape unchanged: the levers, not a smaller batch or a truncation.
+    assert "every token kept" in first and not any(o.startswith("training.batch_size") for o in overrides)
+    levered = plan(load_recipe(LLAMA, overrides, check_paths=False), gpu_memory=budget, offline=True)
+    # The whole planned peak (CUDA context and allocator slack included), not only what torch's allocator holds.
+    assert levered.fits and levered.total == peak_bytes <= TORCHTUNE_2X2048 * GIB
+    assert "does NOT fit in 7.4 GiB" in plan_report(recipe, gpu_memory=budget, offline=True)
