@@ -14,6 +14,7 @@ Configurations, each adding one lever to the one before (one row per length):
   full logits    transformers' own loss over the whole (tokens x vocab) float32 logits
   chunked loss   TRL's chunked LM head (lora-tune's default): no full logits
   tiled MLP      + training.tiled_mlp (lora_tune.model.tiling)
+  eager attention  chunked loss with eager attention instead of SDPA (the SDPA lever, seen from its absence)
 The per-token working set of a configuration is the slope of its working set between the two lengths; the
 headline is the ratio of the per-token working sets before and after the tiled MLP, printed with the planner's
 figures for the same slice (lora_tune.plan.memory, the same recipe, the slice's config).
@@ -21,9 +22,14 @@ figures for the same slice (lora_tune.plan.memory, the same recipe, the slice's 
 Frozen bfloat16 weights: this CPU computes bfloat16 matmuls at a few GFLOPS (no AVX512-BF16), too slow for a step
 at these lengths, so that lever is measured on loading: the slice with Llama 3's real 128,256-token vocabulary in
 bfloat16, NF4 layers, prepared by peft (float32 embeddings, LM head, norms) and by lora-tune (kept bfloat16): the
-frozen bytes and the resident memory after loading. Offloaded checkpoints and SDPA against eager attention are GPU
-levers: on the CPU the offloaded layer inputs would stay in the same RAM, and eager attention at 4,096 tokens keeps
-32 x 4,096^2 float32 scores per layer (2 GiB); the planner models them (docs/speed-and-memory.md).
+frozen bytes and the resident memory after loading. Eager attention keeps 32 x L^2 float32 scores per layer
+(2 GiB at 4,096 tokens): measure it at shorter lengths (--lengths 1024,2048).
+
+Offloaded checkpoints move the tensors saved for backward outside the checkpointed layers to CPU RAM; on the CPU
+they would stay in the same RAM, so the step cannot show the saving. What every step child measures instead is what
+TRL's offloading would move: the bytes of the tensors saved for backward that its rule takes (1,024 bytes or more,
+not a parameter or a parameter's storage, each storage once), counted by a saved-tensors hook outside
+the checkpoints, printed beside the planner's saving (its activations without offloading minus with).
 
 The compute is float32 (bfloat16 is too slow here, above), so activations take 4 bytes where a GPU run takes 2.
 """
@@ -54,7 +60,7 @@ WIDTH = {
     "model_type": "llama",
 }
 LLAMA3_VOCAB = 128256
-CONFIGS = ("full logits", "chunked loss", "tiled MLP")
+CONFIGS = ("full logits", "chunked loss", "tiled MLP", "eager attention")
 GIB, MIB = 1024**3, 1024**2
 
 
@@ -97,7 +103,8 @@ def child_step(folder: str, config: str, length: int) -> dict:
     from lora_tune.recipe.schema import ModelConfig, QuantizationConfig, TrainingConfig
 
     training = TrainingConfig(max_length=length, batch_size=1, tiled_mlp=config == "tiled MLP")
-    model_cfg = ModelConfig(name=folder, dtype="float32", attn_implementation="sdpa")
+    attention = "eager" if config == "eager attention" else "sdpa"
+    model_cfg = ModelConfig(name=folder, dtype="float32", attn_implementation=attention)
     model = load_model(model_cfg, QuantizationConfig(bits=4), training)
     if config != "full logits":
         from trl.trainer.utils import add_fused_lm_head
@@ -112,11 +119,45 @@ def child_step(folder: str, config: str, length: int) -> dict:
     reset_peak()
     start = time.perf_counter()
     kwargs = {"fused_lm_head": True} if config != "full logits" else {}
-    loss = model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss
+    with OffloadCounter(model) as offloadable:
+        loss = model(input_ids=ids, labels=ids, use_cache=False, **kwargs).loss
     loss.backward()
     optimizer.step()
     seconds = time.perf_counter() - start
-    return {"loaded": loaded, "peak": status("VmHWM"), "seconds": seconds, "loss": loss.item()}
+    result = {"loaded": loaded, "peak": status("VmHWM"), "seconds": seconds, "loss": loss.item()}
+    return {**result, "offloadable": offloadable.bytes}
+
+
+class OffloadCounter:
+    """A saved-tensors hook, outside the checkpointed layers, that counts the bytes TRL's activation offloading
+    would move to CPU RAM (trl.models.activation_offloading: 1,024 bytes or more, not a parameter, not a
+    parameter's storage, each storage once) and keeps every tensor where it is."""
+
+    def __init__(self, model) -> None:
+        import torch
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+        self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def pack(self, tensor):
+        import torch
+
+        size = tensor.untyped_storage().nbytes()
+        storage = tensor.untyped_storage().data_ptr()
+        moved = size >= 1024 and not isinstance(tensor, torch.nn.Parameter) and storage not in self.parameters
+        if moved and storage not in self.seen:
+            self.seen.add(storage)
+            self.bytes += size
+        return tensor
+
+    def __enter__(self) -> OffloadCounter:
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
 
 
 def child_frozen(folder: str, preparation: str) -> dict:
@@ -147,23 +188,38 @@ def run_child(*args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def planner(layers: int, vocab: int, length: int, tiled: bool) -> dict[str, int]:
+def planner(
+    layers: int,
+    vocab: int,
+    length: int,
+    tiled: bool,
+    attention: str = "sdpa",
+    offloading: bool = False,
+    full_logits: bool = False,
+) -> dict[str, int]:
     """The planner's parts for the same slice and recipe (float32 compute on the CPU: dtype float32)."""
-    from lora_tune.plan.memory import estimate
+    from lora_tune.plan.memory import FULL_LOGITS, estimate
     from lora_tune.plan.shape import shape_from_config
     from lora_tune.recipe.schema import Recipe
 
     recipe = Recipe.model_validate(
         {
-            "model": {"name": "slice", "dtype": "float32", "attn_implementation": "sdpa"},
+            "model": {"name": "slice", "dtype": "float32", "attn_implementation": attention},
             "quantization": {"bits": 4},
             "adapter": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
             "datasets": [{"path": "slice.jsonl"}],
-            "training": {"batch_size": 1, "max_length": length, "optimizer": "adamw_torch", "tiled_mlp": tiled},
+            "training": {
+                "batch_size": 1,
+                "max_length": length,
+                "optimizer": "adamw_torch",
+                "tiled_mlp": tiled,
+                "activation_offloading": offloading,
+            },
             "output_dir": "runs/slice",
         }
     )
-    return estimate(recipe, shape_from_config(slice_config(layers, vocab)))[0]
+    without = frozenset({FULL_LOGITS}) if full_logits else frozenset()
+    return estimate(recipe, shape_from_config(slice_config(layers, vocab)), without)[0]
 
 
 def planned_step(parts: dict[str, int]) -> int:
@@ -221,9 +277,10 @@ def report(results: dict, frozen: dict, lengths: list[int], configs: list[str], 
         print("working set + LoRA gradients + optimizer state, float32), and the per-token slope between the lengths.")
     slopes = {}
     for config in configs:
-        tiled = config == "tiled MLP"
+        tiled, attention = config == "tiled MLP", "eager" if config == "eager attention" else "sdpa"
         measured = {n: results[config, n]["peak"] - results[config, n]["loaded"] for n in lengths}
-        planned = {n: planned_step(planner(layers, vocab, n, tiled)) for n in lengths}
+        full = config == "full logits"
+        planned = {n: planned_step(planner(layers, vocab, n, tiled, attention, full_logits=full)) for n in lengths}
         for n in lengths:
             print(
                 f"  {config:<13} {n:>6,}: measured {measured[n] / GIB:6.2f} GiB, planned {planned[n] / GIB:6.2f} GiB "
@@ -235,13 +292,8 @@ def report(results: dict, frozen: dict, lengths: list[int], configs: list[str], 
             planned_slope = (planned[b] - planned[a]) / (b - a)
             slopes[config] = slope
             print(f"  {config:<13} per token: measured {slope / 1024:.0f} KiB, planned {planned_slope / 1024:.0f} KiB")
-    if "chunked loss" in slopes and "tiled MLP" in slopes:
-        ratio = slopes["chunked loss"] / slopes["tiled MLP"]
-        print(f"\nper-token working set, untiled / tiled MLP: {ratio:.2f}x")
-        a, b = lengths[0], lengths[-1]
-        for n in (a, b):
-            t0, t1 = results["chunked loss", n]["seconds"], results["tiled MLP", n]["seconds"]
-            print(f"step time at {n:,} tokens, tiled / untiled: {t1 / t0:.2f}x ({t1:.0f} s / {t0:.0f} s)")
+    report_ratios(results, lengths, slopes)
+    report_offloadable(results, lengths, configs, layers, vocab)
     if frozen:
         p, o = frozen["peft"], frozen["lora-tune"]
         pb, ob = sum(p["frozen"].values()), sum(o["frozen"].values())
@@ -250,6 +302,41 @@ def report(results: dict, frozen: dict, lengths: list[int], configs: list[str], 
             f"{pb / GIB:.2f} GiB {p['frozen']} (residual stream {p['residual']}), lora-tune's {ob / GIB:.2f} GiB "
             f"(residual {o['residual']}): {pb / ob:.2f}x; resident after loading {p['rss'] / GIB:.2f} -> "
             f"{o['rss'] / GIB:.2f} GiB"
+        )
+
+
+def report_ratios(results: dict, lengths: list[int], slopes: dict[str, float]) -> None:
+    """Each lever's saving against the configuration that lacks it: per-token slopes and each length's step."""
+    a, b = lengths[0], lengths[-1]
+    for without, with_it in (
+        ("full logits", "chunked loss"),
+        ("chunked loss", "tiled MLP"),
+        ("eager attention", "chunked loss"),
+    ):
+        if without in slopes and with_it in slopes:
+            print(f"\nper-token working set, {without} / {with_it}: {slopes[without] / slopes[with_it]:.2f}x")
+            for n in (a, b):
+                r0, r1 = results[without, n], results[with_it, n]
+                w0, w1 = r0["peak"] - r0["loaded"], r1["peak"] - r1["loaded"]
+                print(
+                    f"  at {n:,} tokens: working set {w0 / GIB:.2f} -> {w1 / GIB:.2f} GiB ({w0 / w1:.2f}x), "
+                    f"step time {r1['seconds'] / r0['seconds']:.2f}x ({r0['seconds']:.0f} s -> {r1['seconds']:.0f} s)"
+                )
+
+
+def report_offloadable(results: dict, lengths: list[int], configs: list[str], layers: int, vocab: int) -> None:
+    """What offloaded checkpoints would move per step, counted, beside the planner's saving from that lever."""
+    config = "chunked loss" if "chunked loss" in configs else configs[0] if configs else None
+    if config is None:
+        return
+    print(f"\noffloaded checkpoints ({config}): bytes TRL's offloading would move to CPU RAM, counted in the step")
+    for n in lengths:
+        counted = results[config, n]["offloadable"]
+        without = planner(layers, vocab, n, False)["activations"]
+        saving = without - planner(layers, vocab, n, False, offloading=True)["activations"]
+        print(
+            f"  {n:>6,} tokens: counted {counted / MIB:8.1f} MiB; planner's activations {without / MIB:.1f} MiB "
+            f"without offloading, saving {saving / MIB:.1f} MiB with it (it keeps one layer's input in flight)"
         )
 
 
