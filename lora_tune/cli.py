@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     groups = (_add_recipe_verbs, _add_run_verbs, _add_export_verbs, _add_planning_verbs, _add_serve_verbs)
-    subparsers = [add(verbs) for add in groups]
+    subparsers = [add(verbs) for add in (*groups, _add_ui_verb)]
     for sub in (sub for group in subparsers for sub in group):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.set_defaults(names=_names(sub))
@@ -272,6 +272,26 @@ def _add_serve_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
     )
     serve.set_defaults(handler=cmd_serve)
     return [serve]
+
+
+def _add_ui_verb(verbs: Any) -> list[argparse.ArgumentParser]:
+    """ui: the web page over all of the above (the `ui` extra: pip install 'lora-tune[ui]')."""
+    page = verbs.add_parser("ui", help="a web page for recipes, data, training, runs, eval, chat and export")
+    page.add_argument("--runs", default="runs", metavar="DIR", help="folder whose runs the page lists (default runs)")
+    page.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    page.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    page.add_argument(
+        "--auth",
+        default=None,
+        metavar="PASSWORD",
+        help="password the page asks for; needed beyond 127.0.0.1 (default: LORA_TUNE_UI_PASSWORD; prefer it, argv "
+        "is visible to ps)",
+    )
+    page.add_argument(
+        "--recipes", default=None, metavar="DIR", help="recipe catalog (default ./recipes, else the checkout's)"
+    )
+    page.set_defaults(handler=cmd_ui)
+    return [page]
 
 
 def _recipe_arguments(sub: argparse.ArgumentParser) -> None:
@@ -602,6 +622,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         parallel=args.parallel,
     )
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lora_tune.plan.catalog_location import catalog_dir_if_any
+
+    try:
+        from lora_tune.ui.app import PASSWORD_ENV, serve_ui
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] == "lora_tune":
+            raise
+        raise LoraTuneError(
+            f"lora-tune ui needs the ui extra ({exc.name} is missing): pip install 'lora-tune[ui]'"
+        ) from None
+    password = args.auth or os.environ.get(PASSWORD_ENV) or None
+    catalog = catalog_dir_if_any(args.recipes)
+    return serve_ui(Path(args.runs), host=args.host, port=args.port, password=password, catalog=catalog)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "lora_tune"
 
 LAYERS: list[set[str]] = [
-    {"cli", "tasks", "__main__", "__init__"},
+    {"cli", "tasks", "ui", "__main__", "__init__"},
     {"evaluate", "export", "plan", "quickstart", "serve"},
     {"inference"},
     {"training"},
