@@ -675,3 +675,60 @@ def wrap_trained_runs(
             run.append(token)
             run_trained = trained
     return "".join(pieces)
+
+
+@dataclass(frozen=True)
+class ImageExample(TokenizedExample):
+    """A conversation with images as the model takes it: the processor's ids (each image expanded into its image
+    tokens), the labels of the assistant turns, and how many ids are image tokens (never trained)."""
+
+    image_tokens: int = 0
+
+
+def render_image_conversation(
+    messages: Sequence[Message], tokenizer: PreTrainedTokenizerBase
+) -> tuple[str, list[int], list[bool]]:
+    """A conversation with image parts rendered by the chat template (one placeholder per image), its token ids
+    before the processor expands the images, and which of them are trained (the assistant turns, as text rows)."""
+    text, spans = render_with_spans(messages, tokenizer)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return text, list(encoded["input_ids"]), _overlaps(encoded["offset_mapping"], spans)
+
+
+def label_image_tokens(
+    plain: Sequence[int],
+    trained: Sequence[bool],
+    expanded: Sequence[int],
+    max_length: int | None,
+    placeholders: frozenset[int] = frozenset(),
+) -> ImageExample:
+    """The labels of `expanded`, the processor's ids of the rendered text, from the flags of `plain`, its ids before
+    each image placeholder became the image's tokens: the ids the two share keep their flag, the ids the processor
+    inserted (the image tokens and their markers) and the `placeholders` (the image token) are never trained. An
+    image that `max_length` would cut, leaving
+    the model fewer image tokens than image features, raises TemplateError; text after the last image is cut."""
+    from difflib import SequenceMatcher
+
+    flags = [False] * len(expanded)
+    inserted = [False] * len(expanded)
+    matcher = SequenceMatcher(None, list(plain), list(expanded), autojunk=False)
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op == "equal":
+            flags[b0:b1] = trained[a0:a1]
+        elif op in ("insert", "replace"):
+            if any(trained[a0:a1]):
+                raise TemplateError("the processor changed trained text while expanding the images")
+            inserted[b0:b1] = [True] * (b1 - b0)
+        elif any(trained[a0:a1]):  # delete: the processor dropped trained tokens
+            raise TemplateError("the processor dropped trained text while expanding the images")
+    ids = list(expanded)
+    image_ids = {token for token, hit in zip(ids, inserted, strict=True) if hit} | placeholders
+    inserted = [hit or token in image_ids for token, hit in zip(ids, inserted, strict=True)]
+    last_image = max((k for k, hit in enumerate(inserted) if hit), default=-1)
+    if max_length is not None and last_image >= max_length:
+        raise TemplateError(
+            f"an image is cut by max_length {max_length}: its tokens end at {last_image + 1} of {len(ids)}; raise "
+            "training.max_length, or use fewer or smaller images"
+        )
+    example = _example(ids, [f and not i for f, i in zip(flags, inserted, strict=True)], max_length)
+    return ImageExample(example.input_ids, example.labels, example.truncated, sum(inserted))

@@ -54,6 +54,8 @@ def packing_plan(recipe: Recipe) -> PackingPlan:
     t, model = recipe.training, recipe.model
     if t.objective != "sft":
         return PackingPlan(False, f"{t.objective} pads each prompt with its answers; packing is for sft")
+    if recipe.vision is not None:
+        return PackingPlan(False, "a vision run pads each conversation with its images; images are not packed")
     if not t.packing:
         return PackingPlan(False, "training.packing is false")
     if t.max_length is None:

@@ -711,6 +711,27 @@ class RLConfig(StrictModel):
     )
 
 
+class VisionConfig(StrictModel):
+    """A vision-language run (docs/vision.md): the base is an image-text-to-text model, the data has images. What
+    is trained is chosen here; LoRA/QLoRA always trains the language model (adapter.target_modules: all-linear is
+    its linear layers only), and the vision tower and projector are never quantized."""
+
+    train_projector: bool = Field(
+        False,
+        description="Also train the projector (the layers that map image features to the language model) in full; "
+        "it is small and saved with the adapter.",
+    )
+    train_vision_tower: bool = Field(
+        False, description="Also put LoRA on the vision tower's linear layers (kept in the model dtype, not 4-bit)."
+    )
+    max_image_side: PositiveInt = Field(
+        4096,
+        description="An image whose longer side has more pixels than this is refused (file, row, image named); the "
+        "processor then resizes what is kept by its own rules.",
+    )
+    max_images: PositiveInt = Field(8, description="Most images one conversation may hold.")
+
+
 class Recipe(StrictModel):
     """A whole run: what to load, how to adapt it, on what data, how to train, and where to write."""
 
@@ -737,6 +758,9 @@ class Recipe(StrictModel):
         default_factory=EvalConfig, description="Generation and scoring for `lora-tune eval`, `generate`, `chat`."
     )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    vision: VisionConfig | None = Field(
+        None, description="Set for a vision-language run: images in the conversations (docs/vision.md)."
+    )
     output_dir: str = Field(description="Run directory: adapter, tokenizer, resolved recipe, metrics, checkpoints.")
 
     @model_serializer(mode="wrap")
@@ -758,6 +782,10 @@ class Recipe(StrictModel):
                     data[section].pop(name, None)
                 else:
                     data.pop(section)
+        if self.vision is None:
+            data.pop("vision", None)
+        else:  # a vision run never packs: the resolved recipe says so, and reads back
+            data["training"]["packing"] = False
         return data
 
     @property
@@ -768,7 +796,9 @@ class Recipe(StrictModel):
 
     @property
     def task_name(self) -> str:
-        """The task that trains this recipe (lora_tune/tasks/<task>/): sft, preference or classification."""
+        """The task that trains this recipe (lora_tune/tasks/<task>/): sft, vision, preference or classification."""
+        if self.vision is not None:
+            return "vision"
         return self.run_kind if self.run_kind == "classification" else OBJECTIVES[self.run_kind].task
 
     @property
@@ -810,6 +840,21 @@ class Recipe(StrictModel):
                 # By value, not by presence: a resolved recipe (recipe.yaml of a run) writes every default out.
                 if source.weight != 1.0:
                     raise FieldError(f"{section}.{index}.weight", "applies to training sources (datasets) only")
+
+    @model_validator(mode="after")
+    def _vision_is_sft(self) -> Recipe:
+        if self.vision is None:
+            return self
+        if self.run_kind != "sft":
+            key = "task.type" if self.run_kind == "classification" else "training.objective"
+            raise FieldError(key, f"is {self.run_kind}; a vision run (vision:) is supervised fine-tuning (sft) only")
+        if self.training.packing and "packing" in self.training.model_fields_set:
+            raise FieldError("training.packing", "packs rows of several examples; images are not packed: remove it")
+        if self.training.train_on != "assistant":
+            raise FieldError("training.train_on", "must be assistant in a vision run (image tokens are never trained)")
+        if self.adapter.method != "lora":
+            raise FieldError("adapter.method", f"is {self.adapter.method}; a vision run trains lora (or QLoRA)")
+        return self
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> Recipe:
