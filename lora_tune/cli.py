@@ -129,12 +129,14 @@ def _add_run_verbs(verbs: Any) -> list[argparse.ArgumentParser]:
     generate.add_argument("model_dir", help="run directory, or a merged model folder from `lora-tune merge`")
     generate.add_argument("prompt", help="the user message")
     _generation_arguments(generate)
+    generate.add_argument("--image", action="append", default=[], help="a picture for a vision run (repeatable)")
     generate.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer when complete")
     generate.set_defaults(handler=cmd_generate)
 
     chat = verbs.add_parser("chat", help="interactive multi-turn chat with a run's adapter or a merged model")
     chat.add_argument("model_dir", help="run directory, or a merged model folder from `lora-tune merge`")
     _generation_arguments(chat)
+    chat.add_argument("--image", action="append", default=[], help="a picture for the first turn (vision runs)")
     chat.set_defaults(handler=cmd_chat)
     return [evaluate, generate, chat]
 
@@ -500,9 +502,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from lora_tune.inference import vision
     from lora_tune.inference.chat import ChatSession
     from lora_tune.inference.load import load_for_inference
 
+    if args.image or vision.is_vision_folder(args.model_dir):
+        loaded = _with_generation_flags(vision.load_vision_for_inference(args.model_dir), args)
+        print(vision.generate_with_images(loaded, args.prompt, args.image, system=args.system))
+        return EXIT_OK
     session = ChatSession(_with_generation_flags(load_for_inference(args.model_dir), args), system=args.system)
     answer = session.ask(args.prompt, stream=sys.stdout if args.stream else None)
     if not args.stream:
@@ -511,9 +518,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from lora_tune.inference import vision
     from lora_tune.inference.chat import chat_loop
     from lora_tune.inference.load import load_for_inference
 
+    if args.image or vision.is_vision_folder(args.model_dir):
+        loaded = _with_generation_flags(vision.load_vision_for_inference(args.model_dir), args)
+        vision.vision_chat_loop(loaded, args.image, system=args.system, stdin=sys.stdin, stdout=sys.stdout)
+        return EXIT_OK
     chat_loop(_with_generation_flags(load_for_inference(args.model_dir), args), system=args.system)
     return EXIT_OK
 

@@ -29,6 +29,7 @@ from lora_tune.export.merging import merge
 from lora_tune.export.ollama import modelfile
 from lora_tune.model.stops import generation_stops, read_generation_stops
 from lora_tune.model.weights import check_model_folder
+from lora_tune.recipe.load import load_recipe
 from lora_tune.run.layout import RunDir, write_json_atomic
 from lora_tune.run.locks import held
 from lora_tune.run.outputs import (
@@ -92,6 +93,7 @@ def export_gguf(
         llama_cpp_module()  # before a merge of many minutes: say now what to install
     source = Path(source)
     is_run = _kind(source)
+    _refuse_vision(source, is_run)
     output = Path(output) if output is not None else default_output(source)
     target = output / f"{_model_name(source)}-{quant.upper()}.gguf"
     _check_output(output, target, source, is_run, overwrite=overwrite)  # every refusal before any work
@@ -108,6 +110,20 @@ def export_gguf(
         finally:
             shutil.rmtree(build, ignore_errors=True)
     return result
+
+
+def _refuse_vision(source: Path, is_run: bool) -> None:
+    """A vision-language model is refused in one line: llama.cpp takes its language model and an `mmproj` file for
+    the tower and projector, which this export does not write (docs/vision.md)."""
+    if is_run:
+        vision = load_recipe(RunDir(source).recipe, check_paths=False).vision is not None
+    else:
+        vision = (source / "preprocessor_config.json").is_file() or (source / "processor_config.json").is_file()
+    if vision:
+        raise ExportError(
+            f"{source}: a vision-language model; GGUF export writes text models only (llama.cpp needs the language "
+            "model plus an mmproj file for the vision tower, which lora-tune does not write); use `lora-tune merge`"
+        )
 
 
 def format_gguf(result: GgufResult) -> str:

@@ -31,6 +31,7 @@ from lora_tune.export.streaming import (
     read_adapter,
 )
 from lora_tune.export.verify import verify_merge
+from lora_tune.export.vision import merge_vision
 from lora_tune.export.vocab import NeedsPeftMerge, resize_to_adapter, resized_vocab
 from lora_tune.methods.runtime import LINEAGE_FILE
 from lora_tune.model.load import load_tokenizer, resolve_dtype
@@ -119,6 +120,8 @@ def merge(
     with held(merge_lock_path(output), "output", output):
         _check_destination(output, overwrite=overwrite, protected=protected)  # again: decided under the lock
         remove_leftovers(output.parent, lambda name: _is_leftover_name(name, output.name), f"merge to '{output}'")
+        if recipe.vision is not None:  # an image-text-to-text base: peft's merge, verified (lora_tune.export.vision)
+            return _merge_vision(run, recipe, output, dtype, torch_dtype, verify)
         layout = base_layout(base_dir)
         check_disk_for_merge(output, estimate_bytes(base_dir, layout, torch_dtype.itemsize))
         plan = _streaming_plan(run, recipe, peft_type, from_dequantized)
@@ -150,6 +153,20 @@ def merge(
             shutil.rmtree(build, ignore_errors=True)
             raise
         return result
+
+
+def _merge_vision(
+    run: RunDir, recipe: Recipe, output: Path, dtype: str, torch_dtype: Any, verify: bool
+) -> MergeResult:
+    build = make_build_dir(output.parent, f".{output.name}{BUILD_INFIX}")
+    try:
+        result = merge_vision(run, recipe, build, output, dtype=dtype, torch_dtype=torch_dtype, verify=verify)
+        record(build, MERGED, [entry.name for entry in build.iterdir() if entry.name != BUILD_MARKER])
+        replace_dir_atomic(build, output)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return result
 
 
 def _finished_run(run: RunDir) -> tuple[RunDir, Recipe, str]:

@@ -32,6 +32,9 @@ from lora_tune.tasks.rl.preview import format_rl_preview
 from lora_tune.tasks.rl.training import RLTraining
 from lora_tune.tasks.sft import evaluate as sft_eval
 from lora_tune.tasks.sft.training import SftTraining
+from lora_tune.tasks.vision import evaluate as vision_eval
+from lora_tune.tasks.vision.checks import format_vision_preview
+from lora_tune.tasks.vision.training import VisionTraining
 from lora_tune.training.lifecycle import TaskTraining, run_training
 from lora_tune.training.log import quiet_third_party_noise
 from lora_tune.training.processes import release_process_group
@@ -60,6 +63,14 @@ TASKS: dict[str, Task] = {
         sft_eval.format_report,
         ("text", "labels"),
         _preview_chat,
+    ),
+    "vision": Task(
+        "vision",
+        VisionTraining(),
+        vision_eval.evaluate_vision,
+        sft_eval.format_report,
+        (vision_eval.TASK,),
+        format_vision_preview,
     ),
     "preference": Task(
         "preference",
