@@ -526,3 +526,195 @@ def tiny_llama_with_real_vocab(folder: Path, name: str = "llama-3.1") -> Path:
     tokenizer.save_pretrained(folder)
     GenerationConfig(eos_token_id=LLAMA3_STOPS).save_pretrained(folder)
     return folder
+
+
+# Vision-language: tiny bases of two families built locally (tests/e2e/test_vision*.py, tests/unit/vision*)
+
+VISION_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}"
+    "{% endif %}"
+)
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+SHAPES = ("circle", "square")
+VISION_WORDS = "what colour is the shape in the picture? answer with one word. " + " ".join([*COLOURS, *SHAPES])
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"] + [
+    f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)
+]
+
+
+def build_tiny_vlm(folder: Path, family: str = "llava", *, seed: int = 0) -> Path:
+    """A random-init vision-language base of `family` (llava: CLIP tower + Llama; idefics3: SigLIP-style tower +
+    Llama, SmolVLM's class) with its processor, 28x28 pictures: 4 image tokens (LLaVA) or 1 (Idefics3)."""
+    import torch
+    from transformers import LlamaConfig
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer([CORPUS, VISION_WORDS] * 20, vocab_size=320)
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<image>"] if family == "llava" else IDEFICS3_TOKENS})
+    tokenizer.chat_template = VISION_TEMPLATE
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    if family == "llava":
+        from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        vision = CLIPVisionConfig(**tower, image_size=28, patch_size=14, projection_dim=32)
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id)
+        model = LlavaForConditionalGeneration(config)
+        images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        processor = LlavaProcessor(
+            image_processor=images, tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
+            num_additional_image_tokens=1, chat_template=VISION_TEMPLATE, image_token="<image>",
+        )  # fmt: skip
+    elif family == "idefics3":
+        from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        config = Idefics3Config(
+            vision_config={**tower, "image_size": 28, "patch_size": 14}, text_config=text.to_dict(),
+            image_token_id=image_id, scale_factor=2, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        model = Idefics3ForConditionalGeneration(config)
+        images = Idefics3ImageProcessorPil(
+            size={"longest_edge": 28}, max_image_size={"longest_edge": 28}, do_image_splitting=False
+        )
+        processor = Idefics3Processor(
+            image_processor=images, tokenizer=tokenizer, image_seq_len=1, chat_template=VISION_TEMPLATE
+        )
+    else:
+        raise ValueError(family)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def draw(colour: str, shape: str, *, size: int = 40, jitter: random.Random | None = None) -> Any:
+    """A picture of one `shape` in `colour` on a grey ground (position and size jittered by `jitter`)."""
+    from PIL import Image, ImageDraw
+
+    rng = jitter or random.Random(0)
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    pen = ImageDraw.Draw(image)
+    side = rng.randint(size // 2, size - 6)
+    x, y = rng.randint(0, size - side), rng.randint(0, size - side)
+    box = (x, y, x + side, y + side)
+    (pen.ellipse if shape == "circle" else pen.rectangle)(box, fill=COLOURS[colour])
+    return image
+
+
+def colour_rows(folder: Path, n: int, seed: int, *, style: str = "messages") -> list[dict]:
+    """`n` rows asking the colour of a drawn shape, each picture written to folder/images/ (paths relative to
+    folder): OpenAI-style image parts (`messages`) or LLaVA-style `<image>` + `images` (`llava`)."""
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(n):
+        colour, shape = rng.choice(sorted(COLOURS)), rng.choice(SHAPES)
+        name = f"images/s{seed}-{k}-{colour}-{shape}.png"
+        draw(colour, shape, jitter=rng).save(folder / name)
+        question = "what colour is the shape in the picture?"
+        if style == "llava":
+            rows.append(
+                {
+                    "conversations": [
+                        {"from": "human", "value": f"<image>\n{question}"},
+                        {"from": "gpt", "value": colour},
+                    ],
+                    "images": [name],
+                }
+            )
+        else:
+            content = [{"type": "image", "image": name}, {"type": "text", "text": question}]
+            rows.append({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": colour}]})
+    return rows
+
+
+VISION_RECIPE = """\
+model:
+  name: {model}
+  dtype: float32
+quantization:
+  bits: 4
+adapter:
+  r: 8
+  alpha: 16
+  dropout: 0.0
+vision:
+  train_projector: {projector}
+datasets:
+  - path: {data}
+training:
+  max_steps: {steps}
+  batch_size: 4
+  learning_rate: {lr}
+  max_length: 64
+  logging_steps: 1
+  save_steps: {save_steps}
+  seed: 0
+output_dir: {out}
+"""
+
+
+def write_vision_recipe(
+    root: Path, model: Path, data: Path, *, steps: int = 4, lr: float = 2e-3, **extra: Any
+) -> Path:
+    text = VISION_RECIPE.format(
+        model=model,
+        data=data,
+        steps=steps,
+        lr=lr,
+        out=root / "run",
+        projector=str(extra.pop("projector", False)).lower(),
+        save_steps=extra.pop("save_steps", 1000),
+    )
+    recipe = yaml.safe_load(text)
+    for key, value in extra.items():
+        section, _, name = key.partition("__")
+        if name:
+            recipe.setdefault(section, {})[name] = value
+        else:
+            recipe[section] = value
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def pretrain_colour_words(folder: Path, steps: int = 60, seed: int = 0) -> Path:
+    """Teach a random tiny base (in place) the answer's form, not its content: text-only rows whose answer is a
+    colour word drawn at random, so that the base answers with a colour but at chance (its frozen random lm_head
+    could not learn through LoRA otherwise: ../shared/STACK-NOTES.md). No picture is shown in this pre-training."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tokenizer = processor.tokenizer
+    question = "what colour is the shape in the picture?"
+    for _ in range(steps):
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}, {"role": "assistant", "content": rng.choice(sorted(COLOURS))}],
+                tokenize=False,
+            )
+            for _ in range(16)
+        ]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder

@@ -18,7 +18,7 @@ import pytest
 from lora_tune.cli import main
 from lora_tune.tasks import TASKS
 from tests.conftest import FRUITS, fruit_rows, write_jsonl
-from tests.helpers import labelled_rows, run_cli
+from tests.helpers import build_tiny_vlm, colour_rows, labelled_rows, run_cli
 
 RUN_SETTINGS = """\
 training:
@@ -87,12 +87,21 @@ def _rl(root: Path) -> dict[str, str]:
     return {"train": rows[:24], "valid": rows[24:], "section": section, "objective": "objective: grpo\n  "}
 
 
+def _vision(root: Path) -> dict[str, str]:
+    """QLoRA on a tiny LLaVA (its own base: a vision run needs an image-text-to-text model), projector trained."""
+    rows = colour_rows(root, 32, seed=1)
+    section = "vision:\n  train_projector: true\nquantization:\n  bits: 4\n"
+    model = build_tiny_vlm(root / "vlm", "llava") if not (root / "vlm").is_dir() else root / "vlm"
+    return {"train": rows[:24], "valid": rows[24:], "section": section, "objective": "", "model": model}
+
+
 # The data and sections of a small run of each task: every other setting is the lifecycle's and the same for all.
 TASK_RECIPES: dict[str, Callable[[Path], dict]] = {
     "sft": _sft,
     "preference": _preference,
     "classification": _classification,
     "rl": _rl,
+    "vision": _vision,
 }
 
 
@@ -100,7 +109,7 @@ def write_recipe(root: Path, model: Path, task: str, name: str, lr: float = 1e-2
     parts = TASK_RECIPES[task](root)
     train = write_jsonl(root / f"{task}-train.jsonl", parts["train"])
     valid = write_jsonl(root / f"{task}-valid.jsonl", parts["valid"])
-    text = COMMON.format(model=model, train=train, valid=valid) + parts["section"]
+    text = COMMON.format(model=parts.get("model", model), train=train, valid=valid) + parts["section"]
     text += RUN_SETTINGS.format(objective=parts["objective"], lr=lr) + f"output_dir: {root / name}\n"
     path = root / f"{name}.yaml"
     path.write_text(text)
