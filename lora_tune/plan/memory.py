@@ -32,6 +32,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lora_tune.model.tiling import resolve_tiled_mlp, tile_tokens
 from lora_tune.plan.shape import (
@@ -43,6 +44,7 @@ from lora_tune.plan.shape import (
     shape_from_config,
     trainable_parameters,
 )
+from lora_tune.plan.vision import vision_shape
 from lora_tune.recipe.rules import OBJECTIVES, honours
 from lora_tune.recipe.schema import Recipe
 from lora_tune.training.levers import resolve_optimizer
@@ -382,11 +384,27 @@ def plan(
     )
     if not shape.known_layout:
         result.notes.append(f"model_type '{shape.model_type}' is estimated with the Llama layout; check the figures")
+    _add_vision(result, recipe, raw)
     if t.max_length is None:
         result.notes.append("training.max_length is null: tokens per step assume the model's context length")
     if not result.fits:
         result.suggestions = suggestions(recipe, shape, budget)
     return result
+
+
+def _add_vision(result: MemoryPlan, recipe: Recipe, raw: dict[str, Any]) -> None:
+    """A vision-language base: its tower and projector in the model dtype (never 4-bit), the image tokens per
+    picture that each row's max_length must hold (lora_tune.plan.vision)."""
+    vision = vision_shape(raw)
+    if vision is None:
+        return
+    width = 2 if recipe.model.dtype in ("auto", "bfloat16", "float16") else 4
+    weights = (vision.tower_parameters + vision.projector_parameters) * width
+    result.parts = {"vision tower + projector": weights, **result.parts}
+    result.details["vision tower + projector"] = (
+        f"{vision.tower_parameters:,} + {vision.projector_parameters:,} params in the model dtype (not quantized)"
+    )
+    result.notes.append(f"vision: {vision.how}; they count in training.max_length")
 
 
 def suggestions(recipe: Recipe, shape: ModelShape, budget: int) -> list[tuple[str, list[str], int]]:
