@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import html
+import os
 import re
 import secrets
 import time
@@ -33,7 +34,7 @@ from lora_tune.plan.levers import plan_report
 from lora_tune.recipe.schema import Recipe
 from lora_tune.run.layout import RunDir
 from lora_tune.ui import form as recipe_form
-from lora_tune.ui.jobs import Trainings, one_line_error, run_command
+from lora_tune.ui.jobs import LOG_FOLDER, Trainings, one_line_error, run_command
 from lora_tune.ui.runs import CHART_KEYS, Pace, find_runs, format_seconds, read_metrics, run_info, series, total_steps
 
 PASSWORD_ENV = "LORA_TUNE_UI_PASSWORD"
@@ -650,7 +651,7 @@ def chat_tab(settings: Settings) -> None:
     async def answer(session: ChatSession, box: ui.column, text: str, base: bool) -> None:
         with box:
             ui.chat_message(text, name="you", sent=True)
-            bubble = ui.chat_message("", name="base" if base else "tuned")
+            bubble = ui.chat_message(name="base" if base else "tuned")
             with bubble:
                 label = mark(ui.label("").classes("whitespace-pre-wrap"), "answer-base" if base else "answer-tuned")
         sink = Stream()
@@ -819,6 +820,7 @@ def serve_ui(runs: Path, *, host: str, port: int, password: str | None, catalog:
     check_bind(host, password)
     settings = Settings(runs=runs, cwd=Path.cwd(), catalog=catalog)
     runs.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("NICEGUI_STORAGE_PATH", str(runs / LOG_FOLDER / "nicegui"))  # not .nicegui/ in the cwd
 
     @ui.page("/")
     def index() -> None:
