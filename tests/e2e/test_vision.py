@@ -5,6 +5,7 @@ only the picture answers, held-out accuracy from chance to >= 90%."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def test_check_and_data_show_the_images_and_their_tokens(vision_run, capsys):
     assert f"image tokens per row {tokens}-{tokens}" in out and "1 image(s) 40x40" in out
 
 
-def test_eval_generate_merge_and_gguf_refusal(vision_run, capsys):
+def test_eval_generate_chat_merge_and_gguf_refusal(vision_run, capsys, monkeypatch):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     family, root = vision_run
@@ -66,6 +67,9 @@ def test_eval_generate_merge_and_gguf_refusal(vision_run, capsys):
     capsys.readouterr()
     assert main(["generate", str(run), "what colour?", "--image", str(picture), "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip() != ""
+    monkeypatch.setattr("sys.stdin", io.StringIO("what colour?\n/exit\n"))
+    assert main(["chat", str(run), "--image", str(picture), "--max-new-tokens", "3"]) == 0
+    assert "model> " in capsys.readouterr().out
     assert main(["merge", str(run), "--output", str(root / "merged"), "--dtype", "fp32"]) == 0
     assert "verified: max |logit difference|" in capsys.readouterr().out
     model = AutoModelForImageTextToText.from_pretrained(root / "merged")
