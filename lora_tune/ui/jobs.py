@@ -98,7 +98,7 @@ class Trainings:
         args = ["train", str(recipe), *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.log_path(run_dir)
-        with log.open("a" if resume else "w", encoding="utf-8") as handle:
+        with log.open("a", encoding="utf-8") as handle:  # a new start appends: an earlier attempt's log stays
             handle.write(f"$ lora-tune {' '.join(args)}\n")
             handle.flush()
             child = subprocess.Popen(

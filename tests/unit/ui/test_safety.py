@@ -109,3 +109,15 @@ def test_help_imports_neither_the_page_nor_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--runs DIR" in proc.stdout and "HEAVY []" in proc.stdout
+
+
+def test_a_failed_start_shows_the_commands_line_and_keeps_the_earlier_log(tmp_path: Path) -> None:
+    trainings = Trainings(tmp_path / "runs", tmp_path)
+    log = trainings.log_path(Path("runs/r"))
+    log.parent.mkdir(parents=True)
+    log.write_text("an earlier attempt\n")
+    child = trainings.start(Path("missing.yaml"), Path("runs/r"))
+    assert child.wait(timeout=120) == 2 and trainings.exit_code(Path("runs/r")) == 2
+    tail = trainings.tail(Path("runs/r"))
+    assert tail.startswith("an earlier attempt\n$ lora-tune train missing.yaml")
+    assert one_line_error(tail) == "error: missing.yaml: recipe file not found"
