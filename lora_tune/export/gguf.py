@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_tune.errors import LoraTuneError
 from lora_tune.export.errors import ExportError, ExportOptionError, VerificationError
 from lora_tune.export.gguf_card import gguf_card
 from lora_tune.export.gguf_converter import OUTTYPES, convert
@@ -29,7 +30,7 @@ from lora_tune.export.merging import merge
 from lora_tune.export.ollama import modelfile
 from lora_tune.model.stops import generation_stops, read_generation_stops
 from lora_tune.model.weights import check_model_folder
-from lora_tune.recipe.load import load_recipe
+from lora_tune.recipe.load import read_yaml
 from lora_tune.run.layout import RunDir, write_json_atomic
 from lora_tune.run.locks import held
 from lora_tune.run.outputs import (
@@ -93,10 +94,10 @@ def export_gguf(
         llama_cpp_module()  # before a merge of many minutes: say now what to install
     source = Path(source)
     is_run = _kind(source)
-    _refuse_vision(source, is_run)
     output = Path(output) if output is not None else default_output(source)
     target = output / f"{_model_name(source)}-{quant.upper()}.gguf"
     _check_output(output, target, source, is_run, overwrite=overwrite)  # every refusal before any work
+    _refuse_vision(source, is_run)
     make_dir(output, "output")
     record(output, GGUF_FOLDER)  # the folder is lora-tune's from here on (its lock too); what it writes is listed
     with held(output / LOCK, "output", output):
@@ -115,8 +116,11 @@ def export_gguf(
 def _refuse_vision(source: Path, is_run: bool) -> None:
     """A vision-language model is refused in one line: llama.cpp takes its language model and an `mmproj` file for
     the tower and projector, which this export does not write (docs/vision.md)."""
-    if is_run:
-        vision = load_recipe(RunDir(source).recipe, check_paths=False).vision is not None
+    if is_run:  # the recipe's own text: a broken recipe is the export's to report, as before
+        try:
+            vision = read_yaml(RunDir(source).recipe).data.get("vision") is not None
+        except (LoraTuneError, OSError, AttributeError):
+            vision = False
     else:
         vision = (source / "preprocessor_config.json").is_file() or (source / "processor_config.json").is_file()
     if vision:
