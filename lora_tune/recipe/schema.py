@@ -854,6 +854,13 @@ class Recipe(StrictModel):
             raise FieldError("training.train_on", "must be assistant in a vision run (image tokens are never trained)")
         if self.adapter.method != "lora":
             raise FieldError("adapter.method", f"is {self.adapter.method}; a vision run trains lora (or QLoRA)")
+        if self.data.on_bad_rows == "skip":
+            raise FieldError("data.on_bad_rows", "skip is not applied to image rows: a bad image row stops the run")
+        for section in ("datasets", "eval_datasets", "test_datasets"):
+            for index, source in enumerate(getattr(self, section)):
+                unread = [k for k in ("columns", "system_prompt", "weight") if k in source.model_fields_set]
+                if unread and (source.columns or source.system_prompt is not None or source.weight != 1.0):
+                    raise FieldError(f"{section}.{index}.{unread[0]}", "is not applied to image rows yet; remove it")
         return self
 
     @model_validator(mode="after")

@@ -28,6 +28,8 @@ def test_a_vision_section_makes_a_vision_run_that_never_packs_and_reads_back():
         ({"training": {"train_on": "all"}}, "must be assistant in a vision run"),
         ({"adapter": {"method": "ia3"}}, "a vision run trains lora"),
         ({"vision": {"train_projector": "yes please"}}, "train_projector"),
+        ({"data": {"on_bad_rows": "skip"}}, "not applied to image rows"),
+        ({"datasets": [{"path": "d.jsonl", "weight": 2.0}]}, "is not applied to image rows yet"),
     ],
 )
 def test_what_a_vision_run_cannot_do_is_refused(change: dict, expected: str):
