@@ -135,9 +135,8 @@ async def confirm(message: str) -> bool:
 # ---- the page ----------------------------------------------------------------------------------------------------
 
 
-def build_page(settings: Settings) -> None:
+def build_page(settings: Settings, trainings: Trainings) -> None:
     state = State()
-    trainings = Trainings(settings.runs, settings.cwd)
     ui.page_title("lora-tune")
     with ui.header().classes("items-center py-1"):
         ui.label("lora-tune").classes("text-lg font-bold")
@@ -163,7 +162,8 @@ def build_page(settings: Settings) -> None:
 
 
 def run_choices(settings: Settings) -> dict[str, str]:
-    return {str(run.root): _relative(run.root, settings.cwd) for run in find_runs(settings.runs)}
+    """The runs under the folder, each by its path as typed on the command line (relative to where the UI runs)."""
+    return {name: name for name in (_relative(run.root, settings.cwd) for run in find_runs(settings.runs))}
 
 
 def _relative(path: Path, cwd: Path) -> str:
@@ -458,8 +458,8 @@ def train_tab(settings: Settings, state: State, trainings: Trainings) -> None:
             show_result(status, False, f"error: {exc}")
             return
         show_result(status, True, f"{'resumed' if resuming else 'started'}: lora-tune train {state.saved_path}")
-        root = str((settings.cwd / run_dir).resolve())
-        watched.set_options({**run_choices(settings), root: str(run_dir)}, value=root)
+        name = _relative(settings.cwd / run_dir, settings.cwd)
+        watched.set_options({**run_choices(settings), name: name}, value=name)
 
     async def do_stop() -> None:
         if not watched.value:
@@ -821,12 +821,13 @@ def check_bind(host: str, password: str | None) -> None:
 def serve_ui(runs: Path, *, host: str, port: int, password: str | None, catalog: Path | None) -> int:
     check_bind(host, password)
     settings = Settings(runs=runs, cwd=Path.cwd(), catalog=catalog)
+    trainings = Trainings(runs, settings.cwd)  # one per UI: every page sees the children it started
     runs.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("NICEGUI_STORAGE_PATH", str(runs / LOG_FOLDER / "nicegui"))  # not .nicegui/ in the cwd
 
     @ui.page("/")
     def index() -> None:
-        build_page(settings)
+        build_page(settings, trainings)
 
     if password:
         app.add_middleware(PasswordGate, password=password)

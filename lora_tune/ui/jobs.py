@@ -115,6 +115,8 @@ class Trainings:
 
     def exit_code(self, run_dir: Path) -> int | None:
         """The exit status of the child this UI started for `run_dir`, None while it runs or when unknown."""
+        for child in self.children.values():  # reap every finished child, not only this one
+            child.poll()
         child = self.children.get(self._absolute(run_dir))
         return None if child is None else child.poll()
 
