@@ -514,6 +514,87 @@ def real_tokenizer_dir(name: str) -> Path:
     return folder
 
 
+def gguf_llama(path: Path, **kwargs):  # noqa: ANN201 - a llama_cpp.Llama
+    """A GGUF file opened in llama.cpp as the GGUF tests open it: a small context, two threads, seeded."""
+    from llama_cpp import Llama
+
+    return Llama(str(path), n_ctx=256, n_threads=2, verbose=False, seed=0, **kwargs)
+
+
+def gguf_prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
+    """Two chat prompts through the model's template, and a plain text with CJK, emoji and spaces, as token ids."""
+    chats = [[{"role": "user", "content": f"Name a fruit like {a} or {b}."}] for a, b in [("fig", "kiwi"), ("x", "y")]]
+    texts = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return [*ids, tokenizer("Plain text 你好 🎉  with spaces\n")["input_ids"]]
+
+
+def max_logit_difference(merged: Path, gguf_file: Path) -> float:
+    """The largest |logit| difference between llama.cpp on `gguf_file` and transformers on the folder it was made
+    from, over gguf_prompts' tokens."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    llm = gguf_llama(gguf_file, logits_all=True)
+    worst = 0.0
+    try:
+        for ids in gguf_prompts(tokenizer):
+            with torch.no_grad():
+                reference = model(torch.tensor([ids])).logits[0].numpy()
+            llm.reset()
+            llm.eval(ids)
+            got = np.asarray(llm.scores[: len(ids)])
+            worst = max(worst, float(np.abs(got - reference).max()))
+    finally:
+        llm.close()
+    return worst
+
+
+# Online RL on the tiny 4-bit model (tests/e2e/test_rl.py, test_rl_export.py): a recipe and prompt rows with answers.
+RL_RECIPE = """\
+model:
+  name: {model}
+  dtype: float32
+quantization:
+  bits: 4
+adapter:
+  r: 8
+  alpha: 16
+  dropout: 0.0
+datasets:
+  - path: {data}
+val_size: 0.25
+training:
+  objective: {objective}
+  learning_rate: 1.0e-2
+  max_steps: 4
+  batch_size: 4
+  max_length: 64
+  warmup_steps: 0
+  logging_steps: 1
+  eval_strategy: steps
+  eval_steps: 2
+  save_steps: 2
+  gradient_checkpointing: false
+rl:
+  num_generations: 4
+  max_completion_length: 8
+  rewards:
+    - name: answer
+    - name: length
+      target: 3
+      weight: 0.5
+output_dir: {out}
+"""
+
+
+def rl_prompt_rows(n: int, start: int = 0) -> list[dict]:
+    return [{"prompt": f"fruit number {i % 9}?", "answer": FRUITS[i % 9]} for i in range(start, start + n)]
+
+
 def tiny_llama_with_real_vocab(folder: Path, name: str = "llama-3.1") -> Path:
     """A tiny float32 Llama (hidden 64, 2 layers) on a real vocabulary, saved with the tokenizer and Llama 3's
     generation stops: a model llama.cpp's converter accepts."""

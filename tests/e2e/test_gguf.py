@@ -20,7 +20,7 @@ import pytest
 from lora_tune.cli import main
 from lora_tune.run.outputs import BUILD_MARKER
 from tests.conftest import write_jsonl
-from tests.helpers import require_llama_cpp, tiny_llama_with_real_vocab
+from tests.helpers import gguf_llama, gguf_prompts, max_logit_difference, require_llama_cpp, tiny_llama_with_real_vocab
 
 # Measured here (llama-cpp-python 0.3.36 built with GGML_NATIVE=OFF; torch on ATEN_CPU_CAPABILITY default, avx2 and
 # native alike) over the prompts below, logits up to 1.43 in magnitude: max |logit difference| llama.cpp vs
@@ -92,12 +92,6 @@ def _gguf(exported: dict[str, Path], quant: str, name: str = "merged") -> Path:
     return exported["out"] / f"{name}-{quant.upper()}.gguf"
 
 
-def _load(path: Path, **kwargs):  # noqa: ANN202 - a llama_cpp.Llama
-    from llama_cpp import Llama
-
-    return Llama(str(path), n_ctx=256, n_threads=2, verbose=False, seed=0, **kwargs)
-
-
 def _strings() -> list[str]:
     """A few hundred strings: ASCII, CJK, emoji, whitespace runs, digits, code and the special tokens."""
     pieces = [
@@ -135,7 +129,7 @@ def test_llama_cpp_tokenizes_as_transformers(exported) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(exported["merged"])
-    llm = _load(_gguf(exported, "f16"), vocab_only=True)
+    llm = gguf_llama(_gguf(exported, "f16"), vocab_only=True)
     try:
         mismatches = [
             s
@@ -148,32 +142,8 @@ def test_llama_cpp_tokenizes_as_transformers(exported) -> None:
     assert mismatches == [], f"{len(mismatches)} of 300 strings tokenize differently, first {mismatches[0]!r}"
 
 
-def _prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
-    chats = [[{"role": "user", "content": f"Name a fruit like {a} or {b}."}] for a, b in [("fig", "kiwi"), ("x", "y")]]
-    texts = [tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats]
-    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    return [*ids, tokenizer("Plain text 你好 🎉  with spaces\n")["input_ids"]]
-
-
 def _max_logit_difference(exported: dict[str, Path], quant: str) -> float:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(exported["merged"])
-    model = AutoModelForCausalLM.from_pretrained(exported["merged"], dtype=torch.float32)
-    llm = _load(_gguf(exported, quant), logits_all=True)
-    worst = 0.0
-    try:
-        for ids in _prompts(tokenizer):
-            with torch.no_grad():
-                reference = model(torch.tensor([ids])).logits[0].numpy()
-            llm.reset()
-            llm.eval(ids)
-            got = np.asarray(llm.scores[: len(ids)])
-            worst = max(worst, float(np.abs(got - reference).max()))
-    finally:
-        llm.close()
-    return worst
+    return max_logit_difference(exported["merged"], _gguf(exported, quant))
 
 
 def test_f16_logits_match_transformers(exported) -> None:
@@ -194,9 +164,9 @@ def test_f16_greedy_tokens_equal_transformers(exported) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(exported["merged"])
     model = AutoModelForCausalLM.from_pretrained(exported["merged"], dtype=torch.float32)
-    llm = _load(_gguf(exported, "f16"))
+    llm = gguf_llama(_gguf(exported, "f16"))
     try:
-        for ids in _prompts(tokenizer):
+        for ids in gguf_prompts(tokenizer):
             with torch.no_grad():
                 out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None)
             expected = out[0, len(ids) :].tolist()
@@ -221,7 +191,7 @@ def test_held_out_prompt_answered_as_lora_tune_generate_and_stops_at_end_of_turn
         answers.append(capsys.readouterr().out.strip())  # the answer alone: log lines go to stderr
     expected = answers[0]
     assert answers[1] == expected
-    llm = _load(_gguf(exported, "f16"))  # the chat template stored in the file renders the prompt
+    llm = gguf_llama(_gguf(exported, "f16"))  # the chat template stored in the file renders the prompt
     try:
         reply = llm.create_chat_completion(
             [{"role": "user", "content": prompt}], temperature=0.0, top_k=1, max_tokens=24
@@ -246,7 +216,7 @@ def test_run_exports_merged_first_and_k_quant_goes_through_llama_cpps_quantizer(
     path = _gguf(exported, "q4_k_m", name="run")
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    llm = _load(path)
+    llm = gguf_llama(path)
     try:
         reply = llm.create_chat_completion([{"role": "user", "content": "Name a fruit."}], max_tokens=8, temperature=0)
     finally:

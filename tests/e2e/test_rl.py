@@ -10,47 +10,9 @@ from pathlib import Path
 import pytest
 
 from lora_tune.cli import main
-from tests.conftest import FRUITS, write_jsonl
-
-RECIPE = """\
-model:
-  name: {model}
-  dtype: float32
-quantization:
-  bits: 4
-adapter:
-  r: 8
-  alpha: 16
-  dropout: 0.0
-datasets:
-  - path: {data}
-val_size: 0.25
-training:
-  objective: {objective}
-  learning_rate: 1.0e-2
-  max_steps: 4
-  batch_size: 4
-  max_length: 64
-  warmup_steps: 0
-  logging_steps: 1
-  eval_strategy: steps
-  eval_steps: 2
-  save_steps: 2
-  gradient_checkpointing: false
-rl:
-  num_generations: 4
-  max_completion_length: 8
-  rewards:
-    - name: answer
-    - name: length
-      target: 3
-      weight: 0.5
-output_dir: {out}
-"""
-
-
-def prompt_rows(n: int, start: int = 0) -> list[dict]:
-    return [{"prompt": f"fruit number {i % 9}?", "answer": FRUITS[i % 9]} for i in range(start, start + n)]
+from tests.conftest import write_jsonl
+from tests.helpers import RL_RECIPE as RECIPE
+from tests.helpers import rl_prompt_rows as prompt_rows
 
 
 def write_recipe(root: Path, model: Path, objective: str, name: str) -> Path:

@@ -92,7 +92,11 @@ def _start_export(tmp_path: Path, grandchild: bool) -> tuple[subprocess.Popen, l
     if grandchild:
         env["FAKE_GRANDCHILD"] = "1"
     command = [sys.executable, "-c", PARENT, str(tmp_path), str(tmp_path / "x.gguf")]
-    parent = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+    # Ctrl-C as a terminal delivers it: a suite started in the background (`make test &`) runs with SIGINT ignored,
+    # and a child inherits that, so the parent's default handler is put back.
+    parent = subprocess.Popen(
+        command, env=env, stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     deadline = time.monotonic() + 120  # the parent imports lora_tune (torch) first
     while not (pids_file.is_file() and pids_file.read_text().count(" ") == int(grandchild)):
         assert parent.poll() is None and time.monotonic() < deadline, "the stand-in converter did not start"
